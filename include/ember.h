@@ -1,0 +1,39 @@
+/*
+ * ember.h - the public API of libember, a C engine that trains, evaluates and serves
+ * deep-learning recommendation models (DLRM) on CPUs.
+ *
+ * Layers, bottom up (each uses only those beneath it; see docs/ARCHITECTURE.md):
+ *   core        status codes, counting allocator, thread pool, RNG, safetensors I/O
+ *   nn          linear, ReLU, sigmoid, DLRM dot interaction, BCE with logits
+ *   optim       SGD, AdaGrad, Adam, AdamW on flat parameter blocks
+ *   sparse      table-batched embedding bags with the optimizer fused into backward
+ *   data        Criteo TSV / binary readers with prefetch, the synthetic generator
+ *   model       the DLRM (bottom MLP, embeddings, interaction, top MLP)
+ *   train       trainer loop, metrics, checkpoints
+ *
+ * A minimal training loop:
+ *
+ *   em_pool *pool;  em_pool_create(&pool, 2);
+ *   em_dlrm_cfg mc = em_dlrm_kaggle();            // D=16, 13-512-256-64-16, 367-512-256-1
+ *   em_dlrm *m;      em_dlrm_create(&m, &mc);
+ *   em_reader *r;    em_reader_open(&r, &(em_reader_cfg){.path = "train.tsv", ...});
+ *   const em_batch *b;
+ *   while (em_reader_next(r, &b) == EM_OK) {
+ *       double loss;
+ *       em_dlrm_train_step(m, b, &loss, pool);
+ *   }
+ *
+ * Every fallible call returns em_status; em_last_error() has the details.
+ */
+#ifndef EMBER_H
+#define EMBER_H
+
+#include "ember/core.h"
+#include "ember/safetensors.h"
+#include "ember/nn.h"
+#include "ember/optim.h"
+#include "ember/embbag.h"
+#include "ember/data.h"
+#include "ember/metrics.h"
+
+#endif

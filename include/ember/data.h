@@ -1,0 +1,110 @@
+/*
+ * ember/data.h - Criteo-style data: TSV parsing, the binary format, a streaming
+ * reader with a background prefetch thread, and the synthetic generator.
+ *
+ * A Criteo line: label \t 13 integers \t 26 hex categoricals, '\n' (or "\r\n")
+ * terminated. Empty fields are missing. Dense x -> log(1 + max(x, 0)) (missing -> 0).
+ * Categorical hex (1..16 hex digits) -> 64-bit id; the reader reduces it modulo the
+ * table's rows. A missing categorical is an empty bag (pools to zeros).
+ * The binary format is documented in docs/FORMATS.md.
+ */
+#ifndef EMBER_DATA_H
+#define EMBER_DATA_H
+
+#include <stdio.h>
+
+#include "core.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define EM_CRITEO_DENSE 13
+#define EM_CRITEO_SPARSE 26
+
+/* One mini-batch, in the layout the model consumes. Owned by the reader; valid until
+ * the next em_reader_next() or em_reader_free(). */
+typedef struct {
+    int B;                 /* examples in this batch (the last one may be short) */
+    int num_dense, num_sparse;
+    float *label;          /* (B) 0 or 1 */
+    float *dense;          /* (B, num_dense), already log-transformed */
+    int64_t *indices;      /* table-batched bags, see ember/embbag.h; rows already reduced */
+    int64_t *offsets;      /* (num_sparse * B + 1) */
+    float *per_id_w;       /* NULL for Criteo data */
+    uint64_t first_pos;    /* stream position (records/lines consumed) before this batch */
+    uint64_t end_pos;      /* stream position after this batch: resume from here */
+} em_batch;
+
+/* Parse one Criteo TSV line (without or with its trailing '\n'/'\r\n').
+ * ids[num_sparse] receive the raw 64-bit ids; bit f of *missing is set when
+ * categorical f is empty (num_sparse <= 64). On failure returns EM_ERR_PARSE with
+ * *bad_field = 0 for the label, 1..num_dense for dense, num_dense+1.. for categoricals,
+ * or -1 for a wrong field count, and a detail message naming the field. */
+em_status em_criteo_parse_line(const char *line, size_t len, int num_dense, int num_sparse,
+                               float *label, float *dense, uint64_t *ids, uint64_t *missing,
+                               int *bad_field);
+
+typedef struct {
+    const char *path;          /* TSV or ember binary (detected by magic); "-" = stdin (TSV) */
+    int batch_size;
+    int num_dense, num_sparse; /* 13, 26 for Criteo */
+    const int64_t *table_rows; /* [num_sparse]: ids are reduced modulo these (required) */
+    int strict;                /* 1: the first malformed line fails with EM_ERR_PARSE */
+    int prefetch;              /* batches read ahead by a background thread; 0 = inline */
+    uint64_t skip;             /* start after this many records/lines (resume) */
+    uint64_t limit;            /* stop after this many records/lines in total; 0 = no limit */
+} em_reader_cfg;
+
+typedef struct em_reader em_reader;
+
+typedef struct {
+    uint64_t lines;      /* lines/records consumed */
+    uint64_t examples;   /* good examples delivered */
+    uint64_t malformed;  /* lines skipped as malformed */
+    char first_error[256]; /* "path:line: field N (name): why" of the first malformed line */
+} em_reader_stats;
+
+em_status em_reader_open(em_reader **out, const em_reader_cfg *cfg);
+/* Next batch, or EM_ERR_EOF at the end of the stream. Memory is bounded by
+ * (prefetch + 2) batches whatever the file size. */
+em_status em_reader_next(em_reader *r, const em_batch **out);
+void em_reader_stats_get(const em_reader *r, em_reader_stats *out);
+void em_reader_free(em_reader *r); /* NULL is a no-op; joins the prefetch thread */
+
+/* TSV -> ember binary, streaming with bounded memory. Malformed lines are counted into
+ * *stats (or fatal when strict). */
+em_status em_convert_tsv_to_bin(const char *tsv_path, const char *bin_path, int num_dense,
+                                int num_sparse, int strict, em_reader_stats *stats);
+
+/* ----------------------------------------------------- synthetic generator */
+/*
+ * Writes Criteo-format TSV with a planted ground truth:
+ *   logit = bias + sum_j a_j * h(log1p(x_j)) + sum_f w_f(id_f)
+ *                + sum_{f<g} c_fg * <u_f(id_f), u_g(id_g)>
+ * with per-id weights w and latent vectors u derived by hashing (seed, field, id), so
+ * the generator needs no memory per id; ids Zipf(zipf_s)-distributed over each
+ * field's cardinality; label ~ Bernoulli(sigmoid(logit)). Also writes the true
+ * probability of every test example (one per line), so the best possible AUC and
+ * log loss on the test file are known. Output is identical for any thread count.
+ */
+typedef struct {
+    uint64_t train_rows, test_rows;
+    uint64_t seed;
+    int num_dense, num_sparse;      /* 13, 26 */
+    const int64_t *cardinality;     /* [num_sparse] distinct ids per field; NULL = default */
+    double zipf_s;                  /* Zipf exponent of id popularity, e.g. 1.05 */
+    int latent_dim;                 /* rank of the planted pairwise interactions, e.g. 4 */
+    double interaction_scale;       /* weight of the pairwise term */
+    double id_scale;                /* std of the per-id weights */
+    double bias;                    /* sets the base CTR, e.g. -1.5 */
+} em_gen_cfg;
+
+em_gen_cfg em_gen_default(void);
+em_status em_gen_write(const em_gen_cfg *cfg, const char *train_path, const char *test_path,
+                       const char *test_prob_path, em_pool *pool);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

@@ -1,0 +1,60 @@
+/*
+ * ember/nn.h - dense layers as forward/backward pairs on flat fp32 buffers.
+ *
+ * Conventions (llm.c style):
+ *   - shapes are given in comments as (rows, cols), row-major;
+ *   - backward ACCUMULATES into every gradient it writes (din, dW, db): callers zero
+ *     gradients separately; any gradient pointer documented "nullable" may be NULL
+ *     to skip it;
+ *   - `pool` may be NULL (single-threaded). Results are bitwise identical for any
+ *     number of threads: every output element is computed by exactly one worker with
+ *     a fixed reduction order.
+ */
+#ifndef EMBER_NN_H
+#define EMBER_NN_H
+
+#include "core.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* Linear: out(B,O) = in(B,I) @ W(O,I)^T + b(O). W has PyTorch's (out, in) layout.
+ * b nullable. Uses cblas_sgemm (single-threaded BLAS, split over the pool). */
+void em_linear_forward(float *out, const float *in, const float *W, const float *b,
+                       int B, int I, int O, em_pool *pool);
+/* din(B,I) += dout @ W; dW(O,I) += dout^T @ in; db(O) += sum_b dout. din/db nullable. */
+void em_linear_backward(float *din, float *dW, float *db, const float *dout, const float *in,
+                        const float *W, int B, int I, int O, em_pool *pool);
+
+/* ReLU: out = max(in, 0). In place (out == in) allowed. */
+void em_relu_forward(float *out, const float *in, size_t n);
+/* din += dout * (out > 0). `out` is the forward output. */
+void em_relu_backward(float *din, const float *dout, const float *out, size_t n);
+
+/* Sigmoid: out = 1 / (1 + exp(-in)), numerically stable for large |in|. */
+void em_sigmoid_forward(float *out, const float *in, size_t n);
+/* din += dout * out * (1 - out). */
+void em_sigmoid_backward(float *din, const float *dout, const float *out, size_t n);
+
+/* DLRM dot interaction over F+1 vectors of size D per example: x = bottom(B,D) and
+ * the F pooled embeddings emb(B,F,D). out(B, D + F(F+1)/2) = [x, Z] where Z lists
+ * the strictly-lower triangle of the (F+1)x(F+1) Gram matrix of [x, emb_0..emb_{F-1}]
+ * row by row: (1,0), (2,0), (2,1), (3,0), ... (torch.tril_indices(F+1, F+1, -1)). */
+static inline int em_dot_interact_out_dim(int F, int D) { return D + F * (F + 1) / 2; }
+void em_dot_interact_forward(float *out, const float *bot, const float *emb, int B, int F, int D,
+                             em_pool *pool);
+/* dbot(B,D) += ..., demb(B,F,D) += ... */
+void em_dot_interact_backward(float *dbot, float *demb, const float *dout, const float *bot,
+                              const float *emb, int B, int F, int D, em_pool *pool);
+
+/* Binary cross-entropy with logits, mean over n: returns the loss (computed in double,
+ * stable: max(z,0) - z*y + log1p(exp(-|z|))). */
+double em_bce_logits_forward(const float *logit, const float *y, size_t n);
+/* dlogit[i] += scale * (sigmoid(z_i) - y_i); pass scale = 1/n for the mean loss. */
+void em_bce_logits_backward(float *dlogit, const float *logit, const float *y, size_t n, float scale);
+
+#ifdef __cplusplus
+}
+#endif
+#endif
