@@ -35,5 +35,7 @@
 #include "ember/embbag.h"
 #include "ember/data.h"
 #include "ember/metrics.h"
+#include "ember/dlrm.h"
+#include "ember/train.h"
 
 #endif

@@ -1,0 +1,100 @@
+/*
+ * ember/dlrm.h - the DLRM model (Naumov et al. 2019; Mudigere et al. 2021).
+ *
+ *   dense(B, num_dense) -> bottom MLP (ReLU after every layer) -> x(B, D)
+ *   bags -> table-batched embedding bags -> emb(B, T, D)
+ *   [x, tril(Gram([x, emb]))] (B, D + T(T+1)/2) -> top MLP (ReLU but the last) -> logit(B)
+ *   loss = mean BCE with logits
+ *
+ * Dense parameters, their gradients and their optimizer state each live in one flat
+ * block (llm.c style), so the dense optimizer (and later an all-reduce) is one call
+ * over all of them. Embedding tables are updated inside their backward with the
+ * sparse optimizer (fused; the table gradient is never materialised).
+ *
+ * Parameter names (checkpoints, golden files): "bot.{i}.weight" (out, in),
+ * "bot.{i}.bias", "top.{i}.weight", "top.{i}.bias", "emb.{t}.weight" (rows, D).
+ */
+#ifndef EMBER_DLRM_H
+#define EMBER_DLRM_H
+
+#include "core.h"
+#include "data.h"
+#include "embbag.h"
+#include "optim.h"
+#include "safetensors.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define EM_DLRM_MAX_LAYERS 16
+#define EM_DLRM_MAX_TABLES 1024
+
+typedef struct {
+    int num_dense;
+    int num_tables;
+    int64_t rows[EM_DLRM_MAX_TABLES];
+    int dim;                        /* D */
+    int n_bot;                      /* number of sizes in bot[], >= 2 */
+    int bot[EM_DLRM_MAX_LAYERS + 1]; /* bot[0] = num_dense, bot[n_bot-1] = D */
+    int n_top;
+    int top[EM_DLRM_MAX_LAYERS + 1]; /* top[0] = D + T(T+1)/2, top[n_top-1] = 1 */
+    em_pooling pooling;
+    em_optim_cfg dense_opt;         /* SGD, AdaGrad, Adam, AdamW */
+    em_optim_cfg sparse_opt;        /* SGD, AdaGrad, row-wise AdaGrad */
+    uint64_t seed;                  /* initialisation */
+} em_dlrm_cfg;
+
+/* The Criteo Kaggle reference: D=16, bottom 13-512-256-64-16, top 367-512-256-1,
+ * SGD lr 0.1; table rows = the Kaggle cardinalities, each capped at rows_cap
+ * (0 = no cap). */
+em_dlrm_cfg em_dlrm_kaggle(int64_t rows_cap);
+/* Check sizes agree (bot ends at D, top starts at the interaction width, ...). */
+em_status em_dlrm_cfg_validate(const em_dlrm_cfg *cfg);
+/* Parse "13-512-256-64-16" into sizes; returns the count or -1. */
+int em_parse_layers(const char *s, int *sizes, int max);
+
+typedef struct em_dlrm em_dlrm;
+
+/* Create with DLRM's initialisation (weights N(0, sqrt(2/(in+out))), biases
+ * N(0, sqrt(1/out)), tables U(-sqrt(1/rows), sqrt(1/rows))) drawn from cfg.seed. */
+em_status em_dlrm_create(em_dlrm **out, const em_dlrm_cfg *cfg, em_pool *pool);
+void em_dlrm_free(em_dlrm *m);
+const em_dlrm_cfg *em_dlrm_config(const em_dlrm *m);
+int64_t em_dlrm_step_count(const em_dlrm *m); /* optimizer steps taken */
+
+/* Forward only: logits(B). */
+em_status em_dlrm_forward(em_dlrm *m, const em_batch *b, float *logits, em_pool *pool);
+/* One training step: forward, loss, backward, dense + fused sparse optimizer step.
+ * *loss (nullable) receives the mean loss of the batch before the update. */
+em_status em_dlrm_train_step(em_dlrm *m, const em_batch *b, double *loss, em_pool *pool);
+
+/* For tests: forward + backward without any update; dense gradients are left in the
+ * gradient block (see em_dlrm_param) and the embedding gradient is not computed. */
+em_status em_dlrm_forward_backward(em_dlrm *m, const em_batch *b, double *loss, em_pool *pool);
+
+/* Named access to dense parameters ("bot.0.weight", ...), their gradients
+ * (grad = 1) and tables ("emb.3.weight"). Returns NULL for unknown names. */
+float *em_dlrm_param(em_dlrm *m, const char *name, int grad, size_t *numel);
+/* The interaction output of the last forward (B, top[0]). */
+const float *em_dlrm_interaction(const em_dlrm *m);
+em_embbag *em_dlrm_embbag(em_dlrm *m);
+void em_dlrm_set_lr(em_dlrm *m, float dense_lr, float sparse_lr);
+
+/* Checkpoint: every parameter, all optimizer state, the step count, the model
+ * configuration (JSON in the "ember.model" metadata) and the caller's extra
+ * metadata (e.g. the data position), written atomically in safetensors layout. */
+em_status em_dlrm_save(const em_dlrm *m, const char *path, const em_st_meta *extra, int n_extra);
+/* Load a checkpoint written by em_dlrm_save; refuses corrupt or mismatched files.
+ * If st_out is non-NULL the opened file is returned for reading its metadata
+ * (close with em_st_close). */
+em_status em_dlrm_load(em_dlrm **out, const char *path, em_st **st_out, em_pool *pool);
+
+/* JSON of a configuration (em_free the result); and back. */
+char *em_dlrm_cfg_to_json(const em_dlrm_cfg *cfg);
+em_status em_dlrm_cfg_from_json(const char *json, em_dlrm_cfg *cfg);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

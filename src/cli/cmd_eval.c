@@ -1,0 +1,258 @@
+/*
+ * cmd_eval.c - `ember eval` (metrics of a checkpoint on labelled data) and
+ * `ember predict` (a probability for every input line).
+ *
+ * predict keeps output lines aligned with input lines: a malformed line gets "nan"
+ * (and is counted and reported), unless --strict makes it fatal. Lines may carry the
+ * label (40 fields, like the training data) or not (39 fields, like Criteo's test.txt).
+ */
+#include <errno.h>
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "cli/cli.h"
+
+typedef struct {
+    const char *model, *test, *input, *output;
+    int threads, batch, strict;
+    long long limit;
+} eval_ctx;
+
+#define E ((eval_ctx *)c)
+static int e_model(void *c, const char *v) { return E->model = v, 0; }
+static int e_test(void *c, const char *v) { return E->test = v, 0; }
+static int e_input(void *c, const char *v) { return E->input = v, 0; }
+static int e_output(void *c, const char *v) { return E->output = v, 0; }
+static int e_strict(void *c, const char *v) { return E->strict = 1, 0; }
+static int e_threads(void *c, const char *v) {
+    long long x;
+    if (cli_int("threads", v, 1, 256, &x)) return -1;
+    E->threads = (int)x;
+    return 0;
+}
+static int e_batch(void *c, const char *v) {
+    long long x;
+    if (cli_int("batch", v, 1, 1 << 20, &x)) return -1;
+    E->batch = (int)x;
+    return 0;
+}
+static int e_limit(void *c, const char *v) { return cli_int("limit", v, 0, 1LL << 60, &E->limit); }
+
+static const cli_opt eval_opts[] = {
+    {"model", "CKPT", "checkpoint written by ember train", e_model},
+    {"test", "PATH", "labelled data (Criteo TSV or ember binary)", e_test},
+    {"limit", "N", "use only the first N lines", e_limit},
+    {"batch", "N", "examples per forward pass (default 4096)", e_batch},
+    {"threads", "N", "worker threads (default 2)", e_threads},
+};
+
+static const cli_opt predict_opts[] = {
+    {"model", "CKPT", "checkpoint written by ember train", e_model},
+    {"input", "PATH", "Criteo TSV lines, with or without the label column ('-' = stdin)", e_input},
+    {"output", "PATH", "where to write one probability per line (default stdout)", e_output},
+    {"strict", NULL, "stop at the first malformed line (default: write nan for it and go on)", e_strict},
+    {"batch", "N", "examples per forward pass (default 4096)", e_batch},
+    {"threads", "N", "worker threads (default 2)", e_threads},
+};
+
+static int open_model(eval_ctx *c, const char *verb, em_pool **pool, em_dlrm **m) {
+    if (!c->model) {
+        fprintf(stderr, "ember %s: --model CKPT is required\n", verb);
+        return 2;
+    }
+    em_status st = em_pool_create(pool, c->threads);
+    if (st == EM_OK && (st = em_dlrm_load(m, c->model, NULL, *pool)) != EM_OK) em_pool_free(*pool);
+    if (st) {
+        cli_fail(verb, st);
+        return 1;
+    }
+    return 0;
+}
+
+int cmd_eval(int argc, char **argv) {
+    eval_ctx c = {.threads = 2, .batch = 4096};
+    char *pos[1];
+    int npos;
+    int rc = cli_parse("eval", "--model CKPT --test PATH", eval_opts, (int)(sizeof eval_opts / sizeof eval_opts[0]), &c,
+                       argc, argv, pos, &npos, 0);
+    if (rc) return rc < 0 ? 2 : 0;
+    if (!c.test) {
+        fprintf(stderr, "ember eval: --test PATH is required\n");
+        return 2;
+    }
+    em_pool *pool;
+    em_dlrm *m;
+    if ((rc = open_model(&c, "eval", &pool, &m))) return rc;
+    em_metrics mt;
+    em_status st = em_evaluate(m, c.test, c.batch, (uint64_t)c.limit, pool, &mt, NULL, NULL, NULL);
+    if (st == EM_OK) {
+        char buf[512];
+        em_metrics_json(&mt, buf, sizeof buf);
+        printf("%s\n", buf);
+    } else {
+        cli_fail("eval", st);
+    }
+    em_dlrm_free(m);
+    em_pool_free(pool);
+    return st ? 1 : 0;
+}
+
+/* A batch assembled by hand from parsed lines (predict needs per-line control). */
+typedef struct {
+    em_batch b;
+    int cap, T, ND;
+    const int64_t *rows;
+    int64_t nidx;
+    uint64_t *ids, *miss;
+} pbatch;
+
+static int pb_init(pbatch *p, int cap, int ND, int T, const int64_t *rows) {
+    memset(p, 0, sizeof *p);
+    p->cap = cap, p->T = T, p->ND = ND, p->rows = rows;
+    p->b.num_dense = ND, p->b.num_sparse = T;
+    p->b.label = em_malloc((size_t)cap * sizeof(float));
+    p->b.dense = em_malloc((size_t)cap * (size_t)ND * sizeof(float));
+    p->b.indices = em_malloc((size_t)cap * (size_t)T * sizeof(int64_t));
+    p->b.offsets = em_malloc(((size_t)cap * (size_t)T + 1) * sizeof(int64_t));
+    p->ids = em_malloc((size_t)cap * (size_t)T * sizeof(uint64_t));
+    p->miss = em_malloc((size_t)cap * sizeof(uint64_t));
+    return p->b.label && p->b.dense && p->b.indices && p->b.offsets && p->ids && p->miss ? 0 : -1;
+}
+
+static void pb_free(pbatch *p) {
+    em_free(p->b.label), em_free(p->b.dense), em_free(p->b.indices), em_free(p->b.offsets), em_free(p->ids),
+        em_free(p->miss);
+}
+
+/* Lay the parsed ids out table-major with modulo, as the reader does. */
+static void pb_finish(pbatch *p) {
+    int B = p->b.B;
+    int64_t k = 0;
+    p->b.offsets[0] = 0;
+    for (int t = 0; t < p->T; t++)
+        for (int i = 0; i < B; i++) {
+            if (!(p->miss[i] >> t & 1)) p->b.indices[k++] = (int64_t)(p->ids[(size_t)i * (size_t)p->T + (size_t)t] % (uint64_t)p->rows[t]);
+            p->b.offsets[(size_t)t * (size_t)B + (size_t)i + 1] = k;
+        }
+}
+
+static int flush(pbatch *p, em_dlrm *m, em_pool *pool, FILE *out, const char *status, float *logits) {
+    if (p->b.B) {
+        pb_finish(p);
+        em_status st = em_dlrm_forward(m, &p->b, logits, pool);
+        if (st) {
+            cli_fail("predict", st);
+            return -1;
+        }
+    }
+    /* status: one char per line since the last flush: 'o' = example, 'x' = malformed */
+    int j = 0;
+    for (const char *s = status; *s; s++) {
+        if (*s == 'x') {
+            fputs("nan\n", out);
+            continue;
+        }
+        float z = logits[j++];
+        fprintf(out, "%.6f\n", z >= 0 ? 1.0 / (1.0 + exp(-z)) : exp(z) / (1.0 + exp(z)));
+    }
+    p->b.B = 0;
+    return 0;
+}
+
+int cmd_predict(int argc, char **argv) {
+    eval_ctx c = {.threads = 2, .batch = 4096};
+    char *pos[1];
+    int npos;
+    int rc = cli_parse("predict", "--model CKPT --input PATH [--output PATH]", predict_opts,
+                       (int)(sizeof predict_opts / sizeof predict_opts[0]), &c, argc, argv, pos, &npos, 0);
+    if (rc) return rc < 0 ? 2 : 0;
+    if (!c.input) {
+        fprintf(stderr, "ember predict: --input PATH is required ('-' for stdin)\n");
+        return 2;
+    }
+    FILE *in = strcmp(c.input, "-") == 0 ? stdin : fopen(c.input, "r");
+    if (!in) {
+        fprintf(stderr, "ember predict: %s: %s\n", c.input, strerror(errno));
+        return 1;
+    }
+    FILE *out = c.output ? fopen(c.output, "w") : stdout;
+    if (!out) {
+        fprintf(stderr, "ember predict: %s: %s\n", c.output, strerror(errno));
+        if (in != stdin) fclose(in);
+        return 1;
+    }
+    em_pool *pool;
+    em_dlrm *m;
+    if ((rc = open_model(&c, "predict", &pool, &m))) {
+        if (in != stdin) fclose(in);
+        if (out != stdout) fclose(out);
+        return rc;
+    }
+    const em_dlrm_cfg *mc = em_dlrm_config(m);
+    pbatch p;
+    float *logits = em_malloc((size_t)c.batch * sizeof(float));
+    char *status = em_malloc((size_t)c.batch * 4 + 1);
+    char *line = NULL, *fixed = NULL;
+    size_t cap = 0, fixed_cap = 0, ns = 0;
+    unsigned long long lineno = 0, bad = 0;
+    rc = 0;
+    if (pb_init(&p, c.batch, mc->num_dense, mc->num_tables, mc->rows) != 0 || !logits || !status) {
+        fprintf(stderr, "ember predict: out of memory\n");
+        rc = 1;
+        goto done;
+    }
+    ssize_t len;
+    while ((len = getline(&line, &cap, in)) > 0) {
+        lineno++;
+        const char *l = line;
+        size_t n = (size_t)len, tabs = 0;
+        for (size_t i = 0; i < n; i++) tabs += line[i] == '\t';
+        if (tabs == (size_t)(mc->num_dense + mc->num_tables - 1)) { /* no label column: add one */
+            if (fixed_cap < n + 3) {
+                fixed_cap = 2 * n + 3;
+                char *f2 = realloc(fixed, fixed_cap);
+                if (!f2) { rc = 1; break; }
+                fixed = f2;
+            }
+            fixed[0] = '0', fixed[1] = '\t';
+            memcpy(fixed + 2, line, n);
+            l = fixed, n += 2;
+        }
+        int i = p.b.B, bad_field;
+        em_status st = em_criteo_parse_line(l, n, mc->num_dense, mc->num_tables, &p.b.label[i],
+                                            &p.b.dense[(size_t)i * (size_t)mc->num_dense],
+                                            &p.ids[(size_t)i * (size_t)mc->num_tables], &p.miss[i], &bad_field);
+        if (st) {
+            bad++;
+            if (c.strict || bad == 1) fprintf(stderr, "ember predict: %s:%llu: %s\n", c.input, lineno, em_last_error());
+            if (c.strict) { rc = 1; break; }
+            status[ns++] = 'x';
+        } else {
+            status[ns++] = 'o';
+            p.b.B++;
+        }
+        if (p.b.B == c.batch || ns == (size_t)c.batch * 4) {
+            status[ns] = 0;
+            if (flush(&p, m, pool, out, status, logits)) { rc = 1; break; }
+            ns = 0;
+        }
+    }
+    if (rc == 0) {
+        status[ns] = 0;
+        if (flush(&p, m, pool, out, status, logits)) rc = 1;
+    }
+    if (bad && !c.strict) fprintf(stderr, "ember predict: %llu malformed lines got 'nan'\n", bad);
+done:
+    free(line), free(fixed);
+    em_free(logits), em_free(status);
+    pb_free(&p);
+    em_dlrm_free(m);
+    em_pool_free(pool);
+    if (in != stdin) fclose(in);
+    if (out != stdout && fclose(out) != 0) {
+        fprintf(stderr, "ember predict: %s: %s\n", c.output, strerror(errno));
+        rc = 1;
+    }
+    return rc;
+}

@@ -1,0 +1,403 @@
+/*
+ * cmd_train.c - `ember train`: configure a DLRM and a run from flags and/or a JSON
+ * file, draw a progress bar on stderr, print held-out metrics beside the planted
+ * optimum (when the data came from `ember gen`), and write report.json.
+ *
+ * With no --train, ember trains on its embedded default: the synthetic Criteo-like
+ * dataset generated deterministically into <out>/data (once; reused afterwards).
+ */
+#include <errno.h>
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "cli/cli.h"
+
+typedef struct {
+    em_train_cfg tc;
+    int threads;
+    const char *out;
+    const char *test_prob;
+    double lr, dense_lr, sparse_lr; /* NAN = not given */
+    em_optim_kind dense_kind, sparse_kind;
+    int64_t rows_cap;
+    int rows_given, bot_given, top_given, dim_given;
+    int quiet;
+    long long gen_rows, gen_test_rows;
+    char out_buf[1024], train_buf[1100], test_buf[1100], prob_buf[1100], ckpt_every_set;
+} train_ctx;
+
+#define CTX ((train_ctx *)c)
+#define INT_SETTER(fname, field, lo, hi)                                                                               \
+    static int fname(void *c, const char *v) {                                                                         \
+        long long x;                                                                                                   \
+        if (cli_int(#field, v, lo, hi, &x)) return -1;                                                                 \
+        CTX->field = x;                                                                                                \
+        return 0;                                                                                                      \
+    }
+
+static int set_train(void *c, const char *v) { return CTX->tc.train_path = v, 0; }
+static int set_test(void *c, const char *v) { return CTX->tc.test_path = v, 0; }
+static int set_test_prob(void *c, const char *v) { return CTX->test_prob = v, 0; }
+static int set_out(void *c, const char *v) { return CTX->out = v, 0; }
+static int set_resume(void *c, const char *v) { return CTX->tc.resume = v, 0; }
+static int set_strict(void *c, const char *v) { return CTX->tc.strict = 1, 0; }
+static int set_quiet(void *c, const char *v) { return CTX->quiet = 1, 0; }
+static int set_config(void *c, const char *v) { return 0; } /* handled by cli_parse */
+INT_SETTER(set_batch, tc.batch, 1, 1 << 20)
+INT_SETTER(set_epochs, tc.epochs, 1, 1000)
+INT_SETTER(set_threads, threads, 1, 256)
+INT_SETTER(set_prefetch, tc.prefetch, 0, 64)
+INT_SETTER(set_max_steps, tc.max_steps, 0, 1LL << 60)
+INT_SETTER(set_eval_every, tc.eval_every, 0, 1LL << 60)
+INT_SETTER(set_train_limit, tc.train_limit, 0, 1LL << 60)
+INT_SETTER(set_test_limit, tc.test_limit, 0, 1LL << 60)
+INT_SETTER(set_gen_rows, gen_rows, 1, 1LL << 40)
+INT_SETTER(set_gen_test_rows, gen_test_rows, 1, 1LL << 40)
+static int set_ckpt_every(void *c, const char *v) {
+    long long x;
+    if (cli_int("ckpt-every", v, 0, 1LL << 60, &x)) return -1;
+    CTX->tc.ckpt_every = x;
+    return 0;
+}
+static int set_seed(void *c, const char *v) {
+    long long x;
+    if (cli_int("seed", v, 0, 1LL << 62, &x)) return -1;
+    CTX->tc.model.seed = (uint64_t)x;
+    return 0;
+}
+static int set_rows_cap(void *c, const char *v) {
+    long long x;
+    if (cli_int("rows-cap", v, 0, 1LL << 40, &x)) return -1;
+    CTX->rows_cap = x;
+    return 0;
+}
+static int set_dim(void *c, const char *v) {
+    long long x;
+    if (cli_int("dim", v, 1, 4096, &x)) return -1;
+    CTX->tc.model.dim = (int)x;
+    CTX->dim_given = 1;
+    return 0;
+}
+static int set_num_dense(void *c, const char *v) {
+    long long x;
+    if (cli_int("num-dense", v, 1, 4096, &x)) return -1;
+    CTX->tc.model.num_dense = (int)x;
+    return 0;
+}
+static int set_lr_(const char *opt, const char *v, double *out) {
+    if (cli_float(opt, v, out)) return -1;
+    if (!(*out > 0)) {
+        fprintf(stderr, "ember train: --%s must be > 0\n", opt);
+        return -1;
+    }
+    return 0;
+}
+static int set_lr(void *c, const char *v) { return set_lr_("lr", v, &CTX->lr); }
+static int set_dense_lr(void *c, const char *v) { return set_lr_("dense-lr", v, &CTX->dense_lr); }
+static int set_sparse_lr(void *c, const char *v) { return set_lr_("sparse-lr", v, &CTX->sparse_lr); }
+static int set_opt_(const char *opt, const char *v, em_optim_kind *k) {
+    if (em_optim_parse(v, k) != EM_OK) {
+        fprintf(stderr, "ember train: --%s: unknown optimizer '%s' (sgd, adagrad, rowwise_adagrad, adam, adamw)\n", opt, v);
+        return -1;
+    }
+    return 0;
+}
+static int set_dense_opt(void *c, const char *v) { return set_opt_("dense-opt", v, &CTX->dense_kind); }
+static int set_sparse_opt(void *c, const char *v) { return set_opt_("sparse-opt", v, &CTX->sparse_kind); }
+static int set_layers(const char *opt, const char *v, int *sizes, int *n) {
+    int k = em_parse_layers(v, sizes, EM_DLRM_MAX_LAYERS + 1);
+    if (k < 2) {
+        fprintf(stderr, "ember train: --%s: expected sizes like 13-512-256-64-16, got '%s'\n", opt, v);
+        return -1;
+    }
+    *n = k;
+    return 0;
+}
+static int set_bot(void *c, const char *v) { return CTX->bot_given = 1, set_layers("bot", v, CTX->tc.model.bot, &CTX->tc.model.n_bot); }
+static int set_top(void *c, const char *v) { return CTX->top_given = 1, set_layers("top", v, CTX->tc.model.top, &CTX->tc.model.n_top); }
+static int set_rows(void *c, const char *v) {
+    em_dlrm_cfg *m = &CTX->tc.model;
+    int n = 0;
+    const char *s = v;
+    while (*s) {
+        char *end;
+        long long x = strtoll(s, &end, 10);
+        if (end == s || x < 1 || n == EM_DLRM_MAX_TABLES) {
+            fprintf(stderr, "ember train: --rows: expected a comma-separated list of table sizes, got '%s'\n", v);
+            return -1;
+        }
+        m->rows[n++] = x;
+        s = *end == ',' ? end + 1 : end;
+        if (*end && *end != ',') {
+            fprintf(stderr, "ember train: --rows: unexpected '%c' in '%s'\n", *end, v);
+            return -1;
+        }
+    }
+    m->num_tables = n;
+    CTX->rows_given = 1;
+    return 0;
+}
+static int set_pooling(void *c, const char *v) {
+    if (strcmp(v, "sum") == 0) CTX->tc.model.pooling = EM_POOL_SUM;
+    else if (strcmp(v, "mean") == 0) CTX->tc.model.pooling = EM_POOL_MEAN;
+    else {
+        fprintf(stderr, "ember train: --pooling: expected sum or mean, got '%s'\n", v);
+        return -1;
+    }
+    return 0;
+}
+
+static const cli_opt opts[] = {
+    {"config", "FILE", "JSON object of these options (keys with - or _); later flags override it", set_config},
+    {"train", "PATH", "training data: Criteo TSV or ember binary (default: generate the embedded dataset)", set_train},
+    {"test", "PATH", "held-out data evaluated periodically and at the end", set_test},
+    {"test-prob", "PATH", "true probabilities of the test lines (from ember gen): report the optimum", set_test_prob},
+    {"out", "DIR", "run directory for checkpoint, metrics.jsonl, report.json (default runs/default)", set_out},
+    {"resume", "CKPT", "continue a run from its checkpoint (same data, same thread count: bitwise the same)", set_resume},
+    {"batch", "N", "examples per step (default 128)", set_batch},
+    {"epochs", "N", "passes over the training data (default 1)", set_epochs},
+    {"lr", "F", "learning rate of both optimizers (default 0.1)", set_lr},
+    {"dense-lr", "F", "learning rate of the dense optimizer", set_dense_lr},
+    {"sparse-lr", "F", "learning rate of the embedding optimizer", set_sparse_lr},
+    {"dense-opt", "NAME", "sgd | adagrad | adam | adamw (default sgd)", set_dense_opt},
+    {"sparse-opt", "NAME", "sgd | adagrad | rowwise_adagrad (default sgd)", set_sparse_opt},
+    {"dim", "D", "embedding dimension (default 16)", set_dim},
+    {"bot", "SIZES", "bottom MLP, e.g. 13-512-256-64-16 (ends at D)", set_bot},
+    {"top", "SIZES", "top MLP, e.g. 367-512-256-1 (starts at D + T(T+1)/2)", set_top},
+    {"rows", "LIST", "rows of each table, comma-separated (default: Criteo Kaggle cardinalities)", set_rows},
+    {"rows-cap", "N", "cap every table at N rows (ids are reduced modulo the rows)", set_rows_cap},
+    {"num-dense", "N", "dense features per example (default 13)", set_num_dense},
+    {"pooling", "sum|mean", "embedding bag pooling (default sum)", set_pooling},
+    {"threads", "N", "worker threads (default 2)", set_threads},
+    {"seed", "N", "initialisation seed (default 1)", set_seed},
+    {"prefetch", "N", "batches parsed ahead by the reader thread (default 4)", set_prefetch},
+    {"strict", NULL, "stop at the first malformed input line instead of counting and skipping it", set_strict},
+    {"max-steps", "N", "stop after N steps in total", set_max_steps},
+    {"eval-every", "N", "evaluate on --test every N steps (default: at the end)", set_eval_every},
+    {"ckpt-every", "N", "write the checkpoint every N steps (default: at the end)", set_ckpt_every},
+    {"train-limit", "N", "use only the first N lines of the training data", set_train_limit},
+    {"test-limit", "N", "use only the first N lines of the test data", set_test_limit},
+    {"gen-rows", "N", "default dataset: training rows (default 1000000)", set_gen_rows},
+    {"gen-test-rows", "N", "default dataset: test rows (default 100000)", set_gen_test_rows},
+    {"quiet", NULL, "no progress bar", set_quiet},
+};
+
+static void fmt_count(char *buf, size_t cap, double x) {
+    if (x >= 1e6) snprintf(buf, cap, "%.2fM", x / 1e6);
+    else if (x >= 1e3) snprintf(buf, cap, "%.1fk", x / 1e3);
+    else snprintf(buf, cap, "%.0f", x);
+}
+
+static void on_event(void *ud, const em_train_event *ev) {
+    train_ctx *c = ud;
+    int tty = isatty(2);
+    char ex[32], rate[32];
+    fmt_count(ex, sizeof ex, (double)ev->examples);
+    fmt_count(rate, sizeof rate, ev->examples_per_s);
+    switch (ev->kind) {
+    case EM_EV_PROGRESS: {
+        if (c->quiet) return;
+        static double last_line;
+        if (!tty && ev->elapsed_s - last_line < 10) return; /* logs: a line every 10 s */
+        last_line = ev->elapsed_s;
+        char bar[32] = "", eta[32] = "?";
+        if (ev->fraction >= 0) {
+            int w = 24, k = (int)(ev->fraction * w + 0.5);
+            for (int i = 0; i < w; i++) bar[i] = i < k ? '=' : ' ';
+            bar[w] = 0;
+            if (ev->fraction > 0) {
+                double rest = ev->elapsed_s * (1 - ev->fraction) / ev->fraction;
+                snprintf(eta, sizeof eta, "%d:%02d", (int)rest / 60, (int)rest % 60);
+            }
+        }
+        fprintf(stderr, "%s[%s] %3.0f%%  epoch %d  step %lld  %s ex  %s ex/s  loss %.4f  ETA %s%s", tty ? "\r" : "", bar,
+                ev->fraction >= 0 ? 100 * ev->fraction : 0, ev->epoch + 1, (long long)ev->step, ex, rate, ev->train_loss,
+                eta, tty ? "\033[K" : "\n");
+        break;
+    }
+    case EM_EV_EVAL:
+        fprintf(stderr, "%sstep %lld: test AUC %.4f  NE %.4f  logloss %.4f\n", tty && !c->quiet ? "\r\033[K" : "",
+                (long long)ev->step, ev->metrics.auc, ev->metrics.ne, ev->metrics.logloss);
+        break;
+    case EM_EV_CHECKPOINT:
+        if (!c->quiet && tty) fprintf(stderr, "\r\033[K");
+        break;
+    case EM_EV_DONE:
+        if (!c->quiet && tty) fprintf(stderr, "\r\033[K");
+        break;
+    }
+}
+
+static int file_exists(const char *p) {
+    struct stat sb;
+    return stat(p, &sb) == 0;
+}
+
+/* Generate the embedded default dataset into <out>/data once. */
+static int ensure_default_data(train_ctx *c, em_pool *pool) {
+    char dir[1100], stamp[1200], want[256];
+    snprintf(dir, sizeof dir, "%s/data", c->out);
+    snprintf(c->train_buf, sizeof c->train_buf, "%s/train.tsv", dir);
+    snprintf(c->test_buf, sizeof c->test_buf, "%s/test.tsv", dir);
+    snprintf(c->prob_buf, sizeof c->prob_buf, "%s/test.prob", dir);
+    snprintf(stamp, sizeof stamp, "%s/GENERATED", dir);
+    em_gen_cfg g = em_gen_default();
+    g.train_rows = (uint64_t)c->gen_rows;
+    g.test_rows = (uint64_t)c->gen_test_rows;
+    snprintf(want, sizeof want, "ember gen --rows %llu --test-rows %llu --seed %llu\n", (unsigned long long)g.train_rows,
+             (unsigned long long)g.test_rows, (unsigned long long)g.seed);
+    FILE *f = fopen(stamp, "r");
+    char have[256] = "";
+    if (f) {
+        if (!fgets(have, sizeof have, f)) have[0] = 0;
+        fclose(f);
+    }
+    c->tc.train_path = c->train_buf, c->tc.test_path = c->test_buf, c->test_prob = c->prob_buf;
+    if (strcmp(have, want) == 0 && file_exists(c->train_buf) && file_exists(c->test_buf) && file_exists(c->prob_buf))
+        return 0;
+    char cmd[1200];
+    snprintf(cmd, sizeof cmd, "%s", dir);
+    for (char *p = cmd + 1; *p; p++)
+        if (*p == '/') *p = 0, mkdir(cmd, 0755), *p = '/';
+    if (mkdir(cmd, 0755) != 0 && errno != EEXIST) {
+        fprintf(stderr, "ember train: %s: %s\n", dir, strerror(errno));
+        return -1;
+    }
+    fprintf(stderr, "generating the default dataset (%s train / %s test rows, planted ground truth) into %s ...\n",
+            (fmt_count(cmd, 32, (double)g.train_rows), cmd), (fmt_count(cmd + 32, 32, (double)g.test_rows), cmd + 32), dir);
+    double t0 = em_now();
+    em_status st = em_gen_write(&g, c->train_buf, c->test_buf, c->prob_buf, pool);
+    if (st) {
+        cli_fail("gen", st);
+        return -1;
+    }
+    fprintf(stderr, "  done in %.1f s\n", em_now() - t0);
+    if ((f = fopen(stamp, "w"))) fputs(want, f), fclose(f);
+    return 0;
+}
+
+static void print_metrics(FILE *f, const char *label, const em_metrics *m) {
+    fprintf(f, "%-8s AUC %.4f  NE %.4f  logloss %.4f  calibration %.3f  accuracy %.4f  (n=%llu)\n", label, m->auc, m->ne,
+            m->logloss, m->calibration, m->accuracy, (unsigned long long)m->n);
+}
+
+static void write_report(const train_ctx *c, const em_dlrm_cfg *mc, const em_train_result *r, const em_metrics *opt,
+                         int threads) {
+    char path[1100], buf[512];
+    snprintf(path, sizeof path, "%s/report.json", c->out);
+    FILE *f = fopen(path, "w");
+    if (!f) {
+        fprintf(stderr, "ember train: %s: %s\n", path, strerror(errno));
+        return;
+    }
+    char *cfg = em_dlrm_cfg_to_json(mc);
+    fprintf(f, "{\"model\":%s,\n \"data\":{\"train\":\"%s\",\"test\":\"%s\"},\n", cfg ? cfg : "null",
+            c->tc.train_path, c->tc.test_path ? c->tc.test_path : "");
+    em_free(cfg);
+    fprintf(f, " \"run\":{\"batch\":%d,\"epochs\":%d,\"threads\":%d,\"steps\":%lld,\"examples\":%llu,\"train_seconds\":%.3f,"
+               "\"examples_per_s\":%.1f,\"malformed_lines\":%llu},\n",
+            c->tc.batch, c->tc.epochs, threads, (long long)r->steps, (unsigned long long)r->examples, r->train_s,
+            r->examples_per_s, (unsigned long long)r->reader.malformed);
+    em_metrics_json(&r->test, buf, sizeof buf);
+    fprintf(f, " \"test\":%s,\n", r->test.n ? buf : "null");
+    if (opt) em_metrics_json(opt, buf, sizeof buf);
+    fprintf(f, " \"optimum\":%s,\n \"checkpoint\":\"%s\"}\n", opt ? buf : "null", r->checkpoint);
+    fclose(f);
+}
+
+int cmd_train(int argc, char **argv) {
+    train_ctx c;
+    memset(&c, 0, sizeof c);
+    c.tc = em_train_default();
+    c.threads = 2;
+    c.lr = c.dense_lr = c.sparse_lr = NAN;
+    c.dense_kind = c.sparse_kind = EM_OPT_SGD;
+    c.gen_rows = 1000000, c.gen_test_rows = 100000;
+    c.out = "runs/default";
+    char *pos[1];
+    int npos;
+    int rc = cli_parse("train", "[options]", opts, (int)(sizeof opts / sizeof opts[0]), &c, argc, argv, pos, &npos, 0);
+    if (rc) return rc < 0 ? 2 : 0;
+
+    /* Assemble the model configuration: Kaggle defaults, then what was given. */
+    em_dlrm_cfg *m = &c.tc.model;
+    if (!c.rows_given) {
+        em_dlrm_cfg k = em_dlrm_kaggle(0);
+        m->num_tables = k.num_tables;
+        memcpy(m->rows, k.rows, sizeof k.rows);
+    }
+    for (int t = 0; t < m->num_tables; t++)
+        if (c.rows_cap > 0 && m->rows[t] > c.rows_cap) m->rows[t] = c.rows_cap;
+    if (!c.bot_given) m->bot[0] = m->num_dense, m->bot[m->n_bot - 1] = m->dim;
+    if (!c.top_given) m->top[0] = em_dot_interact_out_dim(m->num_tables, m->dim);
+    double dlr = !isnan(c.dense_lr) ? c.dense_lr : !isnan(c.lr) ? c.lr : 0.1;
+    double slr = !isnan(c.sparse_lr) ? c.sparse_lr : !isnan(c.lr) ? c.lr : 0.1;
+    m->dense_opt = em_optim_default(c.dense_kind, (float)dlr);
+    m->sparse_opt = em_optim_default(c.sparse_kind, (float)slr);
+    em_status st = em_dlrm_cfg_validate(m);
+    if (st) {
+        cli_fail("train", st);
+        return 2;
+    }
+    snprintf(c.out_buf, sizeof c.out_buf, "%s", c.out);
+    c.tc.out_dir = c.out_buf;
+
+    em_pool *pool = NULL;
+    if ((st = em_pool_create(&pool, c.threads))) {
+        cli_fail("train", st);
+        return 1;
+    }
+    if (!c.tc.train_path && ensure_default_data(&c, pool) != 0) {
+        em_pool_free(pool);
+        return 1;
+    }
+    c.tc.on_event = on_event;
+    c.tc.ud = &c;
+    fprintf(stderr, "training %s: %d tables, D=%d, bottom %d layers, top %d layers, batch %d, %s/%s, %d threads\n",
+            c.tc.train_path, m->num_tables, m->dim, m->n_bot - 1, m->n_top - 1, c.tc.batch,
+            em_optim_name(m->dense_opt.kind), em_optim_name(m->sparse_opt.kind), c.threads);
+    em_train_result res;
+    em_dlrm *model = NULL;
+    st = em_train_run(&c.tc, pool, &res, &model);
+    if (st) {
+        cli_fail("train", st);
+        em_pool_free(pool);
+        return 1;
+    }
+    if (res.reader.malformed)
+        fprintf(stderr, "warning: %llu malformed training lines skipped; first: %s\n",
+                (unsigned long long)res.reader.malformed, res.reader.first_error);
+    printf("trained %lld steps, %llu examples in %.1f s (%.0f examples/s)\n", (long long)res.steps,
+           (unsigned long long)res.examples, res.train_s, res.examples_per_s);
+    em_metrics opt_m, *opt = NULL;
+    if (c.tc.test_path) {
+        print_metrics(stdout, "test", &res.test);
+        if (c.test_prob) {
+            /* The optimum: the planted probabilities scored on the same labels. */
+            float *tp = NULL, *p = NULL, *y = NULL;
+            size_t ntp = 0, n = 0;
+            st = em_read_probs(c.test_prob, &tp, &ntp);
+            if (st == EM_OK) st = em_evaluate(model, c.tc.test_path, 4096, c.tc.test_limit, pool, &opt_m, &p, &y, &n);
+            if (st == EM_OK && ntp >= n && em_metrics_compute(tp, y, n, &opt_m) == EM_OK) {
+                opt = &opt_m;
+                print_metrics(stdout, "optimum", opt);
+                printf("gap      AUC %+.4f  NE %+.4f  (model - planted optimum)\n", res.test.auc - opt->auc,
+                       res.test.ne - opt->ne);
+            } else if (st) {
+                cli_fail("optimum", st);
+            } else {
+                fprintf(stderr, "ember train: %s has %zu lines but the test data %zu examples: optimum not shown\n",
+                        c.test_prob, ntp, n);
+            }
+            em_free(tp), em_free(p), em_free(y);
+        }
+    }
+    write_report(&c, em_dlrm_config(model), &res, opt, c.threads);
+    printf("checkpoint: %s\nmetrics:    %s/metrics.jsonl\nreport:     %s/report.json\n", res.checkpoint, c.out, c.out);
+    em_dlrm_free(model);
+    em_pool_free(pool);
+    return 0;
+}

@@ -1,0 +1,35 @@
+/*
+ * main.c - `ember <verb>`: dispatch and top-level help.
+ */
+#include <stdio.h>
+#include <string.h>
+
+#include "cli/cli.h"
+
+static const struct {
+    const char *name, *help;
+    int (*fn)(int, char **);
+} verbs[] = {
+    {"train", "train a DLRM (with no data given: generate the embedded default dataset and train on it)", cmd_train},
+    {"eval", "evaluate a checkpoint on a labelled file (AUC, log loss, NE, calibration, accuracy)", cmd_eval},
+    {"predict", "write the click probability of every line of a TSV file", cmd_predict},
+    {"gen", "generate synthetic Criteo-format data with a planted ground truth", cmd_gen},
+    {"convert", "convert Criteo TSV to ember's binary format (streaming)", cmd_convert},
+};
+
+static void usage(FILE *f) {
+    fprintf(f, "usage: ember <verb> [options]      (ember <verb> --help for a verb's options)\n\nverbs:\n");
+    for (size_t i = 0; i < sizeof verbs / sizeof verbs[0]; i++) fprintf(f, "  %-9s %s\n", verbs[i].name, verbs[i].help);
+}
+
+int main(int argc, char **argv) {
+    if (argc < 2 || strcmp(argv[1], "--help") == 0 || strcmp(argv[1], "-h") == 0 || strcmp(argv[1], "help") == 0) {
+        usage(argc < 2 ? stderr : stdout);
+        return argc < 2 ? 2 : 0;
+    }
+    for (size_t i = 0; i < sizeof verbs / sizeof verbs[0]; i++)
+        if (strcmp(argv[1], verbs[i].name) == 0) return verbs[i].fn(argc - 2, argv + 2);
+    fprintf(stderr, "ember: unknown verb '%s'\n", argv[1]);
+    usage(stderr);
+    return 2;
+}

@@ -1,0 +1,309 @@
+/*
+ * dlrm.c - the DLRM model: bottom MLP, table-batched embeddings, dot interaction,
+ * top MLP, BCE loss; one training step = forward, backward, dense optimizer step over
+ * the flat parameter block, sparse optimizer fused into the embedding backward.
+ *
+ * Memory: dense parameters, gradients and optimizer state are three flat blocks with
+ * per-layer offsets. Activations and their gradients are kept for the largest batch
+ * seen so far (grown on demand, never per step), so a steady-state step allocates
+ * nothing. ReLU runs in place on the linear output; its backward masks the upstream
+ * gradient in place (out > 0), which needs only the post-activation values.
+ *
+ * Determinism: every kernel used is bitwise independent of the thread count, and
+ * data order is the caller's, so a step is a pure function of (state, batch).
+ */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "ember/nn.h"
+#include "model/dlrm_impl.h"
+
+static const int64_t kaggle_rows[26] = {1460,    583,   10131227, 2202608, 305,  24,     12517,
+                                        633,     3,     93145,    5683,    8351593, 3194, 27,
+                                        14992,   5461306, 10,     5652,    2173, 4,      7046547,
+                                        18,      15,    286181,   105,     142572};
+
+em_dlrm_cfg em_dlrm_kaggle(int64_t rows_cap) {
+    em_dlrm_cfg c;
+    memset(&c, 0, sizeof c);
+    c.num_dense = 13;
+    c.num_tables = 26;
+    for (int t = 0; t < 26; t++) c.rows[t] = rows_cap > 0 && kaggle_rows[t] > rows_cap ? rows_cap : kaggle_rows[t];
+    c.dim = 16;
+    int bot[] = {13, 512, 256, 64, 16}, top[] = {367, 512, 256, 1};
+    c.n_bot = 5;
+    memcpy(c.bot, bot, sizeof bot);
+    c.n_top = 4;
+    memcpy(c.top, top, sizeof top);
+    c.pooling = EM_POOL_SUM;
+    c.dense_opt = em_optim_default(EM_OPT_SGD, 0.1f);
+    c.sparse_opt = em_optim_default(EM_OPT_SGD, 0.1f);
+    c.seed = 1;
+    return c;
+}
+
+int em_parse_layers(const char *s, int *sizes, int max) {
+    int n = 0;
+    while (*s) {
+        if (n == max) return -1;
+        char *end;
+        long v = strtol(s, &end, 10);
+        if (end == s || v <= 0 || v > (1 << 24)) return -1;
+        sizes[n++] = (int)v;
+        s = end;
+        if (*s == '-' || *s == ',') s++;
+        else if (*s) return -1;
+    }
+    return n;
+}
+
+em_status em_dlrm_cfg_validate(const em_dlrm_cfg *c) {
+    if (c->num_dense < 1 || c->num_tables < 1 || c->num_tables > EM_DLRM_MAX_TABLES || c->dim < 1)
+        return em_errorf(EM_ERR_INVALID, "model: need num_dense >= 1, 1..%d tables, dim >= 1", EM_DLRM_MAX_TABLES);
+    for (int t = 0; t < c->num_tables; t++)
+        if (c->rows[t] < 1) return em_errorf(EM_ERR_INVALID, "model: table %d has %lld rows", t, (long long)c->rows[t]);
+    if (c->n_bot < 2 || c->n_bot > EM_DLRM_MAX_LAYERS + 1 || c->n_top < 2 || c->n_top > EM_DLRM_MAX_LAYERS + 1)
+        return em_errorf(EM_ERR_INVALID, "model: bottom and top MLPs need 2..%d sizes", EM_DLRM_MAX_LAYERS + 1);
+    if (c->bot[0] != c->num_dense)
+        return em_errorf(EM_ERR_INVALID, "model: bottom MLP starts at %d but there are %d dense features", c->bot[0], c->num_dense);
+    if (c->bot[c->n_bot - 1] != c->dim)
+        return em_errorf(EM_ERR_INVALID, "model: bottom MLP ends at %d but the embedding dim is %d (the dot interaction needs them equal)",
+                         c->bot[c->n_bot - 1], c->dim);
+    int want = em_dot_interact_out_dim(c->num_tables, c->dim);
+    if (c->top[0] != want)
+        return em_errorf(EM_ERR_INVALID, "model: top MLP starts at %d but the interaction of %d tables with dim %d gives %d",
+                         c->top[0], c->num_tables, c->dim, want);
+    if (c->top[c->n_top - 1] != 1) return em_errorf(EM_ERR_INVALID, "model: top MLP must end in 1 output (the logit)");
+    for (int i = 0; i < c->n_bot; i++) if (c->bot[i] < 1) return em_errorf(EM_ERR_INVALID, "model: bad bottom layer size");
+    for (int i = 0; i < c->n_top; i++) if (c->top[i] < 1) return em_errorf(EM_ERR_INVALID, "model: bad top layer size");
+    if (c->dense_opt.kind == EM_OPT_ROWWISE_ADAGRAD)
+        return em_errorf(EM_ERR_INVALID, "model: row-wise AdaGrad is for embeddings; pick sgd, adagrad, adam or adamw for dense");
+    if (c->sparse_opt.kind == EM_OPT_ADAM || c->sparse_opt.kind == EM_OPT_ADAMW)
+        return em_errorf(EM_ERR_INVALID, "model: sparse optimizer must be sgd, adagrad or rowwise_adagrad");
+    return EM_OK;
+}
+
+static void free_acts(em_dlrm *m) {
+    for (int l = 0; l < 2 * EM_DLRM_MAX_LAYERS; l++) {
+        em_free(m->x[l]);
+        em_free(m->dx[l]);
+        m->x[l] = m->dx[l] = NULL;
+    }
+    em_free(m->inter), em_free(m->dinter), em_free(m->emb_out), em_free(m->demb);
+    m->inter = m->dinter = m->emb_out = m->demb = NULL;
+    m->cap = 0;
+}
+
+void em_dlrm_free(em_dlrm *m) {
+    if (!m) return;
+    free_acts(m);
+    em_free(m->params);
+    em_free(m->grads);
+    em_free(m->state);
+    em_embbag_free(m->emb);
+    em_free(m);
+}
+
+static em_status ensure_cap(em_dlrm *m, int B) {
+    if (B <= m->cap) return EM_OK;
+    free_acts(m);
+    size_t TD = (size_t)m->cfg.num_tables * (size_t)m->cfg.dim, W = (size_t)m->cfg.top[0];
+    for (int l = 0; l < m->n_layers; l++) {
+        size_t n = (size_t)B * (size_t)m->L[l].out * sizeof(float);
+        if (!(m->x[l] = em_malloc(n)) || !(m->dx[l] = em_malloc(n))) goto nomem;
+    }
+    if (!(m->inter = em_malloc((size_t)B * W * sizeof(float))) ||
+        !(m->dinter = em_malloc((size_t)B * W * sizeof(float))) ||
+        !(m->emb_out = em_malloc((size_t)B * TD * sizeof(float))) ||
+        !(m->demb = em_malloc((size_t)B * TD * sizeof(float))))
+        goto nomem;
+    m->cap = B;
+    return EM_OK;
+nomem:
+    free_acts(m);
+    return em_errorf(EM_ERR_NOMEM, "model: no memory for the activations of a batch of %d", B);
+}
+
+em_status em__dlrm_create_raw(em_dlrm **out, const em_dlrm_cfg *cfg) {
+    *out = NULL;
+    em_status st = em_dlrm_cfg_validate(cfg);
+    if (st) return st;
+    em_dlrm *m = em_calloc(1, sizeof *m);
+    if (!m) return EM_ERR_NOMEM;
+    m->cfg = *cfg;
+    int n = 0;
+    for (int i = 0; i + 1 < cfg->n_bot; i++, n++) m->L[n] = (layer){0, 0, cfg->bot[i], cfg->bot[i + 1]};
+    m->n_botl = n;
+    for (int i = 0; i + 1 < cfg->n_top; i++, n++) m->L[n] = (layer){0, 0, cfg->top[i], cfg->top[i + 1]};
+    m->n_layers = n;
+    size_t off = 0;
+    for (int l = 0; l < n; l++) {
+        m->L[l].w = off;
+        off += (size_t)m->L[l].in * (size_t)m->L[l].out;
+        m->L[l].b = off;
+        off += (size_t)m->L[l].out;
+    }
+    m->n_params = off;
+    int spp = em_optim_state_per_param(cfg->dense_opt.kind);
+    m->params = em_calloc(off, sizeof(float));
+    m->grads = em_calloc(off, sizeof(float));
+    m->state = spp ? em_malloc(off * (size_t)spp * sizeof(float)) : NULL;
+    if (!m->params || !m->grads || (spp && !m->state)) {
+        em_dlrm_free(m);
+        return em_errorf(EM_ERR_NOMEM, "model: no memory for %zu dense parameters", off);
+    }
+    for (size_t i = 0; i < off * (size_t)spp; i++)
+        m->state[i] = cfg->dense_opt.kind == EM_OPT_ADAGRAD ? cfg->dense_opt.init_accum : 0.f;
+    em_embbag_cfg ec = {cfg->num_tables, cfg->rows, cfg->dim, cfg->pooling, cfg->sparse_opt};
+    if ((st = em_embbag_create(&m->emb, &ec))) {
+        em_dlrm_free(m);
+        return st;
+    }
+    *out = m;
+    return EM_OK;
+}
+
+em_status em_dlrm_create(em_dlrm **out, const em_dlrm_cfg *cfg, em_pool *pool) {
+    em_status st = em__dlrm_create_raw(out, cfg);
+    if (st) return st;
+    em_dlrm *m = *out;
+    /* DLRM reference init; each layer draws from its own stream. */
+    for (int l = 0; l < m->n_layers; l++) {
+        em_rng r;
+        em_rng_seed(&r, em_mix64(cfg->seed * 1000003u + (uint64_t)l));
+        double sw = sqrt(2.0 / (m->L[l].in + m->L[l].out)), sb = sqrt(1.0 / m->L[l].out);
+        size_t nw = (size_t)m->L[l].in * (size_t)m->L[l].out;
+        for (size_t i = 0; i < nw; i++) m->params[m->L[l].w + i] = (float)(sw * em_rng_normal(&r));
+        for (int i = 0; i < m->L[l].out; i++) m->params[m->L[l].b + i] = (float)(sb * em_rng_normal(&r));
+    }
+    em_embbag_init_uniform(m->emb, cfg->seed, pool);
+    return EM_OK;
+}
+
+const em_dlrm_cfg *em_dlrm_config(const em_dlrm *m) { return &m->cfg; }
+int64_t em_dlrm_step_count(const em_dlrm *m) { return m->step; }
+em_embbag *em_dlrm_embbag(em_dlrm *m) { return m->emb; }
+const float *em_dlrm_interaction(const em_dlrm *m) { return m->inter; }
+
+void em_dlrm_set_lr(em_dlrm *m, float dense_lr, float sparse_lr) {
+    m->cfg.dense_opt.lr = dense_lr;
+    m->cfg.sparse_opt.lr = sparse_lr;
+    em_embbag_set_lr(m->emb, sparse_lr);
+}
+
+static em_status check_batch(const em_dlrm *m, const em_batch *b) {
+    if (b->B < 1) return em_errorf(EM_ERR_INVALID, "model: empty batch");
+    if (b->num_dense != m->cfg.num_dense || b->num_sparse != m->cfg.num_tables)
+        return em_errorf(EM_ERR_INVALID, "model: batch has %d dense / %d sparse features, the model expects %d / %d",
+                         b->num_dense, b->num_sparse, m->cfg.num_dense, m->cfg.num_tables);
+    return EM_OK;
+}
+
+static const float *layer_in(const em_dlrm *m, int l) {
+    return l == 0 ? m->dense_in : l == m->n_botl ? m->inter : m->x[l - 1];
+}
+static float *layer_din(em_dlrm *m, int l) { return l == 0 ? NULL : l == m->n_botl ? m->dinter : m->dx[l - 1]; }
+
+static em_status forward(em_dlrm *m, const em_batch *b, em_pool *pool) {
+    em_status st = check_batch(m, b);
+    if (st || (st = ensure_cap(m, b->B))) return st;
+    const int B = b->B;
+    m->dense_in = b->dense;
+    if ((st = em_embbag_forward(m->emb, m->emb_out, b->indices, b->offsets, b->per_id_w, B, pool))) return st;
+    for (int l = 0; l < m->n_layers; l++) {
+        const layer *L = &m->L[l];
+        if (l == m->n_botl) em_dot_interact_forward(m->inter, m->x[l - 1], m->emb_out, B, m->cfg.num_tables, m->cfg.dim, pool);
+        em_linear_forward(m->x[l], layer_in(m, l), m->params + L->w, m->params + L->b, B, L->in, L->out, pool);
+        if (l != m->n_layers - 1) em_relu_forward(m->x[l], m->x[l], (size_t)B * (size_t)L->out);
+    }
+    return EM_OK;
+}
+
+/* ReLU backward in place: the upstream gradient survives where the output is > 0. */
+static void relu_mask(float *d, const float *out, size_t n) {
+    for (size_t i = 0; i < n; i++) d[i] = out[i] > 0.f ? d[i] : 0.f;
+}
+
+/* Backward of the dense part; leaves the pooled-embedding gradient in demb. */
+static void backward(em_dlrm *m, const em_batch *b, em_pool *pool) {
+    const int B = b->B, n = m->n_layers;
+    const size_t TD = (size_t)m->cfg.num_tables * (size_t)m->cfg.dim;
+    memset(m->grads, 0, m->n_params * sizeof(float));
+    for (int l = 0; l < n; l++) memset(m->dx[l], 0, (size_t)B * (size_t)m->L[l].out * sizeof(float));
+    memset(m->dinter, 0, (size_t)B * (size_t)m->cfg.top[0] * sizeof(float));
+    memset(m->demb, 0, (size_t)B * TD * sizeof(float));
+    em_bce_logits_backward(m->dx[n - 1], m->x[n - 1], b->label, (size_t)B, 1.0f / (float)B);
+    for (int l = n - 1; l >= 0; l--) {
+        const layer *L = &m->L[l];
+        if (l != n - 1) relu_mask(m->dx[l], m->x[l], (size_t)B * (size_t)L->out);
+        em_linear_backward(layer_din(m, l), m->grads + L->w, m->grads + L->b, m->dx[l], layer_in(m, l),
+                           m->params + L->w, B, L->in, L->out, pool);
+        if (l == m->n_botl)
+            em_dot_interact_backward(m->dx[l - 1], m->demb, m->dinter, m->x[l - 1], m->emb_out, B, m->cfg.num_tables,
+                                     m->cfg.dim, pool);
+    }
+}
+
+em_status em_dlrm_forward(em_dlrm *m, const em_batch *b, float *logits, em_pool *pool) {
+    em_status st = forward(m, b, pool);
+    if (st) return st;
+    memcpy(logits, m->x[m->n_layers - 1], (size_t)b->B * sizeof(float));
+    return EM_OK;
+}
+
+em_status em_dlrm_forward_backward(em_dlrm *m, const em_batch *b, double *loss, em_pool *pool) {
+    em_status st = forward(m, b, pool);
+    if (st) return st;
+    if (loss) *loss = em_bce_logits_forward(m->x[m->n_layers - 1], b->label, (size_t)b->B);
+    backward(m, b, pool);
+    return EM_OK;
+}
+
+em_status em_dlrm_train_step(em_dlrm *m, const em_batch *b, double *loss, em_pool *pool) {
+    em_status st = em_dlrm_forward_backward(m, b, loss, pool);
+    if (st) return st;
+    if ((st = em_embbag_backward_update(m->emb, m->demb, b->indices, b->offsets, b->per_id_w, NULL, b->B, pool)))
+        return st;
+    m->step++;
+    return em_optim_dense_step(&m->cfg.dense_opt, m->params, m->grads, m->state, m->n_params, m->step, pool);
+}
+
+/* ------------------------------------------------------------ named access */
+
+static int parse_param_name(const em_dlrm *m, const char *name, int *layer_out, int *is_bias, int *table) {
+    int i, off;
+    char kind[8];
+    *table = -1;
+    if (sscanf(name, "emb.%d.weight%n", &i, &off) == 1 && name[off] == 0) {
+        if (i < 0 || i >= m->cfg.num_tables) return 0;
+        *table = i;
+        return 1;
+    }
+    if (sscanf(name, "bot.%d.%7[a-z]%n", &i, kind, &off) == 2 && name[off] == 0) {
+        if (i < 0 || i >= m->n_botl) return 0;
+        *layer_out = i;
+    } else if (sscanf(name, "top.%d.%7[a-z]%n", &i, kind, &off) == 2 && name[off] == 0) {
+        if (i < 0 || i >= m->n_layers - m->n_botl) return 0;
+        *layer_out = m->n_botl + i;
+    } else
+        return 0;
+    if (strcmp(kind, "weight") == 0) *is_bias = 0;
+    else if (strcmp(kind, "bias") == 0) *is_bias = 1;
+    else return 0;
+    return 1;
+}
+
+float *em_dlrm_param(em_dlrm *m, const char *name, int grad, size_t *numel) {
+    int l = 0, bias = 0, t;
+    if (!parse_param_name(m, name, &l, &bias, &t)) return NULL;
+    if (t >= 0) {
+        if (grad) return NULL; /* never materialised */
+        if (numel) *numel = (size_t)m->cfg.rows[t] * (size_t)m->cfg.dim;
+        return em_embbag_weights(m->emb, t);
+    }
+    const layer *L = &m->L[l];
+    if (numel) *numel = bias ? (size_t)L->out : (size_t)L->in * (size_t)L->out;
+    return (grad ? m->grads : m->params) + (bias ? L->b : L->w);
+}

@@ -1,0 +1,260 @@
+/*
+ * dlrm_io.c - the DLRM's configuration as JSON and its checkpoints.
+ *
+ * A checkpoint is a safetensors file (include/ember/safetensors.h) holding
+ *   bot.{i}.weight/bias, top.{i}.weight/bias     dense parameters (F32)
+ *   emb.{t}.weight                               tables (rows, D)
+ *   optim.{slot}.{param}                         dense optimizer state per parameter:
+ *                                                slot "sum" (AdaGrad), "m" and "v" (Adam/AdamW)
+ *   optim.emb.{t}                                table optimizer state: (rows, D) AdaGrad,
+ *                                                (rows) row-wise AdaGrad
+ * and metadata "ember.model" (the configuration JSON), "ember.step" (optimizer steps),
+ * "ember.format" = "dlrm/1", plus whatever the caller adds (data position, epoch).
+ * Loading validates every tensor's dtype and size against the configuration, so a
+ * checkpoint of another model is refused with a message naming the tensor.
+ */
+#include <jansson.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "model/dlrm_impl.h"
+
+static json_t *opt_to_json(const em_optim_cfg *o) {
+    return json_pack("{s:s, s:f, s:f, s:f, s:f, s:f, s:f}", "kind", em_optim_name(o->kind), "lr", (double)o->lr, "eps",
+                     (double)o->eps, "beta1", (double)o->beta1, "beta2", (double)o->beta2, "weight_decay",
+                     (double)o->weight_decay, "init_accum", (double)o->init_accum);
+}
+
+static json_t *int_array(const int *v, int n) {
+    json_t *a = json_array();
+    for (int i = 0; i < n; i++) json_array_append_new(a, json_integer(v[i]));
+    return a;
+}
+
+char *em_dlrm_cfg_to_json(const em_dlrm_cfg *c) {
+    json_t *rows = json_array();
+    for (int t = 0; t < c->num_tables; t++) json_array_append_new(rows, json_integer(c->rows[t]));
+    json_t *j = json_pack("{s:i, s:o, s:i, s:o, s:o, s:s, s:o, s:o, s:I}", "num_dense", c->num_dense, "rows", rows, "dim",
+                          c->dim, "bot", int_array(c->bot, c->n_bot), "top", int_array(c->top, c->n_top), "pooling",
+                          c->pooling == EM_POOL_MEAN ? "mean" : "sum", "dense_opt", opt_to_json(&c->dense_opt),
+                          "sparse_opt", opt_to_json(&c->sparse_opt), "seed", (json_int_t)c->seed);
+    if (!j) return NULL;
+    char *s = json_dumps(j, JSON_COMPACT);
+    json_decref(j);
+    if (!s) return NULL;
+    char *out = em_strdup(s);
+    free(s);
+    return out;
+}
+
+static em_status opt_from_json(json_t *j, const char *what, em_optim_cfg *o) {
+    const char *kind = NULL;
+    double lr = 0, eps = 0, b1 = 0, b2 = 0, wd = 0, ia = 0;
+    json_error_t err;
+    if (!j || json_unpack_ex(j, &err, 0, "{s:s, s:F, s:F, s:F, s:F, s:F, s:F}", "kind", &kind, "lr", &lr, "eps", &eps,
+                             "beta1", &b1, "beta2", &b2, "weight_decay", &wd, "init_accum", &ia))
+        return em_errorf(EM_ERR_CORRUPT, "model config: %s: %s", what, j ? err.text : "missing");
+    em_status st = em_optim_parse(kind, &o->kind);
+    if (st) return em_errorf(EM_ERR_CORRUPT, "model config: %s: unknown optimizer '%s'", what, kind);
+    o->lr = (float)lr, o->eps = (float)eps, o->beta1 = (float)b1, o->beta2 = (float)b2;
+    o->weight_decay = (float)wd, o->init_accum = (float)ia;
+    return EM_OK;
+}
+
+static int ints_from_json(json_t *a, int *out, int max) {
+    if (!json_is_array(a) || json_array_size(a) > (size_t)max) return -1;
+    for (size_t i = 0; i < json_array_size(a); i++) {
+        json_t *v = json_array_get(a, i);
+        if (!json_is_integer(v)) return -1;
+        out[i] = (int)json_integer_value(v);
+    }
+    return (int)json_array_size(a);
+}
+
+em_status em_dlrm_cfg_from_json(const char *text, em_dlrm_cfg *c) {
+    memset(c, 0, sizeof *c);
+    json_error_t err;
+    json_t *j = json_loads(text, 0, &err);
+    if (!j) return em_errorf(EM_ERR_CORRUPT, "model config: line %d: %s", err.line, err.text);
+    em_status st = EM_OK;
+    json_t *rows = NULL, *bot = NULL, *top = NULL, *dopt = NULL, *sopt = NULL;
+    const char *pooling = "sum";
+    json_int_t seed = 0;
+    if (json_unpack_ex(j, &err, 0, "{s:i, s:o, s:i, s:o, s:o, s?s, s:o, s:o, s?I}", "num_dense", &c->num_dense, "rows",
+                       &rows, "dim", &c->dim, "bot", &bot, "top", &top, "pooling", &pooling, "dense_opt", &dopt,
+                       "sparse_opt", &sopt, "seed", &seed)) {
+        st = em_errorf(EM_ERR_CORRUPT, "model config: %s", err.text);
+        goto done;
+    }
+    c->seed = (uint64_t)seed;
+    if (!json_is_array(rows) || json_array_size(rows) < 1 || json_array_size(rows) > EM_DLRM_MAX_TABLES) {
+        st = em_errorf(EM_ERR_CORRUPT, "model config: 'rows' must be an array of 1..%d table sizes", EM_DLRM_MAX_TABLES);
+        goto done;
+    }
+    c->num_tables = (int)json_array_size(rows);
+    for (int t = 0; t < c->num_tables; t++) c->rows[t] = json_integer_value(json_array_get(rows, (size_t)t));
+    c->n_bot = ints_from_json(bot, c->bot, EM_DLRM_MAX_LAYERS + 1);
+    c->n_top = ints_from_json(top, c->top, EM_DLRM_MAX_LAYERS + 1);
+    if (c->n_bot < 0 || c->n_top < 0) {
+        st = em_errorf(EM_ERR_CORRUPT, "model config: 'bot' and 'top' must be arrays of layer sizes");
+        goto done;
+    }
+    if (strcmp(pooling, "sum") == 0) c->pooling = EM_POOL_SUM;
+    else if (strcmp(pooling, "mean") == 0) c->pooling = EM_POOL_MEAN;
+    else {
+        st = em_errorf(EM_ERR_CORRUPT, "model config: unknown pooling '%s'", pooling);
+        goto done;
+    }
+    if ((st = opt_from_json(dopt, "dense_opt", &c->dense_opt)) || (st = opt_from_json(sopt, "sparse_opt", &c->sparse_opt)))
+        goto done;
+    st = em_dlrm_cfg_validate(c);
+done:
+    json_decref(j);
+    return st;
+}
+
+/* The dense optimizer's state slots: name and offset (in units of n_params). */
+static int dense_slots(em_optim_kind k, const char **names) {
+    switch (k) {
+    case EM_OPT_ADAGRAD: names[0] = "sum"; return 1;
+    case EM_OPT_ADAM:
+    case EM_OPT_ADAMW: names[0] = "m", names[1] = "v"; return 2;
+    default: return 0;
+    }
+}
+
+/* Enumerate every tensor of the checkpoint; names are written into `names` storage. */
+typedef struct {
+    em_st_tensor *t;
+    char (*names)[64];
+    int n;
+} tensor_list;
+
+static void add(tensor_list *tl, const char *name, const void *data, int ndim, int64_t d0, int64_t d1) {
+    em_st_tensor *t = &tl->t[tl->n];
+    snprintf(tl->names[tl->n], 64, "%s", name);
+    t->name = tl->names[tl->n];
+    t->dtype = EM_F32;
+    t->ndim = ndim;
+    t->shape[0] = d0;
+    t->shape[1] = d1;
+    t->data = data;
+    tl->n++;
+}
+
+static void layer_name(const em_dlrm *m, int l, int bias, char *buf, size_t cap) {
+    int top = l >= m->n_botl;
+    snprintf(buf, cap, "%s.%d.%s", top ? "top" : "bot", top ? l - m->n_botl : l, bias ? "bias" : "weight");
+}
+
+static int max_tensors(const em_dlrm *m) { return m->n_layers * 2 * 3 + m->cfg.num_tables * 2; }
+
+/* Fill tl with the model's tensors (pointers into the model). */
+static void list_tensors(em_dlrm *m, tensor_list *tl) {
+    char name[64], full[80];
+    const char *slots[2];
+    int ns = dense_slots(m->cfg.dense_opt.kind, slots);
+    for (int l = 0; l < m->n_layers; l++) {
+        const layer *L = &m->L[l];
+        for (int bias = 0; bias < 2; bias++) {
+            layer_name(m, l, bias, name, sizeof name);
+            size_t off = bias ? L->b : L->w;
+            if (bias) add(tl, name, m->params + off, 1, L->out, 0);
+            else add(tl, name, m->params + off, 2, L->out, L->in);
+            for (int s = 0; s < ns; s++) {
+                snprintf(full, sizeof full, "optim.%s.%s", slots[s], name);
+                const float *p = m->state + (size_t)s * m->n_params + off;
+                if (bias) add(tl, full, p, 1, L->out, 0);
+                else add(tl, full, p, 2, L->out, L->in);
+            }
+        }
+    }
+    for (int t = 0; t < m->cfg.num_tables; t++) {
+        snprintf(name, sizeof name, "emb.%d.weight", t);
+        add(tl, name, em_embbag_weights(m->emb, t), 2, m->cfg.rows[t], m->cfg.dim);
+        size_t cnt = 0;
+        float *st = em_embbag_state(m->emb, t, &cnt);
+        if (st) {
+            snprintf(name, sizeof name, "optim.emb.%d", t);
+            if (cnt == (size_t)m->cfg.rows[t]) add(tl, name, st, 1, m->cfg.rows[t], 0);
+            else add(tl, name, st, 2, m->cfg.rows[t], m->cfg.dim);
+        }
+    }
+}
+
+em_status em_dlrm_save(const em_dlrm *mc, const char *path, const em_st_meta *extra, int n_extra) {
+    em_dlrm *m = (em_dlrm *)mc; /* only read */
+    int cap = max_tensors(m);
+    tensor_list tl = {em_calloc((size_t)cap, sizeof(em_st_tensor)), em_calloc((size_t)cap, 64), 0};
+    em_st_meta *meta = em_calloc((size_t)n_extra + 3, sizeof *meta);
+    char *cfg_json = em_dlrm_cfg_to_json(&m->cfg);
+    em_status st = EM_ERR_NOMEM;
+    if (tl.t && tl.names && meta && cfg_json) {
+        list_tensors(m, &tl);
+        char step[32];
+        snprintf(step, sizeof step, "%lld", (long long)m->step);
+        meta[0] = (em_st_meta){"ember.format", "dlrm/1"};
+        meta[1] = (em_st_meta){"ember.model", cfg_json};
+        meta[2] = (em_st_meta){"ember.step", step};
+        for (int i = 0; i < n_extra; i++) meta[3 + i] = extra[i];
+        st = em_st_write(path, tl.t, tl.n, meta, n_extra + 3);
+    }
+    em_free(tl.t), em_free(tl.names), em_free(meta), em_free(cfg_json);
+    return st;
+}
+
+em_status em_dlrm_load(em_dlrm **out, const char *path, em_st **st_out, em_pool *pool) {
+    (void)pool;
+    *out = NULL;
+    if (st_out) *st_out = NULL;
+    em_st *f = NULL;
+    em_dlrm *m = NULL;
+    tensor_list tl = {0};
+    em_status st = em_st_open(&f, path);
+    if (st) return st;
+    const char *fmt = em_st_meta_get(f, "ember.format"), *cfg_json = em_st_meta_get(f, "ember.model"),
+               *step = em_st_meta_get(f, "ember.step");
+    if (!fmt || strcmp(fmt, "dlrm/1") != 0 || !cfg_json || !step) {
+        st = em_errorf(EM_ERR_CORRUPT, "%s: not an ember DLRM checkpoint (metadata ember.format/model/step missing)", path);
+        goto fail;
+    }
+    em_dlrm_cfg cfg;
+    if ((st = em_dlrm_cfg_from_json(cfg_json, &cfg))) {
+        char msg[512];
+        snprintf(msg, sizeof msg, "%s", em_last_error());
+        st = em_errorf(EM_ERR_CORRUPT, "%s: %s", path, msg);
+        goto fail;
+    }
+    if ((st = em__dlrm_create_raw(&m, &cfg))) goto fail;
+    m->step = strtoll(step, NULL, 10);
+    int cap = max_tensors(m);
+    tl.t = em_calloc((size_t)cap, sizeof(em_st_tensor));
+    tl.names = em_calloc((size_t)cap, 64);
+    if (!tl.t || !tl.names) {
+        st = EM_ERR_NOMEM;
+        goto fail;
+    }
+    list_tensors(m, &tl);
+    for (int i = 0; i < tl.n; i++) {
+        int64_t numel = tl.t[i].shape[0] * (tl.t[i].ndim == 2 ? tl.t[i].shape[1] : 1);
+        const void *src = em_st_expect(f, tl.t[i].name, EM_F32, numel);
+        if (!src) {
+            char msg[512];
+            snprintf(msg, sizeof msg, "%s", em_last_error());
+            st = em_errorf(EM_ERR_CORRUPT, "%s: %s", path, msg);
+            goto fail;
+        }
+        memcpy((void *)tl.t[i].data, src, (size_t)numel * sizeof(float));
+    }
+    em_free(tl.t), em_free(tl.names);
+    *out = m;
+    if (st_out) *st_out = f;
+    else em_st_close(f);
+    return EM_OK;
+fail:
+    em_free(tl.t), em_free(tl.names);
+    em_dlrm_free(m);
+    em_st_close(f);
+    return st;
+}
