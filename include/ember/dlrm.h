@@ -79,6 +79,8 @@ float *em_dlrm_param(em_dlrm *m, const char *name, int grad, size_t *numel);
 /* The interaction output of the last forward (B, top[0]). */
 const float *em_dlrm_interaction(const em_dlrm *m);
 em_embbag *em_dlrm_embbag(em_dlrm *m);
+/* Bytes held by parameters, dense gradients and all optimizer state (no activations). */
+size_t em_dlrm_state_bytes(const em_dlrm *m);
 void em_dlrm_set_lr(em_dlrm *m, float dense_lr, float sparse_lr);
 
 /* Checkpoint: every parameter, all optimizer state, the step count, the model

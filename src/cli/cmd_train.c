@@ -10,6 +10,7 @@
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -285,7 +286,7 @@ static void print_metrics(FILE *f, const char *label, const em_metrics *m) {
 }
 
 static void write_report(const train_ctx *c, const em_dlrm_cfg *mc, const em_train_result *r, const em_metrics *opt,
-                         int threads) {
+                         int threads, double rss_mb, double state_mb) {
     char path[1100], buf[512];
     snprintf(path, sizeof path, "%s/report.json", c->out);
     FILE *f = fopen(path, "w");
@@ -298,9 +299,9 @@ static void write_report(const train_ctx *c, const em_dlrm_cfg *mc, const em_tra
             c->tc.train_path, c->tc.test_path ? c->tc.test_path : "");
     em_free(cfg);
     fprintf(f, " \"run\":{\"batch\":%d,\"epochs\":%d,\"threads\":%d,\"steps\":%lld,\"examples\":%llu,\"train_seconds\":%.3f,"
-               "\"examples_per_s\":%.1f,\"malformed_lines\":%llu},\n",
+               "\"examples_per_s\":%.1f,\"malformed_lines\":%llu,\"peak_rss_mb\":%.1f,\"state_mb\":%.1f},\n",
             c->tc.batch, c->tc.epochs, threads, (long long)r->steps, (unsigned long long)r->examples, r->train_s,
-            r->examples_per_s, (unsigned long long)r->reader.malformed);
+            r->examples_per_s, (unsigned long long)r->reader.malformed, rss_mb, state_mb);
     em_metrics_json(&r->test, buf, sizeof buf);
     fprintf(f, " \"test\":%s,\n", r->test.n ? buf : "null");
     if (opt) em_metrics_json(opt, buf, sizeof buf);
@@ -395,7 +396,11 @@ int cmd_train(int argc, char **argv) {
             em_free(tp), em_free(p), em_free(y);
         }
     }
-    write_report(&c, em_dlrm_config(model), &res, opt, c.threads);
+    struct rusage ru;
+    getrusage(RUSAGE_SELF, &ru);
+    double rss_mb = (double)ru.ru_maxrss / 1024.0, state_mb = (double)em_dlrm_state_bytes(model) / 1048576.0;
+    printf("memory: peak RSS %.0f MB; parameters + gradients + optimizer state %.0f MB\n", rss_mb, state_mb);
+    write_report(&c, em_dlrm_config(model), &res, opt, c.threads, rss_mb, state_mb);
     printf("checkpoint: %s\nmetrics:    %s/metrics.jsonl\nreport:     %s/report.json\n", res.checkpoint, c.out, c.out);
     em_dlrm_free(model);
     em_pool_free(pool);

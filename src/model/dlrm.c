@@ -185,6 +185,16 @@ em_status em_dlrm_create(em_dlrm **out, const em_dlrm_cfg *cfg, em_pool *pool) {
 const em_dlrm_cfg *em_dlrm_config(const em_dlrm *m) { return &m->cfg; }
 int64_t em_dlrm_step_count(const em_dlrm *m) { return m->step; }
 em_embbag *em_dlrm_embbag(em_dlrm *m) { return m->emb; }
+
+size_t em_dlrm_state_bytes(const em_dlrm *m) {
+    size_t n = m->n_params * (size_t)(2 + em_optim_state_per_param(m->cfg.dense_opt.kind));
+    for (int t = 0; t < m->cfg.num_tables; t++) {
+        size_t cnt = 0;
+        em_embbag_state(m->emb, t, &cnt);
+        n += (size_t)m->cfg.rows[t] * (size_t)m->cfg.dim + cnt;
+    }
+    return n * sizeof(float);
+}
 const float *em_dlrm_interaction(const em_dlrm *m) { return m->inter; }
 
 void em_dlrm_set_lr(em_dlrm *m, float dense_lr, float sparse_lr) {
