@@ -1,0 +1,190 @@
+/*
+ * test_cli_e2e.c - the `ember` binary end to end, as a user runs it:
+ *   - gen + train on small generated data (few ids per field, so 60k rows suffice)
+ *     reaches a test AUC within 0.01 of the planted optimum;
+ *   - exact resume: N steps, then resume to 2N == 2N uninterrupted (bitwise), and a
+ *     run killed with SIGKILL after a checkpoint resumes to the same final model;
+ *   - malformed lines are counted and reported with file:line; --strict stops;
+ *   - predict writes one probability per line; eval refuses a corrupt checkpoint.
+ */
+#include <signal.h>
+#include <stdarg.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include "test.h"
+
+static char dir[256], bin[1024];
+static const char *CARD = "9,12,30,5,40,3,8,25,4,60,7,11,20,6,15,50,3,9,13,4,35,6,10,18,5,22";
+
+static int run(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+static int run(const char *fmt, ...) {
+    char cmd[4096];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(cmd, sizeof cmd, fmt, ap);
+    va_end(ap);
+    int rc = system(cmd);
+    return WIFEXITED(rc) ? WEXITSTATUS(rc) : -1;
+}
+
+static char *slurp(const char *path) {
+    FILE *f = fopen(path, "rb");
+    if (!f) return NULL;
+    fseek(f, 0, SEEK_END);
+    long n = ftell(f);
+    fseek(f, 0, SEEK_SET);
+    char *s = malloc((size_t)n + 1);
+    size_t got = fread(s, 1, (size_t)n, f);
+    s[got] = 0;
+    fclose(f);
+    return s;
+}
+
+/* The number after "key": inside section `sect` of report.json (crude but enough). */
+static double report_num(const char *report, const char *sect, const char *key) {
+    const char *s = strstr(report, sect);
+    if (!s) return NAN;
+    char k[64];
+    snprintf(k, sizeof k, "\"%s\":", key);
+    const char *p = strstr(s, k);
+    return p ? atof(p + strlen(k)) : NAN;
+}
+
+static const char *small_model =
+    "--rows 9,12,30,5,40,3,8,25,4,60,7,11,20,6,15,50,3,9,13,4,35,6,10,18,5,22 --dim 8 --bot 13-32-8 --top 359-32-1";
+
+static void setup(void) {
+    if (dir[0]) return;
+    const char *b = getenv("EMBER_BIN");
+    snprintf(bin, sizeof bin, "%s", b ? b : "../build/ember");
+    snprintf(dir, sizeof dir, "/tmp/ember_e2e_XXXXXX");
+    CHECK(mkdtemp(dir) != NULL);
+    CHECK(run("%s gen --out %s/data --rows 60000 --test-rows 20000 --seed 5 --cardinality %s > %s/gen.log 2>&1", bin,
+              dir, CARD, dir) == 0);
+}
+
+static void test_train_reaches_optimum(void) {
+    setup();
+    CHECK(run("%s train --train %s/data/train.tsv --test %s/data/test.tsv --test-prob %s/data/test.prob --out %s/run "
+              "%s --batch 128 --lr 0.1 --quiet > %s/train.log 2>&1",
+              bin, dir, dir, dir, dir, small_model, dir) == 0);
+    char p[512];
+    snprintf(p, sizeof p, "%s/run/report.json", dir);
+    char *rep = slurp(p);
+    CHECK(rep != NULL);
+    if (!rep) return;
+    double auc = report_num(rep, "\"test\"", "auc"), best = report_num(rep, "\"optimum\"", "auc");
+    fprintf(stderr, "  test AUC %.4f, planted optimum %.4f\n", auc, best);
+    CHECK(best > 0.7);
+    CHECK(auc > best - 0.01);
+    free(rep);
+    snprintf(p, sizeof p, "%s/run/checkpoint.safetensors", dir);
+    struct stat sb;
+    CHECK(stat(p, &sb) == 0 && sb.st_size > 0);
+    /* predict: one line per input line */
+    CHECK(run("head -n 100 %s/data/test.tsv | cut -f2- > %s/nolabel.tsv", dir, dir) == 0);
+    CHECK(run("%s predict --model %s --input %s/nolabel.tsv --output %s/pred.txt", bin, p, dir, dir) == 0);
+    snprintf(p, sizeof p, "%s/pred.txt", dir);
+    char *pred = slurp(p);
+    int lines = 0;
+    for (char *q = pred; q && *q; q++) lines += *q == '\n';
+    CHECK(lines == 100);
+    free(pred);
+}
+
+/* Compare every tensor of two checkpoints bitwise. */
+static int same_checkpoint(const char *a, const char *b) {
+    em_st *x = NULL, *y = NULL;
+    int same = em_st_open(&x, a) == EM_OK && em_st_open(&y, b) == EM_OK && em_st_count(x) == em_st_count(y);
+    for (int i = 0; same && i < em_st_count(x); i++) {
+        const em_st_tensor *t = em_st_at(x, i), *u = em_st_find(y, t->name);
+        size_t n = em_dtype_size(t->dtype);
+        for (int d = 0; d < t->ndim; d++) n *= (size_t)t->shape[d];
+        same = u && u->dtype == t->dtype && memcmp(t->data, u->data, n) == 0;
+        if (!same) fprintf(stderr, "  tensor %s differs\n", t->name);
+    }
+    const char *s1 = x ? em_st_meta_get(x, "ember.step") : NULL, *s2 = y ? em_st_meta_get(y, "ember.step") : NULL;
+    same = same && s1 && s2 && strcmp(s1, s2) == 0;
+    em_st_close(x);
+    em_st_close(y);
+    return same;
+}
+
+static void test_resume_bitwise(void) {
+    setup();
+    const char *common = "--batch 200 --dense-opt adam --lr 0.01 --sparse-opt rowwise_adagrad --quiet";
+    char tr[512];
+    snprintf(tr, sizeof tr, "--train %s/data/train.tsv %s %s", dir, small_model, common);
+    CHECK(run("%s train %s --max-steps 60 --out %s/full > /dev/null 2>&1", bin, tr, dir) == 0);
+    CHECK(run("%s train %s --max-steps 30 --out %s/half > /dev/null 2>&1", bin, tr, dir) == 0);
+    CHECK(run("%s train %s --max-steps 60 --out %s/half --resume %s/half/checkpoint.safetensors > /dev/null 2>&1", bin,
+              tr, dir, dir) == 0);
+    char a[512], b[512];
+    snprintf(a, sizeof a, "%s/full/checkpoint.safetensors", dir);
+    snprintf(b, sizeof b, "%s/half/checkpoint.safetensors", dir);
+    CHECK(same_checkpoint(a, b));
+
+    /* SIGKILL after the first periodic checkpoint, then resume to the end of the epoch. */
+    CHECK(run("%s train %s --out %s/whole > /dev/null 2>&1", bin, tr, dir) == 0);
+    char kdir[512], ck[600];
+    snprintf(kdir, sizeof kdir, "%s/killed", dir);
+    snprintf(ck, sizeof ck, "%s/checkpoint.safetensors", kdir);
+    pid_t pid = fork();
+    if (pid == 0) {
+        char cmd[2048];
+        snprintf(cmd, sizeof cmd, "exec %s train %s --ckpt-every 40 --out %s > /dev/null 2>&1", bin, tr, kdir);
+        execl("/bin/sh", "sh", "-c", cmd, (char *)NULL);
+        _exit(127);
+    }
+    struct stat sb;
+    int waited = 0, status = 0;
+    while (stat(ck, &sb) != 0 && waited < 6000) usleep(5000), waited++;
+    kill(pid, SIGKILL);
+    waitpid(pid, &status, 0);
+    int killed = WIFSIGNALED(status);
+    fprintf(stderr, "  run %s before finishing\n", killed ? "killed" : "was NOT killed (finished first)");
+    CHECK(stat(ck, &sb) == 0);
+    CHECK(run("%s train %s --out %s --resume %s > /dev/null 2>&1", bin, tr, kdir, ck) == 0);
+    snprintf(a, sizeof a, "%s/whole/checkpoint.safetensors", dir);
+    CHECK(same_checkpoint(a, ck));
+}
+
+static void test_malformed_and_corrupt(void) {
+    setup();
+    char p[512];
+    snprintf(p, sizeof p, "%s/bad.tsv", dir);
+    CHECK(run("head -n 500 %s/data/train.tsv > %s && sed -i '3s/^./7/; 10s/\\t[^\\t]*$/\\tzz9/' %s", dir, p, p) == 0);
+    CHECK(run("%s train --train %s %s --quiet --out %s/badrun > %s/bad.log 2>&1", bin, p, small_model, dir, dir) == 0);
+    snprintf(p, sizeof p, "%s/bad.log", dir);
+    char *log = slurp(p);
+    CHECK(log && strstr(log, "2 malformed") && strstr(log, "bad.tsv:3"));
+    free(log);
+    snprintf(p, sizeof p, "%s/bad.tsv", dir);
+    CHECK(run("%s train --train %s %s --quiet --strict --out %s/badrun2 > %s/strict.log 2>&1", bin, p, small_model, dir,
+              dir) != 0);
+    snprintf(p, sizeof p, "%s/strict.log", dir);
+    log = slurp(p);
+    CHECK(log && strstr(log, "bad.tsv:3"));
+    free(log);
+    /* a corrupt checkpoint is refused with a clear error, not a crash */
+    CHECK(run("cp %s/badrun/checkpoint.safetensors %s/c.st && printf 'garbage' | dd of=%s/c.st bs=1 seek=5000 "
+              "conv=notrunc 2>/dev/null", dir, dir, dir) == 0);
+    CHECK(run("%s eval --model %s/c.st --test %s/data/test.tsv > %s/c.log 2>&1", bin, dir, dir, dir) == 1);
+    snprintf(p, sizeof p, "%s/c.log", dir);
+    log = slurp(p);
+    CHECK(log && strstr(log, "c.st"));
+    free(log);
+    CHECK(run("%s train --bogus 1 > /dev/null 2>&1", bin) == 2);
+    CHECK(run("%s train --help > /dev/null", bin) == 0);
+}
+
+static void cleanup(void) {
+    if (dir[0] && t_failures == 0) run("rm -rf %s", dir);
+}
+
+static void test_cleanup(void) { cleanup(); }
+
+TEST_MAIN({"train_reaches_optimum", test_train_reaches_optimum}, {"resume_bitwise", test_resume_bitwise},
+          {"malformed_and_corrupt", test_malformed_and_corrupt}, {"cleanup", test_cleanup})
