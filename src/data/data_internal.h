@@ -1,0 +1,87 @@
+/*
+ * data_internal.h - pieces shared by the files of the data layer (not public API):
+ * the buffered line source used by the reader and the converter, the ember binary
+ * format codec (docs/FORMATS.md), field naming for error messages, and the Zipf
+ * sampler of the generator (exposed so tests can check its distribution).
+ */
+#ifndef EMBER_DATA_INTERNAL_H
+#define EMBER_DATA_INTERNAL_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "ember/core.h"
+
+/* Size of the fixed read buffer of readers and the converter. A line must be shorter
+ * than this (a Criteo line is ~200-700 bytes); a longer one is malformed. */
+#define EM__IO_BUF (1u << 20)
+
+/* ------------------------------------------------------------ line source */
+/*
+ * Splits a byte stream (a file descriptor) into lines with one fixed buffer of `cap`
+ * bytes: no allocation per line, bounded memory whatever the input. A line is the
+ * bytes before '\n' (the '\n' is not part of it); a final line without '\n' is still
+ * a line; a line of cap bytes or more cannot be held and is reported as too long
+ * (its bytes are discarded up to the next '\n' or EOF; it still counts as one line).
+ */
+typedef struct {
+    int fd;
+    const char *path; /* for error messages (not owned) */
+    char *buf;        /* not owned */
+    size_t cap, head, tail;
+    int eof;
+    int discarding;   /* inside a too-long line: drop bytes until '\n' */
+} em__lines;
+
+/* `pre` bytes at buf[0..pre) were already read from fd (format detection). */
+void em__lines_init(em__lines *ls, int fd, const char *path, char *buf, size_t cap, size_t pre);
+/* EM_OK with *line and *len (pointing into the buffer, valid until the next call) and
+ * *too_long (then *line = NULL, *len = 0); EM_ERR_EOF at the end; EM_ERR_IO. */
+em_status em__lines_next(em__lines *ls, const char **line, size_t *len, int *too_long);
+
+/* Open `path` for reading ("-" = stdin, fd 0); EM_ERR_IO naming the path on failure. */
+em_status em__open_read(const char *path, int *fd);
+/* Read until `n` bytes or EOF (retrying EINTR and short reads); returns bytes read or -1. */
+long em__read_full(int fd, void *buf, size_t n);
+
+/* ------------------------------------------------------------ binary format */
+#define EM__BIN_MAGIC "EMBRDAT1"
+#define EM__BIN_VERSION 1u
+#define EM__BIN_HDR 64u
+#define EM__BIN_FLAG_LOG1P 1u              /* dense values are log(1 + max(x, 0)) */
+#define EM__BIN_COUNT_INCOMPLETE UINT64_MAX /* written first; patched when complete */
+
+typedef struct {
+    uint32_t version, num_dense, num_sparse, flags, record_size;
+    uint64_t count;
+} em__bin_header;
+
+size_t em__bin_record_size(int num_dense, int num_sparse);
+void em__bin_put_header(unsigned char out[EM__BIN_HDR], const em__bin_header *h);
+/* Validates magic, version, header size, flags, shapes and record size. EM_ERR_CORRUPT
+ * with a detail naming `path` on failure. */
+em_status em__bin_get_header(const unsigned char in[EM__BIN_HDR], em__bin_header *h,
+                             const char *path);
+void em__bin_put_record(unsigned char *out, int num_dense, int num_sparse, float label,
+                        const float *dense, uint64_t missing, const uint64_t *ids);
+/* Returns 0 on success, or a static reason when the record is invalid. */
+const char *em__bin_get_record(const unsigned char *in, int num_dense, int num_sparse,
+                               float *label, float *dense, uint64_t *missing, uint64_t *ids);
+
+/* ------------------------------------------------------------ misc */
+/* "label", "I<k>" (dense k, 1-based) or "C<k>" (categorical k, 1-based). */
+void em__field_name(int field, int num_dense, char *out, size_t cap);
+
+/* Zipf(s) over [0, n) by rejection-inversion (Hormann & Derflinger 1996): O(1) memory,
+ * any s > 0 (s = 1 included), expected < 1.1 uniform draws per sample. */
+typedef struct {
+    double n, s, h_x1, h_n, sq;
+} em__zipf;
+void em__zipf_init(em__zipf *z, uint64_t n, double s);
+uint64_t em__zipf_sample(const em__zipf *z, em_rng *rng);
+
+/* Inverse of the standard normal CDF (Acklam's rational approximation, |rel err| <
+ * 1.2e-9) for p in (0, 1): a normal deviate from one uniform, no trigonometry. */
+double em__norm_inv(double p);
+
+#endif
