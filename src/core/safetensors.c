@@ -18,7 +18,9 @@
  *   the new one, never a torn one; every failure removes the temporary file.
  * - Reading loads the whole file with one em_malloc. The buffer is shifted by a pad so
  *   that the data section starts 8-byte aligned even when a foreign writer left N not
- *   a multiple of 8: F64/I64 views are then naturally aligned (given aligned offsets).
+ *   a multiple of 8. The writer packs tensors without gaps (as the format's reference
+ *   readers require), so a tensor is 8-byte aligned when the bytes before it are a
+ *   multiple of 8: callers list F64/I64/U64 tensors first, or only use F32.
  * - Everything read is distrusted: header length, JSON, dtypes, shapes (overflow-safe
  *   products), offsets (within the data section, exact size, no overlap between
  *   non-empty tensors) and the checksum when present. Any failure is EM_ERR_CORRUPT
@@ -126,8 +128,8 @@ static em_status sync_dir(const char *path, const char *dir) {
     return st;
 }
 
-/* Checks arguments, returns the header JSON (malloc'd by jansson; free()) and the
- * data-section size, or NULL with the error set in *st. */
+/* Checks the tensors and metadata and returns the compact header JSON, checksum
+ * included (malloc'd by jansson: free()), or NULL with the error in *st. */
 static char *build_header(const char *path, const em_st_tensor *ts, int n, const em_st_meta *meta, int n_meta,
                           em_status *st) {
     char sbuf[160];
