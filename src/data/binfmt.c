@@ -203,7 +203,7 @@ em_status em_convert_tsv_to_bin(const char *tsv_path, const char *bin_path, int 
                                 : em_criteo_parse_line(line, len, num_dense, num_sparse, &label,
                                                        dense, ids, &miss, &bad);
         if (ps != EM_OK) {
-            char msg[sizeof st.first_error];
+            char msg[sizeof st.first_error] = {0};
             snprintf(msg, sizeof msg, "%s:%llu: %s", tsv_path, (unsigned long long)st.lines,
                      em_last_error());
             if (strict) {

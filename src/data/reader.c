@@ -165,7 +165,7 @@ struct em_reader {
 
 /* Record a bad line into the slot; returns nonzero when it ends the batch (strict). */
 static int malformed(em_reader *r, slot *s, uint64_t lineno, const char *why) {
-    char msg[sizeof s->first_error];
+    char msg[sizeof s->first_error] = {0};
     snprintf(msg, sizeof msg, "%s:%llu: %s", r->path, (unsigned long long)lineno, why);
     if (!s->malformed++) memcpy(s->first_error, msg, sizeof msg);
     if (!r->strict) return 0;
