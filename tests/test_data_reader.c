@@ -1,5 +1,6 @@
 /* Streaming reader (TSV and binary), prefetch, skip/resume, limits, the converter, and
  * their error paths. Inputs are generated into a mkdtemp directory. */
+#include <dirent.h>
 #include <fcntl.h>
 #include <math.h>
 #include <unistd.h>
@@ -455,7 +456,17 @@ static void test_binary_corrupt(void) {
     em_reader_free(r);
 }
 
+static int open_fds(void) {
+    DIR *d = opendir("/proc/self/fd");
+    int n = 0;
+    if (!d) return -1;
+    while (readdir(d)) n++;
+    closedir(d);
+    return n;
+}
+
 static void test_alloc_failure_and_shutdown(void) {
+    int fds = open_fds();
     const char *tsv = write_tsv("af.tsv", 200, NULL, 1), *bin = tmp("af.bin");
     CHECK_OK(em_convert_tsv_to_bin(tsv, bin, ND, NS, 0, NULL));
     const char *paths[2] = {tsv, bin};
@@ -501,6 +512,7 @@ static void test_alloc_failure_and_shutdown(void) {
         em_reader_free(r);
     }
     CHECK(em_mem_in_use() == base);
+    CHECK(open_fds() == fds);
 }
 
 static void cleanup(void) {
