@@ -26,16 +26,16 @@ struct em_pool {
     pthread_mutex_t mu;
     pthread_cond_t cv;
     int sleepers;         /* guarded by mu */
+    struct worker_arg *args; /* one per worker, owned by the pool (no allocation after create) */
 };
 
-typedef struct {
+typedef struct worker_arg {
     em_pool *pool;
     int ith;
 } worker_arg;
 
 static void *worker_main(void *p) {
     worker_arg wa = *(worker_arg *)p;
-    em_free(p);
     em_pool *pool = wa.pool;
     unsigned seen = 0; /* gen at creation: a run may start before this thread does */
     for (;;) {
@@ -70,21 +70,16 @@ em_status em_pool_create(em_pool **out, int nthreads) {
     pthread_mutex_init(&pool->mu, NULL);
     pthread_cond_init(&pool->cv, NULL);
     pool->threads = em_calloc((size_t)nthreads, sizeof(pthread_t));
-    if (!pool->threads) {
+    pool->args = em_calloc((size_t)nthreads, sizeof(worker_arg));
+    if (!pool->threads || !pool->args) {
         em_pool_free(pool);
         return EM_ERR_NOMEM;
     }
     for (int i = 1; i < nthreads; i++) {
-        worker_arg *wa = em_malloc(sizeof *wa);
-        if (!wa) {
-            pool->nth = i;
-            em_pool_free(pool);
-            return EM_ERR_NOMEM;
-        }
+        worker_arg *wa = &pool->args[i];
         wa->pool = pool;
         wa->ith = i;
         if (pthread_create(&pool->threads[i], NULL, worker_main, wa) != 0) {
-            em_free(wa);
             pool->nth = i;
             em_pool_free(pool);
             return em_errorf(EM_ERR_THREAD, "could not start worker thread %d", i);
@@ -105,6 +100,7 @@ void em_pool_free(em_pool *pool) {
     pthread_mutex_destroy(&pool->mu);
     pthread_cond_destroy(&pool->cv);
     em_free(pool->threads);
+    em_free(pool->args);
     em_free(pool);
 }
 

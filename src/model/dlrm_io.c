@@ -239,10 +239,8 @@ em_status em_dlrm_load(em_dlrm **out, const char *path, em_st **st_out, em_pool 
     for (int i = 0; i < tl.n; i++) {
         int64_t numel = tl.t[i].shape[0] * (tl.t[i].ndim == 2 ? tl.t[i].shape[1] : 1);
         const void *src = em_st_expect(f, tl.t[i].name, EM_F32, numel);
-        if (!src) {
-            char msg[512];
-            snprintf(msg, sizeof msg, "%s", em_last_error());
-            st = em_errorf(EM_ERR_CORRUPT, "%s: %s", path, msg);
+        if (!src) { /* em_st_expect's message names the file and the tensor */
+            st = EM_ERR_CORRUPT;
             goto fail;
         }
         memcpy((void *)tl.t[i].data, src, (size_t)numel * sizeof(float));
