@@ -26,6 +26,13 @@
  * are the last n mod 8 of the whole block, for every thread count. Blocks under
  * SERIAL_N elements run on the caller: the step is memory-bound and a pool dispatch
  * costs more than it saves there.
+ *
+ * Speed: the SGD loop vectorises as built. The AdaGrad/Adam loops vectorise only under
+ * -fno-math-errno (otherwise sqrtf keeps an errno branch, i.e. control flow, in the
+ * loop; gcc ignores optimize attributes/pragmas for this): measured on 475k parameters,
+ * one thread, Adam 1160 us -> 255 us, AdaGrad 770 us -> 185 us. The two builds may
+ * differ in the last bit (gcc fuses a*b + c*d into an FMA differently in vector and
+ * scalar code); within one build the thread count never changes a bit, as above.
  */
 #include <math.h>
 #include <stdio.h>
