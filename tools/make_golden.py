@@ -67,9 +67,14 @@ def _as_array(v):
 def write_safetensors(path, tensors, metadata):
     """tensors: dict name -> array/tensor (insertion order kept); metadata: str -> str."""
     header = {"__metadata__": {str(k): str(v) for k, v in metadata.items()}}
+    # Tensors are packed without gaps, so 8-byte dtypes go first (stable otherwise):
+    # every tensor then starts at a multiple of its element size, and readers that
+    # load the file into aligned memory can use the data in place (as the safetensors
+    # library itself orders them).
+    arrays = sorted(((n, _as_array(v)) for n, v in tensors.items()),
+                    key=lambda kv: -kv[1].dtype.itemsize)
     blobs, off = [], 0
-    for name, v in tensors.items():
-        a = _as_array(v)
+    for name, a in arrays:
         raw = a.tobytes()
         header[name] = {"dtype": _DTYPES[a.dtype], "shape": list(a.shape),
                         "data_offsets": [off, off + len(raw)]}
