@@ -23,7 +23,8 @@
  * (i, j) pair. D not a multiple of 16 takes a plain loop for the remainder columns.
  *
  * Both directions split the batch over the pool; every example is computed by one
- * worker in a fixed order, so results do not depend on the thread count.
+ * worker in a fixed order, so results do not depend on the thread count. Per-example
+ * row pointers live in stack arrays of F+1 entries (fine for any realistic F).
  */
 #include "core/simd.h"
 #include "ember/nn.h"
@@ -69,13 +70,15 @@ void em_dot_interact_forward(float *out, const float *bot, const float *emb, int
 
 /* ----------------------------------------------------------------- backward */
 
-/* Fallback without scratch: g[0..m) = sum_{j != i} S_ij T_j[d0 .. d0+m), j ascending. */
+/* Without S: g[0..m) = sum_j S_ij T_j[d0 .. d0+m), j ascending, S_ii = 0 as in the
+ * tiled path so that both treat non-finite inputs alike. */
 static void grad_row_plain(float *restrict g, const float *restrict dz, const float *const *T, int n,
                            int i, int d0, int m) {
     for (int k = 0; k < m; k++) g[k] = 0.f;
     for (int j = 0; j < n; j++) {
-        if (j == i) continue;
-        const float s = j < i ? dz[(size_t)i * (i - 1) / 2 + j] : dz[(size_t)j * (j - 1) / 2 + i];
+        const float s = j == i ? 0.f
+                        : j < i ? dz[(size_t)i * (i - 1) / 2 + j]
+                                : dz[(size_t)j * (j - 1) / 2 + i];
         const float *restrict tj = T[j] + d0;
         for (int k = 0; k < m; k++) g[k] += s * tj[k];
     }
