@@ -26,7 +26,10 @@ Sub-commands:
   speed    synthetic data preloaded as tensors; times only the training loop (forward,
            loss, backward, optimizer steps) after warmup; prints one JSON line.
   quality  trains one epoch on a Criteo TSV in file order, evaluates on another TSV;
-           prints one JSON line with AUC, logloss and normalised entropy.
+           prints one JSON line with AUC, logloss and normalised entropy. Parsing is
+           vectorised numpy over whole blocks of lines and not timed (parse_s);
+           train_s covers the epoch loop, including slicing each batch's tensors out
+           of the parsed arrays. Malformed lines are skipped and counted.
 
 Threads: --threads N (default 2) sets OMP/OpenBLAS/MKL thread counts BEFORE torch is
 imported (they are read once at load time), and torch.set_num_threads(N).
