@@ -191,7 +191,7 @@ void em_linear_backward(float *din, float *dW, float *db, const float *dout, con
     bwd_arg a = {.din = din, .dW = dW, .db = db, .dout = dout, .in = in, .W = W, .B = B, .I = I, .O = O};
     a.tw = make_tiling(O, I, B);
     a.ti = make_tiling(B, I, O);
-    a.nw = I > 0 ? tiling_count(&a.tw) : 0;
+    a.nw = dW && I > 0 ? tiling_count(&a.tw) : 0; /* NULL dW (a frozen layer) is tolerated */
     a.ni = din && I > 0 ? tiling_count(&a.ti) : 0;
     a.nb = db ? (O + DB_COLS - 1) / DB_COLS : 0;
     atomic_init(&a.next, 0);
