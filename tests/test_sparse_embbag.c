@@ -210,7 +210,8 @@ static void test_forward(void) {
 }
 
 /* One backward step against the reference for the given optimizer settings. */
-static void check_step(em_optim_cfg o, em_pooling pk, int D, int weighted, int64_t dup, int steps, em_pool *pool) {
+static void check_step_len(em_optim_cfg o, em_pooling pk, int D, int weighted, int64_t dup, int steps, em_pool *pool,
+                           int maxlen) {
     int64_t rows[3] = {40, 3, 500};
     int T = 3, B = 29;
     em_embbag *e = make_bag(T, rows, D, pk, o);
@@ -222,7 +223,7 @@ static void check_step(em_optim_cfg o, em_pooling pk, int D, int weighted, int64
     em_rng r;
     em_rng_seed(&r, 1234 + D);
     for (int step = 0; step < steps; step++) {
-        batch bt = make_batch(&r, T, rows, D, B, 6, dup, weighted);
+        batch bt = make_batch(&r, T, rows, D, B, maxlen, dup, weighted);
         CHECK_OK(em_embbag_backward_update(e, bt.dout, bt.idx, bt.off, bt.pw, NULL, B, pool));
         ref_step(&bt, pk, o, W, S, NULL);
         free_batch(&bt);
@@ -244,6 +245,11 @@ static void check_step(em_optim_cfg o, em_pooling pk, int D, int weighted, int64
     em_embbag_free(e);
 }
 
+/* Bags of up to 6 ids: the backward reads a contiguous copy of dout. */
+static void check_step(em_optim_cfg o, em_pooling pk, int D, int weighted, int64_t dup, int steps, em_pool *pool) {
+    check_step_len(o, pk, D, weighted, dup, steps, pool, 6);
+}
+
 static void test_backward_sgd(void) {
     em_pool *pool;
     CHECK_OK(em_pool_create(&pool, 2));
@@ -253,6 +259,9 @@ static void test_backward_sgd(void) {
     em_optim_cfg o = opt_cfg(EM_OPT_SGD, 0.05f);
     o.weight_decay = 0.01f;
     check_step(o, EM_POOL_SUM, 9, 1, 0, 3, NULL);
+    /* about one id per bag (Criteo): dout is read in place */
+    check_step_len(opt_cfg(EM_OPT_SGD, 0.1f), EM_POOL_SUM, 16, 0, 3, 3, pool, 2);
+    check_step_len(opt_cfg(EM_OPT_SGD, 0.1f), EM_POOL_MEAN, 10, 1, 0, 3, pool, 2);
     em_pool_free(pool);
 }
 
@@ -266,6 +275,7 @@ static void test_backward_adagrad(void) {
     o.weight_decay = 0.001f;
     o.eps = 1e-6f;
     check_step(o, EM_POOL_SUM, 64, 1, 6, 3, NULL);
+    check_step_len(opt_cfg(EM_OPT_ADAGRAD, 0.05f), EM_POOL_SUM, 12, 0, 0, 3, pool, 2);
     em_pool_free(pool);
 }
 
@@ -279,13 +289,15 @@ static void test_backward_rowwise(void) {
     o.weight_decay = 0.002f;
     o.eps = 1e-8f;
     check_step(o, EM_POOL_SUM, 16, 1, 0, 3, NULL);
+    check_step_len(opt_cfg(EM_OPT_ROWWISE_ADAGRAD, 0.05f), EM_POOL_MEAN, 64, 1, 5, 3, pool, 2);
     em_pool_free(pool);
 }
 
 static void test_dper_id_w(void) {
     em_pool *pool;
     CHECK_OK(em_pool_create(&pool, 2));
-    for (int pk = 0; pk < 2; pk++) {
+    for (int c = 0; c < 4; c++) {
+        int pk = c & 1, maxlen = c < 2 ? 5 : 2; /* with and without the dout copy */
         int64_t rows[2] = {30, 200};
         int T = 2, D = 20, B = 17;
         em_optim_cfg o = opt_cfg(EM_OPT_ROWWISE_ADAGRAD, 0.1f);
@@ -294,7 +306,7 @@ static void test_dper_id_w(void) {
         em_embbag_init_uniform(e, 3, pool);
         em_rng r;
         em_rng_seed(&r, 77);
-        batch bt = make_batch(&r, T, rows, D, B, 5, 6, 1);
+        batch bt = make_batch(&r, T, rows, D, B, maxlen, 6, 1);
         size_t nw, ns;
         float *w0 = snapshot(e, 0, &nw), *s0 = snapshot(e, 1, &ns);
         double *W = to_double(w0, nw), *S = to_double(s0, ns);

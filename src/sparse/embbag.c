@@ -7,46 +7,56 @@
  * per-row allocations. Weights start at zero (em_embbag_init_uniform or a checkpoint
  * fills them), the state at opt.init_accum.
  *
- * Forward: the T*B bags (table-major, the order of `offsets`) are split into
- * contiguous ranges, one per worker; a bag is pooled by SIMD axpys into its output
- * row in index order, so every output is computed by one worker in a fixed order.
+ * Work is handed out in chunks that workers take from an atomic counter (a worker
+ * slowed by anything else on its core does not hold the others up). No result depends
+ * on which worker runs a chunk, so dynamic scheduling keeps results bitwise identical.
+ *
+ * Forward: the T*B bags (table-major, the order of `offsets`) are cut into chunks of
+ * consecutive bags; a bag is pooled by SIMD axpys into its output row in index order,
+ * so every output is computed by one worker in a fixed order.
  * The rows of the indices a fixed distance ahead are prefetched (the lookups are
  * random DRAM reads for large tables; that latency is the cost of the forward).
  *
  * Backward (fused with the update), two pool runs:
- *  1. sort: tables are split over workers (contiguous, balanced by index count). For
- *     each table the positions k of its indices are packed as (row << 32) | payload
- *     and stably radix-sorted on the ceil(log2(rows)) row bits (sparse/radix.c), so
+ *  1. sort: one table at a time per worker. The positions k of the table's indices
+ *     are packed as (row << 32) | payload and stably radix-sorted on the ceil(log2(rows)) row bits (sparse/radix.c), so
  *     the occurrences of a row stay in batch order; the starts of the runs of equal
  *     rows (the unique rows) are recorded. The payload is the example b of the bag,
  *     or, when per-id weights are involved, the position in the table (b then comes
  *     from a position -> example array filled in the same pass). Indices are validated
  *     here, before anything is written, so a bad batch leaves the tables untouched.
- *  2. update: the (table, unique row) list is split into contiguous ranges balanced by
- *     cost (occurrences + a constant per row); each unique row is reduced by exactly
+ *     Tables with several ids per bag also get a contiguous copy of their dout slice:
+ *     the update reads dout[b][t] at random b, and rows T*D apart thrash the TLB.
+ *  2. update: the (table, unique row) list is cut into chunks of equal cost
+ *     (occurrences + a constant per row); each unique row is reduced by exactly
  *     one worker, g = sum over its occurrences in batch order of
  *     scale * dout[b][t], and the optimizer is applied once. Neither step depends on
  *     the split, so tables are bitwise identical for any thread count.
- * Scratch (sort buffers, histograms, per-worker gradient rows) lives in the object and
+ * Scratch (sort buffers, histograms, dout copies, per-worker gradient rows) lives in the object and
  * only grows, so steady-state steps allocate nothing.
  *
  * Validation: offsets (offsets[0] == 0, non-decreasing) are checked serially first
- * (T*B + 1 compares), then indices inside the parallel passes; every worker reports
- * the first bad index of its contiguous range, and the first over all workers is
- * reported, so the detail names the same index for any thread count.
+ * (T*B + 1 compares), then indices inside the parallel passes; every chunk is scanned
+ * up to its first bad index and the earliest over all workers is reported, so the
+ * detail names the same index for any thread count.
  */
 #include "ember/embbag.h"
 
 #include <math.h>
+#include <stdatomic.h>
 #include <string.h>
+#include <sys/mman.h>
 
 #include "core/simd.h"
 #include "sparse/radix.h"
+#include "sparse/rowops.h"
 
 #define INIT_CHUNK_ROWS 65536 /* rows per RNG stream in em_embbag_init_uniform */
 #define FWD_PREFETCH 12       /* indices ahead whose rows the forward prefetches */
 #define BWD_PREFETCH 6        /* unique rows ahead whose weights/state the update prefetches */
 #define ROW_COST 4            /* cost of touching a row, in units of one occurrence */
+#define CHUNKS_PER_WORKER 8   /* dynamic work chunks per worker (load balance) */
+#define DCOPY_MIN_PER_BAG 2   /* gather dout[:, t, :] contiguously from this many ids per bag */
 
 typedef struct {
     int64_t rows;
@@ -57,11 +67,13 @@ typedef struct {
     size_t kbeg, n;    /* positions [kbeg, kbeg + n) of the table's indices */
     size_t nuniq;      /* unique rows; their run starts are segs[kbeg .. kbeg + nuniq) */
     uint64_t cost0;    /* cost of all rows of the tables before this one */
+    int dcopied;       /* dout[:, t, :] was gathered into e->dcopy + t * B * D */
     const uint64_t *sorted; /* items or tmp + kbeg */
 } tbl;
 
 enum { ERR_NONE = 0, ERR_INDEX, ERR_TOO_MANY };
 
+/* A worker's earliest bad input, ordered by (t, b, k): k = -1 for a table-level error. */
 typedef struct {
     int kind;
     int t;
@@ -85,10 +97,26 @@ struct em_embbag {
     size_t gstride;        /* floats per worker in gbuf (D rounded up to a cache line) */
     uint32_t *hist;        /* EM__RADIX_HIST_WORDS per worker */
     float *gbuf;           /* one gradient row per worker */
+    float *dcopy;          /* (T, B, D): the dout slices of the tables with many ids per bag */
+    size_t cap_dcopy;
     bag_err *errs;         /* one per worker */
 };
 
 /* -------------------------------------------------------------- lifecycle */
+
+/* Ask for transparent huge pages over the (2 MiB-aligned interior of the) tables,
+ * before first touch: every random row lookup otherwise costs a TLB miss and a page
+ * walk (two-dimensional under virtualisation), which dominated the lookups of large
+ * tables. Advice only: failure (no THP, other OS) changes nothing but speed. */
+static void advise_huge_pages(void *p, size_t bytes) {
+#ifdef MADV_HUGEPAGE
+    const uintptr_t H = (uintptr_t)2 << 20;
+    uintptr_t lo = ((uintptr_t)p + H - 1) & ~(H - 1), hi = ((uintptr_t)p + bytes) & ~(H - 1);
+    if (hi > lo) (void)madvise((void *)lo, hi - lo, MADV_HUGEPAGE);
+#else
+    (void)p, (void)bytes;
+#endif
+}
 
 void em_embbag_free(em_embbag *e) {
     if (!e) return;
@@ -102,6 +130,7 @@ void em_embbag_free(em_embbag *e) {
     em_free(e->hist);
     em_free(e->gbuf);
     em_free(e->errs);
+    em_free(e->dcopy);
     em_free(e);
 }
 
@@ -162,6 +191,8 @@ em_status em_embbag_create(em_embbag **out, const em_embbag_cfg *cfg) {
         so += (size_t)tb->rows * spr;
         co += ((size_t)tb->rows + INIT_CHUNK_ROWS - 1) / INIT_CHUNK_ROWS;
     }
+    advise_huge_pages(e->w, wtot * sizeof(float));
+    if (stot) advise_huge_pages(e->state, stot * sizeof(float));
     memset(e->w, 0, wtot * sizeof(float));
     if (cfg->opt.init_accum == 0.f) {
         if (stot) memset(e->state, 0, stot * sizeof(float));
@@ -261,6 +292,18 @@ static em_status ensure_nnz(em_embbag *e, size_t nnz) {
     return EM_OK;
 }
 
+static em_status ensure_dcopy(em_embbag *e, size_t n) {
+    if (n <= e->cap_dcopy) return EM_OK;
+    size_t cap = e->cap_dcopy + e->cap_dcopy / 2;
+    if (cap < n) cap = n;
+    float *p = em_malloc(cap * sizeof(float));
+    if (!p) return em_errorf(EM_ERR_NOMEM, "embbag: no memory for a %zu-value gradient copy", n);
+    em_free(e->dcopy);
+    e->dcopy = p;
+    e->cap_dcopy = cap;
+    return EM_OK;
+}
+
 /* ------------------------------------------------------------- validation */
 
 /* Offsets must start at 0 and never decrease; on success *nnz = offsets[T*B]. */
@@ -283,14 +326,25 @@ static em_status check_offsets(const em_embbag *e, const int64_t *off, int B, si
     return EM_OK;
 }
 
+/* Keep the earliest error a worker saw: chunks are taken dynamically, so a worker may
+ * meet a later one first. */
 static void set_err(bag_err *er, int kind, int t, int64_t b, int64_t k, int64_t row) {
+    if (er->kind != ERR_NONE &&
+        (er->t < t || (er->t == t && (er->b < b || (er->b == b && er->k < k)))))
+        return;
     er->kind = kind, er->t = t, er->b = b, er->k = k, er->row = row;
 }
 
-/* The first error over all workers (worker ranges are in bag order). */
+/* The earliest error over all workers. Every chunk of work is scanned up to its first
+ * error, so this is the first bad input of the batch whatever the thread count. */
 static em_status report_errors(const em_embbag *e, int nth) {
+    bag_err first = {.kind = ERR_NONE};
     for (int i = 0; i < nth; i++) {
         const bag_err *er = &e->errs[i];
+        if (er->kind != ERR_NONE) set_err(&first, er->kind, er->t, er->b, er->k, er->row);
+    }
+    {
+        const bag_err *er = &first;
         if (er->kind == ERR_INDEX)
             return em_errorf(EM_ERR_INVALID, "embbag: table %d, example %lld, index %lld: row %lld out of range [0, %lld)",
                              er->t, (long long)er->b, (long long)er->k, (long long)er->row,
@@ -320,20 +374,17 @@ typedef struct {
     const int64_t *idx, *off;
     const float *pw;
     int B;
+    size_t chunk;       /* bags per work chunk */
+    atomic_size_t next; /* next chunk to take */
 } fwd_arg;
 
-static void fwd_task(void *p, int ith, int nth) {
-    fwd_arg *a = p;
+/* Pool bags [lo, hi) (table-major bag numbers); stops at the first bad index. */
+static void fwd_bags(fwd_arg *a, size_t lo, size_t hi, bag_err *er) {
     em_embbag *e = a->e;
     const int T = e->T, B = a->B;
     const size_t D = (size_t)e->D, rowbytes = D * sizeof(float);
     const int64_t *idx = a->idx, *off = a->off;
     const float *pw = a->pw;
-    bag_err *er = &e->errs[ith];
-    er->kind = ERR_NONE;
-    size_t lo, hi;
-    em_split((size_t)T * (size_t)B, ith, nth, &lo, &hi);
-    if (lo >= hi) return;
     int t = (int)(lo / (size_t)B), b = (int)(lo % (size_t)B);
     const int64_t kend = off[hi];
     /* The prefetch cursor runs FWD_PREFETCH indices ahead and may be a table ahead. */
@@ -366,6 +417,20 @@ static void fwd_task(void *p, int ith, int nth) {
     }
 }
 
+/* Chunks are taken dynamically: a bag's output does not depend on who pools it, and a
+ * worker slowed by anything else on its core does not hold the others up. */
+static void fwd_task(void *p, int ith, int nth) {
+    fwd_arg *a = p;
+    bag_err *er = &a->e->errs[ith];
+    er->kind = ERR_NONE;
+    const size_t units = (size_t)a->e->T * (size_t)a->B;
+    for (;;) {
+        size_t lo = atomic_fetch_add_explicit(&a->next, 1, memory_order_relaxed) * a->chunk;
+        if (lo >= units) break;
+        fwd_bags(a, lo, lo + a->chunk < units ? lo + a->chunk : units, er);
+    }
+}
+
 em_status em_embbag_forward(em_embbag *e, float *out, const int64_t *indices, const int64_t *offsets,
                             const float *per_id_w, int B, em_pool *pool) {
     if (!e || !out) return em_errorf(EM_ERR_INVALID, "embbag forward: NULL object or output");
@@ -377,7 +442,8 @@ em_status em_embbag_forward(em_embbag *e, float *out, const int64_t *indices, co
     if (B == 0) return EM_OK;
     int nth = em_pool_nth(pool);
     if ((st = ensure_workers(e, nth))) return st;
-    fwd_arg a = {e, out, indices, offsets, per_id_w, B};
+    size_t units = (size_t)e->T * (size_t)B, chunk = units / ((size_t)nth * CHUNKS_PER_WORKER);
+    fwd_arg a = {e, out, indices, offsets, per_id_w, B, chunk > 16 ? chunk : 16, 0};
     em_pool_run(pool, fwd_task, &a);
     return report_errors(e, nth);
 }
@@ -393,6 +459,8 @@ typedef struct {
     int B;
     int use_pos; /* payload = position in the table (per-id weights), else example */
     uint64_t total_cost;
+    size_t nchunks;     /* update chunks, equal in cost */
+    atomic_size_t next; /* next table (sort) or chunk (update) to take */
 } bwd_arg;
 
 /* Pass 1 for table t: validate and pack its indices, sort them by row, find the runs
@@ -403,7 +471,7 @@ static int sort_table(bwd_arg *a, int t, int ith) {
     const int B = a->B;
     const size_t k0 = tb->kbeg, n = tb->n;
     if (n > UINT32_MAX) {
-        set_err(&e->errs[ith], ERR_TOO_MANY, t, 0, 0, (int64_t)n);
+        set_err(&e->errs[ith], ERR_TOO_MANY, t, -1, -1, (int64_t)n);
         return 0;
     }
     const int64_t *off = a->off + (size_t)t * (size_t)B, *idx = a->idx;
@@ -430,29 +498,34 @@ static int sort_table(bwd_arg *a, int t, int ith) {
     uint32_t *segs = e->segs + k0;
     size_t u = 0;
     uint64_t prev = ~0ull;
-    for (size_t p = 0; p < n; p++) {
+    for (size_t p = 0; p < n; p++) { /* branch-free: most rows are new ones */
         uint64_t r = s[p] >> 32;
-        if (r != prev) segs[u++] = (uint32_t)p;
+        segs[u] = (uint32_t)p;
+        u += r != prev;
         prev = r;
     }
     tb->sorted = s;
     tb->nuniq = u;
+    if (tb->dcopied) {
+        /* The update reads dout[b][t] once per occurrence in row order, i.e. at random
+         * b; rows T*D apart span many pages. A contiguous (B, D) copy stays in L2. */
+        const size_t D = (size_t)e->D, T = (size_t)e->T;
+        float *dst = e->dcopy + (size_t)t * (size_t)B * D;
+        for (size_t b = 0; b < (size_t)B; b++) memcpy(dst + b * D, a->dout + (b * T + (size_t)t) * D, D * sizeof(float));
+    }
     return 1;
 }
 
+/* Tables are taken dynamically; each is scanned up to its first bad index, so the
+ * earliest error of the batch is always found. */
 static void sort_task(void *p, int ith, int nth) {
     bwd_arg *a = p;
     em_embbag *e = a->e;
     e->errs[ith].kind = ERR_NONE;
-    const uint64_t nnz = e->tabs[e->T].kbeg;
-    for (int t = 0; t < e->T; t++) {
-        /* Tables go to workers by the midpoint of their index range: contiguous and
-         * balanced by index count. */
-        const tbl *tb = &e->tabs[t];
-        int owner = nnz ? (int)(((2 * (uint64_t)tb->kbeg + tb->n) * (uint64_t)nth) / (2 * nnz)) : 0;
-        if (owner >= nth) owner = nth - 1;
-        if (owner != ith) continue;
-        if (!sort_table(a, t, ith)) return;
+    for (;;) {
+        size_t t = atomic_fetch_add_explicit(&a->next, 1, memory_order_relaxed);
+        if (t >= (size_t)e->T) break;
+        if (e->tabs[t].n) sort_table(a, (int)t, ith);
     }
 }
 
@@ -476,15 +549,6 @@ static void locate(const em_embbag *e, uint64_t x, int *t_out, size_t *j_out) {
     *t_out = t, *j_out = lo;
 }
 
-/* torch.optim.Adagrad on one row: s += g^2; w += -lr * g / (sqrt(s) + eps). */
-static void adagrad_row(float *restrict w, float *restrict s, const float *restrict g, size_t D, float lr, float eps) {
-    for (size_t d = 0; d < D; d++) {
-        float gd = g[d], sd = s[d] + gd * gd;
-        s[d] = sd;
-        w[d] -= lr * (gd / (sqrtf(sd) + eps));
-    }
-}
-
 /* Pass 2 for unique rows [j0, j1) of table t. */
 static void update_rows(bwd_arg *a, int t, size_t j0, size_t j1, float *restrict g) {
     em_embbag *e = a->e;
@@ -502,8 +566,8 @@ static void update_rows(bwd_arg *a, int t, size_t j0, size_t j1, float *restrict
     const int mean = e->pooling == EM_POOL_MEAN, use_pos = a->use_pos;
     const em_optim_kind kind = e->opt.kind;
     const float lr = e->opt.lr, eps = e->opt.eps, wd = e->opt.weight_decay;
-    const float *dout = a->dout + (size_t)t * D;
-    const size_t dstride = (size_t)T * D;
+    const float *dout = tb->dcopied ? e->dcopy + (size_t)t * (size_t)B * D : a->dout + (size_t)t * D;
+    const size_t dstride = tb->dcopied ? D : (size_t)T * D;
 
     for (size_t j = j0; j < j1; j++) {
         if (j + BWD_PREFETCH < U) {
@@ -528,7 +592,7 @@ static void update_rows(bwd_arg *a, int t, size_t j0, size_t j1, float *restrict
         if (wd != 0.f) em_vaxpy(g, wd, wr, D);
         switch (kind) {
         case EM_OPT_SGD: em_vaxpy(wr, -lr, g, D); break;
-        case EM_OPT_ADAGRAD: adagrad_row(wr, S + r * D, g, D, lr, eps); break;
+        case EM_OPT_ADAGRAD: em__adagrad_row(wr, S + r * D, g, D, lr, eps); break;
         default: { /* EM_OPT_ROWWISE_ADAGRAD */
             float m = S[r] + em_vsumsq(g, D) / (float)D;
             S[r] = m;
@@ -539,20 +603,25 @@ static void update_rows(bwd_arg *a, int t, size_t j0, size_t j1, float *restrict
     }
 }
 
+/* Chunks of equal cost are taken dynamically; a row's update does not depend on which
+ * worker applies it, and every row lies in exactly one chunk. */
 static void update_task(void *p, int ith, int nth) {
     bwd_arg *a = p;
     em_embbag *e = a->e;
-    size_t lo, hi;
-    em_split((size_t)a->total_cost, ith, nth, &lo, &hi);
-    if (lo >= hi) return;
-    int t0, t1;
-    size_t j0, j1;
-    locate(e, lo, &t0, &j0);
-    locate(e, hi, &t1, &j1);
     float *g = e->gbuf + (size_t)ith * e->gstride;
-    for (int t = t0; t <= t1 && t < e->T; t++) {
-        size_t jb = t == t0 ? j0 : 0, je = t == t1 ? j1 : e->tabs[t].nuniq;
-        if (jb < je) update_rows(a, t, jb, je, g);
+    for (;;) {
+        size_t c = atomic_fetch_add_explicit(&a->next, 1, memory_order_relaxed), lo, hi;
+        if (c >= a->nchunks) break;
+        em_split((size_t)a->total_cost, (int)c, (int)a->nchunks, &lo, &hi);
+        if (lo >= hi) continue;
+        int t0, t1;
+        size_t j0, j1;
+        locate(e, lo, &t0, &j0);
+        locate(e, hi, &t1, &j1);
+        for (int t = t0; t <= t1 && t < e->T; t++) {
+            size_t jb = t == t0 ? j0 : 0, je = t == t1 ? j1 : e->tabs[t].nuniq;
+            if (jb < je) update_rows(a, t, jb, je, g);
+        }
     }
 }
 
@@ -566,15 +635,18 @@ em_status em_embbag_backward_update(em_embbag *e, const float *dout, const int64
     if (st) return st;
     if (nnz && !indices) return em_errorf(EM_ERR_INVALID, "embbag backward: indices is NULL");
     if (nnz == 0) return EM_OK;
-    int nth = em_pool_nth(pool);
+    int nth = em_pool_nth(pool), any_copy = 0;
     if ((st = ensure_workers(e, nth)) || (st = ensure_nnz(e, nnz))) return st;
     for (int t = 0; t <= e->T; t++) {
         tbl *tb = &e->tabs[t];
         tb->kbeg = (size_t)offsets[(size_t)t * (size_t)B];
         tb->n = t < e->T ? (size_t)offsets[(size_t)(t + 1) * (size_t)B] - tb->kbeg : 0;
         tb->nuniq = 0;
+        tb->dcopied = t < e->T && tb->n >= (size_t)DCOPY_MIN_PER_BAG * (size_t)B;
+        any_copy |= tb->dcopied;
     }
-    bwd_arg a = {e, dout, indices, offsets, per_id_w, dper_id_w, B, per_id_w != NULL || dper_id_w != NULL, 0};
+    if (any_copy && (st = ensure_dcopy(e, (size_t)e->T * (size_t)B * (size_t)e->D))) return st;
+    bwd_arg a = {e, dout, indices, offsets, per_id_w, dper_id_w, B, per_id_w != NULL || dper_id_w != NULL, 0, 0, 0};
     em_pool_run(pool, sort_task, &a);
     if ((st = report_errors(e, nth))) return st;
     uint64_t cost = 0;
@@ -583,6 +655,8 @@ em_status em_embbag_backward_update(em_embbag *e, const float *dout, const int64
         if (t < e->T) cost += e->tabs[t].n + (uint64_t)ROW_COST * e->tabs[t].nuniq;
     }
     a.total_cost = cost;
+    a.nchunks = nth > 1 ? (size_t)nth * CHUNKS_PER_WORKER : 1;
+    atomic_store(&a.next, 0);
     em_pool_run(pool, update_task, &a);
     return EM_OK;
 }
