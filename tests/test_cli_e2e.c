@@ -1,6 +1,7 @@
 /*
  * test_cli_e2e.c - the `ember` binary end to end, as a user runs it:
- *   - gen + train on small generated data (few ids per field, so 60k rows suffice)
+ *   - gen + train on small generated data (few ids per field, tables of exactly the
+ *     fields' cardinalities, weak pairwise term, so 200k rows x 2 epochs suffice)
  *     reaches a test AUC within 0.01 of the planted optimum;
  *   - exact resume: N steps, then resume to 2N == 2N uninterrupted (bitwise), and a
  *     run killed with SIGKILL after a checkpoint resumes to the same final model;
@@ -53,7 +54,7 @@ static double report_num(const char *report, const char *sect, const char *key) 
 }
 
 static const char *small_model =
-    "--rows 9,12,30,5,40,3,8,25,4,60,7,11,20,6,15,50,3,9,13,4,35,6,10,18,5,22 --dim 8 --bot 13-32-8 --top 359-32-1";
+    "--rows 9,12,30,5,40,3,8,25,4,60,7,11,20,6,15,50,3,9,13,4,35,6,10,18,5,22 --dim 16 --bot 13-64-16 --top 367-64-1";
 
 static void setup(void) {
     if (dir[0]) return;
@@ -61,14 +62,14 @@ static void setup(void) {
     snprintf(bin, sizeof bin, "%s", b ? b : "../build/ember");
     snprintf(dir, sizeof dir, "/tmp/ember_e2e_XXXXXX");
     CHECK(mkdtemp(dir) != NULL);
-    CHECK(run("%s gen --out %s/data --rows 60000 --test-rows 20000 --seed 5 --cardinality %s > %s/gen.log 2>&1", bin,
+    CHECK(run("%s gen --out %s/data --rows 200000 --test-rows 20000 --seed 5 --interaction-scale 0.05 --cardinality %s > %s/gen.log 2>&1", bin,
               dir, CARD, dir) == 0);
 }
 
 static void test_train_reaches_optimum(void) {
     setup();
     CHECK(run("%s train --train %s/data/train.tsv --test %s/data/test.tsv --test-prob %s/data/test.prob --out %s/run "
-              "%s --batch 128 --lr 0.1 --quiet > %s/train.log 2>&1",
+              "%s --batch 128 --dense-opt adagrad --sparse-opt rowwise_adagrad --lr 0.02 --epochs 2 --quiet > %s/train.log 2>&1",
               bin, dir, dir, dir, dir, small_model, dir) == 0);
     char p[512];
     snprintf(p, sizeof p, "%s/run/report.json", dir);
@@ -116,7 +117,7 @@ static void test_resume_bitwise(void) {
     setup();
     const char *common = "--batch 200 --dense-opt adam --lr 0.01 --sparse-opt rowwise_adagrad --quiet";
     char tr[512];
-    snprintf(tr, sizeof tr, "--train %s/data/train.tsv %s %s", dir, small_model, common);
+    snprintf(tr, sizeof tr, "--train %s/data/train.tsv --train-limit 30000 %s %s", dir, small_model, common);
     CHECK(run("%s train %s --max-steps 60 --out %s/full > /dev/null 2>&1", bin, tr, dir) == 0);
     CHECK(run("%s train %s --max-steps 30 --out %s/half > /dev/null 2>&1", bin, tr, dir) == 0);
     CHECK(run("%s train %s --max-steps 60 --out %s/half --resume %s/half/checkpoint.safetensors > /dev/null 2>&1", bin,
@@ -133,7 +134,7 @@ static void test_resume_bitwise(void) {
     snprintf(ck, sizeof ck, "%s/checkpoint.safetensors", kdir);
     pid_t pid = fork();
     if (pid == 0) {
-        char cmd[2048];
+        char cmd[4096];
         snprintf(cmd, sizeof cmd, "exec %s train %s --ckpt-every 40 --out %s > /dev/null 2>&1", bin, tr, kdir);
         execl("/bin/sh", "sh", "-c", cmd, (char *)NULL);
         _exit(127);

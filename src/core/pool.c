@@ -8,6 +8,7 @@
  * Runs are not reentrant: a task must not call em_pool_run on the same pool.
  */
 #include <pthread.h>
+#include <sched.h>
 #include <stdatomic.h>
 #include <immintrin.h>
 
@@ -119,5 +120,10 @@ void em_pool_run(em_pool *pool, em_task_fn fn, void *arg) {
     if (pool->sleepers) pthread_cond_broadcast(&pool->cv);
     pthread_mutex_unlock(&pool->mu);
     fn(arg, 0, pool->nth);
-    while (atomic_load_explicit(&pool->pending, memory_order_acquire) > 0) _mm_pause();
+    /* Spin, then yield: on a loaded machine a worker may be descheduled, and spinning
+     * on its core's twin would only delay it further. */
+    for (int spins = 0; atomic_load_explicit(&pool->pending, memory_order_acquire) > 0; spins++) {
+        if (spins < 2000) _mm_pause();
+        else sched_yield();
+    }
 }

@@ -12,10 +12,12 @@
  *    training set. About a quarter of the fields (chosen from the seed) are missing
  *    at a field rate in [5%, 40%], as some Criteo fields are; a missing field
  *    contributes nothing (w = 0, u = 0) and is written empty.
- *  - Written ids. An id is written as 8 lowercase hex digits of a bijective 32-bit mix
- *    of (id, field key), so distinct ids of a field are distinct strings and the
- *    popular ids are not the small numbers; a field with more than 2^32 ids uses 16
- *    digits of a 64-bit bijection.
+ *  - Written ids. An id is written as 8 lowercase hex digits of id + card * k with k a
+ *    scramble of (id, field key): the value is congruent to the id modulo the field's
+ *    cardinality, so a table with rows = cardinality (the Kaggle configuration) maps
+ *    ids one-to-one, as Criteo's dictionary-encoded preprocessing does, while other
+ *    table sizes hash; distinct ids stay distinct strings and popular ids are not
+ *    small numbers. A field with more than 2^32 ids uses 16 digits of a 64-bit bijection.
  *  - Per-id parameters. w_f(id) ~ N(0, id_scale^2) and u_f(id) ~ N(0, 1/latent_dim)
  *    per component are normals computed from hashes of (seed, field, id) with an
  *    inverse-CDF (no table, O(1) memory; the same id always gets the same values).
@@ -270,6 +272,15 @@ static inline uint32_t perm32(uint32_t x, uint32_t key) {
     return x;
 }
 
+/* The 32-bit value written for id < card: congruent to id modulo card (so a table of
+ * exactly `card` rows, as in the Kaggle configuration, maps ids one-to-one, like the
+ * dictionary-encoded Criteo preprocessing), and otherwise a scrambled multiple of card
+ * (so the strings look like hashes, and popular ids are not small numbers). */
+static inline uint64_t written_id(uint64_t id, uint64_t card, uint32_t key) {
+    uint64_t q = 0xffffffffull / card; /* >= 1: v = id + card * k < card * q <= 2^32 - 1 */
+    return id + card * (perm32((uint32_t)id, key) % q);
+}
+
 static const char HEXD[] = "0123456789abcdef";
 
 static inline char *put_hex(char *o, uint64_t v, int digits) {
@@ -341,7 +352,7 @@ static void gen_block(const gen_model *m, int tag, uint64_t blk, uint64_t n, int
             *o++ = '\t';
             if (!present[f]) continue;
             if (m->wide[f]) o = put_hex(o, em_mix64(ids[f] ^ m->fkey[f]), 16);
-            else o = put_hex(o, perm32((uint32_t)ids[f], (uint32_t)m->fkey[f]), 8);
+            else o = put_hex(o, written_id(ids[f], (uint64_t)m->card[f], (uint32_t)m->fkey[f]), 8);
         }
         *o++ = '\n';
         if (po) po += snprintf(po, 32, "%.9g\n", prob);
