@@ -18,22 +18,25 @@
  * random DRAM reads for large tables; that latency is the cost of the forward).
  *
  * Backward (fused with the update), two pool runs:
- *  1. sort: one table at a time per worker. The positions k of the table's indices
- *     are packed as (row << 32) | payload and stably radix-sorted on the ceil(log2(rows)) row bits (sparse/radix.c), so
- *     the occurrences of a row stay in batch order; the starts of the runs of equal
- *     rows (the unique rows) are recorded. The payload is the example b of the bag,
- *     or, when per-id weights are involved, the position in the table (b then comes
- *     from a position -> example array filled in the same pass). Indices are validated
- *     here, before anything is written, so a bad batch leaves the tables untouched.
- *     Tables with several ids per bag also get a contiguous copy of their dout slice:
- *     the update reads dout[b][t] at random b, and rows T*D apart thrash the TLB.
- *  2. update: the (table, unique row) list is cut into chunks of equal cost
- *     (occurrences + a constant per row); each unique row is reduced by exactly
- *     one worker, g = sum over its occurrences in batch order of
- *     scale * dout[b][t], and the optimizer is applied once. Neither step depends on
- *     the split, so tables are bitwise identical for any thread count.
- * Scratch (sort buffers, histograms, dout copies, per-worker gradient rows) lives in the object and
- * only grows, so steady-state steps allocate nothing.
+ *  1. pack (tables taken one at a time): validate the table's indices and pack each
+ *     position as (row << 32) | payload. The payload is the example b of the bag or,
+ *     when per-id weights are involved, the position in the table (b then comes from
+ *     a position -> example array filled in the same pass). All indices are checked
+ *     before anything is written, so a bad batch leaves the tables untouched.
+ *  2. a queue: sort(0), sort(1), update chunks of table 0, sort(2), chunks of table 1,
+ *     ... so the sorting of one table (cache-resident compute) overlaps the updates of
+ *     the previous one (random DRAM read-modify-writes) on the other workers.
+ *     sort(t): a stable LSD radix sort on the ceil(log2(rows)) row bits
+ *     (sparse/radix.c) keeps the occurrences of a row in batch order; the starts of
+ *     the runs of equal rows (the unique rows) are recorded. A table with several ids
+ *     per bag also gets a contiguous copy of its dout slice: the update reads
+ *     dout[b][t] at random b, and rows T*D floats apart thrash the TLB.
+ *     update chunk: a range of the table's unique rows; each row is reduced by exactly
+ *     one worker, g = sum over its occurrences in batch order of scale * dout[b][t],
+ *     and the optimizer is applied once. Nothing depends on which worker runs what,
+ *     so tables are bitwise identical for any thread count.
+ * Scratch (sort buffers, histograms, dout copies, per-worker gradient rows, the queue)
+ * lives in the object and only grows, so steady-state steps allocate nothing.
  *
  * Validation: offsets (offsets[0] == 0, non-decreasing) are checked serially first
  * (T*B + 1 compares), then indices inside the parallel passes; every chunk is scanned
@@ -54,7 +57,6 @@
 #define INIT_CHUNK_ROWS 65536 /* rows per RNG stream in em_embbag_init_uniform */
 #define FWD_PREFETCH 12       /* indices ahead whose rows the forward prefetches */
 #define BWD_PREFETCH 6        /* unique rows ahead whose weights/state the update prefetches */
-#define ROW_COST 4            /* cost of touching a row, in units of one occurrence */
 #define CHUNKS_PER_WORKER 8   /* dynamic work chunks per worker (load balance) */
 #define DCOPY_MIN_PER_BAG 2   /* gather dout[:, t, :] contiguously from this many ids per bag */
 
@@ -66,8 +68,9 @@ typedef struct {
     /* per backward call */
     size_t kbeg, n;    /* positions [kbeg, kbeg + n) of the table's indices */
     size_t nuniq;      /* unique rows; their run starts are segs[kbeg .. kbeg + nuniq) */
-    uint64_t cost0;    /* cost of all rows of the tables before this one */
     int dcopied;       /* dout[:, t, :] was gathered into e->dcopy + t * B * D */
+    int nchunks;       /* update chunks of the table */
+    atomic_int ready;  /* sorted (set by the sorting worker, awaited by the updating ones) */
     const uint64_t *sorted; /* items or tmp + kbeg */
 } tbl;
 
@@ -85,7 +88,7 @@ struct em_embbag {
     int T, D;
     em_pooling pooling;
     em_optim_cfg opt;
-    tbl *tabs;   /* T + 1: the last one is a sentinel (offsets and cost totals) */
+    tbl *tabs;   /* T + 1: the last one is a sentinel (offsets, chunk totals) */
     float *w;    /* all weights */
     float *state;
     size_t state_per_row; /* D (AdaGrad), 1 (row-wise), 0 (SGD) */
@@ -100,6 +103,7 @@ struct em_embbag {
     float *dcopy;          /* (T, B, D): the dout slices of the tables with many ids per bag */
     size_t cap_dcopy;
     bag_err *errs;         /* one per worker */
+    struct qitem { int t, part; } *queue; /* backward pass-2 work list (2T + nth * CHUNKS_PER_WORKER) */
 };
 
 /* -------------------------------------------------------------- lifecycle */
@@ -130,6 +134,7 @@ void em_embbag_free(em_embbag *e) {
     em_free(e->hist);
     em_free(e->gbuf);
     em_free(e->errs);
+    em_free(e->queue);
     em_free(e->dcopy);
     em_free(e);
 }
@@ -266,12 +271,13 @@ static em_status ensure_workers(em_embbag *e, int nth) {
     uint32_t *hist = em_malloc((size_t)nth * EM__RADIX_HIST_WORDS * sizeof(uint32_t));
     float *gbuf = em_malloc((size_t)nth * e->gstride * sizeof(float));
     bag_err *errs = em_malloc((size_t)nth * sizeof(bag_err));
-    if (!hist || !gbuf || !errs) {
-        em_free(hist), em_free(gbuf), em_free(errs);
+    struct qitem *queue = em_malloc((2 * (size_t)e->T + (size_t)nth * CHUNKS_PER_WORKER) * sizeof(struct qitem));
+    if (!hist || !gbuf || !errs || !queue) {
+        em_free(hist), em_free(gbuf), em_free(errs), em_free(queue);
         return em_errorf(EM_ERR_NOMEM, "embbag: no memory for the scratch of %d workers", nth);
     }
-    em_free(e->hist), em_free(e->gbuf), em_free(e->errs);
-    e->hist = hist, e->gbuf = gbuf, e->errs = errs;
+    em_free(e->hist), em_free(e->gbuf), em_free(e->errs), em_free(e->queue);
+    e->hist = hist, e->gbuf = gbuf, e->errs = errs, e->queue = queue;
     e->cap_nth = nth;
     return EM_OK;
 }
@@ -458,14 +464,13 @@ typedef struct {
     float *dpw;
     int B;
     int use_pos; /* payload = position in the table (per-id weights), else example */
-    uint64_t total_cost;
-    size_t nchunks;     /* update chunks, equal in cost */
-    atomic_size_t next; /* next table (sort) or chunk (update) to take */
+    size_t nqueue;
+    atomic_size_t next; /* next table (pass 1) or queue item (pass 2) to take */
 } bwd_arg;
 
-/* Pass 1 for table t: validate and pack its indices, sort them by row, find the runs
- * of equal rows. Returns 0 after recording an error. */
-static int sort_table(bwd_arg *a, int t, int ith) {
+/* Pass 1 for table t: validate its indices and pack them as (row << 32) | payload.
+ * Returns 0 after recording an error. */
+static int pack_table(bwd_arg *a, int t, int ith) {
     em_embbag *e = a->e;
     tbl *tb = &e->tabs[t];
     const int B = a->B;
@@ -494,7 +499,17 @@ static int sort_table(bwd_arg *a, int t, int ith) {
             }
         }
     }
-    const uint64_t *s = em__radix_sort(it, e->tmp + k0, n, 32, tb->key_bits, e->hist + (size_t)ith * EM__RADIX_HIST_WORDS);
+    return 1;
+}
+
+/* Pass 2, first step for table t: sort by row, find the runs of equal rows, copy the
+ * dout slice if the table has several ids per bag. */
+static void sort_table(bwd_arg *a, int t, int ith) {
+    em_embbag *e = a->e;
+    tbl *tb = &e->tabs[t];
+    const int B = a->B;
+    const size_t k0 = tb->kbeg, n = tb->n;
+    const uint64_t *s = em__radix_sort(e->items + k0, e->tmp + k0, n, 32, tb->key_bits, e->hist + (size_t)ith * EM__RADIX_HIST_WORDS);
     uint32_t *segs = e->segs + k0;
     size_t u = 0;
     uint64_t prev = ~0ull;
@@ -513,40 +528,20 @@ static int sort_table(bwd_arg *a, int t, int ith) {
         float *dst = e->dcopy + (size_t)t * (size_t)B * D;
         for (size_t b = 0; b < (size_t)B; b++) memcpy(dst + b * D, a->dout + (b * T + (size_t)t) * D, D * sizeof(float));
     }
-    return 1;
+    atomic_store_explicit(&tb->ready, 1, memory_order_release);
 }
 
 /* Tables are taken dynamically; each is scanned up to its first bad index, so the
  * earliest error of the batch is always found. */
-static void sort_task(void *p, int ith, int nth) {
+static void pack_task(void *p, int ith, int nth) {
     bwd_arg *a = p;
     em_embbag *e = a->e;
     e->errs[ith].kind = ERR_NONE;
     for (;;) {
         size_t t = atomic_fetch_add_explicit(&a->next, 1, memory_order_relaxed);
         if (t >= (size_t)e->T) break;
-        if (e->tabs[t].n) sort_table(a, (int)t, ith);
+        if (e->tabs[t].n) pack_table(a, (int)t, ith);
     }
-}
-
-/* The first (table, unique row) whose cost prefix reaches x; (T, 0) past the end. */
-static void locate(const em_embbag *e, uint64_t x, int *t_out, size_t *j_out) {
-    int t = 0;
-    while (t < e->T && e->tabs[t + 1].cost0 <= x) t++;
-    if (t == e->T) {
-        *t_out = e->T, *j_out = 0;
-        return;
-    }
-    const tbl *tb = &e->tabs[t];
-    const uint32_t *segs = e->segs + tb->kbeg;
-    uint64_t rel = x - tb->cost0;
-    size_t lo = 0, hi = tb->nuniq; /* cost(hi) = n + ROW_COST * nuniq > rel */
-    while (lo < hi) {
-        size_t mid = lo + (hi - lo) / 2;
-        if ((uint64_t)segs[mid] + (uint64_t)ROW_COST * mid >= rel) hi = mid;
-        else lo = mid + 1;
-    }
-    *t_out = t, *j_out = lo;
 }
 
 /* Pass 2 for unique rows [j0, j1) of table t. */
@@ -603,25 +598,29 @@ static void update_rows(bwd_arg *a, int t, size_t j0, size_t j1, float *restrict
     }
 }
 
-/* Chunks of equal cost are taken dynamically; a row's update does not depend on which
- * worker applies it, and every row lies in exactly one chunk. */
-static void update_task(void *p, int ith, int nth) {
+/* Pass 2 works down a queue: sort(0), sort(1), chunks of table 0, sort(2), chunks of
+ * table 1, ... Sorting (cache-resident compute) of one table thus overlaps the updates
+ * (random DRAM read-modify-writes) of the previous one on the other workers. A chunk
+ * waits for its table's sort, which was taken from the queue before it and never
+ * waits itself, so the wait is short and cannot deadlock. A row's update does not
+ * depend on which worker applies it, and every row lies in exactly one chunk. */
+static void pipe_task(void *p, int ith, int nth) {
     bwd_arg *a = p;
     em_embbag *e = a->e;
     float *g = e->gbuf + (size_t)ith * e->gstride;
     for (;;) {
-        size_t c = atomic_fetch_add_explicit(&a->next, 1, memory_order_relaxed), lo, hi;
-        if (c >= a->nchunks) break;
-        em_split((size_t)a->total_cost, (int)c, (int)a->nchunks, &lo, &hi);
-        if (lo >= hi) continue;
-        int t0, t1;
-        size_t j0, j1;
-        locate(e, lo, &t0, &j0);
-        locate(e, hi, &t1, &j1);
-        for (int t = t0; t <= t1 && t < e->T; t++) {
-            size_t jb = t == t0 ? j0 : 0, je = t == t1 ? j1 : e->tabs[t].nuniq;
-            if (jb < je) update_rows(a, t, jb, je, g);
+        size_t i = atomic_fetch_add_explicit(&a->next, 1, memory_order_relaxed);
+        if (i >= a->nqueue) break;
+        const struct qitem q = e->queue[i];
+        tbl *tb = &e->tabs[q.t];
+        if (q.part < 0) {
+            sort_table(a, q.t, ith);
+            continue;
         }
+        while (!atomic_load_explicit(&tb->ready, memory_order_acquire)) em__cpu_relax();
+        size_t lo, hi;
+        em_split(tb->nuniq, q.part, tb->nchunks, &lo, &hi);
+        if (lo < hi) update_rows(a, q.t, lo, hi, g);
     }
 }
 
@@ -644,19 +643,28 @@ em_status em_embbag_backward_update(em_embbag *e, const float *dout, const int64
         tb->nuniq = 0;
         tb->dcopied = t < e->T && tb->n >= (size_t)DCOPY_MIN_PER_BAG * (size_t)B;
         any_copy |= tb->dcopied;
+        /* update chunks in proportion to the table's share of the indices */
+        tb->nchunks = !tb->n ? 0 : nth == 1 ? 1 : 1 + (int)(tb->n * (size_t)nth * CHUNKS_PER_WORKER / nnz);
+        atomic_store_explicit(&tb->ready, 0, memory_order_relaxed);
     }
     if (any_copy && (st = ensure_dcopy(e, (size_t)e->T * (size_t)B * (size_t)e->D))) return st;
-    bwd_arg a = {e, dout, indices, offsets, per_id_w, dper_id_w, B, per_id_w != NULL || dper_id_w != NULL, 0, 0, 0};
-    em_pool_run(pool, sort_task, &a);
+    bwd_arg a = {e, dout, indices, offsets, per_id_w, dper_id_w, B, per_id_w != NULL || dper_id_w != NULL, 0, 0};
+    em_pool_run(pool, pack_task, &a);
     if ((st = report_errors(e, nth))) return st;
-    uint64_t cost = 0;
-    for (int t = 0; t <= e->T; t++) {
-        e->tabs[t].cost0 = cost;
-        if (t < e->T) cost += e->tabs[t].n + (uint64_t)ROW_COST * e->tabs[t].nuniq;
+    /* Nothing has been written to the tables so far; pass 2 cannot fail. */
+    size_t nq = 0;
+    int prev = -1; /* the last table with indices: its chunks follow the next one's sort */
+    for (int t = 0; t < e->T; t++) {
+        if (!e->tabs[t].n) continue;
+        e->queue[nq++] = (struct qitem){t, -1};
+        if (prev >= 0)
+            for (int c = 0; c < e->tabs[prev].nchunks; c++) e->queue[nq++] = (struct qitem){prev, c};
+        prev = t;
     }
-    a.total_cost = cost;
-    a.nchunks = nth > 1 ? (size_t)nth * CHUNKS_PER_WORKER : 1;
+    if (prev >= 0)
+        for (int c = 0; c < e->tabs[prev].nchunks; c++) e->queue[nq++] = (struct qitem){prev, c};
+    a.nqueue = nq;
     atomic_store(&a.next, 0);
-    em_pool_run(pool, update_task, &a);
+    em_pool_run(pool, pipe_task, &a);
     return EM_OK;
 }

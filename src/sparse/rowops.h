@@ -1,7 +1,7 @@
 /*
  * rowops.h - row kernels of the fused sparse optimizers that core/simd.h lacks
- * (internal to the sparse layer): the elementwise AdaGrad update needs a vector square
- * root, and the library is built with math errno on, under which the compiler will not
+ * (internal to the sparse layer), and a spin-wait hint: the elementwise AdaGrad update
+ * needs a vector square root, and the library is built with math errno on, under which the compiler will not
  * vectorise sqrtf. AVX2 path with a scalar fallback, like core/simd.h (where this would
  * move if another layer needs it).
  *
@@ -42,6 +42,13 @@ static inline void em__adagrad_row(float *restrict w, float *restrict s, const f
         s[i] = sd;
         w[i] += -lr * (g[i] / (sqrtf(sd) + eps));
     }
+#endif
+}
+
+/* Spin-wait hint (a worker waiting a few microseconds for another's result). */
+static inline void em__cpu_relax(void) {
+#ifdef EM_SIMD_AVX2
+    _mm_pause();
 #endif
 }
 
