@@ -21,7 +21,8 @@ typedef struct {
     size_t nnz;
 } batch;
 
-/* Bags of 0..maxlen ids; `dup_rows` > 0 draws ids from the first dup_rows rows only
+/* Bags of 0..maxlen ids (maxlen < 0: 0..-maxlen in even tables, 0..1 in odd ones, so
+ * some tables take the dout-copy path and others not); `dup_rows` > 0 draws ids from the first dup_rows rows only
  * (duplicates inside bags and across the batch). */
 static batch make_batch(em_rng *r, int T, const int64_t *rows, int D, int B, int maxlen, int64_t dup_rows, int weighted) {
     batch bt = {T, D, B, NULL, NULL, NULL, NULL, NULL, 0};
@@ -29,7 +30,10 @@ static batch make_batch(em_rng *r, int T, const int64_t *rows, int D, int B, int
     memcpy(bt.rows, rows, (size_t)T * sizeof(int64_t));
     bt.off = malloc(((size_t)T * B + 1) * sizeof(int64_t));
     bt.off[0] = 0;
-    for (int u = 0; u < T * B; u++) bt.off[u + 1] = bt.off[u] + (int64_t)em_rng_below(r, (uint64_t)maxlen + 1);
+    for (int u = 0; u < T * B; u++) {
+        int ml = maxlen >= 0 ? maxlen : (u / B) % 2 ? 1 : -maxlen;
+        bt.off[u + 1] = bt.off[u] + (int64_t)em_rng_below(r, (uint64_t)ml + 1);
+    }
     bt.nnz = (size_t)bt.off[T * B];
     bt.idx = malloc((bt.nnz + 1) * sizeof(int64_t));
     bt.pw = weighted ? malloc((bt.nnz + 1) * sizeof(float)) : NULL;
@@ -262,6 +266,7 @@ static void test_backward_sgd(void) {
     /* about one id per bag (Criteo): dout is read in place */
     check_step_len(opt_cfg(EM_OPT_SGD, 0.1f), EM_POOL_SUM, 16, 0, 3, 3, pool, 2);
     check_step_len(opt_cfg(EM_OPT_SGD, 0.1f), EM_POOL_MEAN, 10, 1, 0, 3, pool, 2);
+    check_step_len(opt_cfg(EM_OPT_SGD, 0.1f), EM_POOL_MEAN, 16, 1, 0, 3, pool, -7);
     em_pool_free(pool);
 }
 
@@ -290,6 +295,7 @@ static void test_backward_rowwise(void) {
     o.eps = 1e-8f;
     check_step(o, EM_POOL_SUM, 16, 1, 0, 3, NULL);
     check_step_len(opt_cfg(EM_OPT_ROWWISE_ADAGRAD, 0.05f), EM_POOL_MEAN, 64, 1, 5, 3, pool, 2);
+    check_step_len(opt_cfg(EM_OPT_ROWWISE_ADAGRAD, 0.05f), EM_POOL_SUM, 32, 0, 0, 3, pool, -8);
     em_pool_free(pool);
 }
 
@@ -346,7 +352,7 @@ static void test_determinism(void) {
             em_rng_seed(&r, 5);
             float *out = malloc((size_t)B * T * D * sizeof(float));
             for (int step = 0; step < 4; step++) {
-                batch bt = make_batch(&r, T, rows, D, B, 30, step == 1 ? 10 : 0, ki == 0);
+                batch bt = make_batch(&r, T, rows, D, B, step == 2 ? -9 : 30, step == 1 ? 10 : 0, ki == 0);
                 CHECK_OK(em_embbag_forward(e, out, bt.idx, bt.off, bt.pw, B, pool));
                 CHECK_OK(em_embbag_backward_update(e, bt.dout, bt.idx, bt.off, bt.pw, NULL, B, pool));
                 free_batch(&bt);

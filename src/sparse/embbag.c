@@ -68,7 +68,8 @@ typedef struct {
     /* per backward call */
     size_t kbeg, n;    /* positions [kbeg, kbeg + n) of the table's indices */
     size_t nuniq;      /* unique rows; their run starts are segs[kbeg .. kbeg + nuniq) */
-    int dcopied;       /* dout[:, t, :] was gathered into e->dcopy + t * B * D */
+    int dcopied;       /* dout[:, t, :] was gathered into e->dcopy + dcoff */
+    size_t dcoff;
     int nchunks;       /* update chunks of the table */
     atomic_int ready;  /* sorted (set by the sorting worker, awaited by the updating ones) */
     const uint64_t *sorted; /* items or tmp + kbeg */
@@ -100,7 +101,7 @@ struct em_embbag {
     size_t gstride;        /* floats per worker in gbuf (D rounded up to a cache line) */
     uint32_t *hist;        /* EM__RADIX_HIST_WORDS per worker */
     float *gbuf;           /* one gradient row per worker */
-    float *dcopy;          /* (T, B, D): the dout slices of the tables with many ids per bag */
+    float *dcopy;          /* (B, D) dout slices of the tables with many ids per bag */
     size_t cap_dcopy;
     bag_err *errs;         /* one per worker */
     struct qitem { int t, part; } *queue; /* backward pass-2 work list (2T + nth * CHUNKS_PER_WORKER) */
@@ -525,7 +526,7 @@ static void sort_table(bwd_arg *a, int t, int ith) {
         /* The update reads dout[b][t] once per occurrence in row order, i.e. at random
          * b; rows T*D apart span many pages. A contiguous (B, D) copy stays in L2. */
         const size_t D = (size_t)e->D, T = (size_t)e->T;
-        float *dst = e->dcopy + (size_t)t * (size_t)B * D;
+        float *dst = e->dcopy + tb->dcoff;
         for (size_t b = 0; b < (size_t)B; b++) memcpy(dst + b * D, a->dout + (b * T + (size_t)t) * D, D * sizeof(float));
     }
     atomic_store_explicit(&tb->ready, 1, memory_order_release);
@@ -561,7 +562,7 @@ static void update_rows(bwd_arg *a, int t, size_t j0, size_t j1, float *restrict
     const int mean = e->pooling == EM_POOL_MEAN, use_pos = a->use_pos;
     const em_optim_kind kind = e->opt.kind;
     const float lr = e->opt.lr, eps = e->opt.eps, wd = e->opt.weight_decay;
-    const float *dout = tb->dcopied ? e->dcopy + (size_t)t * (size_t)B * D : a->dout + (size_t)t * D;
+    const float *dout = tb->dcopied ? e->dcopy + tb->dcoff : a->dout + (size_t)t * D;
     const size_t dstride = tb->dcopied ? D : (size_t)T * D;
 
     for (size_t j = j0; j < j1; j++) {
@@ -634,7 +635,8 @@ em_status em_embbag_backward_update(em_embbag *e, const float *dout, const int64
     if (st) return st;
     if (nnz && !indices) return em_errorf(EM_ERR_INVALID, "embbag backward: indices is NULL");
     if (nnz == 0) return EM_OK;
-    int nth = em_pool_nth(pool), any_copy = 0;
+    int nth = em_pool_nth(pool);
+    size_t ncopy = 0;
     if ((st = ensure_workers(e, nth)) || (st = ensure_nnz(e, nnz))) return st;
     for (int t = 0; t <= e->T; t++) {
         tbl *tb = &e->tabs[t];
@@ -642,12 +644,13 @@ em_status em_embbag_backward_update(em_embbag *e, const float *dout, const int64
         tb->n = t < e->T ? (size_t)offsets[(size_t)(t + 1) * (size_t)B] - tb->kbeg : 0;
         tb->nuniq = 0;
         tb->dcopied = t < e->T && tb->n >= (size_t)DCOPY_MIN_PER_BAG * (size_t)B;
-        any_copy |= tb->dcopied;
+        tb->dcoff = ncopy;
+        if (tb->dcopied) ncopy += (size_t)B * (size_t)e->D;
         /* update chunks in proportion to the table's share of the indices */
         tb->nchunks = !tb->n ? 0 : nth == 1 ? 1 : 1 + (int)(tb->n * (size_t)nth * CHUNKS_PER_WORKER / nnz);
         atomic_store_explicit(&tb->ready, 0, memory_order_relaxed);
     }
-    if (any_copy && (st = ensure_dcopy(e, (size_t)e->T * (size_t)B * (size_t)e->D))) return st;
+    if (ncopy && (st = ensure_dcopy(e, ncopy))) return st;
     bwd_arg a = {e, dout, indices, offsets, per_id_w, dper_id_w, B, per_id_w != NULL || dper_id_w != NULL, 0, 0};
     em_pool_run(pool, pack_task, &a);
     if ((st = report_errors(e, nth))) return st;
