@@ -41,7 +41,7 @@ if [[ -z "${SKIP_SPEED:-}" ]]; then
   for r in $(seq "$REPS"); do
     for c in "${cases[@]}"; do
       read -r cfg batch eopt topt steps <<< "$c"
-      e=$($EMBER bench --config "$cfg" --batch "$batch" --opt "$eopt" --steps "$steps" --warmup 5 --threads 2)
+      e=$($EMBER bench --workload "$cfg" --batch "$batch" --opt "$eopt" --steps "$steps" --warmup 5 --threads 2)
       echo "{\"side\":\"ember\",\"run\":$r,\"r\":$e}" >> "$OUT/speed.jsonl"
       t=$($PY bench/dlrm_torch.py speed --config "$cfg" --batch "$batch" --opt "$topt" --steps "$steps" --warmup 5 --threads 2 | tail -n1)
       echo "{\"side\":\"torch\",\"run\":$r,\"r\":$t}" >> "$OUT/speed.jsonl"

@@ -43,7 +43,7 @@ static int b_warmup(void *c, const char *v) { return cli_int("warmup", v, 0, 1LL
 static int b_lr(void *c, const char *v) { return cli_float("lr", v, &BC->lr); }
 
 static const cli_opt bench_opts[] = {
-    {"config", "NAME", "kaggle | embheavy (default kaggle)", b_config},
+    {"workload", "NAME", "kaggle | embheavy (default kaggle)", b_config},
     {"batch", "N", "examples per step (default 2048)", b_batch},
     {"opt", "NAME", "sgd (dense and sparse SGD) | adagrad | rowwise_adagrad (dense AdaGrad) (default sgd)", b_opt},
     {"steps", "N", "timed steps (default 50)", b_steps},
@@ -70,7 +70,7 @@ int cmd_bench(int argc, char **argv) {
         memcpy(m.top, top, sizeof top);
         per_bag = 20;
     } else if (strcmp(c.config, "kaggle") != 0) {
-        fprintf(stderr, "ember bench: --config: expected kaggle or embheavy, got '%s'\n", c.config);
+        fprintf(stderr, "ember bench: --workload: expected kaggle or embheavy, got '%s'\n", c.config);
         return 2;
     }
     em_optim_kind sk;
