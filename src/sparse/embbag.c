@@ -159,7 +159,7 @@ em_status em_embbag_create(em_embbag **out, const em_embbag_cfg *cfg) {
     }
     const int T = cfg->num_tables;
     const size_t D = (size_t)cfg->dim;
-    size_t wtot = 0, stot = 0, chunks = 0;
+    size_t wtot = 0, stot = 0;
     for (int t = 0; t < T; t++) {
         int64_t r = cfg->rows[t];
         if (r < 1 || r > ((int64_t)1 << 32))
@@ -168,7 +168,6 @@ em_status em_embbag_create(em_embbag **out, const em_embbag_cfg *cfg) {
             return em_errorf(EM_ERR_NOMEM, "embbag: tables too large for the address space");
         wtot += (size_t)r * D;
         stot += (size_t)r * spr;
-        chunks += ((size_t)r + INIT_CHUNK_ROWS - 1) / INIT_CHUNK_ROWS;
     }
 
     em_embbag *e = em_calloc(1, sizeof *e);
