@@ -68,13 +68,13 @@ if [[ -z "${SKIP_QUALITY:-}" ]]; then
   done
   log "ember batch 2048 row-wise AdaGrad, 1M rows"
   $EMBER train --train "$D/train1m.tsv" "${common[@]}" --batch 2048 --dense-opt adagrad --sparse-opt rowwise_adagrad \
-    --lr "${RW_LR:-0.02}" --out "$OUT/q_rw_1m" > /dev/null
+    --lr "${RW_LR:-0.006}" --out "$OUT/q_rw_1m" > /dev/null
   echo "{\"side\":\"ember\",\"setting\":\"b2048_rowwise\",\"rows\":1000000,\"report\":$(tr -d '\n' < "$OUT/q_rw_1m/report.json")}" >> "$OUT/quality.jsonl"
   log "torch batch 128 SGD, 1M rows"
   t=$($PY bench/dlrm_torch.py quality --train "$D/train1m.tsv" --test "$D/test.tsv" --batch 128 --lr 0.1 --opt sgd | tail -n1)
   echo "{\"side\":\"torch\",\"setting\":\"b128_sgd\",\"rows\":1000000,\"r\":$t}" >> "$OUT/quality.jsonl"
   log "torch batch 2048 row-wise AdaGrad, 1M rows"
-  t=$($PY bench/dlrm_torch.py quality --train "$D/train1m.tsv" --test "$D/test.tsv" --batch 2048 --lr "${RW_LR:-0.02}" --opt rowwise_adagrad | tail -n1)
+  t=$($PY bench/dlrm_torch.py quality --train "$D/train1m.tsv" --test "$D/test.tsv" --batch 2048 --lr "${RW_LR:-0.006}" --opt rowwise_adagrad | tail -n1)
   echo "{\"side\":\"torch\",\"setting\":\"b2048_rowwise\",\"rows\":1000000,\"r\":$t}" >> "$OUT/quality.jsonl"
 fi
 
