@@ -7,6 +7,7 @@
 #define EMBER_BLAS_H
 
 #include <cblas.h>
+#undef I /* <complex.h>, pulled in by OpenBLAS cblas.h, defines I; ember uses I for sizes */
 
 /* Call once before any cblas_* use (cheap after the first call; thread-safe). */
 void em_blas_init(void);
