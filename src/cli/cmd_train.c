@@ -27,7 +27,7 @@ typedef struct {
     int rows_given, bot_given, top_given, dim_given;
     int quiet;
     long long gen_rows, gen_test_rows;
-    char out_buf[1024], train_buf[1100], test_buf[1100], prob_buf[1100], ckpt_every_set;
+    char out_buf[1024], train_buf[1200], test_buf[1200], prob_buf[1200];
 } train_ctx;
 
 #define CTX ((train_ctx *)c)
@@ -239,7 +239,7 @@ static int file_exists(const char *p) {
 
 /* Generate the embedded default dataset into <out>/data once. */
 static int ensure_default_data(train_ctx *c, em_pool *pool) {
-    char dir[1100], stamp[1200], want[256];
+    char dir[1050], stamp[1200], want[256];
     snprintf(dir, sizeof dir, "%s/data", c->out);
     snprintf(c->train_buf, sizeof c->train_buf, "%s/train.tsv", dir);
     snprintf(c->test_buf, sizeof c->test_buf, "%s/test.tsv", dir);

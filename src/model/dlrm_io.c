@@ -127,13 +127,13 @@ static int dense_slots(em_optim_kind k, const char **names) {
 /* Enumerate every tensor of the checkpoint; names are written into `names` storage. */
 typedef struct {
     em_st_tensor *t;
-    char (*names)[64];
+    char (*names)[96];
     int n;
 } tensor_list;
 
 static void add(tensor_list *tl, const char *name, const void *data, int ndim, int64_t d0, int64_t d1) {
     em_st_tensor *t = &tl->t[tl->n];
-    snprintf(tl->names[tl->n], 64, "%s", name);
+    snprintf(tl->names[tl->n], 96, "%s", name);
     t->name = tl->names[tl->n];
     t->dtype = EM_F32;
     t->ndim = ndim;
@@ -186,7 +186,7 @@ static void list_tensors(em_dlrm *m, tensor_list *tl) {
 em_status em_dlrm_save(const em_dlrm *mc, const char *path, const em_st_meta *extra, int n_extra) {
     em_dlrm *m = (em_dlrm *)mc; /* only read */
     int cap = max_tensors(m);
-    tensor_list tl = {em_calloc((size_t)cap, sizeof(em_st_tensor)), em_calloc((size_t)cap, 64), 0};
+    tensor_list tl = {em_calloc((size_t)cap, sizeof(em_st_tensor)), em_calloc((size_t)cap, 96), 0};
     em_st_meta *meta = em_calloc((size_t)n_extra + 3, sizeof *meta);
     char *cfg_json = em_dlrm_cfg_to_json(&m->cfg);
     em_status st = EM_ERR_NOMEM;
@@ -230,7 +230,7 @@ em_status em_dlrm_load(em_dlrm **out, const char *path, em_st **st_out, em_pool 
     m->step = strtoll(step, NULL, 10);
     int cap = max_tensors(m);
     tl.t = em_calloc((size_t)cap, sizeof(em_st_tensor));
-    tl.names = em_calloc((size_t)cap, 64);
+    tl.names = em_calloc((size_t)cap, 96);
     if (!tl.t || !tl.names) {
         st = EM_ERR_NOMEM;
         goto fail;
