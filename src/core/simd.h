@@ -86,4 +86,17 @@ static inline float em_vsum(const float *x, size_t n) {
     return s;
 }
 
+/* d[i] = out[i] > 0 ? d[i] : 0   (ReLU backward in place, from the ReLU's output) */
+static inline void em_vrelu_mask(float *d, const float *out, size_t n) {
+    size_t i = 0;
+#ifdef EM_SIMD_AVX2
+    const __m256 z = _mm256_setzero_ps();
+    for (; i + 8 <= n; i += 8) {
+        __m256 keep = _mm256_cmp_ps(_mm256_loadu_ps(out + i), z, _CMP_GT_OQ);
+        _mm256_storeu_ps(d + i, _mm256_and_ps(keep, _mm256_loadu_ps(d + i)));
+    }
+#endif
+    for (; i < n; i++) d[i] = out[i] > 0.f ? d[i] : 0.f;
+}
+
 #endif

@@ -17,6 +17,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "core/simd.h"
 #include "ember/nn.h"
 #include "model/dlrm_impl.h"
 
@@ -231,23 +232,48 @@ static em_status forward(em_dlrm *m, const em_batch *b, em_pool *pool) {
     return EM_OK;
 }
 
-/* ReLU backward in place: the upstream gradient survives where the output is > 0. */
-static void relu_mask(float *d, const float *out, size_t n) {
-    for (size_t i = 0; i < n; i++) d[i] = out[i] > 0.f ? d[i] : 0.f;
+/* Elementwise passes over activation-sized buffers, split over the pool in 64-byte
+ * units: zeroing gradient buffers, and ReLU backward in place (the upstream gradient
+ * survives where the output is > 0). Memory-bound, so both cores help. */
+typedef struct {
+    float *d;
+    const float *out; /* NULL: zero d */
+    size_t n;
+} ew_arg;
+
+static void ew_task(void *p, int ith, int nth) {
+    const ew_arg *a = p;
+    size_t lo, hi;
+    em_split((a->n + 15) / 16, ith, nth, &lo, &hi);
+    lo *= 16, hi *= 16;
+    if (hi > a->n) hi = a->n;
+    if (lo >= hi) return;
+    if (a->out) em_vrelu_mask(a->d + lo, a->out + lo, hi - lo);
+    else memset(a->d + lo, 0, (hi - lo) * sizeof(float));
+}
+
+static void zero_par(float *d, size_t n, em_pool *pool) {
+    ew_arg a = {d, NULL, n};
+    em_pool_run(n >= 65536 ? pool : NULL, ew_task, &a);
+}
+
+static void relu_mask(float *d, const float *out, size_t n, em_pool *pool) {
+    ew_arg a = {d, out, n};
+    em_pool_run(n >= 65536 ? pool : NULL, ew_task, &a);
 }
 
 /* Backward of the dense part; leaves the pooled-embedding gradient in demb. */
 static void backward(em_dlrm *m, const em_batch *b, em_pool *pool) {
     const int B = b->B, n = m->n_layers;
     const size_t TD = (size_t)m->cfg.num_tables * (size_t)m->cfg.dim;
-    memset(m->grads, 0, m->n_params * sizeof(float));
-    for (int l = 0; l < n; l++) memset(m->dx[l], 0, (size_t)B * (size_t)m->L[l].out * sizeof(float));
-    memset(m->dinter, 0, (size_t)B * (size_t)m->cfg.top[0] * sizeof(float));
-    memset(m->demb, 0, (size_t)B * TD * sizeof(float));
+    zero_par(m->grads, m->n_params, pool);
+    for (int l = 0; l < n; l++) zero_par(m->dx[l], (size_t)B * (size_t)m->L[l].out, pool);
+    zero_par(m->dinter, (size_t)B * (size_t)m->cfg.top[0], pool);
+    zero_par(m->demb, (size_t)B * TD, pool);
     em_bce_logits_backward(m->dx[n - 1], m->x[n - 1], b->label, (size_t)B, 1.0f / (float)B);
     for (int l = n - 1; l >= 0; l--) {
         const layer *L = &m->L[l];
-        if (l != n - 1) relu_mask(m->dx[l], m->x[l], (size_t)B * (size_t)L->out);
+        if (l != n - 1) relu_mask(m->dx[l], m->x[l], (size_t)B * (size_t)L->out, pool);
         em_linear_backward(layer_din(m, l), m->grads + L->w, m->grads + L->b, m->dx[l], layer_in(m, l),
                            m->params + L->w, B, L->in, L->out, pool);
         if (l == m->n_botl)
