@@ -12,10 +12,14 @@ def lines(name):
     return [json.loads(l) for l in open(p)] if os.path.exists(p) else []
 
 res = {}
-sg = [r["sgemm_gflops"] for r in lines("sgemm.jsonl")]
+sg = lines("sgemm.jsonl")
 if sg:
-    res["sgemm_gflops"] = statistics.median(sg)
+    res["sgemm_gflops"] = statistics.median(r["sgemm_gflops"] for r in sg)
     res["roofline_examples_per_s"] = res["sgemm_gflops"] * 1e9 / FLOP_PER_EXAMPLE
+    if all("dlrm_gemm_gflops" in r for r in sg):
+        # OpenBLAS (2 threads) on exactly this model's GEMM shapes at batch 2048
+        res["dlrm_gemm_gflops"] = statistics.median(r["dlrm_gemm_gflops"] for r in sg)
+        res["dlrm_gemm_examples_per_s"] = statistics.median(r["dlrm_gemm_examples_per_s"] for r in sg)
 
 speed = {}
 for r in lines("speed.jsonl"):
@@ -33,6 +37,9 @@ for key, v in speed.items():
         d["ratio"] = e / t
     if e and key.startswith("kaggle") and "roofline_examples_per_s" in res:
         d["fraction_of_roofline"] = e / res["roofline_examples_per_s"]
+        d["achieved_gflops"] = e * FLOP_PER_EXAMPLE / 1e9
+        if "dlrm_gemm_examples_per_s" in res:
+            d["fraction_of_dlrm_gemm_roofline"] = e / res["dlrm_gemm_examples_per_s"]
     if v.get("rss"):
         d["peak_rss_mb"] = max(v["rss"])
         d["state_mb"] = statistics.median(v["state"])
