@@ -1,7 +1,14 @@
 /*
  * args.c - option parsing for every verb. Flags are "--name value" or "--name=value";
- * a JSON config file goes through the same setters, so a config key and a flag can
- * never mean different things. Later settings win (flags after --config override it).
+ * a JSON config file goes through the same typed descriptors, so a config key and a
+ * flag can never mean different things. Later settings win (flags after --config
+ * override it).
+ *
+ * Conversion, range checks and error messages live here once for all verbs; each
+ * descriptor (cli.h) says the kind of value and where in the verb's context struct
+ * it goes. Strings read from a config file are copied into storage kept until
+ * cli_release() (argv strings need no copy), because the JSON document is freed as
+ * soon as it has been applied.
  */
 #include <errno.h>
 #include <jansson.h>
@@ -39,6 +46,48 @@ int cli_float(const char *opt, const char *v, double *out) {
     return 0;
 }
 
+int cli_int_list(const char *verb, const char *opt, const char *what, const char *v, int64_t *out, int max, int *n) {
+    int k = 0;
+    const char *s = v;
+    while (*s) {
+        char *end;
+        errno = 0;
+        long long x = strtoll(s, &end, 10);
+        if (end == s || errno || x < 1 || k == max || (*end && *end != ',')) {
+            fprintf(stderr, "ember %s: --%s: expected a comma-separated list of %s, got '%s'\n", verb, opt, what, v);
+            return -1;
+        }
+        out[k++] = x;
+        s = *end ? end + 1 : end;
+    }
+    *n = k;
+    return 0;
+}
+
+/* Config strings outlive the JSON document: a list of copies, freed by cli_release. */
+typedef struct kept_str {
+    struct kept_str *next;
+    char s[];
+} kept_str;
+static kept_str *kept;
+
+static const char *keep(const char *v) {
+    size_t n = strlen(v) + 1;
+    kept_str *k = em_malloc(sizeof *k + n);
+    if (!k) return NULL;
+    memcpy(k->s, v, n);
+    k->next = kept, kept = k;
+    return k->s;
+}
+
+void cli_release(void) {
+    while (kept) {
+        kept_str *k = kept;
+        kept = k->next;
+        em_free(k);
+    }
+}
+
 void cli_help(FILE *f, const char *verb, const char *usage, const cli_opt *opts, int nopts) {
     fprintf(f, "usage: ember %s %s\n\n", verb, usage);
     for (int i = 0; i < nopts; i++) {
@@ -62,13 +111,59 @@ static const cli_opt *find_opt(const cli_opt *opts, int nopts, const char *name,
     return NULL;
 }
 
-static int apply(const char *verb, const cli_opt *o, void *ctx, const char *value) {
-    if (!o->arg && value && strcmp(value, "true") != 0 && strcmp(value, "1") != 0) {
-        if (strcmp(value, "false") == 0 || strcmp(value, "0") == 0) return 0;
-        fprintf(stderr, "ember %s: --%s takes no value\n", verb, o->name);
-        return -1;
+/* Convert `value` as o's kind says and store it at ctx + o->off. `value` is NULL only
+ * for a flag given without "=value"; `transient` says it dies after this call (a
+ * config file's), so a string target gets a kept copy. */
+static int apply(const char *verb, const cli_opt *o, void *ctx, const char *value, int transient) {
+    char *dst = (char *)ctx + o->off;
+    switch (o->kind) {
+    case CLI_FLAG: {
+        if (value && strcmp(value, "true") != 0 && strcmp(value, "1") != 0) {
+            if (strcmp(value, "false") == 0 || strcmp(value, "0") == 0) return 0;
+            fprintf(stderr, "ember %s: --%s takes no value\n", verb, o->name);
+            return -1;
+        }
+        int one = 1;
+        memcpy(dst, &one, sizeof one);
+        return 0;
     }
-    return o->set(ctx, o->arg ? value : NULL);
+    case CLI_STR: {
+        const char *s = transient ? keep(value) : value;
+        if (!s) {
+            fprintf(stderr, "ember %s: out of memory\n", verb);
+            return -1;
+        }
+        memcpy(dst, &s, sizeof s);
+        return 0;
+    }
+    case CLI_INT:
+    case CLI_UINT: {
+        long long x;
+        if (cli_int(o->name, value, o->lo, o->hi, &x)) return -1;
+        /* In range, so the cast is exact; signedness only picks the C type. */
+        if (o->size == 8 && o->kind == CLI_INT) memcpy(dst, &(int64_t){(int64_t)x}, 8);
+        else if (o->size == 8) memcpy(dst, &(uint64_t){(uint64_t)x}, 8);
+        else if (o->kind == CLI_INT) memcpy(dst, &(int32_t){(int32_t)x}, 4);
+        else memcpy(dst, &(uint32_t){(uint32_t)x}, 4);
+        return 0;
+    }
+    case CLI_DOUBLE: {
+        double x;
+        if (cli_float(o->name, value, &x)) return -1;
+        if (o->positive && !(x > 0)) {
+            fprintf(stderr, "ember %s: --%s must be > 0\n", verb, o->name);
+            return -1;
+        }
+        memcpy(dst, &x, sizeof x);
+        return 0;
+    }
+    case CLI_FN:
+        return o->fn(ctx, o, value);
+    case CLI_CONFIG: /* cli_parse loads it; a config naming "config" is refused earlier */
+        break;
+    }
+    fprintf(stderr, "ember %s: --%s cannot be set here\n", verb, o->name);
+    return -1;
 }
 
 static int load_config(const char *verb, const cli_opt *opts, int nopts, void *ctx, const char *path) {
@@ -88,12 +183,12 @@ static int load_config(const char *verb, const cli_opt *opts, int nopts, void *c
     int rc = 0;
     json_object_foreach(j, key, v) {
         const cli_opt *o = find_opt(opts, nopts, key, strlen(key));
-        if (!o || strcmp(o->name, "config") == 0) {
+        if (!o || o->kind == CLI_CONFIG) {
             fprintf(stderr, "ember %s: %s: unknown key '%s' (see ember %s --help)\n", verb, path, key, verb);
             rc = -1;
             break;
         }
-        char buf[4096] = "";
+        char buf[1 << 15] = ""; /* room for 1024 table sizes */
         if (json_is_string(v)) snprintf(buf, sizeof buf, "%s", json_string_value(v));
         else if (json_is_integer(v)) snprintf(buf, sizeof buf, "%lld", (long long)json_integer_value(v));
         else if (json_is_real(v)) snprintf(buf, sizeof buf, "%.17g", json_real_value(v));
@@ -108,14 +203,18 @@ static int load_config(const char *verb, const cli_opt *opts, int nopts, void *c
                     return -1;
                 }
                 len += (size_t)snprintf(buf + len, sizeof buf - len, "%s%lld", i ? "," : "", (long long)json_integer_value(e));
-                if (len >= sizeof buf) break;
+                if (len >= sizeof buf) {
+                    fprintf(stderr, "ember %s: %s: key '%s': array too long\n", verb, path, key);
+                    json_decref(j);
+                    return -1;
+                }
             }
         } else {
             fprintf(stderr, "ember %s: %s: key '%s' has an unsupported value type\n", verb, path, key);
             rc = -1;
             break;
         }
-        if (apply(verb, o, ctx, buf) != 0) {
+        if (apply(verb, o, ctx, buf, 1) != 0) {
             fprintf(stderr, "ember %s: (from %s, key '%s')\n", verb, path, key);
             rc = -1;
             break;
@@ -157,11 +256,11 @@ int cli_parse(const char *verb, const char *usage, const cli_opt *opts, int nopt
             }
             value = argv[++i];
         }
-        if (strcmp(o->name, "config") == 0) {
+        if (o->kind == CLI_CONFIG) {
             if (load_config(verb, opts, nopts, ctx, value) != 0) return -1;
             continue;
         }
-        if (apply(verb, o, ctx, value) != 0) return -1;
+        if (apply(verb, o, ctx, value, 0) != 0) return -1;
     }
     return 0;
 }

@@ -1,36 +1,99 @@
 /*
  * cli.h - shared pieces of the ember command-line tool: option tables, parsing
  * (flags and JSON config files share one path), error reporting.
+ *
+ * Options are data, not code: each verb declares a table of typed descriptors that
+ * name a field of its context struct by offset, and one parser (args.c) converts,
+ * range-checks and stores every value. A verb writes code only for options whose
+ * value needs interpretation (optimizer names, layer lists, ...), through CLI_FN.
+ *
+ *   typedef struct { int batch; const char *out; int quiet; } my_ctx;
+ *   static const cli_opt opts[] = {
+ *       OPT_STR("out", "DIR", "run directory", my_ctx, out),
+ *       OPT_INT("batch", "N", "examples per step", my_ctx, batch, 1, 1 << 20),
+ *       OPT_FLAG("quiet", "no progress bar", my_ctx, quiet),
+ *   };
+ *   cli_parse("verb", "[options]", opts, CLI_NOPTS(opts), &ctx, argc, argv, pos, &npos, 0);
  */
 #ifndef EMBER_CLI_H
 #define EMBER_CLI_H
 
+#include <stddef.h>
 #include <stdio.h>
 
 #include "ember.h"
 
-/* One option of a verb. `set` receives the value (NULL for a flag without value) and
- * returns 0 on success, or -1 after printing what is wrong. */
-typedef struct {
-    const char *name;   /* long name without dashes, e.g. "batch" */
-    const char *arg;    /* metavar, or NULL for a boolean flag */
+typedef enum {
+    CLI_STR,    /* const char *: the argv/config string itself (lives as long as argv/ctx) */
+    CLI_INT,    /* signed integer of 4 or 8 bytes, checked against [lo, hi] */
+    CLI_UINT,   /* unsigned integer of 4 or 8 bytes, checked against [lo, hi] (lo >= 0) */
+    CLI_DOUBLE, /* double; `positive` demands > 0 */
+    CLI_FLAG,   /* int set to 1 by the flag; "true"/"1" also set it, "false"/"0" leave it */
+    CLI_FN,     /* custom: fn(ctx, opt, value) interprets the value itself */
+    CLI_CONFIG, /* --config FILE: read a JSON object of the other options */
+} cli_kind;
+
+typedef struct cli_opt cli_opt;
+
+/* A CLI_FN setter: store `value` (never NULL) into ctx, or print what is wrong to
+ * stderr (naming --<o->name> and the value) and return -1. o->off is free for the
+ * setter's use, usually the offset of its target. */
+typedef int (*cli_setter)(void *ctx, const cli_opt *o, const char *value);
+
+/* One option of a verb. Build these with the OPT_* macros below. */
+struct cli_opt {
+    const char *name; /* long name without dashes, e.g. "batch" */
+    const char *arg;  /* metavar, or NULL for a boolean flag */
     const char *help;
-    int (*set)(void *ctx, const char *value);
-} cli_opt;
+    cli_kind kind;
+    size_t off;       /* offset of the target in the verb's context struct */
+    int size;         /* CLI_INT/CLI_UINT: sizeof the target (4 or 8) */
+    int positive;     /* CLI_DOUBLE: reject values <= 0 */
+    long long lo, hi; /* CLI_INT/CLI_UINT: accepted range, inclusive */
+    cli_setter fn;    /* CLI_FN only */
+};
+
+/* offsetof(T, f), and a compile error unless T.f has exactly type `type`. */
+#define CLI_OFF_AS(T, f, type) (offsetof(T, f) + 0 * sizeof(&((T *)0)->f - (type *)0))
+/* sizeof T.f, and a compile error unless T.f is an integer of 4 or 8 bytes. */
+#define CLI_INT_SIZE(T, f)                                                                                             \
+    (int)(sizeof(((T *)0)->f % 2) * 0 +                                                                                \
+          sizeof(char[sizeof(((T *)0)->f) == 4 || sizeof(((T *)0)->f) == 8 ? 1 : -1]) * 0 + sizeof(((T *)0)->f))
+
+#define OPT_STR(name, arg, help, T, f) {name, arg, help, CLI_STR, CLI_OFF_AS(T, f, const char *), 0, 0, 0, 0, NULL}
+#define OPT_INT(name, arg, help, T, f, lo, hi) {name, arg, help, CLI_INT, offsetof(T, f), CLI_INT_SIZE(T, f), 0, lo, hi, NULL}
+#define OPT_UINT(name, arg, help, T, f, lo, hi)                                                                        \
+    {name, arg, help, CLI_UINT, offsetof(T, f), CLI_INT_SIZE(T, f), 0, lo, hi, NULL}
+#define OPT_DOUBLE(name, arg, help, T, f) {name, arg, help, CLI_DOUBLE, CLI_OFF_AS(T, f, double), 0, 0, 0, 0, NULL}
+#define OPT_DOUBLE_POS(name, arg, help, T, f) {name, arg, help, CLI_DOUBLE, CLI_OFF_AS(T, f, double), 0, 1, 0, 0, NULL}
+#define OPT_FLAG(name, help, T, f) {name, NULL, help, CLI_FLAG, CLI_OFF_AS(T, f, int), 0, 0, 0, 0, NULL}
+/* `off` is handed to fn through o->off (0 when the setter needs none). */
+#define OPT_FN(name, arg, help, fn, off) {name, arg, help, CLI_FN, off, 0, 0, 0, 0, fn}
+#define OPT_CONFIG(help) {"config", "FILE", help, CLI_CONFIG, 0, 0, 0, 0, 0, NULL}
+
+#define CLI_NOPTS(table) ((int)(sizeof(table) / sizeof((table)[0])))
 
 /* Parse argv (after the verb) against opts; `--config FILE` (if the verb lists it)
  * reads a JSON object whose keys are option names ('_' or '-') and whose values are
- * strings, numbers, booleans or arrays (joined with ','). Positional arguments are
- * returned through pos/npos. Returns 0, 1 if --help was printed, or -1 on error. */
+ * strings, numbers, booleans or arrays of integers (joined with ','). Positional
+ * arguments are returned through pos/npos. Returns 0, 1 if --help was printed, or -1
+ * after printing the error. String targets point into argv or into config storage
+ * that lives until the process exits. */
 int cli_parse(const char *verb, const char *usage, const cli_opt *opts, int nopts, void *ctx, int argc, char **argv,
               char **pos, int *npos, int max_pos);
+/* Free the copies of config-file strings (call once the verb is done with its ctx). */
+void cli_release(void);
 void cli_help(FILE *f, const char *verb, const char *usage, const cli_opt *opts, int nopts);
 
-/* Print "ember: <what>: <status> (<detail>)" to stderr. */
+/* Print "ember: <what>: <detail or status>" to stderr. */
 void cli_fail(const char *what, em_status st);
 
+/* Value parsers that print "ember: --<opt>: expected ..., got '<v>'" and return -1. */
 int cli_int(const char *opt, const char *v, long long lo, long long hi, long long *out);
 int cli_float(const char *opt, const char *v, double *out);
+/* A comma-separated list of positive integers, at most `max` of them, into out[]; on
+ * error prints "ember <verb>: --<opt>: expected a comma-separated list of <what>". */
+int cli_int_list(const char *verb, const char *opt, const char *what, const char *v, int64_t *out, int max, int *n);
 
 int cmd_train(int argc, char **argv);
 int cmd_gen(int argc, char **argv);

@@ -23,40 +23,22 @@ typedef struct {
     double lr;
 } bench_ctx;
 
-#define BC ((bench_ctx *)c)
-static int b_config(void *c, const char *v) { return BC->config = v, 0; }
-static int b_opt(void *c, const char *v) { return BC->opt = v, 0; }
-static int b_batch(void *c, const char *v) {
-    long long x;
-    if (cli_int("batch", v, 1, 1 << 20, &x)) return -1;
-    BC->batch = (int)x;
-    return 0;
-}
-static int b_threads(void *c, const char *v) {
-    long long x;
-    if (cli_int("threads", v, 1, 256, &x)) return -1;
-    BC->threads = (int)x;
-    return 0;
-}
-static int b_steps(void *c, const char *v) { return cli_int("steps", v, 1, 1LL << 40, &BC->steps); }
-static int b_warmup(void *c, const char *v) { return cli_int("warmup", v, 0, 1LL << 40, &BC->warmup); }
-static int b_lr(void *c, const char *v) { return cli_float("lr", v, &BC->lr); }
-
 static const cli_opt bench_opts[] = {
-    {"workload", "NAME", "kaggle | embheavy (default kaggle)", b_config},
-    {"batch", "N", "examples per step (default 2048)", b_batch},
-    {"opt", "NAME", "sgd (dense and sparse SGD) | adagrad | rowwise_adagrad (dense AdaGrad) (default sgd)", b_opt},
-    {"steps", "N", "timed steps (default 50)", b_steps},
-    {"warmup", "N", "untimed steps first (default 5)", b_warmup},
-    {"threads", "N", "worker threads (default 2)", b_threads},
-    {"lr", "F", "learning rate (default 0.01)", b_lr},
+    OPT_STR("workload", "NAME", "kaggle | embheavy (default kaggle)", bench_ctx, config),
+    OPT_INT("batch", "N", "examples per step (default 2048)", bench_ctx, batch, 1, 1 << 20),
+    OPT_STR("opt", "NAME", "sgd (dense and sparse SGD) | adagrad | rowwise_adagrad (dense AdaGrad) (default sgd)", bench_ctx,
+            opt),
+    OPT_INT("steps", "N", "timed steps (default 50)", bench_ctx, steps, 1, 1LL << 40),
+    OPT_INT("warmup", "N", "untimed steps first (default 5)", bench_ctx, warmup, 0, 1LL << 40),
+    OPT_INT("threads", "N", "worker threads (default 2)", bench_ctx, threads, 1, 256),
+    OPT_DOUBLE("lr", "F", "learning rate (default 0.01)", bench_ctx, lr),
 };
 
 int cmd_bench(int argc, char **argv) {
     bench_ctx c = {.config = "kaggle", .opt = "sgd", .batch = 2048, .threads = 2, .steps = 50, .warmup = 5, .lr = 0.01};
     char *pos[1];
     int npos;
-    int rc = cli_parse("bench", "[options]", bench_opts, (int)(sizeof bench_opts / sizeof bench_opts[0]), &c, argc, argv,
+    int rc = cli_parse("bench", "[options]", bench_opts, CLI_NOPTS(bench_opts), &c, argc, argv,
                        pos, &npos, 0);
     if (rc) return rc < 0 ? 2 : 0;
     em_dlrm_cfg m = em_dlrm_kaggle(0);

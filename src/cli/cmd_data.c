@@ -17,71 +17,24 @@ typedef struct {
     int ncard;
 } gen_ctx;
 
-#define G ((gen_ctx *)c)
-static int g_rows(void *c, const char *v) {
-    long long x;
-    if (cli_int("rows", v, 0, 1LL << 40, &x)) return -1;
-    G->g.train_rows = (uint64_t)x;
-    return 0;
-}
-static int g_test_rows(void *c, const char *v) {
-    long long x;
-    if (cli_int("test-rows", v, 0, 1LL << 40, &x)) return -1;
-    G->g.test_rows = (uint64_t)x;
-    return 0;
-}
-static int g_seed(void *c, const char *v) {
-    long long x;
-    if (cli_int("seed", v, 0, 1LL << 62, &x)) return -1;
-    G->g.seed = (uint64_t)x;
-    return 0;
-}
-static int g_threads(void *c, const char *v) {
-    long long x;
-    if (cli_int("threads", v, 1, 256, &x)) return -1;
-    G->threads = (int)x;
-    return 0;
-}
-static int g_out(void *c, const char *v) { return G->out = v, 0; }
-static int g_zipf(void *c, const char *v) { return cli_float("zipf", v, &G->g.zipf_s); }
-static int g_bias(void *c, const char *v) { return cli_float("bias", v, &G->g.bias); }
-static int g_inter(void *c, const char *v) { return cli_float("interaction-scale", v, &G->g.interaction_scale); }
-static int g_idscale(void *c, const char *v) { return cli_float("id-scale", v, &G->g.id_scale); }
-static int g_latent(void *c, const char *v) {
-    long long x;
-    if (cli_int("latent-dim", v, 1, 1024, &x)) return -1;
-    G->g.latent_dim = (int)x;
-    return 0;
-}
-static int g_card(void *c, const char *v) {
-    int n = 0;
-    const char *s = v;
-    while (*s) {
-        char *end;
-        long long x = strtoll(s, &end, 10);
-        if (end == s || x < 1 || n == EM_DLRM_MAX_TABLES || (*end && *end != ',')) {
-            fprintf(stderr, "ember gen: --cardinality: expected a comma-separated list of positive counts, got '%s'\n", v);
-            return -1;
-        }
-        G->card[n++] = x;
-        s = *end ? end + 1 : end;
-    }
-    G->ncard = n;
-    return 0;
+static int set_card(void *c, const cli_opt *o, const char *v) {
+    gen_ctx *g = c;
+    return cli_int_list("gen", o->name, "positive counts", v, g->card, EM_DLRM_MAX_TABLES, &g->ncard);
 }
 
 static const cli_opt gen_opts[] = {
-    {"out", "DIR", "output directory: train.tsv, test.tsv, test.prob (true probability per test line)", g_out},
-    {"rows", "N", "training rows (default 1000000)", g_rows},
-    {"test-rows", "N", "test rows (default 100000)", g_test_rows},
-    {"seed", "N", "seed of the ground truth and the sampling", g_seed},
-    {"cardinality", "LIST", "distinct ids per categorical field, 26 comma-separated (default: Criteo Kaggle's)", g_card},
-    {"zipf", "S", "Zipf exponent of id popularity", g_zipf},
-    {"latent-dim", "K", "rank of the planted pairwise interactions", g_latent},
-    {"interaction-scale", "F", "weight of the pairwise interaction term", g_inter},
-    {"id-scale", "F", "standard deviation of the per-id weights", g_idscale},
-    {"bias", "F", "logit bias (sets the base click rate)", g_bias},
-    {"threads", "N", "worker threads (default 2; output is the same for any count)", g_threads},
+    OPT_STR("out", "DIR", "output directory: train.tsv, test.tsv, test.prob (true probability per test line)", gen_ctx, out),
+    OPT_UINT("rows", "N", "training rows (default 1000000)", gen_ctx, g.train_rows, 0, 1LL << 40),
+    OPT_UINT("test-rows", "N", "test rows (default 100000)", gen_ctx, g.test_rows, 0, 1LL << 40),
+    OPT_UINT("seed", "N", "seed of the ground truth and the sampling", gen_ctx, g.seed, 0, 1LL << 62),
+    OPT_FN("cardinality", "LIST", "distinct ids per categorical field, 26 comma-separated (default: Criteo Kaggle's)",
+           set_card, 0),
+    OPT_DOUBLE("zipf", "S", "Zipf exponent of id popularity", gen_ctx, g.zipf_s),
+    OPT_INT("latent-dim", "K", "rank of the planted pairwise interactions", gen_ctx, g.latent_dim, 1, 1024),
+    OPT_DOUBLE("interaction-scale", "F", "weight of the pairwise interaction term", gen_ctx, g.interaction_scale),
+    OPT_DOUBLE("id-scale", "F", "standard deviation of the per-id weights", gen_ctx, g.id_scale),
+    OPT_DOUBLE("bias", "F", "logit bias (sets the base click rate)", gen_ctx, g.bias),
+    OPT_INT("threads", "N", "worker threads (default 2; output is the same for any count)", gen_ctx, threads, 1, 256),
 };
 
 int cmd_gen(int argc, char **argv) {
@@ -92,7 +45,7 @@ int cmd_gen(int argc, char **argv) {
     c.threads = 2;
     char *pos[1];
     int npos;
-    int rc = cli_parse("gen", "--out DIR [options]", gen_opts, (int)(sizeof gen_opts / sizeof gen_opts[0]), &c, argc, argv,
+    int rc = cli_parse("gen", "--out DIR [options]", gen_opts, CLI_NOPTS(gen_opts), &c, argc, argv,
                        pos, &npos, 0);
     if (rc) return rc < 0 ? 2 : 0;
     if (!c.out) {
@@ -133,16 +86,15 @@ int cmd_gen(int argc, char **argv) {
 typedef struct {
     int strict;
 } conv_ctx;
-static int cv_strict(void *c, const char *v) { return ((conv_ctx *)c)->strict = 1, 0; }
 static const cli_opt conv_opts[] = {
-    {"strict", NULL, "stop at the first malformed line instead of counting and skipping it", cv_strict},
+    OPT_FLAG("strict", "stop at the first malformed line instead of counting and skipping it", conv_ctx, strict),
 };
 
 int cmd_convert(int argc, char **argv) {
     conv_ctx c = {0};
     char *pos[2];
     int npos;
-    int rc = cli_parse("convert", "IN.tsv OUT.bin [--strict]", conv_opts, 1, &c, argc, argv, pos, &npos, 2);
+    int rc = cli_parse("convert", "IN.tsv OUT.bin [--strict]", conv_opts, CLI_NOPTS(conv_opts), &c, argc, argv, pos, &npos, 2);
     if (rc) return rc < 0 ? 2 : 0;
     if (npos != 2) {
         fprintf(stderr, "ember convert: need IN.tsv and OUT.bin (see ember convert --help)\n");

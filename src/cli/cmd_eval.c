@@ -16,44 +16,29 @@
 typedef struct {
     const char *model, *test, *input, *output;
     int threads, batch, strict;
-    long long limit;
+    int64_t limit;
 } eval_ctx;
 
-#define E ((eval_ctx *)c)
-static int e_model(void *c, const char *v) { return E->model = v, 0; }
-static int e_test(void *c, const char *v) { return E->test = v, 0; }
-static int e_input(void *c, const char *v) { return E->input = v, 0; }
-static int e_output(void *c, const char *v) { return E->output = v, 0; }
-static int e_strict(void *c, const char *v) { return E->strict = 1, 0; }
-static int e_threads(void *c, const char *v) {
-    long long x;
-    if (cli_int("threads", v, 1, 256, &x)) return -1;
-    E->threads = (int)x;
-    return 0;
-}
-static int e_batch(void *c, const char *v) {
-    long long x;
-    if (cli_int("batch", v, 1, 1 << 20, &x)) return -1;
-    E->batch = (int)x;
-    return 0;
-}
-static int e_limit(void *c, const char *v) { return cli_int("limit", v, 0, 1LL << 60, &E->limit); }
+/* eval and predict share a context; each table lists the options its verb takes. */
+#define OPT_MODEL OPT_STR("model", "CKPT", "checkpoint written by ember train", eval_ctx, model)
+#define OPT_BATCH OPT_INT("batch", "N", "examples per forward pass (default 4096)", eval_ctx, batch, 1, 1 << 20)
+#define OPT_THREADS OPT_INT("threads", "N", "worker threads (default 2)", eval_ctx, threads, 1, 256)
 
 static const cli_opt eval_opts[] = {
-    {"model", "CKPT", "checkpoint written by ember train", e_model},
-    {"test", "PATH", "labelled data (Criteo TSV or ember binary)", e_test},
-    {"limit", "N", "use only the first N lines", e_limit},
-    {"batch", "N", "examples per forward pass (default 4096)", e_batch},
-    {"threads", "N", "worker threads (default 2)", e_threads},
+    OPT_MODEL,
+    OPT_STR("test", "PATH", "labelled data (Criteo TSV or ember binary)", eval_ctx, test),
+    OPT_INT("limit", "N", "use only the first N lines", eval_ctx, limit, 0, 1LL << 60),
+    OPT_BATCH,
+    OPT_THREADS,
 };
 
 static const cli_opt predict_opts[] = {
-    {"model", "CKPT", "checkpoint written by ember train", e_model},
-    {"input", "PATH", "Criteo TSV lines, with or without the label column ('-' = stdin)", e_input},
-    {"output", "PATH", "where to write one probability per line (default stdout)", e_output},
-    {"strict", NULL, "stop at the first malformed line (default: write nan for it and go on)", e_strict},
-    {"batch", "N", "examples per forward pass (default 4096)", e_batch},
-    {"threads", "N", "worker threads (default 2)", e_threads},
+    OPT_MODEL,
+    OPT_STR("input", "PATH", "Criteo TSV lines, with or without the label column ('-' = stdin)", eval_ctx, input),
+    OPT_STR("output", "PATH", "where to write one probability per line (default stdout)", eval_ctx, output),
+    OPT_FLAG("strict", "stop at the first malformed line (default: write nan for it and go on)", eval_ctx, strict),
+    OPT_BATCH,
+    OPT_THREADS,
 };
 
 static int open_model(eval_ctx *c, const char *verb, em_pool **pool, em_dlrm **m) {
@@ -74,7 +59,7 @@ int cmd_eval(int argc, char **argv) {
     eval_ctx c = {.threads = 2, .batch = 4096};
     char *pos[1];
     int npos;
-    int rc = cli_parse("eval", "--model CKPT --test PATH", eval_opts, (int)(sizeof eval_opts / sizeof eval_opts[0]), &c,
+    int rc = cli_parse("eval", "--model CKPT --test PATH", eval_opts, CLI_NOPTS(eval_opts), &c,
                        argc, argv, pos, &npos, 0);
     if (rc) return rc < 0 ? 2 : 0;
     if (!c.test) {
@@ -164,8 +149,7 @@ int cmd_predict(int argc, char **argv) {
     eval_ctx c = {.threads = 2, .batch = 4096};
     char *pos[1];
     int npos;
-    int rc = cli_parse("predict", "--model CKPT --input PATH [--output PATH]", predict_opts,
-                       (int)(sizeof predict_opts / sizeof predict_opts[0]), &c, argc, argv, pos, &npos, 0);
+    int rc = cli_parse("predict", "--model CKPT --input PATH [--output PATH]", predict_opts, CLI_NOPTS(predict_opts), &c, argc, argv, pos, &npos, 0);
     if (rc) return rc < 0 ? 2 : 0;
     if (!c.input) {
         fprintf(stderr, "ember predict: --input PATH is required ('-' for stdin)\n");

@@ -24,166 +24,95 @@ typedef struct {
     double lr, dense_lr, sparse_lr; /* NAN = not given */
     em_optim_kind dense_kind, sparse_kind;
     int64_t rows_cap;
-    int rows_given, bot_given, top_given, dim_given;
+    int rows_given, bot_given, top_given;
     int quiet;
-    long long gen_rows, gen_test_rows;
+    int64_t gen_rows, gen_test_rows;
     char out_buf[1024], train_buf[1200], test_buf[1200], prob_buf[1200];
 } train_ctx;
 
-#define CTX ((train_ctx *)c)
-#define INT_SETTER(fname, field, lo, hi)                                                                               \
-    static int fname(void *c, const char *v) {                                                                         \
-        long long x;                                                                                                   \
-        if (cli_int(#field, v, lo, hi, &x)) return -1;                                                                 \
-        CTX->field = x;                                                                                                \
-        return 0;                                                                                                      \
-    }
-
-static int set_train(void *c, const char *v) { return CTX->tc.train_path = v, 0; }
-static int set_test(void *c, const char *v) { return CTX->tc.test_path = v, 0; }
-static int set_test_prob(void *c, const char *v) { return CTX->test_prob = v, 0; }
-static int set_out(void *c, const char *v) { return CTX->out = v, 0; }
-static int set_resume(void *c, const char *v) { return CTX->tc.resume = v, 0; }
-static int set_strict(void *c, const char *v) { return CTX->tc.strict = 1, 0; }
-static int set_quiet(void *c, const char *v) { return CTX->quiet = 1, 0; }
-static int set_config(void *c, const char *v) { return 0; } /* handled by cli_parse */
-INT_SETTER(set_batch, tc.batch, 1, 1 << 20)
-INT_SETTER(set_epochs, tc.epochs, 1, 1000)
-INT_SETTER(set_threads, threads, 1, 256)
-INT_SETTER(set_prefetch, tc.prefetch, 0, 64)
-INT_SETTER(set_max_steps, tc.max_steps, 0, 1LL << 60)
-INT_SETTER(set_eval_every, tc.eval_every, 0, 1LL << 60)
-INT_SETTER(set_train_limit, tc.train_limit, 0, 1LL << 60)
-INT_SETTER(set_test_limit, tc.test_limit, 0, 1LL << 60)
-INT_SETTER(set_gen_rows, gen_rows, 1, 1LL << 40)
-INT_SETTER(set_gen_test_rows, gen_test_rows, 1, 1LL << 40)
-static int set_ckpt_every(void *c, const char *v) {
-    long long x;
-    if (cli_int("ckpt-every", v, 0, 1LL << 60, &x)) return -1;
-    CTX->tc.ckpt_every = x;
-    return 0;
-}
-static int set_seed(void *c, const char *v) {
-    long long x;
-    if (cli_int("seed", v, 0, 1LL << 62, &x)) return -1;
-    CTX->tc.model.seed = (uint64_t)x;
-    return 0;
-}
-static int set_rows_cap(void *c, const char *v) {
-    long long x;
-    if (cli_int("rows-cap", v, 0, 1LL << 40, &x)) return -1;
-    CTX->rows_cap = x;
-    return 0;
-}
-static int set_dim(void *c, const char *v) {
-    long long x;
-    if (cli_int("dim", v, 1, 4096, &x)) return -1;
-    CTX->tc.model.dim = (int)x;
-    CTX->dim_given = 1;
-    return 0;
-}
-static int set_num_dense(void *c, const char *v) {
-    long long x;
-    if (cli_int("num-dense", v, 1, 4096, &x)) return -1;
-    CTX->tc.model.num_dense = (int)x;
-    return 0;
-}
-static int set_lr_(const char *opt, const char *v, double *out) {
-    if (cli_float(opt, v, out)) return -1;
-    if (!(*out > 0)) {
-        fprintf(stderr, "ember train: --%s must be > 0\n", opt);
+/* Options with logic of their own; the rest are plain typed fields (table below). */
+static int set_optim(void *c, const cli_opt *o, const char *v) {
+    em_optim_kind k;
+    if (em_optim_parse(v, &k) != EM_OK) {
+        fprintf(stderr, "ember train: --%s: unknown optimizer '%s' (sgd, adagrad, rowwise_adagrad, adam, adamw)\n",
+                o->name, v);
         return -1;
     }
+    memcpy((char *)c + o->off, &k, sizeof k);
     return 0;
 }
-static int set_lr(void *c, const char *v) { return set_lr_("lr", v, &CTX->lr); }
-static int set_dense_lr(void *c, const char *v) { return set_lr_("dense-lr", v, &CTX->dense_lr); }
-static int set_sparse_lr(void *c, const char *v) { return set_lr_("sparse-lr", v, &CTX->sparse_lr); }
-static int set_opt_(const char *opt, const char *v, em_optim_kind *k) {
-    if (em_optim_parse(v, k) != EM_OK) {
-        fprintf(stderr, "ember train: --%s: unknown optimizer '%s' (sgd, adagrad, rowwise_adagrad, adam, adamw)\n", opt, v);
-        return -1;
-    }
-    return 0;
-}
-static int set_dense_opt(void *c, const char *v) { return set_opt_("dense-opt", v, &CTX->dense_kind); }
-static int set_sparse_opt(void *c, const char *v) { return set_opt_("sparse-opt", v, &CTX->sparse_kind); }
-static int set_layers(const char *opt, const char *v, int *sizes, int *n) {
+static int set_layers(const char *opt, const char *v, int *sizes, int *n, int *given) {
     int k = em_parse_layers(v, sizes, EM_DLRM_MAX_LAYERS + 1);
     if (k < 2) {
         fprintf(stderr, "ember train: --%s: expected sizes like 13-512-256-64-16, got '%s'\n", opt, v);
         return -1;
     }
-    *n = k;
+    *n = k, *given = 1;
     return 0;
 }
-static int set_bot(void *c, const char *v) { return CTX->bot_given = 1, set_layers("bot", v, CTX->tc.model.bot, &CTX->tc.model.n_bot); }
-static int set_top(void *c, const char *v) { return CTX->top_given = 1, set_layers("top", v, CTX->tc.model.top, &CTX->tc.model.n_top); }
-static int set_rows(void *c, const char *v) {
+#define CTX ((train_ctx *)c)
+static int set_bot(void *c, const cli_opt *o, const char *v) {
+    return set_layers(o->name, v, CTX->tc.model.bot, &CTX->tc.model.n_bot, &CTX->bot_given);
+}
+static int set_top(void *c, const cli_opt *o, const char *v) {
+    return set_layers(o->name, v, CTX->tc.model.top, &CTX->tc.model.n_top, &CTX->top_given);
+}
+static int set_rows(void *c, const cli_opt *o, const char *v) {
     em_dlrm_cfg *m = &CTX->tc.model;
-    int n = 0;
-    const char *s = v;
-    while (*s) {
-        char *end;
-        long long x = strtoll(s, &end, 10);
-        if (end == s || x < 1 || n == EM_DLRM_MAX_TABLES) {
-            fprintf(stderr, "ember train: --rows: expected a comma-separated list of table sizes, got '%s'\n", v);
-            return -1;
-        }
-        m->rows[n++] = x;
-        s = *end == ',' ? end + 1 : end;
-        if (*end && *end != ',') {
-            fprintf(stderr, "ember train: --rows: unexpected '%c' in '%s'\n", *end, v);
-            return -1;
-        }
-    }
-    m->num_tables = n;
+    if (cli_int_list("train", o->name, "table sizes", v, m->rows, EM_DLRM_MAX_TABLES, &m->num_tables)) return -1;
     CTX->rows_given = 1;
     return 0;
 }
-static int set_pooling(void *c, const char *v) {
+static int set_pooling(void *c, const cli_opt *o, const char *v) {
     if (strcmp(v, "sum") == 0) CTX->tc.model.pooling = EM_POOL_SUM;
     else if (strcmp(v, "mean") == 0) CTX->tc.model.pooling = EM_POOL_MEAN;
     else {
-        fprintf(stderr, "ember train: --pooling: expected sum or mean, got '%s'\n", v);
+        fprintf(stderr, "ember train: --%s: expected sum or mean, got '%s'\n", o->name, v);
         return -1;
     }
     return 0;
 }
 
+#define BIG (1LL << 60)
 static const cli_opt opts[] = {
-    {"config", "FILE", "JSON object of these options (keys with - or _); later flags override it", set_config},
-    {"train", "PATH", "training data: Criteo TSV or ember binary (default: generate the embedded dataset)", set_train},
-    {"test", "PATH", "held-out data evaluated periodically and at the end", set_test},
-    {"test-prob", "PATH", "true probabilities of the test lines (from ember gen): report the optimum", set_test_prob},
-    {"out", "DIR", "run directory for checkpoint, metrics.jsonl, report.json (default runs/default)", set_out},
-    {"resume", "CKPT", "continue a run from its checkpoint (same data, same thread count: bitwise the same)", set_resume},
-    {"batch", "N", "examples per step (default 128)", set_batch},
-    {"epochs", "N", "passes over the training data (default 1)", set_epochs},
-    {"lr", "F", "learning rate of both optimizers (default 0.1)", set_lr},
-    {"dense-lr", "F", "learning rate of the dense optimizer", set_dense_lr},
-    {"sparse-lr", "F", "learning rate of the embedding optimizer", set_sparse_lr},
-    {"dense-opt", "NAME", "sgd | adagrad | adam | adamw (default sgd)", set_dense_opt},
-    {"sparse-opt", "NAME", "sgd | adagrad | rowwise_adagrad (default sgd)", set_sparse_opt},
-    {"dim", "D", "embedding dimension (default 16)", set_dim},
-    {"bot", "SIZES", "bottom MLP, e.g. 13-512-256-64-16 (ends at D)", set_bot},
-    {"top", "SIZES", "top MLP, e.g. 367-512-256-1 (starts at D + T(T+1)/2)", set_top},
-    {"rows", "LIST", "rows of each table, comma-separated (default: Criteo Kaggle cardinalities)", set_rows},
-    {"rows-cap", "N", "cap every table at N rows (ids are reduced modulo the rows)", set_rows_cap},
-    {"num-dense", "N", "dense features per example (default 13)", set_num_dense},
-    {"pooling", "sum|mean", "embedding bag pooling (default sum)", set_pooling},
-    {"threads", "N", "worker threads (default 2)", set_threads},
-    {"seed", "N", "initialisation seed (default 1)", set_seed},
-    {"prefetch", "N", "batches parsed ahead by the reader thread (default 4)", set_prefetch},
-    {"strict", NULL, "stop at the first malformed input line instead of counting and skipping it", set_strict},
-    {"max-steps", "N", "stop after N steps in total", set_max_steps},
-    {"eval-every", "N", "evaluate on --test every N steps (default: at the end)", set_eval_every},
-    {"ckpt-every", "N", "write the checkpoint every N steps (default: at the end)", set_ckpt_every},
-    {"train-limit", "N", "use only the first N lines of the training data", set_train_limit},
-    {"test-limit", "N", "use only the first N lines of the test data", set_test_limit},
-    {"gen-rows", "N", "default dataset: training rows (default 1000000)", set_gen_rows},
-    {"gen-test-rows", "N", "default dataset: test rows (default 100000)", set_gen_test_rows},
-    {"quiet", NULL, "no progress bar", set_quiet},
+    OPT_CONFIG("JSON object of these options (keys with - or _); later flags override it"),
+    OPT_STR("train", "PATH", "training data: Criteo TSV or ember binary (default: generate the embedded dataset)", train_ctx,
+            tc.train_path),
+    OPT_STR("test", "PATH", "held-out data evaluated periodically and at the end", train_ctx, tc.test_path),
+    OPT_STR("test-prob", "PATH", "true probabilities of the test lines (from ember gen): report the optimum", train_ctx,
+            test_prob),
+    OPT_STR("out", "DIR", "run directory for checkpoint, metrics.jsonl, report.json (default runs/default)", train_ctx, out),
+    OPT_STR("resume", "CKPT", "continue a run from its checkpoint (same data, same thread count: bitwise the same)",
+            train_ctx, tc.resume),
+    OPT_INT("batch", "N", "examples per step (default 128)", train_ctx, tc.batch, 1, 1 << 20),
+    OPT_INT("epochs", "N", "passes over the training data (default 1)", train_ctx, tc.epochs, 1, 1000),
+    OPT_DOUBLE_POS("lr", "F", "learning rate of both optimizers (default 0.1)", train_ctx, lr),
+    OPT_DOUBLE_POS("dense-lr", "F", "learning rate of the dense optimizer", train_ctx, dense_lr),
+    OPT_DOUBLE_POS("sparse-lr", "F", "learning rate of the embedding optimizer", train_ctx, sparse_lr),
+    OPT_FN("dense-opt", "NAME", "sgd | adagrad | adam | adamw (default sgd)", set_optim, offsetof(train_ctx, dense_kind)),
+    OPT_FN("sparse-opt", "NAME", "sgd | adagrad | rowwise_adagrad (default sgd)", set_optim,
+           offsetof(train_ctx, sparse_kind)),
+    OPT_INT("dim", "D", "embedding dimension (default 16)", train_ctx, tc.model.dim, 1, 4096),
+    OPT_FN("bot", "SIZES", "bottom MLP, e.g. 13-512-256-64-16 (ends at D)", set_bot, 0),
+    OPT_FN("top", "SIZES", "top MLP, e.g. 367-512-256-1 (starts at D + T(T+1)/2)", set_top, 0),
+    OPT_FN("rows", "LIST", "rows of each table, comma-separated (default: Criteo Kaggle cardinalities)", set_rows, 0),
+    OPT_INT("rows-cap", "N", "cap every table at N rows (ids are reduced modulo the rows)", train_ctx, rows_cap, 0,
+            1LL << 40),
+    OPT_INT("num-dense", "N", "dense features per example (default 13)", train_ctx, tc.model.num_dense, 1, 4096),
+    OPT_FN("pooling", "sum|mean", "embedding bag pooling (default sum)", set_pooling, 0),
+    OPT_INT("threads", "N", "worker threads (default 2)", train_ctx, threads, 1, 256),
+    OPT_UINT("seed", "N", "initialisation seed (default 1)", train_ctx, tc.model.seed, 0, 1LL << 62),
+    OPT_INT("prefetch", "N", "batches parsed ahead by the reader thread (default 4)", train_ctx, tc.prefetch, 0, 64),
+    OPT_FLAG("strict", "stop at the first malformed input line instead of counting and skipping it", train_ctx, tc.strict),
+    OPT_INT("max-steps", "N", "stop after N steps in total", train_ctx, tc.max_steps, 0, BIG),
+    OPT_INT("eval-every", "N", "evaluate on --test every N steps (default: at the end)", train_ctx, tc.eval_every, 0, BIG),
+    OPT_INT("ckpt-every", "N", "write the checkpoint every N steps (default: at the end)", train_ctx, tc.ckpt_every, 0,
+            BIG),
+    OPT_UINT("train-limit", "N", "use only the first N lines of the training data", train_ctx, tc.train_limit, 0, BIG),
+    OPT_UINT("test-limit", "N", "use only the first N lines of the test data", train_ctx, tc.test_limit, 0, BIG),
+    OPT_INT("gen-rows", "N", "default dataset: training rows (default 1000000)", train_ctx, gen_rows, 1, 1LL << 40),
+    OPT_INT("gen-test-rows", "N", "default dataset: test rows (default 100000)", train_ctx, gen_test_rows, 1, 1LL << 40),
+    OPT_FLAG("quiet", "no progress bar", train_ctx, quiet),
 };
 
 static void fmt_count(char *buf, size_t cap, double x) {
@@ -320,7 +249,7 @@ int cmd_train(int argc, char **argv) {
     c.out = "runs/default";
     char *pos[1];
     int npos;
-    int rc = cli_parse("train", "[options]", opts, (int)(sizeof opts / sizeof opts[0]), &c, argc, argv, pos, &npos, 0);
+    int rc = cli_parse("train", "[options]", opts, CLI_NOPTS(opts), &c, argc, argv, pos, &npos, 0);
     if (rc) return rc < 0 ? 2 : 0;
 
     /* Assemble the model configuration: Kaggle defaults, then what was given. */

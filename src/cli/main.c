@@ -1,5 +1,6 @@
 /*
- * main.c - `ember <verb>`: dispatch and top-level help.
+ * main.c - `ember <verb>`: dispatch and top-level help. Exit codes: 0 success, 1 the
+ * work failed, 2 bad usage (unknown verb or option, bad value).
  */
 #include <stdio.h>
 #include <string.h>
@@ -29,7 +30,11 @@ int main(int argc, char **argv) {
         return argc < 2 ? 2 : 0;
     }
     for (size_t i = 0; i < sizeof verbs / sizeof verbs[0]; i++)
-        if (strcmp(argv[1], verbs[i].name) == 0) return verbs[i].fn(argc - 2, argv + 2);
+        if (strcmp(argv[1], verbs[i].name) == 0) {
+            int rc = verbs[i].fn(argc - 2, argv + 2);
+            cli_release(); /* strings a --config file gave the verb */
+            return rc;
+        }
     fprintf(stderr, "ember: unknown verb '%s'\n", argv[1]);
     usage(stderr);
     return 2;
