@@ -26,6 +26,10 @@ void em_linear_forward(float *out, const float *in, const float *W, const float 
 /* din(B,I) += dout @ W; dW(O,I) += dout^T @ in; db(O) += sum_b dout. din/db nullable. */
 void em_linear_backward(float *din, float *dW, float *db, const float *dout, const float *in,
                         const float *W, int B, int I, int O, em_pool *pool);
+/* The same, but din, dW and db are overwritten instead of accumulated into: for
+ * callers that own those buffers exclusively, it saves a zeroing pass over each. */
+void em_linear_backward_set(float *din, float *dW, float *db, const float *dout, const float *in,
+                            const float *W, int B, int I, int O, em_pool *pool);
 
 /* ReLU: out = max(in, 0). In place (out == in) allowed. */
 void em_relu_forward(float *out, const float *in, size_t n);

@@ -266,16 +266,19 @@ static void relu_mask(float *d, const float *out, size_t n, em_pool *pool) {
 static void backward(em_dlrm *m, const em_batch *b, em_pool *pool) {
     const int B = b->B, n = m->n_layers;
     const size_t TD = (size_t)m->cfg.num_tables * (size_t)m->cfg.dim;
-    zero_par(m->grads, m->n_params, pool);
-    for (int l = 0; l < n; l++) zero_par(m->dx[l], (size_t)B * (size_t)m->L[l].out, pool);
-    zero_par(m->dinter, (size_t)B * (size_t)m->cfg.top[0], pool);
+    /* Every dense gradient, dinter and each dx[l] but two is written exactly once per
+     * step by a linear backward in overwrite mode, so only the buffers that are
+     * accumulated into need zeroing: the logit gradient (BCE), the bottom output's and
+     * the embeddings' (dot interaction). */
+    zero_par(m->dx[n - 1], (size_t)B, pool);
+    zero_par(m->dx[m->n_botl - 1], (size_t)B * (size_t)m->cfg.dim, pool);
     zero_par(m->demb, (size_t)B * TD, pool);
     em_bce_logits_backward(m->dx[n - 1], m->x[n - 1], b->label, (size_t)B, 1.0f / (float)B);
     for (int l = n - 1; l >= 0; l--) {
         const layer *L = &m->L[l];
         if (l != n - 1) relu_mask(m->dx[l], m->x[l], (size_t)B * (size_t)L->out, pool);
-        em_linear_backward(layer_din(m, l), m->grads + L->w, m->grads + L->b, m->dx[l], layer_in(m, l),
-                           m->params + L->w, B, L->in, L->out, pool);
+        em_linear_backward_set(layer_din(m, l), m->grads + L->w, m->grads + L->b, m->dx[l], layer_in(m, l),
+                               m->params + L->w, B, L->in, L->out, pool);
         if (l == m->n_botl)
             em_dot_interact_backward(m->dx[l - 1], m->demb, m->dinter, m->x[l - 1], m->emb_out, B, m->cfg.num_tables,
                                      m->cfg.dim, pool);

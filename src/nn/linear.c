@@ -145,18 +145,20 @@ typedef struct {
     float *din, *dW, *db;
     const float *dout, *in, *W;
     int B, I, O;
+    float beta;    /* 1: accumulate into din/dW/db, 0: overwrite them */
     tiling tw, ti; /* dW(O,I) tiles, din(B,I) tiles */
     int nw, ni, nb; /* task counts: dW tiles, din tiles, db column blocks */
     atomic_int next;
 } bwd_arg;
 
-/* db[c0:c1) += sum_b dout[b, c0:c1), each column summed in order b = 0..B-1. */
+/* db[c0:c1) (+)= sum_b dout[b, c0:c1), each column summed in order b = 0..B-1. */
 static void db_block(bwd_arg *a, int c0, int c1) {
     float s[DB_COLS];
     const size_t n = (size_t)(c1 - c0);
     memset(s, 0, n * sizeof(float));
     for (int r = 0; r < a->B; r++) em_vadd(s, a->dout + (size_t)r * a->O + c0, n);
-    em_vadd(a->db + c0, s, n);
+    if (a->beta != 0.f) em_vadd(a->db + c0, s, n);
+    else memcpy(a->db + c0, s, n * sizeof(float));
 }
 
 static void bwd_task(void *p, int ith, int nth) {
@@ -170,11 +172,11 @@ static void bwd_task(void *p, int ith, int nth) {
         if (k < a->nw) { /* dW[r0:r1, c0:c1] += dout[:, r0:r1]^T @ in[:, c0:c1] */
             tile_bounds(&a->tw, k, &r0, &r1, &c0, &c1);
             cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, r1 - r0, c1 - c0, a->B, 1.f,
-                        a->dout + r0, a->O, a->in + c0, a->I, 1.f, a->dW + (size_t)r0 * a->I + c0, a->I);
+                        a->dout + r0, a->O, a->in + c0, a->I, a->beta, a->dW + (size_t)r0 * a->I + c0, a->I);
         } else if (k < a->nw + a->ni) { /* din[r0:r1, c0:c1] += dout[r0:r1, :] @ W[:, c0:c1] */
             tile_bounds(&a->ti, k - a->nw, &r0, &r1, &c0, &c1);
             cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, r1 - r0, c1 - c0, a->O, 1.f,
-                        a->dout + (size_t)r0 * a->O, a->O, a->W + c0, a->I, 1.f,
+                        a->dout + (size_t)r0 * a->O, a->O, a->W + c0, a->I, a->beta,
                         a->din + (size_t)r0 * a->I + c0, a->I);
         } else {
             c0 = (k - a->nw - a->ni) * DB_COLS;
@@ -184,11 +186,11 @@ static void bwd_task(void *p, int ith, int nth) {
     }
 }
 
-void em_linear_backward(float *din, float *dW, float *db, const float *dout, const float *in,
-                        const float *W, int B, int I, int O, em_pool *pool) {
+static void linear_backward(float *din, float *dW, float *db, const float *dout, const float *in, const float *W,
+                            int B, int I, int O, float beta, em_pool *pool) {
     if (B <= 0 || O <= 0) return;
     em_blas_init();
-    bwd_arg a = {.din = din, .dW = dW, .db = db, .dout = dout, .in = in, .W = W, .B = B, .I = I, .O = O};
+    bwd_arg a = {.din = din, .dW = dW, .db = db, .dout = dout, .in = in, .W = W, .B = B, .I = I, .O = O, .beta = beta};
     a.tw = make_tiling(O, I, B);
     a.ti = make_tiling(B, I, O);
     a.nw = dW && I > 0 ? tiling_count(&a.tw) : 0; /* NULL dW (a frozen layer) is tolerated */
@@ -197,4 +199,14 @@ void em_linear_backward(float *din, float *dW, float *db, const float *dout, con
     atomic_init(&a.next, 0);
     if (a.nw + a.ni + a.nb == 1) bwd_task(&a, 0, 1);
     else em_pool_run(pool, bwd_task, &a);
+}
+
+void em_linear_backward(float *din, float *dW, float *db, const float *dout, const float *in,
+                        const float *W, int B, int I, int O, em_pool *pool) {
+    linear_backward(din, dW, db, dout, in, W, B, I, O, 1.f, pool);
+}
+
+void em_linear_backward_set(float *din, float *dW, float *db, const float *dout, const float *in,
+                            const float *W, int B, int I, int O, em_pool *pool) {
+    linear_backward(din, dW, db, dout, in, W, B, I, O, 0.f, pool);
 }
