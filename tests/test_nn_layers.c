@@ -418,6 +418,39 @@ static void test_cleanup(void) {
     pools[1] = pools[2] = NULL;
 }
 
-TEST_MAIN({"linear", test_linear}, {"linear_degenerate", test_linear_degenerate}, {"relu", test_relu},
+/* The fused linear + ReLU and the overwrite-mode backward are bitwise the plain
+ * kernels composed (relu after forward; accumulate into zeros). */
+static void test_linear_fused_variants(void) {
+    const int B = 300, I = 37, O = 70;
+    em_rng r;
+    em_rng_seed(&r, 77);
+    float *x = malloc(sizeof(float) * B * I), *W = malloc(sizeof(float) * O * I), *b = malloc(sizeof(float) * O);
+    float *y1 = malloc(sizeof(float) * B * O), *y2 = malloc(sizeof(float) * B * O), *dy = malloc(sizeof(float) * B * O);
+    float *dx1 = calloc((size_t)B * I, sizeof(float)), *dx2 = malloc(sizeof(float) * B * I);
+    float *dW1 = calloc((size_t)O * I, sizeof(float)), *dW2 = malloc(sizeof(float) * O * I);
+    float *db1 = calloc((size_t)O, sizeof(float)), *db2 = malloc(sizeof(float) * O);
+    for (int i = 0; i < B * I; i++) x[i] = (float)em_rng_normal(&r);
+    for (int i = 0; i < O * I; i++) W[i] = (float)em_rng_normal(&r);
+    for (int i = 0; i < O; i++) b[i] = (float)em_rng_normal(&r);
+    for (int i = 0; i < B * O; i++) dy[i] = (float)em_rng_normal(&r);
+    for (int i = 0; i < O * I; i++) dW2[i] = 123.f; /* garbage: must be overwritten */
+    for (int i = 0; i < B * I; i++) dx2[i] = -5.f;
+    for (int i = 0; i < O; i++) db2[i] = 9.f;
+    em_pool *pool;
+    CHECK_OK(em_pool_create(&pool, 2));
+    em_linear_forward(y1, x, W, b, B, I, O, pool);
+    em_relu_forward(y1, y1, (size_t)B * O);
+    em_linear_relu_forward(y2, x, W, b, B, I, O, pool);
+    CHECK(memcmp(y1, y2, sizeof(float) * B * O) == 0);
+    em_linear_backward(dx1, dW1, db1, dy, x, W, B, I, O, pool);
+    em_linear_backward_set(dx2, dW2, db2, dy, x, W, B, I, O, pool);
+    CHECK(memcmp(dx1, dx2, sizeof(float) * B * I) == 0);
+    CHECK(memcmp(dW1, dW2, sizeof(float) * O * I) == 0);
+    CHECK(memcmp(db1, db2, sizeof(float) * O) == 0);
+    em_pool_free(pool);
+    free(x), free(W), free(b), free(y1), free(y2), free(dy), free(dx1), free(dx2), free(dW1), free(dW2), free(db1), free(db2);
+}
+
+TEST_MAIN({"linear", test_linear}, {"linear_fused_variants", test_linear_fused_variants}, {"linear_degenerate", test_linear_degenerate}, {"relu", test_relu},
           {"sigmoid", test_sigmoid}, {"interact_order", test_interact_order}, {"interact", test_interact},
           {"bce", test_bce}, {"cleanup", test_cleanup})

@@ -23,6 +23,10 @@ extern "C" {
  * b nullable. Uses cblas_sgemm (single-threaded BLAS, split over the pool). */
 void em_linear_forward(float *out, const float *in, const float *W, const float *b,
                        int B, int I, int O, em_pool *pool);
+/* out = relu(in @ W^T + b), the ReLU fused into each output tile (bitwise equal to
+ * em_linear_forward followed by em_relu_forward). */
+void em_linear_relu_forward(float *out, const float *in, const float *W, const float *b,
+                            int B, int I, int O, em_pool *pool);
 /* din(B,I) += dout @ W; dW(O,I) += dout^T @ in; db(O) += sum_b dout. din/db nullable. */
 void em_linear_backward(float *din, float *dW, float *db, const float *dout, const float *in,
                         const float *W, int B, int I, int O, em_pool *pool);

@@ -226,8 +226,10 @@ static em_status forward(em_dlrm *m, const em_batch *b, em_pool *pool) {
     for (int l = 0; l < m->n_layers; l++) {
         const layer *L = &m->L[l];
         if (l == m->n_botl) em_dot_interact_forward(m->inter, m->x[l - 1], m->emb_out, B, m->cfg.num_tables, m->cfg.dim, pool);
-        em_linear_forward(m->x[l], layer_in(m, l), m->params + L->w, m->params + L->b, B, L->in, L->out, pool);
-        if (l != m->n_layers - 1) em_relu_forward(m->x[l], m->x[l], (size_t)B * (size_t)L->out);
+        if (l != m->n_layers - 1) /* ReLU after every layer but the last */
+            em_linear_relu_forward(m->x[l], layer_in(m, l), m->params + L->w, m->params + L->b, B, L->in, L->out, pool);
+        else
+            em_linear_forward(m->x[l], layer_in(m, l), m->params + L->w, m->params + L->b, B, L->in, L->out, pool);
     }
     return EM_OK;
 }

@@ -99,6 +99,7 @@ typedef struct {
     float *out;
     const float *in, *W, *b;
     int B, I, O;
+    int relu; /* apply ReLU to each tile right after its sgemm, while it is in cache */
     tiling t;
     atomic_int next;
 } fwd_arg;
@@ -126,17 +127,29 @@ static void fwd_task(void *p, int ith, int nth) {
         }
         cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, r1 - r0, c1 - c0, a->I, 1.f,
                     a->in + (size_t)r0 * a->I, a->I, a->W + (size_t)c0 * a->I, a->I, beta, out, a->O);
+        if (a->relu)
+            for (int r = r0; r < r1; r++) em_relu_forward(a->out + (size_t)r * a->O + c0, a->out + (size_t)r * a->O + c0, (size_t)(c1 - c0));
     }
+}
+
+static void linear_forward(float *out, const float *in, const float *W, const float *b, int B, int I, int O, int relu,
+                           em_pool *pool) {
+    if (B <= 0 || O <= 0) return;
+    em_blas_init();
+    fwd_arg a = {.out = out, .in = in, .W = W, .b = b, .B = B, .I = I, .O = O, .relu = relu, .t = make_tiling(B, O, I)};
+    atomic_init(&a.next, 0);
+    if (tiling_count(&a.t) == 1) fwd_task(&a, 0, 1); /* skip the pool wake-up for one tile */
+    else em_pool_run(pool, fwd_task, &a);
 }
 
 void em_linear_forward(float *out, const float *in, const float *W, const float *b,
                        int B, int I, int O, em_pool *pool) {
-    if (B <= 0 || O <= 0) return;
-    em_blas_init();
-    fwd_arg a = {.out = out, .in = in, .W = W, .b = b, .B = B, .I = I, .O = O, .t = make_tiling(B, O, I)};
-    atomic_init(&a.next, 0);
-    if (tiling_count(&a.t) == 1) fwd_task(&a, 0, 1); /* skip the pool wake-up for one tile */
-    else em_pool_run(pool, fwd_task, &a);
+    linear_forward(out, in, W, b, B, I, O, 0, pool);
+}
+
+void em_linear_relu_forward(float *out, const float *in, const float *W, const float *b,
+                            int B, int I, int O, em_pool *pool) {
+    linear_forward(out, in, W, b, B, I, O, 1, pool);
 }
 
 /* ----------------------------------------------------------------- backward */
