@@ -589,7 +589,33 @@ static void test_python_reader(void) {
     CHECK(system(cmd) != 0);
 }
 
-TEST_MAIN({"dtypes", test_dtypes}, {"round_trip", test_round_trip}, {"metadata_and_layout", test_metadata_and_layout},
+/* A 3-element F32 tensor listed before an I64 one: the writer still places the I64
+ * data 8-byte aligned (grouped by element size, largest first, stable). */
+static void test_write_aligns_by_dtype_size(void) {
+    char path[] = "/tmp/ember_st_align_XXXXXX";
+    int fd = mkstemp(path);
+    CHECK(fd >= 0);
+    close(fd);
+    float f[3] = {1, 2, 3};
+    int64_t q[2] = {-7, 1LL << 40};
+    uint8_t u[1] = {9};
+    em_st_tensor ts[] = {{"a_f32", EM_F32, 1, {3}, f}, {"b_u8", EM_U8, 1, {1}, u}, {"c_i64", EM_I64, 1, {2}, q}};
+    CHECK_OK(em_st_write(path, ts, 3, NULL, 0));
+    em_st *st = NULL;
+    CHECK_OK(em_st_open(&st, path));
+    if (st) {
+        const em_st_tensor *t = em_st_find(st, "c_i64");
+        CHECK(t && ((uintptr_t)t->data % 8) == 0 && memcmp(t->data, q, sizeof q) == 0);
+        CHECK(strcmp(em_st_at(st, 0)->name, "c_i64") == 0 && strcmp(em_st_at(st, 1)->name, "a_f32") == 0 &&
+              strcmp(em_st_at(st, 2)->name, "b_u8") == 0);
+        const em_st_tensor *a = em_st_find(st, "a_f32");
+        CHECK(a && memcmp(a->data, f, sizeof f) == 0);
+    }
+    em_st_close(st);
+    unlink(path);
+}
+
+TEST_MAIN({"write_aligns_by_dtype_size", test_write_aligns_by_dtype_size},{"dtypes", test_dtypes}, {"round_trip", test_round_trip}, {"metadata_and_layout", test_metadata_and_layout},
           {"find_expect", test_find_expect}, {"atomic_write", test_atomic_write}, {"truncated", test_truncated},
           {"flipped_bytes", test_flipped_bytes}, {"bad_header_length", test_bad_header_length},
           {"hand_built", test_hand_built}, {"alloc_failures", test_alloc_failures},

@@ -43,7 +43,9 @@ typedef struct {
     const char *key, *value;
 } em_st_meta;
 
-/* Write tensors (in the given order) and metadata to `path` atomically. */
+/* Write tensors and metadata to `path` atomically. Tensors are stored grouped by
+ * element size, largest first, in the given order within a group, so every tensor is
+ * naturally aligned when the file is loaded. */
 em_status em_st_write(const char *path, const em_st_tensor *tensors, int n_tensors,
                       const em_st_meta *meta, int n_meta);
 

@@ -19,8 +19,8 @@
  * - Reading loads the whole file with one em_malloc. The buffer is shifted by a pad so
  *   that the data section starts 8-byte aligned even when a foreign writer left N not
  *   a multiple of 8. The writer packs tensors without gaps (as the format's reference
- *   readers require), so a tensor is 8-byte aligned when the bytes before it are a
- *   multiple of 8: callers list F64/I64/U64 tensors first, or only use F32.
+ *   readers require) and groups them by element size, largest first (data_pass), so
+ *   every tensor it writes is naturally aligned when loaded.
  * - Everything read is distrusted: header length, JSON, dtypes, shapes (overflow-safe
  *   products), offsets (within the data section, exact size, no overlap between
  *   non-empty tensors) and the checksum when present. Any failure is EM_ERR_CORRUPT
@@ -128,6 +128,19 @@ static em_status sync_dir(const char *path, const char *dir) {
     return st;
 }
 
+/* The data section holds the tensors grouped by element size, largest first (8-byte
+ * dtypes, then 4, 2, 1), in the caller's order within a group: since the section
+ * starts 8-byte aligned, every tensor is then naturally aligned in place. Returns
+ * the group (0..3) of a tensor; unknown dtypes go last (and are refused later). */
+static int data_pass(const em_st_tensor *t) {
+    switch (em_dtype_size(t->dtype)) {
+    case 8: return 0;
+    case 4: return 1;
+    case 2: return 2;
+    default: return 3;
+    }
+}
+
 /* Checks the tensors and metadata and returns the compact header JSON, checksum
  * included (malloc'd by jansson: free()), or NULL with the error in *st. */
 static char *build_header(const char *path, const em_st_tensor *ts, int n, const em_st_meta *meta, int n_meta,
@@ -143,7 +156,9 @@ static char *build_header(const char *path, const em_st_tensor *ts, int n, const
     XXH64_state_t hs;
     XXH64_reset(&hs, 0);
     int64_t off = 0;
-    for (int i = 0; i < n; i++) {
+    for (int k = 0; k < 4 * n; k++) { /* in data order, see data_order() */
+        int i = k % n;
+        if (data_pass(&ts[i]) != k / n) continue;
         const em_st_tensor *t = &ts[i];
         if (!t->name || strcmp(t->name, "__metadata__") == 0) {
             *st = em_errorf(EM_ERR_INVALID, "%s: tensor %d has %s name", path, i, t->name ? "a reserved" : "no");
@@ -243,7 +258,9 @@ em_status em_st_write(const char *path, const em_st_tensor *tensors, int n_tenso
     static const char spaces[8] = "        ";
     int ok = fwrite(len8, 1, 8, f) == 8 && fwrite(header, 1, hlen, f) == hlen &&
              fwrite(spaces, 1, padded - hlen, f) == padded - hlen;
-    for (int i = 0; i < n_tensors && ok; i++) {
+    for (int k = 0; k < 4 * n_tensors && ok; k++) {
+        int i = k % n_tensors;
+        if (data_pass(&tensors[i]) != k / n_tensors) continue;
         size_t nb = (size_t)shape_numel(tensors[i].shape, tensors[i].ndim) * em_dtype_size(tensors[i].dtype);
         ok = nb == 0 || fwrite(tensors[i].data, 1, nb, f) == nb;
     }
