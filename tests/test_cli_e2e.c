@@ -181,6 +181,32 @@ static void test_malformed_and_corrupt(void) {
     CHECK(run("%s train --help > /dev/null", bin) == 0);
 }
 
+/* The binary format is the same data: training on `ember convert`'s output gives
+ * bitwise the parameters of training on the TSV. And the numpy-only reader
+ * (tools/read_checkpoint.py) reads a real checkpoint. */
+static void test_binary_format_and_numpy_reader(void) {
+    setup();
+    char tr[512];
+    snprintf(tr, sizeof tr, "%s --batch 100 --max-steps 40 --quiet", small_model);
+    CHECK(run("%s convert %s/data/train.tsv %s/train.bin > /dev/null", bin, dir, dir) == 0);
+    CHECK(run("%s train --train %s/data/train.tsv %s --out %s/tsvrun > /dev/null 2>&1", bin, dir, tr, dir) == 0);
+    CHECK(run("%s train --train %s/train.bin %s --out %s/binrun > /dev/null 2>&1", bin, dir, tr, dir) == 0);
+    char a[512], b[512];
+    snprintf(a, sizeof a, "%s/tsvrun/checkpoint.safetensors", dir);
+    snprintf(b, sizeof b, "%s/binrun/checkpoint.safetensors", dir);
+    CHECK(same_checkpoint(a, b));
+    const char *src = getenv("EMBER_SRC");
+    if (run("/usr/bin/python3 -c 'import numpy' 2>/dev/null") != 0) {
+        fprintf(stderr, "  (numpy not installed: tools/read_checkpoint.py not run)\n");
+        return;
+    }
+    CHECK(run("/usr/bin/python3 %s/tools/read_checkpoint.py %s > %s/reader.txt 2>&1", src ? src : "..", a, dir) == 0);
+    snprintf(b, sizeof b, "%s/reader.txt", dir);
+    char *out = slurp(b);
+    CHECK(out && strstr(out, "emb.25.weight") && strstr(out, "top.1.bias") && strstr(out, "ember.model"));
+    free(out);
+}
+
 static void cleanup(void) {
     if (dir[0] && t_failures == 0) run("rm -rf %s", dir);
 }
@@ -188,4 +214,5 @@ static void cleanup(void) {
 static void test_cleanup(void) { cleanup(); }
 
 TEST_MAIN({"train_reaches_optimum", test_train_reaches_optimum}, {"resume_bitwise", test_resume_bitwise},
-          {"malformed_and_corrupt", test_malformed_and_corrupt}, {"cleanup", test_cleanup})
+          {"malformed_and_corrupt", test_malformed_and_corrupt},
+          {"binary_format_and_numpy_reader", test_binary_format_and_numpy_reader}, {"cleanup", test_cleanup})
