@@ -2,7 +2,7 @@
 # Install the Debian packages ember needs that are missing. Usage: scripts/deps.sh [--test]
 # --test adds what the test suite uses beyond the build (numpy, for the checkpoint reader check).
 set -euo pipefail
-pkgs=(build-essential cmake pkg-config libopenblas-dev libjansson-dev libxxhash-dev)
+pkgs=(build-essential cmake pkg-config libopenblas-dev libjansson-dev libxxhash-dev libmicrohttpd-dev)
 [[ "${1:-}" == "--test" ]] && pkgs+=(python3-numpy)
 missing=()
 for p in "${pkgs[@]}"; do
