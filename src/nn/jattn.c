@@ -74,17 +74,18 @@ static float cfg_scale(const em_jattn_cfg *c) {
     return c->scale > 0.f ? c->scale : 1.f / sqrtf((float)c->dh);
 }
 
-/* x[k] = exp(x[k] - sub[k or 0]) for k < 8; see the file comment. Fixed trip counts so
- * that GCC vectorises at -O2. */
-static inline void exp8(float *restrict x) {
-    float n[8], r[8];
+/* x[k] = exp(x[k] - sub), k < 8, and part[k] += the result. One loop with a fixed trip
+ * count and no calls (round-to-nearest by the 1.5*2^23 trick, the power of two built
+ * in the exponent bits) so that GCC vectorises it at -O2. Arguments below -87 (the
+ * mask's -inf included) give exactly 0; arguments are <= ~0 here (a row max or the
+ * lse is subtracted), so there is no overflow branch. */
+static inline void exp8_sub(float *restrict x, float sub, float *restrict part) {
     for (int k = 0; k < 8; k++) {
-        float v = x[k] < -87.0f ? -87.0f : (x[k] > 88.0f ? 88.0f : x[k]);
-        n[k] = floorf(v * 1.44269504088896341f + 0.5f);
-        r[k] = v - n[k] * 0.693359375f + n[k] * 2.12194440e-4f;
-    }
-    for (int k = 0; k < 8; k++) {
-        float z = r[k], p = 1.9875691500e-4f;
+        const float a = x[k] - sub;
+        const float v = a > -87.0f ? a : -87.0f;
+        const float n = (v * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+        const float z = v - n * 0.693359375f + n * 2.12194440e-4f;
+        float p = 1.9875691500e-4f;
         p = p * z + 1.3981999507e-3f;
         p = p * z + 8.3334519073e-3f;
         p = p * z + 4.1665795894e-2f;
@@ -92,8 +93,10 @@ static inline void exp8(float *restrict x) {
         p = p * z + 5.0000001201e-1f;
         p = p * z * z + z + 1.0f;
         union { float f; int32_t i; } e;
-        e.i = ((int32_t)n[k] + 127) << 23;
-        x[k] = x[k] < -87.0f ? 0.f : p * e.f;
+        e.i = ((int32_t)n + 127) * (1 << 23);
+        const float y = a > -87.0f ? p * e.f : 0.f;
+        x[k] = y;
+        part[k] += y;
     }
 }
 
@@ -102,20 +105,28 @@ static inline void exp8(float *restrict x) {
 static float exp_sub_row(float *row, int n, float sub) {
     float part[8] = {0};
     int c = 0;
-    for (; c + 8 <= n; c += 8) {
-        float *x = row + c;
-        for (int k = 0; k < 8; k++) x[k] -= sub;
-        exp8(x);
-        for (int k = 0; k < 8; k++) part[k] += x[k];
-    }
+    for (; c + 8 <= n; c += 8) exp8_sub(row + c, sub, part);
     if (c < n) {
         float tmp[8];
-        int m = n - c;
-        for (int k = 0; k < 8; k++) tmp[k] = k < m ? row[c + k] - sub : -INFINITY;
-        exp8(tmp);
-        for (int k = 0; k < m; k++) row[c + k] = tmp[k], part[k] += tmp[k];
+        const int m = n - c;
+        for (int k = 0; k < 8; k++) tmp[k] = k < m ? row[c + k] : -INFINITY;
+        exp8_sub(tmp, sub, part);
+        for (int k = 0; k < m; k++) row[c + k] = tmp[k];
     }
     return ((part[0] + part[4]) + (part[1] + part[5])) + ((part[2] + part[6]) + (part[3] + part[7]));
+}
+
+/* max(init, row[0..n)), 8 lanes then a fixed fold (a plain running max does not
+ * vectorise without -ffast-math). */
+static float row_max(const float *row, int n, float init) {
+    float mx[8];
+    for (int k = 0; k < 8; k++) mx[k] = init;
+    int c = 0;
+    for (; c + 8 <= n; c += 8)
+        for (int k = 0; k < 8; k++) mx[k] = row[c + k] > mx[k] ? row[c + k] : mx[k];
+    for (int k = 0; c + k < n; k++) mx[k] = row[c + k] > mx[k] ? row[c + k] : mx[k];
+    for (int k = 1; k < 8; k++) mx[0] = mx[k] > mx[0] ? mx[k] : mx[0];
+    return mx[0];
 }
 
 /* Unit list: samples longest first; per sample `tiles` entries of t (query tile index,
@@ -213,8 +224,7 @@ static void fwd_unit(const job *j, unit u) {
             float *s = S + (size_t)r * T;
             if (diag)
                 for (int cc = i0 + r - j0 + 1; cc < nk; cc++) s[cc] = -INFINITY;
-            float mx = m[r];
-            for (int cc = 0; cc < nk; cc++) mx = s[cc] > mx ? s[cc] : mx;
+            const float mx = row_max(s, nk, m[r]);
             const float alpha = expf(m[r] - mx); /* 0 on the first tile (m = -inf) */
             const float sum = exp_sub_row(s, nk, mx);
             l[r] = l[r] * alpha + sum;
