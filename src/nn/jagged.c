@@ -152,12 +152,12 @@ static void to_jagged_task(void *p, int ith, int nth) {
         int64_t L = j->offsets[b + 1] - j->offsets[b];
         for (int64_t t = 0; t < L; t++) {
             size_t row = (size_t)(j->offsets[b] + t);
-            const float *src = t < j->max_len ? j->a + (b * (size_t)j->max_len + (size_t)t) * D : NULL;
-            if (j->mode == 0) { /* forward: out = values */
-                if (src) memcpy(j->out + row * D, src, D * sizeof(float));
+            size_t prow = b * (size_t)j->max_len + (size_t)t; /* valid only if t < max_len */
+            if (j->mode == 0) { /* forward: out = values, a = padded */
+                if (t < j->max_len) memcpy(j->out + row * D, j->a + prow * D, D * sizeof(float));
                 else memset(j->out + row * D, 0, D * sizeof(float));
-            } else if (src) { /* backward: out = dpadded, a = dvalues */
-                em_vadd(j->out + (b * (size_t)j->max_len + (size_t)t) * D, j->b + row * D, D);
+            } else if (t < j->max_len) { /* backward: out = dpadded, a = dvalues */
+                em_vadd(j->out + prow * D, j->a + row * D, D);
             }
         }
     }
@@ -176,8 +176,7 @@ em_status em_padded_to_jagged_backward(float *dpadded, const float *dvalues, con
                                        int B, int max_len, int D, int truncate, em_pool *pool) {
     em_status s = check_padded("padded_to_jagged_backward", offsets, B, max_len, D, truncate);
     if (s) return s;
-    /* .a only decides "t < max_len" (non-NULL); the rows read are .b */
-    job j = {.out = dpadded, .a = dpadded, .b = dvalues, .offsets = offsets, .B = B, .max_len = max_len, .D = D,
+    job j = {.out = dpadded, .a = dvalues, .offsets = offsets, .B = B, .max_len = max_len, .D = D,
              .mode = 1};
     run(pool, to_jagged_task, &j);
     return EM_OK;
