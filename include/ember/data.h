@@ -72,6 +72,10 @@ em_status em_reader_next(em_reader *r, const em_batch **out);
 void em_reader_stats_get(const em_reader *r, em_reader_stats *out);
 void em_reader_free(em_reader *r); /* NULL is a no-op; joins the prefetch thread */
 
+/* Records in a data file: the binary header's count, or the number of lines of a TSV
+ * file (a last line without '\n' counts). EM_ERR_UNSUPPORTED for stdin ("-"). */
+em_status em_data_count(const char *path, uint64_t *records);
+
 /* TSV -> ember binary, streaming with bounded memory. Malformed lines are counted into
  * *stats (or fatal when strict). */
 em_status em_convert_tsv_to_bin(const char *tsv_path, const char *bin_path, int num_dense,

@@ -167,28 +167,6 @@ static em_status evaluate(run_state *s, em_metrics *out, double train_loss) {
     return EM_OK;
 }
 
-/* Lines in a text file (for progress and ETA); 0 if unknown (stdin, binary). */
-static uint64_t count_lines(const char *path) {
-    if (strcmp(path, "-") == 0) return 0;
-    FILE *f = fopen(path, "rb");
-    if (!f) return 0;
-    static char buf[1 << 16];
-    uint64_t n = 0;
-    size_t got, total = 0;
-    int last = '\n';
-    while ((got = fread(buf, 1, sizeof buf, f)) > 0) {
-        if (total == 0 && got >= 4 && memcmp(buf, "EMBR", 4) == 0) { /* binary: unknown here */
-            fclose(f);
-            return 0;
-        }
-        for (char *p = buf; (p = memchr(p, '\n', (size_t)(buf + got - p))); p++) n++;
-        last = buf[got - 1];
-        total += got;
-    }
-    fclose(f);
-    return n + (total && last != '\n');
-}
-
 em_status em_train_run(const em_train_cfg *cfg, em_pool *pool, em_train_result *res, em_dlrm **model_out) {
     memset(res, 0, sizeof *res);
     if (model_out) *model_out = NULL;
@@ -227,7 +205,8 @@ em_status em_train_run(const em_train_cfg *cfg, em_pool *pool, em_train_result *
         }
     }
     const em_dlrm_cfg *mc = em_dlrm_config(s.m);
-    uint64_t lines = count_lines(cfg->train_path);
+    uint64_t lines = 0; /* for progress and ETA only: 0 = unknown */
+    if (em_data_count(cfg->train_path, &lines) != EM_OK) lines = 0;
     if (cfg->train_limit && (lines == 0 || cfg->train_limit < lines)) lines = cfg->train_limit;
     double total_lines = lines ? (double)lines * cfg->epochs : 0;
     s.t0 = em_now();
