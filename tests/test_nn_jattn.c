@@ -193,8 +193,8 @@ static void check_case(const int *lens, int B, int H, int dh, int causal, int ta
     tcase_free(&c);
 }
 
-static const int LENS[] = {5, 0, 200, 1, 65, 64};
-#define NLENS 6
+static const int LENS[] = {5, 0, 200, 1, 65, 64, 257};
+#define NLENS 7
 
 static void test_self_vs_ref(void) {
     em_pool *pool;

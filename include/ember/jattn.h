@@ -20,20 +20,21 @@
  *
  * Choices:
  *   - scale <= 0 in the config means 1/sqrt(dh).
- *   - Forward works in tiles of 64 query x 64 key rows with an online softmax (running
+ *   - Forward works in tiles of 128 query x 128 key rows with an online softmax (running
  *     max and sum per query row, accumulator rescaled when the max grows); the L x L
- *     score matrix is never materialised (working set: one 64x64 tile per worker).
+ *     score matrix is never materialised (working set: one 128x128 tile per worker).
  *   - Backward recomputes P = exp(scale*QK^T - lse) tile by tile (FlashAttention-2):
  *     D_i = dO_i . O_i, dV += P^T dO, dP = dO V^T, dS = P*(dP - D),
  *     dQ += scale dS K, dK += scale dS^T Q.
  *   - Backward ACCUMULATES into dQ, dK, dV (dq for the target variant), as every ember
  *     backward does; forward overwrites O and lse.
- *   - Determinism: forward work units are (sample, head, 64-row query tile), backward
+ *   - Determinism: forward work units are (sample, head, 128-row query tile), backward
  *     units are (sample, head); each unit writes a disjoint set of output elements with
  *     a fixed arithmetic order, workers take units from an atomic counter, so results
  *     are bitwise identical for any thread count (or a NULL pool).
  *   - Bad offsets (offsets[0] != 0, decreasing, NULL) or dims <= 0 -> EM_ERR_INVALID.
- *     The only allocation is a small unit list (EM_ERR_NOMEM when it fails).
+ *     Each self-attention call allocates a unit list and 64 or 128 KiB of tile scratch
+ *     per worker (EM_ERR_NOMEM when that fails); the target variant allocates nothing.
  */
 #ifndef EMBER_JATTN_H
 #define EMBER_JATTN_H

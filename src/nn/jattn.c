@@ -2,16 +2,16 @@
  * jattn.c - Jagged Flash Attention (self and target attention) forward and backward on
  * jagged (values + offsets) sequences; the API and layout are in ember/jattn.h.
  *
- * Self-attention forward. One unit = (sample, head, 64-row query tile). The unit walks
- * the key tiles (64 rows; causal: only those at or left of the diagonal) and per tile:
- *   S = scale * Q_t K_j^T          one cblas_sgemm into a 64x64 stack tile
+ * Self-attention forward. One unit = (sample, head, TQ-row query tile). The unit walks
+ * the key tiles (TK rows; causal: only those at or left of the diagonal) and per tile:
+ *   S = scale * Q_t K_j^T          one cblas_sgemm into the worker's TQ x TK scratch
  *   online softmax per row         m' = max(m, rowmax S), alpha = exp(m - m'),
  *                                  P = exp(S - m'), l = alpha*l + rowsum P,
  *                                  O_t *= alpha (the output rows are the accumulator)
  *   O_t += P V_j                   one cblas_sgemm with beta = 1 straight into O
  * then O_t /= l and lse = m + log l. Q/K/V/O tiles are addressed in place with
  * lda = H*dh, so nothing is gathered or padded. Every row of every processed tile has
- * at least one visible key (key tiles start at multiples of 64 <= the query tile's
+ * at least one visible key (key tiles start at multiples of TK <= the query tile's
  * start), so m is finite after the first tile and no row needs a special case.
  *
  * Self-attention backward (FlashAttention-2 recomputation). One unit = (sample, head):
@@ -26,6 +26,12 @@
  * reduction buffer; with units sorted longest-first the dynamic schedule balances
  * well as long as B*H is large compared with the thread count (the DLRM case).
  *
+ * Tiles: TQ = TK = 128. Measured single-threaded at B=256, H=2, dh=32 (lognormal
+ * lengths, mean 64, one of 1024): 64x64 tiles cost ~10% more (per-call sgemm packing
+ * and the softmax bookkeeping per tile), 32x32 ~35% more; larger tiles only add masked
+ * waste under causal. Scratch (one tile per worker forward, two backward) is one
+ * em_malloc per call, next to the unit list.
+ *
  * Scheduling. Units are listed longest sample first (a one-time sort of B lengths) and
  * handed out by an atomic counter: which worker runs a unit changes with timing, what
  * the unit computes never does, so outputs are bitwise independent of the thread count.
@@ -36,7 +42,7 @@
  * below -87 (including the -inf of the mask) give exactly 0.
  *
  * Target attention (one query per sample and head) is a matrix-vector problem: it uses
- * em_vdot / em_vaxpy over key chunks of 64 with the same online softmax; a unit is
+ * em_vdot / em_vaxpy over key chunks of TK with the same online softmax; a unit is
  * (sample, head) and owns its o, lse, dq rows and its sample's dK/dV head columns.
  */
 #include <math.h>
@@ -47,7 +53,8 @@
 #include "core/simd.h"
 #include "ember/jattn.h"
 
-#define T 64 /* query and key tile rows */
+#define TQ 128 /* query tile rows */
+#define TK 128 /* key tile rows (a multiple of TQ: see the causal notes in the units) */
 
 /* ------------------------------------------------------------------ helpers */
 
@@ -159,7 +166,7 @@ static em_status make_units(unit **out, size_t *n, const em_jattn_cfg *c, int pe
     for (int b = 0; b < c->B; b++) {
         int64_t L = c->offsets[b + 1] - c->offsets[b];
         keys[b] = (len_key){c->offsets, b};
-        cnt += (size_t)c->H * (size_t)(per_tile ? (L + T - 1) / T : (L > 0));
+        cnt += (size_t)c->H * (size_t)(per_tile ? (L + TQ - 1) / TQ : (L > 0));
     }
     qsort(keys, (size_t)c->B, sizeof *keys, cmp_len_desc);
     unit *u = cnt ? em_malloc(cnt * sizeof *u) : NULL;
@@ -171,7 +178,7 @@ static em_status make_units(unit **out, size_t *n, const em_jattn_cfg *c, int pe
     for (int i = 0; i < c->B; i++) {
         int b = keys[i].b;
         int64_t L = c->offsets[b + 1] - c->offsets[b];
-        int nt = per_tile ? (int)((L + T - 1) / T) : (L > 0);
+        int nt = per_tile ? (int)((L + TQ - 1) / TQ) : (L > 0);
         for (int t = nt - 1; t >= 0; t--)
             for (int h = 0; h < c->H; h++) u[k++] = (unit){b, h, t};
     }
@@ -187,6 +194,7 @@ typedef struct {
     const unit *units;
     size_t n_units;
     atomic_size_t next;
+    float *scratch; /* per worker: TQ x TK (forward) or 2 x TQ x TK (backward) */
     float *O, *lse, *dQ, *dK, *dV;
     const float *Q, *K, *V, *dO, *Oin, *lsein;
 } job;
@@ -198,30 +206,30 @@ static void run_units(job *j, em_pool *pool, em_task_fn fn) {
 
 /* -------------------------------------------------------- self: forward */
 
-static void fwd_unit(const job *j, unit u) {
+static void fwd_unit(const job *j, unit u, int ith) {
     const em_jattn_cfg *c = j->c;
     const int dh = c->dh, ld = c->H * dh;
     const int64_t base = c->offsets[u.b];
     const int L = (int)(c->offsets[u.b + 1] - base);
-    const int i0 = u.t * T, mq = L - i0 < T ? L - i0 : T;
+    const int i0 = u.t * TQ, mq = L - i0 < TQ ? L - i0 : TQ;
     const size_t col = (size_t)u.h * dh;
     const float *Qt = j->Q + (size_t)(base + i0) * ld + col;
     float *Ot = j->O + (size_t)(base + i0) * ld + col;
-    float S[T * T], m[T], l[T];
+    float *S = j->scratch + (size_t)ith * TQ * TK, m[TQ], l[TQ];
     for (int r = 0; r < mq; r++) {
         m[r] = -INFINITY, l[r] = 0.f;
         for (int d = 0; d < dh; d++) Ot[(size_t)r * ld + d] = 0.f;
     }
     const int nkeys = c->causal ? i0 + mq : L;
-    for (int j0 = 0; j0 < nkeys; j0 += T) {
-        const int nk = nkeys - j0 < T ? nkeys - j0 : T;
+    for (int j0 = 0; j0 < nkeys; j0 += TK) { /* j0 <= i0: every row sees a key */
+        const int nk = nkeys - j0 < TK ? nkeys - j0 : TK;
         const float *Kj = j->K + (size_t)(base + j0) * ld + col;
         const float *Vj = j->V + (size_t)(base + j0) * ld + col;
         cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, mq, nk, dh, j->scale, Qt, ld, Kj, ld,
-                    0.f, S, T);
+                    0.f, S, TK);
         const int diag = c->causal && j0 + nk > i0;
         for (int r = 0; r < mq; r++) {
-            float *s = S + (size_t)r * T;
+            float *s = S + (size_t)r * TK;
             if (diag)
                 for (int cc = i0 + r - j0 + 1; cc < nk; cc++) s[cc] = -INFINITY;
             const float mx = row_max(s, nk, m[r]);
@@ -231,7 +239,7 @@ static void fwd_unit(const job *j, unit u) {
             m[r] = mx;
             if (alpha != 1.f) em_vscale(Ot + (size_t)r * ld, alpha, (size_t)dh);
         }
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, mq, dh, nk, 1.f, S, T, Vj, ld, 1.f,
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, mq, dh, nk, 1.f, S, TK, Vj, ld, 1.f,
                     Ot, ld);
     }
     for (int r = 0; r < mq; r++) {
@@ -243,7 +251,7 @@ static void fwd_unit(const job *j, unit u) {
 static void fwd_task(void *p, int ith, int nth) {
     job *j = p;
     size_t k;
-    while ((k = atomic_fetch_add(&j->next, 1)) < j->n_units) fwd_unit(j, j->units[k]);
+    while ((k = atomic_fetch_add(&j->next, 1)) < j->n_units) fwd_unit(j, j->units[k], ith);
 }
 
 em_status em_jattn_forward(float *O, float *lse, const float *Q, const float *K, const float *V,
@@ -255,52 +263,64 @@ em_status em_jattn_forward(float *O, float *lse, const float *Q, const float *K,
     unit *units;
     if ((st = make_units(&units, &j.n_units, cfg, 1))) return st;
     j.units = units;
-    if (j.n_units) run_units(&j, pool, fwd_task);
+    if (j.n_units) {
+        const size_t per = (size_t)1 * TQ * TK;
+        j.scratch = em_malloc((size_t)em_pool_nth(pool) * per * sizeof(float));
+        if (!j.scratch) {
+            em_free(units);
+            return em_errorf(EM_ERR_NOMEM, "jattn: %d x %zu floats of tile scratch",
+                             em_pool_nth(pool), per);
+        }
+        run_units(&j, pool, fwd_task);
+        em_free(j.scratch);
+    }
     em_free(units);
     return EM_OK;
 }
 
 /* ------------------------------------------------------- self: backward */
 
-static void bwd_unit(const job *j, unit u) {
+static void bwd_unit(const job *j, unit u, int ith) {
     const em_jattn_cfg *c = j->c;
     const int dh = c->dh, H = c->H, ld = H * dh;
     const int64_t base = c->offsets[u.b];
     const int L = (int)(c->offsets[u.b + 1] - base);
     const size_t col = (size_t)u.h * dh;
     const float scale = j->scale;
-    float P[T * T], dP[T * T], D[T];
+    float *P = j->scratch + (size_t)ith * 2 * TQ * TK, *dP = P + TQ * TK, D[TQ];
 #define ROW(ptr, i) ((ptr) + (size_t)(base + (i)) * ld + col)
-    for (int j0 = 0; j0 < L; j0 += T) {
-        const int nk = L - j0 < T ? L - j0 : T;
-        for (int i0 = c->causal ? j0 : 0; i0 < L; i0 += T) {
-            const int mq = L - i0 < T ? L - i0 : T;
+    for (int j0 = 0; j0 < L; j0 += TK) {
+        const int nk = L - j0 < TK ? L - j0 : TK;
+        /* causal: start at the query tile holding row j0 (= j0, TK being a multiple of
+         * TQ), so every row sees at least key j0 */
+        for (int i0 = c->causal ? j0 : 0; i0 < L; i0 += TQ) {
+            const int mq = L - i0 < TQ ? L - i0 : TQ;
             cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, mq, nk, dh, scale, ROW(j->Q, i0),
-                        ld, ROW(j->K, j0), ld, 0.f, P, T);
+                        ld, ROW(j->K, j0), ld, 0.f, P, TK);
             const int diag = c->causal && j0 + nk > i0;
             for (int r = 0; r < mq; r++) {
-                float *s = P + (size_t)r * T;
+                float *s = P + (size_t)r * TK;
                 if (diag)
                     for (int cc = i0 + r - j0 + 1; cc < nk; cc++) s[cc] = -INFINITY;
                 exp_sub_row(s, nk, j->lsein[(size_t)(base + i0 + r) * H + u.h]);
                 D[r] = em_vdot(ROW(j->dO, i0 + r), ROW(j->Oin, i0 + r), (size_t)dh);
             }
-            cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, nk, dh, mq, 1.f, P, T,
+            cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, nk, dh, mq, 1.f, P, TK,
                         ROW(j->dO, i0), ld, 1.f, ROW(j->dV, j0), ld);
             cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, mq, nk, dh, 1.f, ROW(j->dO, i0),
-                        ld, ROW(j->V, j0), ld, 0.f, dP, T);
+                        ld, ROW(j->V, j0), ld, 0.f, dP, TK);
             for (int r = 0; r < mq; r++) {
-                const float *p = P + (size_t)r * T;
-                float *g = dP + (size_t)r * T;
+                const float *p = P + (size_t)r * TK;
+                float *g = dP + (size_t)r * TK;
                 const float Dr = D[r];
                 int cc = 0; /* blocks of 8: a fixed trip count vectorises at -O2 */
                 for (; cc + 8 <= nk; cc += 8)
                     for (int k = 0; k < 8; k++) g[cc + k] = p[cc + k] * (g[cc + k] - Dr);
                 for (; cc < nk; cc++) g[cc] = p[cc] * (g[cc] - Dr);
             }
-            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, mq, dh, nk, scale, dP, T,
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, mq, dh, nk, scale, dP, TK,
                         ROW(j->K, j0), ld, 1.f, ROW(j->dQ, i0), ld);
-            cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, nk, dh, mq, scale, dP, T,
+            cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, nk, dh, mq, scale, dP, TK,
                         ROW(j->Q, i0), ld, 1.f, ROW(j->dK, j0), ld);
         }
     }
@@ -310,7 +330,7 @@ static void bwd_unit(const job *j, unit u) {
 static void bwd_task(void *p, int ith, int nth) {
     job *j = p;
     size_t k;
-    while ((k = atomic_fetch_add(&j->next, 1)) < j->n_units) bwd_unit(j, j->units[k]);
+    while ((k = atomic_fetch_add(&j->next, 1)) < j->n_units) bwd_unit(j, j->units[k], ith);
 }
 
 em_status em_jattn_backward(float *dQ, float *dK, float *dV, const float *dO, const float *Q,
@@ -324,7 +344,17 @@ em_status em_jattn_backward(float *dQ, float *dK, float *dV, const float *dO, co
     unit *units;
     if ((st = make_units(&units, &j.n_units, cfg, 0))) return st;
     j.units = units;
-    if (j.n_units) run_units(&j, pool, bwd_task);
+    if (j.n_units) {
+        const size_t per = (size_t)2 * TQ * TK;
+        j.scratch = em_malloc((size_t)em_pool_nth(pool) * per * sizeof(float));
+        if (!j.scratch) {
+            em_free(units);
+            return em_errorf(EM_ERR_NOMEM, "jattn: %d x %zu floats of tile scratch",
+                             em_pool_nth(pool), per);
+        }
+        run_units(&j, pool, bwd_task);
+        em_free(j.scratch);
+    }
     em_free(units);
     return EM_OK;
 }
@@ -340,9 +370,9 @@ static void tfwd_unit(const job *j, unit u) {
     const float *q = j->Q + (size_t)u.b * ld + col;
     float *o = j->O + (size_t)u.b * ld + col;
     for (int d = 0; d < dh; d++) o[d] = 0.f;
-    float m = -INFINITY, l = 0.f, s[T];
-    for (int j0 = 0; j0 < L; j0 += T) {
-        const int nk = L - j0 < T ? L - j0 : T;
+    float m = -INFINITY, l = 0.f, s[TK];
+    for (int j0 = 0; j0 < L; j0 += TK) {
+        const int nk = L - j0 < TK ? L - j0 : TK;
         const float *Kj = j->K + (size_t)(base + j0) * ld + col;
         const float *Vj = j->V + (size_t)(base + j0) * ld + col;
         float mx = m;
@@ -387,9 +417,9 @@ static void tbwd_unit(const job *j, unit u) {
     float *dq = j->dQ + (size_t)u.b * ld + col;
     const float lse = j->lsein[(size_t)u.b * H + u.h];
     const float D = em_vdot(go, o, (size_t)dh);
-    float s[T];
-    for (int j0 = 0; j0 < L; j0 += T) {
-        const int nk = L - j0 < T ? L - j0 : T;
+    float s[TK];
+    for (int j0 = 0; j0 < L; j0 += TK) {
+        const int nk = L - j0 < TK ? L - j0 : TK;
         const size_t r0 = (size_t)(base + j0) * ld + col;
         for (int k = 0; k < nk; k++) s[k] = j->scale * em_vdot(q, j->K + r0 + (size_t)k * ld, (size_t)dh);
         exp_sub_row(s, nk, lse);
