@@ -28,7 +28,18 @@ typedef struct {
     int quiet;
     int64_t gen_rows, gen_test_rows;
     char out_buf[1024], train_buf[1200], test_buf[1200], prob_buf[1200];
+    /* curves for report.html: (examples, value) points, thinned 2:1 when full */
+    int n_loss, n_auc;
+    double loss_x[512], loss_y[512], auc_x[512], auc_y[512];
 } train_ctx;
+
+static void add_point(double *xs, double *ys, int *n, double x, double y) {
+    if (*n == 512) { /* keep every other point: the curve keeps its shape at half the density */
+        for (int i = 0; i < 256; i++) xs[i] = xs[2 * i + 1], ys[i] = ys[2 * i + 1];
+        *n = 256;
+    }
+    xs[*n] = x, ys[*n] = y, (*n)++;
+}
 
 /* Options with logic of their own; the rest are plain typed fields (table below). */
 static int set_optim(void *c, const cli_opt *o, const char *v) {
@@ -129,6 +140,7 @@ static void on_event(void *ud, const em_train_event *ev) {
     fmt_count(rate, sizeof rate, ev->examples_per_s);
     switch (ev->kind) {
     case EM_EV_PROGRESS: {
+        add_point(c->loss_x, c->loss_y, &c->n_loss, (double)ev->examples, ev->train_loss);
         if (c->quiet) return;
         static double last_line;
         if (!tty && ev->elapsed_s - last_line < 10) return; /* logs: a line every 10 s */
@@ -149,6 +161,7 @@ static void on_event(void *ud, const em_train_event *ev) {
         break;
     }
     case EM_EV_EVAL:
+        add_point(c->auc_x, c->auc_y, &c->n_auc, (double)ev->examples, ev->metrics.auc);
         fprintf(stderr, "%sstep %lld: test AUC %.4f  NE %.4f  logloss %.4f\n", tty && !c->quiet ? "\r\033[K" : "",
                 (long long)ev->step, ev->metrics.auc, ev->metrics.ne, ev->metrics.logloss);
         break;
@@ -214,6 +227,102 @@ static void print_metrics(FILE *f, const char *label, const em_metrics *m) {
             m->logloss, m->calibration, m->accuracy, (unsigned long long)m->n);
 }
 
+/* s as a JSON string literal (also safe inside HTML text when < and & are absent;
+ * html_text() handles those). */
+static void json_str(FILE *f, const char *s) {
+    fputc('"', f);
+    for (; s && *s; s++) {
+        unsigned char ch = (unsigned char)*s;
+        if (ch == '"' || ch == '\\') fprintf(f, "\\%c", ch);
+        else if (ch < 0x20) fprintf(f, "\\u%04x", ch);
+        else fputc(ch, f);
+    }
+    fputc('"', f);
+}
+
+static void html_text(FILE *f, const char *s) {
+    for (; s && *s; s++) {
+        if (*s == '<') fputs("&lt;", f);
+        else if (*s == '>') fputs("&gt;", f);
+        else if (*s == '&') fputs("&amp;", f);
+        else fputc(*s, f);
+    }
+}
+
+/* One line chart as inline SVG: points (xs, ys), optional horizontal reference line. */
+static void svg_chart(FILE *f, const char *title, const double *xs, const double *ys, int n, double ref,
+                      const char *ref_label) {
+    const double W = 560, H = 240, L = 60, R = 28, T = 28, Bm = 36;
+    double x0 = 0, x1 = 1, y0 = 1e300, y1 = -1e300;
+    for (int i = 0; i < n; i++) {
+        if (xs[i] > x1) x1 = xs[i];
+        if (ys[i] < y0) y0 = ys[i];
+        if (ys[i] > y1) y1 = ys[i];
+    }
+    if (!isnan(ref)) y0 = ref < y0 ? ref : y0, y1 = ref > y1 ? ref : y1;
+    if (n == 0 || !(y1 > y0)) y0 -= 0.5, y1 += 0.5;
+    double pad = (y1 - y0) * 0.08;
+    y0 -= pad, y1 += pad;
+#define SX(x) (L + ((x) - x0) / (x1 - x0) * (W - L - R))
+#define SY(y) (T + (y1 - (y)) / (y1 - y0) * (H - T - Bm))
+    fprintf(f, "<svg width='%.0f' height='%.0f' xmlns='http://www.w3.org/2000/svg' font-family='sans-serif' font-size='11'>\n", W, H);
+    fprintf(f, "<text x='%.0f' y='16' font-size='13'>%s</text>\n", L, title);
+    fprintf(f, "<rect x='%.0f' y='%.0f' width='%.0f' height='%.0f' fill='none' stroke='#999'/>\n", L, T, W - L - R, H - T - Bm);
+    for (int k = 0; k <= 4; k++) {
+        double y = y0 + (y1 - y0) * k / 4, x = x0 + (x1 - x0) * k / 4;
+        fprintf(f, "<text x='%.0f' y='%.1f' text-anchor='end'>%.4g</text>\n", L - 4, SY(y) + 4, y);
+        fprintf(f, "<text x='%.1f' y='%.0f' text-anchor='middle'>%.3g</text>\n", SX(x), H - Bm + 14, x);
+    }
+    fprintf(f, "<text x='%.0f' y='%.0f' text-anchor='middle'>examples</text>\n", (L + W - R) / 2, H - 4);
+    if (!isnan(ref))
+        fprintf(f, "<line x1='%.0f' x2='%.0f' y1='%.1f' y2='%.1f' stroke='#2a2' stroke-dasharray='4'/><text x='%.0f' y='%.1f' fill='#2a2'>%s</text>\n",
+                L, W - R, SY(ref), SY(ref), L + 6, SY(ref) - 4, ref_label);
+    fprintf(f, "<polyline fill='none' stroke='#c33' stroke-width='1.5' points='");
+    for (int i = 0; i < n; i++) fprintf(f, "%.1f,%.1f ", SX(xs[i]), SY(ys[i]));
+    fprintf(f, "'/>\n");
+    for (int i = 0; i < n && n <= 40; i++) fprintf(f, "<circle cx='%.1f' cy='%.1f' r='2.5' fill='#c33'/>", SX(xs[i]), SY(ys[i]));
+    fprintf(f, "</svg>\n");
+#undef SX
+#undef SY
+}
+
+/* report.html: self-contained (inline SVG, no scripts): results beside the optimum,
+ * training loss and test AUC curves, the configuration. */
+static void write_html(const train_ctx *c, const char *cfg_json, const em_train_result *r, const em_metrics *opt,
+                       double rss_mb, double state_mb) {
+    char path[1100];
+    snprintf(path, sizeof path, "%s/report.html", c->out);
+    FILE *f = fopen(path, "w");
+    if (!f) {
+        fprintf(stderr, "ember train: %s: %s\n", path, strerror(errno));
+        return;
+    }
+    fprintf(f, "<!doctype html><html><head><meta charset='utf-8'><title>ember run report</title><style>"
+               "body{font-family:sans-serif;margin:24px;max-width:1200px}td,th{padding:3px 10px;text-align:right}"
+               "th:first-child,td:first-child{text-align:left}table{border-collapse:collapse}tr:nth-child(even){background:#f4f4f4}"
+               "code{word-break:break-all}</style></head><body>\n<h2>ember training run</h2>\n<p>data: <code>");
+    html_text(f, c->tc.train_path);
+    fprintf(f, "</code>; %lld steps, %llu examples in %.1f s (%.0f examples/s); peak RSS %.0f MB, model state %.0f MB.</p>\n",
+            (long long)r->steps, (unsigned long long)r->examples, r->train_s, r->examples_per_s, rss_mb, state_mb);
+    fprintf(f, "<table><tr><th></th><th>AUC</th><th>NE</th><th>log loss</th><th>calibration</th><th>accuracy</th><th>n</th></tr>\n");
+    const em_metrics *rows[2] = {r->test.n ? &r->test : NULL, opt};
+    const char *names[2] = {"test", "planted optimum"};
+    for (int i = 0; i < 2; i++)
+        if (rows[i])
+            fprintf(f, "<tr><td>%s</td><td>%.4f</td><td>%.4f</td><td>%.4f</td><td>%.3f</td><td>%.4f</td><td>%llu</td></tr>\n",
+                    names[i], rows[i]->auc, rows[i]->ne, rows[i]->logloss, rows[i]->calibration, rows[i]->accuracy,
+                    (unsigned long long)rows[i]->n);
+    fprintf(f, "</table>\n<div>\n");
+    svg_chart(f, "training loss (mean since the previous point)", c->loss_x, c->loss_y, c->n_loss, NAN, "");
+    if (c->n_auc) svg_chart(f, "test AUC", c->auc_x, c->auc_y, c->n_auc, opt ? opt->auc : NAN, "planted optimum");
+    fprintf(f, "</div>\n<h3>model</h3><p><code>");
+    html_text(f, cfg_json);
+    fprintf(f, "</code></p>\n<p>checkpoint: <code>");
+    html_text(f, r->checkpoint);
+    fprintf(f, "</code></p></body></html>\n");
+    fclose(f);
+}
+
 static void write_report(const train_ctx *c, const em_dlrm_cfg *mc, const em_train_result *r, const em_metrics *opt,
                          int threads, double rss_mb, double state_mb) {
     char path[1100], buf[512];
@@ -224,9 +333,11 @@ static void write_report(const train_ctx *c, const em_dlrm_cfg *mc, const em_tra
         return;
     }
     char *cfg = em_dlrm_cfg_to_json(mc);
-    fprintf(f, "{\"model\":%s,\n \"data\":{\"train\":\"%s\",\"test\":\"%s\"},\n", cfg ? cfg : "null",
-            c->tc.train_path, c->tc.test_path ? c->tc.test_path : "");
-    em_free(cfg);
+    fprintf(f, "{\"model\":%s,\n \"data\":{\"train\":", cfg ? cfg : "null");
+    json_str(f, c->tc.train_path);
+    fprintf(f, ",\"test\":");
+    json_str(f, c->tc.test_path ? c->tc.test_path : "");
+    fprintf(f, "},\n");
     fprintf(f, " \"run\":{\"batch\":%d,\"epochs\":%d,\"threads\":%d,\"steps\":%lld,\"examples\":%llu,\"train_seconds\":%.3f,"
                "\"examples_per_s\":%.1f,\"malformed_lines\":%llu,\"peak_rss_mb\":%.1f,\"state_mb\":%.1f},\n",
             c->tc.batch, c->tc.epochs, threads, (long long)r->steps, (unsigned long long)r->examples, r->train_s,
@@ -234,8 +345,12 @@ static void write_report(const train_ctx *c, const em_dlrm_cfg *mc, const em_tra
     em_metrics_json(&r->test, buf, sizeof buf);
     fprintf(f, " \"test\":%s,\n", r->test.n ? buf : "null");
     if (opt) em_metrics_json(opt, buf, sizeof buf);
-    fprintf(f, " \"optimum\":%s,\n \"checkpoint\":\"%s\"}\n", opt ? buf : "null", r->checkpoint);
+    fprintf(f, " \"optimum\":%s,\n \"checkpoint\":", opt ? buf : "null");
+    json_str(f, r->checkpoint);
+    fprintf(f, "}\n");
     fclose(f);
+    write_html(c, cfg ? cfg : "", r, opt, rss_mb, state_mb);
+    em_free(cfg);
 }
 
 int cmd_train(int argc, char **argv) {
@@ -330,7 +445,8 @@ int cmd_train(int argc, char **argv) {
     double rss_mb = (double)ru.ru_maxrss / 1024.0, state_mb = (double)em_dlrm_state_bytes(model) / 1048576.0;
     printf("memory: peak RSS %.0f MB; parameters + gradients + optimizer state %.0f MB\n", rss_mb, state_mb);
     write_report(&c, em_dlrm_config(model), &res, opt, c.threads, rss_mb, state_mb);
-    printf("checkpoint: %s\nmetrics:    %s/metrics.jsonl\nreport:     %s/report.json\n", res.checkpoint, c.out, c.out);
+    printf("checkpoint: %s\nmetrics:    %s/metrics.jsonl\nreport:     %s/report.json, %s/report.html\n", res.checkpoint,
+           c.out, c.out, c.out);
     em_dlrm_free(model);
     em_pool_free(pool);
     return 0;
