@@ -81,8 +81,10 @@ static void test_train_reaches_optimum(void) {
     CHECK(best > 0.7);
     CHECK(auc > best - 0.01);
     free(rep);
-    snprintf(p, sizeof p, "%s/run/checkpoint.safetensors", dir);
     struct stat sb;
+    snprintf(p, sizeof p, "%s/run/report.html", dir);
+    CHECK(stat(p, &sb) == 0 && sb.st_size > 1000);
+    snprintf(p, sizeof p, "%s/run/checkpoint.safetensors", dir);
     CHECK(stat(p, &sb) == 0 && sb.st_size > 0);
     /* predict: one line per input line */
     CHECK(run("head -n 100 %s/data/test.tsv | cut -f2- > %s/nolabel.tsv", dir, dir) == 0);
