@@ -5,6 +5,7 @@
  *     reaches a test AUC within 0.01 of the planted optimum;
  *   - exact resume: N steps, then resume to 2N == 2N uninterrupted (bitwise), and a
  *     run killed with SIGKILL after a checkpoint resumes to the same final model;
+ *   - 1, 2 and 3 threads train bitwise the same model;
  *   - malformed lines are counted and reported with file:line; --strict stops;
  *   - predict writes one probability per line; eval refuses a corrupt checkpoint.
  */
@@ -127,6 +128,13 @@ static void test_resume_bitwise(void) {
     char a[512], b[512];
     snprintf(a, sizeof a, "%s/full/checkpoint.safetensors", dir);
     snprintf(b, sizeof b, "%s/half/checkpoint.safetensors", dir);
+    CHECK(same_checkpoint(a, b));
+    /* every kernel is thread-count independent, so 1 and 3 threads give the same bits */
+    CHECK(run("%s train %s --max-steps 60 --threads 1 --out %s/t1 > /dev/null 2>&1", bin, tr, dir) == 0);
+    CHECK(run("%s train %s --max-steps 60 --threads 3 --out %s/t3 > /dev/null 2>&1", bin, tr, dir) == 0);
+    snprintf(b, sizeof b, "%s/t1/checkpoint.safetensors", dir);
+    CHECK(same_checkpoint(a, b));
+    snprintf(b, sizeof b, "%s/t3/checkpoint.safetensors", dir);
     CHECK(same_checkpoint(a, b));
 
     /* SIGKILL after the first periodic checkpoint, then resume to the end of the epoch. */
