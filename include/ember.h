@@ -4,7 +4,8 @@
  *
  * Layers, bottom up (each uses only those beneath it; see docs/ARCHITECTURE.md):
  *   core        status codes, counting allocator, thread pool, RNG, safetensors I/O
- *   nn          linear, ReLU, sigmoid, DLRM dot interaction, BCE with logits
+ *   nn          linear, ReLU, sigmoid, DLRM dot interaction, BCE with logits;
+ *               jagged ops and Jagged Flash Attention for variable-length sequences
  *   optim       SGD, AdaGrad, Adam, AdamW on flat parameter blocks
  *   sparse      table-batched embedding bags with the optimizer fused into backward
  *   data        Criteo TSV / binary readers with prefetch, the synthetic generator
@@ -33,6 +34,8 @@
 #include "ember/nn.h"
 #include "ember/optim.h"
 #include "ember/embbag.h"
+#include "ember/jagged.h"
+#include "ember/jattn.h"
 #include "ember/data.h"
 #include "ember/metrics.h"
 #include "ember/dlrm.h"
