@@ -1,0 +1,87 @@
+/*
+ * ember/serve.h - an HTTP/1.1 inference server for a trained DLRM, with dynamic
+ * batching across concurrent requests (docs/SERVING.md has the protocol).
+ *
+ *   em_dlrm *m;  em_pool *pool;
+ *   em_pool_create(&pool, 2);  em_dlrm_load(&m, "model.st", NULL, pool);
+ *   em_serve_cfg cfg = em_serve_default();  cfg.port = 0;    // 0: pick a free port
+ *   em_server *s;
+ *   em_serve_create(&s, m, pool, &cfg);   // takes ownership of m and pool
+ *   em_serve_start(s);                    // returns at once; serving on em_serve_port(s)
+ *   ...                                   // e.g. wait for SIGTERM
+ *   em_serve_free(s);                     // stops, frees the model and the pool
+ *
+ * Endpoints: POST /v1/predict (JSON), POST /v1/predict.bin (binary), GET /healthz,
+ * GET /metrics (Prometheus text format).
+ *
+ * Threads: libmicrohttpd runs `threads` HTTP workers; each parses its request into a
+ * preallocated request slot and queues it. One batcher thread owns the model and the
+ * pool: it takes queued requests, waiting at most max_wait_us after the first one for
+ * more, until max_batch examples are gathered, runs one forward pass over all of them
+ * into buffers allocated at create time, and hands each request its slice. A request
+ * larger than max_batch runs alone, in max_batch chunks. The worker that queued a
+ * request waits for its answer, so `threads` bounds the requests in flight.
+ *
+ * Like the rest of the library the server never prints and never exits.
+ */
+#ifndef EMBER_SERVE_H
+#define EMBER_SERVE_H
+
+#include "core.h"
+#include "dlrm.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct {
+    const char *bind;   /* IPv4 address to listen on; NULL = "127.0.0.1" */
+    int port;           /* 0 = an ephemeral port (see em_serve_port) */
+    int threads;        /* HTTP worker threads (libmicrohttpd thread pool), >= 1 */
+    int max_batch;      /* examples per forward pass, >= 1 */
+    int max_wait_us;    /* longest wait for more requests once one is queued, >= 0 */
+    size_t max_body;    /* request bodies larger than this get 413 */
+    int max_conns;      /* open connections at most (request slots), >= threads */
+} em_serve_cfg;
+
+/* 127.0.0.1:8080, 4 threads, max batch 256, max wait 200 us, 1 MiB bodies, 64 connections. */
+em_serve_cfg em_serve_default(void);
+
+typedef struct em_server em_server;
+
+/* Validate cfg, take ownership of the model and the pool (also on failure: both are
+ * freed then), preallocate every buffer of the inference path and run one warm-up
+ * forward pass of max_batch examples so that the model's activations are allocated
+ * too. Nothing listens yet. */
+em_status em_serve_create(em_server **out, em_dlrm *model, em_pool *pool, const em_serve_cfg *cfg);
+/* Start the batcher thread and the HTTP daemon. EM_ERR_IO if the address cannot be
+ * bound (detail names it), EM_ERR_THREAD if a thread cannot start. */
+em_status em_serve_start(em_server *s);
+/* The port actually listened on (the chosen one when cfg.port was 0); 0 if not started. */
+int em_serve_port(const em_server *s);
+/* Stop accepting, finish the requests in flight, stop the batcher. Idempotent. */
+void em_serve_stop(em_server *s);
+/* em_serve_stop, then free everything including the model and the pool. NULL is a no-op. */
+void em_serve_free(em_server *s);
+
+enum { EM_SERVE_EP_PREDICT = 0, EM_SERVE_EP_PREDICT_BIN, EM_SERVE_EP_HEALTHZ, EM_SERVE_EP_METRICS,
+       EM_SERVE_EP_OTHER, EM_SERVE_EP__COUNT };
+
+typedef struct {
+    uint64_t requests[EM_SERVE_EP__COUNT]; /* responses sent, by endpoint */
+    uint64_t errors;                       /* responses with status >= 400 */
+    uint64_t examples;                     /* examples predicted */
+    uint64_t batches;                      /* forward passes */
+    uint64_t max_batch_seen;               /* largest forward pass so far */
+    int64_t model_step;                    /* the model's optimizer step count */
+} em_serve_stats;
+
+/* A consistent-enough snapshot (each counter is read atomically). */
+void em_serve_stats_get(const em_server *s, em_serve_stats *out);
+/* The /metrics page into buf (NUL-terminated, truncated to cap); returns its full length. */
+size_t em_serve_metrics_text(const em_server *s, char *buf, size_t cap);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

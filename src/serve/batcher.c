@@ -1,0 +1,169 @@
+/*
+ * batcher.c - dynamic batching: one thread that owns the model and the pool and runs
+ * every forward pass of the server.
+ *
+ * HTTP workers queue parsed requests (em__submit) and sleep on their slot's condition
+ * variable. The batcher takes the oldest request, then keeps taking queued requests
+ * while they fit in max_batch, sleeping at most max_wait_us after the first one for
+ * more to arrive. It never reorders: a request that does not fit waits for the next
+ * batch (FIFO keeps tail latency bounded). A request larger than max_batch runs
+ * alone, in max_batch chunks. The batch is laid out exactly as the data reader does
+ * (table-major offsets, ids reduced modulo the table's rows, missing = empty bag)
+ * into buffers allocated once at create time, so the hot path allocates nothing.
+ *
+ * An example's answer does not depend on which other examples share its batch beyond
+ * float rounding inside sgemm (every row is computed independently).
+ */
+#include <errno.h>
+#include <math.h>
+#include <string.h>
+#include <time.h>
+
+#include "serve/serve_internal.h"
+
+float em__sigmoid(float z) {
+    double e = (double)z;
+    return (float)(e >= 0 ? 1.0 / (1.0 + exp(-e)) : exp(e) / (1.0 + exp(e)));
+}
+
+em_status em__batch_alloc(em_server *s) {
+    size_t B = (size_t)s->cfg.max_batch, ND = (size_t)s->nd, T = (size_t)s->ns;
+    memset(&s->b, 0, sizeof s->b);
+    s->b.num_dense = s->nd, s->b.num_sparse = s->ns;
+    s->b.label = em_calloc(B, sizeof(float));
+    s->b.dense = em_calloc(B * ND, sizeof(float));
+    s->b.indices = em_calloc(B * T + 1, sizeof(int64_t));
+    s->b.offsets = em_calloc(B * T + 1, sizeof(int64_t));
+    s->logits = em_calloc(B, sizeof(float));
+    s->taken = em_calloc(B, sizeof(em__req *));
+    if (!s->b.label || !s->b.dense || !s->b.indices || !s->b.offsets || !s->logits || !s->taken)
+        return em_errorf(EM_ERR_NOMEM, "serve: no memory for batches of %zu examples", B);
+    return EM_OK;
+}
+
+void em__batch_free(em_server *s) {
+    em_free(s->b.label), em_free(s->b.dense), em_free(s->b.indices), em_free(s->b.offsets);
+    em_free(s->logits), em_free(s->taken);
+    s->b.label = s->b.dense = NULL;
+    s->b.indices = s->b.offsets = NULL;
+    s->logits = NULL, s->taken = NULL;
+}
+
+/* Lay examples [lo, lo + cnt) of each of the k requests (whole requests when k > 1)
+ * out as one batch and run the forward pass; answers land in each request's prob. */
+static em_status run_batch(em_server *s, em__req **reqs, int k, int lo, int cnt) {
+    const int ND = s->nd, T = s->ns;
+    const int64_t *rows = em_dlrm_config(s->model)->rows;
+    int B = 0;
+    for (int j = 0; j < k; j++) {
+        int n = k == 1 ? cnt : reqs[j]->n, first = k == 1 ? lo : 0;
+        memcpy(s->b.dense + (size_t)B * ND, reqs[j]->dense + (size_t)first * ND, (size_t)n * ND * sizeof(float));
+        B += n;
+    }
+    s->b.B = B;
+    int64_t nnz = 0;
+    s->b.offsets[0] = 0;
+    size_t o = 1;
+    for (int t = 0; t < T; t++)
+        for (int j = 0; j < k; j++) {
+            const em__req *r = reqs[j];
+            int n = k == 1 ? cnt : r->n, first = k == 1 ? lo : 0;
+            for (int i = first; i < first + n; i++) {
+                if (!(r->miss[i] >> t & 1)) s->b.indices[nnz++] = (int64_t)(r->ids[(size_t)i * T + t] % (uint64_t)rows[t]);
+                s->b.offsets[o++] = nnz;
+            }
+        }
+    em_status st = em_dlrm_forward(s->model, &s->b, s->logits, s->pool);
+    if (st) return st;
+    em__hist_observe(&s->m.batch, (double)B);
+    uint64_t mb = atomic_load(&s->m.max_batch);
+    while ((uint64_t)B > mb && !atomic_compare_exchange_weak(&s->m.max_batch, &mb, (uint64_t)B)) {}
+    atomic_fetch_add(&s->m.examples, (uint64_t)B);
+    B = 0;
+    for (int j = 0; j < k; j++) {
+        int n = k == 1 ? cnt : reqs[j]->n, first = k == 1 ? lo : 0;
+        for (int i = 0; i < n; i++) reqs[j]->prob[first + i] = em__sigmoid(s->logits[B + i]);
+        B += n;
+    }
+    return EM_OK;
+}
+
+static em__req *pop(em_server *s) {
+    em__req *r = s->q_head;
+    s->q_head = r->next;
+    if (!s->q_head) s->q_tail = NULL;
+    r->next = NULL;
+    return r;
+}
+
+void *em__batcher_main(void *arg) {
+    em_server *s = arg;
+    const int cap = s->cfg.max_batch;
+    pthread_mutex_lock(&s->mu);
+    for (;;) {
+        while (!s->q_head && !s->stop) pthread_cond_wait(&s->queue_cv, &s->mu);
+        if (!s->q_head) break; /* stopping and nothing left */
+        int k = 0, total = 0;
+        s->taken[k++] = pop(s);
+        total = s->taken[0]->n;
+        if (total < cap && s->cfg.max_wait_us > 0) {
+            struct timespec dl;
+            clock_gettime(CLOCK_REALTIME, &dl);
+            long long ns = dl.tv_nsec + (long long)s->cfg.max_wait_us * 1000;
+            dl.tv_sec += (time_t)(ns / 1000000000), dl.tv_nsec = (long)(ns % 1000000000);
+            for (;;) {
+                while (s->q_head && total + s->q_head->n <= cap) {
+                    total += s->q_head->n;
+                    s->taken[k++] = pop(s);
+                }
+                if (total >= cap || s->q_head || s->stop) break; /* full, or the next does not fit */
+                if (pthread_cond_timedwait(&s->queue_cv, &s->mu, &dl) == ETIMEDOUT) {
+                    while (s->q_head && total + s->q_head->n <= cap) {
+                        total += s->q_head->n;
+                        s->taken[k++] = pop(s);
+                    }
+                    break;
+                }
+            }
+        } else {
+            while (s->q_head && total + s->q_head->n <= cap) {
+                total += s->q_head->n;
+                s->taken[k++] = pop(s);
+            }
+        }
+        pthread_mutex_unlock(&s->mu);
+
+        em_status st = EM_OK;
+        if (k == 1 && total > cap) {
+            for (int lo = 0; lo < total && !st; lo += cap)
+                st = run_batch(s, s->taken, 1, lo, total - lo < cap ? total - lo : cap);
+        } else {
+            st = run_batch(s, s->taken, k, 0, total);
+        }
+
+        pthread_mutex_lock(&s->mu);
+        for (int j = 0; j < k; j++) {
+            s->taken[j]->st = st;
+            s->taken[j]->done = 1;
+            pthread_cond_signal(&s->taken[j]->cv);
+        }
+    }
+    pthread_mutex_unlock(&s->mu);
+    return NULL;
+}
+
+em_status em__submit(em_server *s, em__req *r) {
+    pthread_mutex_lock(&s->mu);
+    r->done = 0, r->next = NULL;
+    if (s->stop) {
+        pthread_mutex_unlock(&s->mu);
+        return em_errorf(EM_ERR_INVALID, "server is stopping");
+    }
+    if (s->q_tail) s->q_tail->next = r;
+    else s->q_head = r;
+    s->q_tail = r;
+    pthread_cond_signal(&s->queue_cv);
+    while (!r->done) pthread_cond_wait(&r->cv, &s->mu);
+    pthread_mutex_unlock(&s->mu);
+    return r->st;
+}

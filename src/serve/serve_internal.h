@@ -1,0 +1,108 @@
+/*
+ * serve_internal.h - what the pieces of the server share: the request slot, the
+ * server object, the metrics counters.
+ *
+ * A request slot holds everything one request needs, from the raw body to the
+ * formatted answer. Slots are created with the server (max_conns of them) and their
+ * buffers only ever grow, so in steady state a request allocates nothing of ours.
+ */
+#ifndef EM_SERVE_INTERNAL_H
+#define EM_SERVE_INTERNAL_H
+
+#include <pthread.h>
+#include <stdatomic.h>
+
+#include "ember/serve.h"
+
+typedef struct em__req {
+    struct em__req *next; /* free list or batcher queue */
+    int endpoint;         /* EM_SERVE_EP_PREDICT or _PREDICT_BIN */
+    double t0;            /* arrival (em_now), for the latency histogram */
+    int too_big;          /* body went over max_body: discard, answer 413 */
+
+    char *body;           /* raw body (body_len bytes, plus room for a NUL) */
+    size_t body_len, body_cap;
+
+    int n, cap;           /* examples parsed / room for */
+    float *dense;         /* (cap, num_dense), log-transformed */
+    uint64_t *ids;        /* (cap, num_sparse) raw ids */
+    uint64_t *miss;       /* (cap) bit f: categorical f missing */
+    float *prob;          /* (cap) answers */
+
+    char *line;           /* scratch: a TSV line with a label column prepended */
+    size_t line_cap;
+    char *out;            /* formatted response body */
+    size_t out_len, out_cap;
+
+    int done;             /* set by the batcher under s->mu */
+    em_status st;         /* the forward pass's status */
+    pthread_cond_t cv;    /* signalled when done */
+} em__req;
+
+/* Histogram with fixed upper bounds (the last is +Inf); counts are per bucket, not
+ * cumulative (the exporter accumulates). */
+#define EM__HIST_MAX 20
+typedef struct {
+    int n;                       /* buckets including +Inf */
+    double le[EM__HIST_MAX];     /* upper bounds; le[n-1] = +Inf */
+    _Atomic uint64_t count[EM__HIST_MAX];
+    _Atomic uint64_t sum_ns;     /* sum of observations, in 1e-9 units */
+} em__hist;
+
+typedef struct {
+    _Atomic uint64_t requests[EM_SERVE_EP__COUNT];
+    _Atomic uint64_t errors[6]; /* by code: 400, 404, 405, 413, 500, 503 */
+    _Atomic uint64_t examples, max_batch;
+    em__hist latency;           /* seconds */
+    em__hist batch;             /* examples per forward pass */
+} em__metrics;
+
+struct em_server {
+    em_serve_cfg cfg;
+    em_dlrm *model;
+    em_pool *pool;
+    int nd, ns;                 /* the model's dense / sparse feature counts */
+    int64_t step;
+    char version[32];           /* model_version: the step count */
+    struct MHD_Daemon *daemon;
+    int port;
+
+    pthread_mutex_t mu;         /* guards the free list, the queue, done flags, stop */
+    pthread_cond_t queue_cv;    /* batcher: work queued or stop */
+    em__req *slots, *free_list, *q_head, *q_tail;
+    int stop, batcher_running;
+    pthread_t batcher;
+
+    /* batch buffers, owned by the batcher thread, sized for max_batch */
+    em_batch b;
+    float *logits;
+    em__req **taken;            /* requests in the current batch */
+
+    em__metrics m;
+};
+
+/* metrics.c */
+void em__metrics_init(em__metrics *m, int max_batch);
+void em__hist_observe(em__hist *h, double v);
+void em__metrics_response(em__metrics *m, int endpoint, int status, double seconds);
+
+/* request.c: parse the slot's body into its example arrays; on failure a message for
+ * the client is in msg and the HTTP status (400) is returned; 0 on success. */
+int em__parse_json(em_server *s, em__req *r, char *msg, size_t cap);
+int em__parse_bin(em_server *s, em__req *r, char *msg, size_t cap);
+/* Format r->prob into r->out (JSON or binary); -1 when out of memory. */
+int em__format_json(em_server *s, em__req *r);
+int em__format_bin(em__req *r);
+/* Make room for `cap` examples in the slot (buffers only grow). */
+int em__req_reserve(em_server *s, em__req *r, int cap);
+
+/* batcher.c */
+void *em__batcher_main(void *arg);
+/* Queue a parsed request and wait for the batcher's answer. */
+em_status em__submit(em_server *s, em__req *r);
+em_status em__batch_alloc(em_server *s);
+void em__batch_free(em_server *s);
+/* Sigmoid as ember predict computes it (double, overflow-safe), rounded to float. */
+float em__sigmoid(float z);
+
+#endif

@@ -1,0 +1,323 @@
+/*
+ * server.c - the server object and its HTTP side on libmicrohttpd.
+ *
+ * libmicrohttpd runs in thread-pool mode: `threads` workers, each polling its own
+ * share of the connections. The access handler is called once when a request's
+ * headers are in (upload size 0), then once per chunk of body, then once more with
+ * upload size 0 when the body is complete; every response is decided either on the
+ * first call (routing, method, Content-Length over the limit) or on the last.
+ *
+ * Predict requests take a slot from a free list at the first call (req_cls points to
+ * it) and give it back in the request-completed callback, after the response has
+ * been sent: the response body is the slot's own buffer, handed to libmicrohttpd
+ * without a copy. The number of slots equals the connection limit, and a connection
+ * carries one request at a time, so a slot is always free (503 otherwise, as a guard).
+ *
+ * Status codes: 200, 400 (bad request body, with {"error": "..."} naming what is
+ * wrong), 404, 405 (with Allow), 413, 500 (the forward pass failed), 503.
+ */
+#include <arpa/inet.h>
+#include <jansson.h>
+#include <microhttpd.h>
+#include <netinet/in.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+
+#include "serve/serve_internal.h"
+
+em_serve_cfg em_serve_default(void) {
+    em_serve_cfg c = {.bind = NULL, .port = 8080, .threads = 4, .max_batch = 256, .max_wait_us = 200,
+                      .max_body = (size_t)1 << 20, .max_conns = 64};
+    return c;
+}
+
+/* ------------------------------------------------------------ responses */
+
+static enum MHD_Result send_resp(em_server *s, struct MHD_Connection *c, int endpoint, double t0, int status,
+                                 struct MHD_Response *resp, const char *ctype) {
+    if (!resp) return MHD_NO;
+    MHD_add_response_header(resp, MHD_HTTP_HEADER_CONTENT_TYPE, ctype);
+    enum MHD_Result rc = MHD_queue_response(c, (unsigned)status, resp);
+    MHD_destroy_response(resp);
+    em__metrics_response(&s->m, endpoint, status, em_now() - t0);
+    return rc;
+}
+
+static enum MHD_Result send_text(em_server *s, struct MHD_Connection *c, int endpoint, double t0, int status,
+                                 const char *text) {
+    struct MHD_Response *r = MHD_create_response_from_buffer(strlen(text), (void *)text, MHD_RESPMEM_PERSISTENT);
+    return send_resp(s, c, endpoint, t0, status, r, "text/plain; charset=utf-8");
+}
+
+/* {"error": msg}, properly escaped. */
+static enum MHD_Result send_error(em_server *s, struct MHD_Connection *c, int endpoint, double t0, int status,
+                                  const char *msg, const char *allow) {
+    json_t *o = json_pack("{s:s}", "error", msg);
+    char *txt = o ? json_dumps(o, JSON_COMPACT) : NULL;
+    json_decref(o);
+    struct MHD_Response *r;
+    if (txt) {
+        size_t n = strlen(txt);
+        txt[n] = 0;
+        r = MHD_create_response_from_buffer(n, txt, MHD_RESPMEM_MUST_COPY);
+        free(txt);
+    } else {
+        static const char oom[] = "{\"error\":\"out of memory\"}";
+        r = MHD_create_response_from_buffer(sizeof oom - 1, (void *)oom, MHD_RESPMEM_PERSISTENT);
+    }
+    if (r && allow) MHD_add_response_header(r, MHD_HTTP_HEADER_ALLOW, allow);
+    return send_resp(s, c, endpoint, t0, status, r, "application/json");
+}
+
+/* ------------------------------------------------------------ slots */
+
+static em__req *slot_get(em_server *s) {
+    pthread_mutex_lock(&s->mu);
+    em__req *r = s->free_list;
+    if (r) s->free_list = r->next;
+    pthread_mutex_unlock(&s->mu);
+    if (r) r->next = NULL, r->body_len = 0, r->too_big = 0, r->n = 0;
+    return r;
+}
+
+static void slot_put(em_server *s, em__req *r) {
+    pthread_mutex_lock(&s->mu);
+    r->next = s->free_list;
+    s->free_list = r;
+    pthread_mutex_unlock(&s->mu);
+}
+
+static void on_completed(void *cls, struct MHD_Connection *c, void **req_cls, enum MHD_RequestTerminationCode toe) {
+    (void)c, (void)toe;
+    if (*req_cls) slot_put(cls, *req_cls);
+    *req_cls = NULL;
+}
+
+/* ------------------------------------------------------------ predict */
+
+static enum MHD_Result finish_predict(em_server *s, struct MHD_Connection *c, em__req *r) {
+    char msg[512];
+    const int ep = r->endpoint;
+    if (r->too_big) {
+        snprintf(msg, sizeof msg, "request body over the limit of %zu bytes", s->cfg.max_body);
+        return send_error(s, c, ep, r->t0, 413, msg, NULL);
+    }
+    int status = ep == EM_SERVE_EP_PREDICT ? em__parse_json(s, r, msg, sizeof msg) : em__parse_bin(s, r, msg, sizeof msg);
+    if (status) return send_error(s, c, ep, r->t0, status, msg, NULL);
+    em_status st = em__submit(s, r);
+    if (st) {
+        snprintf(msg, sizeof msg, "inference failed: %s", em_status_str(st));
+        return send_error(s, c, ep, r->t0, 500, msg, NULL);
+    }
+    if (ep == EM_SERVE_EP_PREDICT ? em__format_json(s, r) : em__format_bin(r))
+        return send_error(s, c, ep, r->t0, 500, "out of memory", NULL);
+    struct MHD_Response *resp = MHD_create_response_from_buffer(r->out_len, r->out, MHD_RESPMEM_PERSISTENT);
+    if (resp) MHD_add_response_header(resp, "X-Model-Version", s->version);
+    return send_resp(s, c, ep, r->t0, 200, resp, ep == EM_SERVE_EP_PREDICT ? "application/json" : "application/octet-stream");
+}
+
+static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const char *url, const char *method,
+                                  const char *version, const char *upload, size_t *upload_size, void **req_cls) {
+    (void)version;
+    em_server *s = cls;
+    em__req *r = *req_cls;
+    if (r) { /* a predict request in progress: body chunk, or the end of the body */
+        if (*upload_size) {
+            size_t n = *upload_size;
+            *upload_size = 0;
+            if (r->too_big || r->body_len + n > s->cfg.max_body) {
+                r->too_big = 1; /* keep reading (and dropping) so the 413 reaches the client */
+                return MHD_YES;
+            }
+            if (r->body_len + n + 1 > r->body_cap) {
+                size_t cap = r->body_cap ? r->body_cap : 4096;
+                while (cap < r->body_len + n + 1) cap *= 2;
+                char *b = em_realloc(r->body, cap);
+                if (!b) return MHD_NO;
+                r->body = b, r->body_cap = cap;
+            }
+            memcpy(r->body + r->body_len, upload, n);
+            r->body_len += n;
+            return MHD_YES;
+        }
+        return finish_predict(s, c, r);
+    }
+
+    double t0 = em_now();
+    int ep = strcmp(url, "/v1/predict") == 0       ? EM_SERVE_EP_PREDICT
+             : strcmp(url, "/v1/predict.bin") == 0 ? EM_SERVE_EP_PREDICT_BIN
+             : strcmp(url, "/healthz") == 0        ? EM_SERVE_EP_HEALTHZ
+             : strcmp(url, "/metrics") == 0        ? EM_SERVE_EP_METRICS
+                                                   : EM_SERVE_EP_OTHER;
+    int is_get = strcmp(method, MHD_HTTP_METHOD_GET) == 0 || strcmp(method, MHD_HTTP_METHOD_HEAD) == 0;
+    char msg[160];
+    switch (ep) {
+    case EM_SERVE_EP_OTHER:
+        snprintf(msg, sizeof msg, "no such endpoint: %.100s", url);
+        return send_error(s, c, ep, t0, MHD_HTTP_NOT_FOUND, msg, NULL);
+    case EM_SERVE_EP_HEALTHZ:
+        if (!is_get) return send_error(s, c, ep, t0, MHD_HTTP_METHOD_NOT_ALLOWED, "use GET", "GET, HEAD");
+        return send_text(s, c, ep, t0, 200, "ok\n");
+    case EM_SERVE_EP_METRICS: {
+        if (!is_get) return send_error(s, c, ep, t0, MHD_HTTP_METHOD_NOT_ALLOWED, "use GET", "GET, HEAD");
+        char buf[16384];
+        size_t n = em_serve_metrics_text(s, buf, sizeof buf);
+        if (n >= sizeof buf) n = sizeof buf - 1;
+        struct MHD_Response *resp = MHD_create_response_from_buffer(n, buf, MHD_RESPMEM_MUST_COPY);
+        return send_resp(s, c, ep, t0, 200, resp, "text/plain; version=0.0.4; charset=utf-8");
+    }
+    default:
+        break;
+    }
+    if (strcmp(method, MHD_HTTP_METHOD_POST) != 0) {
+        snprintf(msg, sizeof msg, "%.20s %s: use POST", method, url);
+        return send_error(s, c, ep, t0, MHD_HTTP_METHOD_NOT_ALLOWED, msg, "POST");
+    }
+    const char *cl = MHD_lookup_connection_value(c, MHD_HEADER_KIND, MHD_HTTP_HEADER_CONTENT_LENGTH);
+    if (cl && strtoull(cl, NULL, 10) > s->cfg.max_body) {
+        snprintf(msg, sizeof msg, "request body of %.24s bytes over the limit of %zu bytes", cl, s->cfg.max_body);
+        return send_error(s, c, ep, t0, 413, msg, NULL);
+    }
+    if (!(r = slot_get(s))) return send_error(s, c, ep, t0, MHD_HTTP_SERVICE_UNAVAILABLE, "server busy", NULL);
+    r->endpoint = ep, r->t0 = t0;
+    *req_cls = r;
+    return MHD_YES;
+}
+
+/* ------------------------------------------------------------ lifecycle */
+
+static void free_slots(em_server *s) {
+    if (!s->slots) return;
+    for (int i = 0; i < s->cfg.max_conns; i++) {
+        em__req *r = &s->slots[i];
+        em_free(r->body), em_free(r->dense), em_free(r->ids), em_free(r->miss), em_free(r->prob);
+        em_free(r->line), em_free(r->out);
+        pthread_cond_destroy(&r->cv);
+    }
+    em_free(s->slots);
+    s->slots = NULL;
+}
+
+em_status em_serve_create(em_server **out, em_dlrm *model, em_pool *pool, const em_serve_cfg *cfg) {
+    *out = NULL;
+    em_status st = EM_OK;
+    if (!model) st = em_errorf(EM_ERR_INVALID, "serve: no model");
+    else if (cfg->threads < 1 || cfg->threads > 1024) st = em_errorf(EM_ERR_INVALID, "serve: threads %d not in [1, 1024]", cfg->threads);
+    else if (cfg->max_batch < 1 || cfg->max_batch > (1 << 20))
+        st = em_errorf(EM_ERR_INVALID, "serve: max_batch %d not in [1, 2^20]", cfg->max_batch);
+    else if (cfg->max_wait_us < 0 || cfg->max_wait_us > 10000000)
+        st = em_errorf(EM_ERR_INVALID, "serve: max_wait_us %d not in [0, 10^7]", cfg->max_wait_us);
+    else if (cfg->max_body < 16) st = em_errorf(EM_ERR_INVALID, "serve: max_body %zu below 16 bytes", cfg->max_body);
+    else if (cfg->max_conns < cfg->threads || cfg->max_conns > 65536)
+        st = em_errorf(EM_ERR_INVALID, "serve: max_conns %d not in [threads = %d, 65536]", cfg->max_conns, cfg->threads);
+    else if (cfg->port < 0 || cfg->port > 65535) st = em_errorf(EM_ERR_INVALID, "serve: port %d not in [0, 65535]", cfg->port);
+    else if (em_dlrm_config(model)->num_tables > 64)
+        st = em_errorf(EM_ERR_UNSUPPORTED, "serve: %d tables; at most 64 are supported", em_dlrm_config(model)->num_tables);
+    struct in_addr a;
+    if (!st && inet_pton(AF_INET, cfg->bind ? cfg->bind : "127.0.0.1", &a) != 1)
+        st = em_errorf(EM_ERR_INVALID, "serve: bind address '%s' is not an IPv4 address", cfg->bind);
+    em_server *s = st ? NULL : em_calloc(1, sizeof *s);
+    if (!st && !s) st = em_errorf(EM_ERR_NOMEM, "serve: out of memory");
+    if (st) {
+        em_dlrm_free(model);
+        em_pool_free(pool);
+        return st;
+    }
+    s->cfg = *cfg;
+    s->model = model, s->pool = pool;
+    s->nd = em_dlrm_config(model)->num_dense, s->ns = em_dlrm_config(model)->num_tables;
+    s->step = em_dlrm_step_count(model);
+    snprintf(s->version, sizeof s->version, "%lld", (long long)s->step);
+    pthread_mutex_init(&s->mu, NULL);
+    pthread_cond_init(&s->queue_cv, NULL);
+    em__metrics_init(&s->m, cfg->max_batch);
+    if ((st = em__batch_alloc(s))) goto fail;
+    if (!(s->slots = em_calloc((size_t)cfg->max_conns, sizeof(em__req)))) {
+        st = em_errorf(EM_ERR_NOMEM, "serve: out of memory");
+        goto fail;
+    }
+    for (int i = 0; i < cfg->max_conns; i++) pthread_cond_init(&s->slots[i].cv, NULL);
+    for (int i = cfg->max_conns - 1; i >= 0; i--) {
+        em__req *r = &s->slots[i];
+        if (em__req_reserve(s, r, 16) || !(r->body = em_malloc(r->body_cap = 4096))) {
+            st = em_errorf(EM_ERR_NOMEM, "serve: out of memory");
+            goto fail;
+        }
+        r->next = s->free_list;
+        s->free_list = r;
+    }
+    /* warm-up: a full batch of all-missing examples makes the model allocate its
+     * activations for max_batch now rather than on the first busy request */
+    s->b.B = cfg->max_batch;
+    memset(s->b.offsets, 0, ((size_t)cfg->max_batch * (size_t)s->ns + 1) * sizeof(int64_t));
+    if ((st = em_dlrm_forward(s->model, &s->b, s->logits, s->pool))) goto fail;
+    *out = s;
+    return EM_OK;
+fail:
+    em_serve_free(s);
+    return st;
+}
+
+em_status em_serve_start(em_server *s) {
+    if (s->daemon) return EM_OK;
+    pthread_mutex_lock(&s->mu);
+    s->stop = 0;
+    pthread_mutex_unlock(&s->mu);
+    if (pthread_create(&s->batcher, NULL, em__batcher_main, s) != 0)
+        return em_errorf(EM_ERR_THREAD, "serve: cannot start the batcher thread");
+    s->batcher_running = 1;
+    struct sockaddr_in sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sin_family = AF_INET;
+    sa.sin_port = htons((uint16_t)s->cfg.port);
+    inet_pton(AF_INET, s->cfg.bind ? s->cfg.bind : "127.0.0.1", &sa.sin_addr);
+    unsigned flags = MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_AUTO;
+    s->daemon = MHD_start_daemon(flags, 0, NULL, NULL, on_request, s,
+                                 MHD_OPTION_SOCK_ADDR, (struct sockaddr *)&sa,
+                                 MHD_OPTION_THREAD_POOL_SIZE, (unsigned)s->cfg.threads,
+                                 MHD_OPTION_CONNECTION_LIMIT, (unsigned)s->cfg.max_conns,
+                                 MHD_OPTION_CONNECTION_TIMEOUT, (unsigned)30,
+                                 MHD_OPTION_NOTIFY_COMPLETED, on_completed, s,
+                                 MHD_OPTION_END);
+    if (!s->daemon) {
+        em_serve_stop(s);
+        return em_errorf(EM_ERR_IO, "serve: cannot listen on %s:%d (in use, or not an address of this host)",
+                         s->cfg.bind ? s->cfg.bind : "127.0.0.1", s->cfg.port);
+    }
+    const union MHD_DaemonInfo *di = MHD_get_daemon_info(s->daemon, MHD_DAEMON_INFO_BIND_PORT);
+    s->port = di ? di->port : s->cfg.port;
+    return EM_OK;
+}
+
+int em_serve_port(const em_server *s) { return s && s->daemon ? s->port : 0; }
+
+void em_serve_stop(em_server *s) {
+    if (!s) return;
+    /* the HTTP side first: its workers finish the requests in flight, which needs the
+     * batcher still running */
+    if (s->daemon) MHD_stop_daemon(s->daemon);
+    s->daemon = NULL;
+    s->port = 0;
+    if (s->batcher_running) {
+        pthread_mutex_lock(&s->mu);
+        s->stop = 1;
+        pthread_cond_broadcast(&s->queue_cv);
+        pthread_mutex_unlock(&s->mu);
+        pthread_join(s->batcher, NULL);
+        s->batcher_running = 0;
+    }
+}
+
+void em_serve_free(em_server *s) {
+    if (!s) return;
+    em_serve_stop(s);
+    free_slots(s);
+    em__batch_free(s);
+    em_dlrm_free(s->model);
+    em_pool_free(s->pool);
+    pthread_cond_destroy(&s->queue_cv);
+    pthread_mutex_destroy(&s->mu);
+    em_free(s);
+}

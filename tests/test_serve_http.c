@@ -1,0 +1,585 @@
+/*
+ * test_serve_http.c - the inference server end to end, in process: a tiny DLRM is
+ * trained for a few steps and saved, a server is started on an ephemeral loopback
+ * port through the library API, and a minimal HTTP/1.1 client written here (plain
+ * sockets, one request per connection, 5 s socket timeouts) talks to it.
+ *
+ * Checked: JSON predictions (TSV lines and objects) equal em_dlrm_forward's sigmoid
+ * on the same examples; concurrent clients (dynamic batching) get the same answers;
+ * the binary endpoint; /healthz; /metrics counts; every error path answers the right
+ * status with a message and the server keeps serving.
+ */
+#include <arpa/inet.h>
+#include <errno.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <pthread.h>
+#include <sys/socket.h>
+#include <sys/time.h>
+#include <unistd.h>
+
+#include "ember/serve.h"
+#include "test.h"
+
+#define ND 13
+#define NT 26
+#define NLINES 24
+
+static char g_ckpt[256];
+static char g_lines[NLINES][512];
+static float g_want[NLINES]; /* reference probabilities of g_lines */
+
+/* ------------------------------------------------------------ HTTP client */
+
+typedef struct {
+    int status;
+    char *body; /* NUL-terminated, malloc'ed */
+    size_t len;
+    char headers[2048];
+} http_resp;
+
+/* One request on a fresh connection ("Connection: close"), reading to EOF. extra_hdr
+ * may add header lines (each ending in \r\n); body_len < 0 sends no body at all.
+ * Returns 0, or -1 on a socket error/timeout. */
+static int http(int port, const char *method, const char *path, const char *extra_hdr, const void *body, long body_len,
+                http_resp *out) {
+    memset(out, 0, sizeof *out);
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    if (fd < 0) return -1;
+    struct timeval tv = {5, 0};
+    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+    setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
+    int one = 1;
+    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    struct sockaddr_in sa = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port)};
+    sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    if (connect(fd, (struct sockaddr *)&sa, sizeof sa) != 0) {
+        close(fd);
+        return -1;
+    }
+    char hdr[1024];
+    int hn = snprintf(hdr, sizeof hdr, "%s %s HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n%s", method, path,
+                      extra_hdr ? extra_hdr : "");
+    if (body_len >= 0) hn += snprintf(hdr + hn, sizeof hdr - (size_t)hn, "Content-Length: %ld\r\n", body_len);
+    hn += snprintf(hdr + hn, sizeof hdr - (size_t)hn, "\r\n");
+    size_t total = (size_t)hn + (body_len > 0 ? (size_t)body_len : 0);
+    char *req = malloc(total);
+    memcpy(req, hdr, (size_t)hn);
+    if (body_len > 0) memcpy(req + hn, body, (size_t)body_len);
+    for (size_t off = 0; off < total;) {
+        ssize_t k = send(fd, req + off, total - off, MSG_NOSIGNAL);
+        if (k <= 0) break; /* the server may answer (and close) before reading it all */
+        off += (size_t)k;
+    }
+    free(req);
+    size_t cap = 65536, len = 0;
+    char *buf = malloc(cap);
+    for (;;) {
+        if (len + 1 >= cap) buf = realloc(buf, cap *= 2);
+        ssize_t k = recv(fd, buf + len, cap - len - 1, 0);
+        if (k < 0 && errno == EINTR) continue;
+        if (k <= 0) break;
+        len += (size_t)k;
+    }
+    close(fd);
+    buf[len] = 0;
+    char *eoh = strstr(buf, "\r\n\r\n");
+    if (!eoh || sscanf(buf, "HTTP/1.%*d %d", &out->status) != 1) {
+        free(buf);
+        return -1;
+    }
+    size_t hl = (size_t)(eoh - buf);
+    snprintf(out->headers, sizeof out->headers, "%.*s", (int)(hl < sizeof out->headers - 1 ? hl : sizeof out->headers - 1), buf);
+    out->len = len - hl - 4;
+    out->body = malloc(out->len + 1);
+    memcpy(out->body, eoh + 4, out->len);
+    out->body[out->len] = 0;
+    free(buf);
+    return 0;
+}
+
+static int post_json(int port, const char *json, http_resp *out) {
+    return http(port, "POST", "/v1/predict", "Content-Type: application/json\r\n", json, (long)strlen(json), out);
+}
+
+/* Parse {"probabilities": [..]} into p (at most n); returns the count or -1. */
+static int parse_probs(const char *body, float *p, int n) {
+    const char *s = strstr(body, "\"probabilities\"");
+    if (!s || !(s = strchr(s, '['))) return -1;
+    s++;
+    int k = 0;
+    while (*s && *s != ']') {
+        char *e;
+        double v = strtod(s, &e);
+        if (e == s) return -1;
+        if (k < n) p[k] = (float)v;
+        k++;
+        s = e;
+        while (*s == ',' || *s == ' ') s++;
+    }
+    return k;
+}
+
+/* Append a JSON string literal of a TSV line (tabs as \t). */
+static size_t json_line(char *o, const char *line) {
+    size_t n = 0;
+    o[n++] = '"';
+    for (const char *p = line; *p; p++) {
+        if (*p == '\t') o[n++] = '\\', o[n++] = 't';
+        else o[n++] = *p;
+    }
+    o[n++] = '"';
+    o[n] = 0;
+    return n;
+}
+
+/* {"examples": [lines[lo..hi)]} into a malloc'ed string. */
+static char *examples_json(int lo, int hi) {
+    char *o = malloc(64 + (size_t)(hi - lo) * 1200);
+    size_t n = (size_t)sprintf(o, "{\"examples\": [");
+    for (int i = lo; i < hi; i++) {
+        if (i > lo) o[n++] = ',';
+        n += json_line(o + n, g_lines[i]);
+    }
+    sprintf(o + n, "]}");
+    return o;
+}
+
+/* ------------------------------------------------------------ fixtures */
+
+static em_dlrm_cfg tiny_cfg(void) {
+    em_dlrm_cfg c;
+    memset(&c, 0, sizeof c);
+    c.num_dense = ND, c.num_tables = NT, c.dim = 4;
+    for (int t = 0; t < NT; t++) c.rows[t] = 10;
+    c.n_bot = 3, c.bot[0] = 13, c.bot[1] = 8, c.bot[2] = 4;
+    c.n_top = 3, c.top[0] = 355, c.top[1] = 8, c.top[2] = 1;
+    c.pooling = EM_POOL_SUM;
+    c.dense_opt = em_optim_default(EM_OPT_SGD, 0.1f);
+    c.sparse_opt = em_optim_default(EM_OPT_SGD, 0.1f);
+    c.seed = 7;
+    return c;
+}
+
+/* A batch laid out like the reader's (table-major, modulo rows, missing = empty). */
+typedef struct {
+    em_batch b;
+    float label[NLINES], dense[NLINES * ND];
+    int64_t indices[NLINES * NT], offsets[NLINES * NT + 1];
+    uint64_t ids[NLINES * NT], miss[NLINES];
+} tbatch;
+
+static void tb_finish(tbatch *t, int B, const int64_t *rows) {
+    t->b = (em_batch){.B = B, .num_dense = ND, .num_sparse = NT, .label = t->label, .dense = t->dense,
+                      .indices = t->indices, .offsets = t->offsets};
+    int64_t k = 0;
+    t->offsets[0] = 0;
+    for (int f = 0; f < NT; f++)
+        for (int i = 0; i < B; i++) {
+            if (!(t->miss[i] >> f & 1)) t->indices[k++] = (int64_t)(t->ids[i * NT + f] % (uint64_t)rows[f]);
+            t->offsets[f * B + i + 1] = k;
+        }
+}
+
+static float sigm(float z) { return (float)(z >= 0 ? 1.0 / (1.0 + exp(-(double)z)) : exp(z) / (1.0 + exp(z))); }
+
+/* Train a few steps, save, build the test lines and their reference answers. */
+static int setup(void) {
+    static int done = 0;
+    if (done) return 0;
+    snprintf(g_ckpt, sizeof g_ckpt, "/tmp/ember_test_serve_%d.st", (int)getpid());
+    em_dlrm_cfg c = tiny_cfg();
+    em_dlrm *m;
+    if (em_dlrm_create(&m, &c, NULL)) return -1;
+    em_rng rng;
+    em_rng_seed(&rng, 42);
+    tbatch tb;
+    for (int step = 0; step < 3; step++) {
+        for (int i = 0; i < NLINES; i++) {
+            tb.label[i] = (float)(em_rng_u64(&rng) & 1);
+            for (int j = 0; j < ND; j++) tb.dense[i * ND + j] = (float)em_rng_uniform(&rng);
+            for (int f = 0; f < NT; f++) tb.ids[i * NT + f] = em_rng_u64(&rng);
+            tb.miss[i] = 0;
+        }
+        tb_finish(&tb, NLINES, c.rows);
+        if (em_dlrm_train_step(m, &tb.b, NULL, NULL)) return -1;
+    }
+    em_status st = em_dlrm_save(m, g_ckpt, NULL, 0);
+    em_dlrm_free(m);
+    if (st) return -1;
+    /* lines: some dense and categorical fields empty, mixed-case hex of varying length */
+    for (int i = 0; i < NLINES; i++) {
+        char *o = g_lines[i];
+        size_t n = 0;
+        for (int j = 0; j < ND; j++) {
+            uint64_t r = em_rng_u64(&rng);
+            if (j) o[n++] = '\t';
+            if (r % 5) n += (size_t)sprintf(o + n, "%d", (int)(r >> 8) % (j == 0 ? 5000 : 300) - 2);
+        }
+        for (int f = 0; f < NT; f++) {
+            uint64_t r = em_rng_u64(&rng);
+            o[n++] = '\t';
+            if (r % 7) n += (size_t)sprintf(o + n, (r & 8) ? "%llx" : "%llX", (unsigned long long)(r >> (r % 40)));
+        }
+        o[n] = 0;
+    }
+    /* the reference: the same checkpoint, loaded, on a hand-made batch of the lines */
+    if (em_dlrm_load(&m, g_ckpt, NULL, NULL)) return -1;
+    for (int i = 0; i < NLINES; i++) {
+        char l[520];
+        int k = snprintf(l, sizeof l, "0\t%s", g_lines[i]);
+        if (em_criteo_parse_line(l, (size_t)k, ND, NT, &tb.label[i], &tb.dense[i * ND], &tb.ids[i * NT], &tb.miss[i], NULL))
+            return -1;
+    }
+    tb_finish(&tb, NLINES, c.rows);
+    float logits[NLINES];
+    st = em_dlrm_forward(m, &tb.b, logits, NULL);
+    em_dlrm_free(m);
+    if (st) return -1;
+    for (int i = 0; i < NLINES; i++) g_want[i] = sigm(logits[i]);
+    done = 1;
+    return 0;
+}
+
+static em_server *start_server(int max_batch, int max_wait_us, size_t max_body) {
+    if (setup()) return NULL;
+    em_pool *pool;
+    em_dlrm *m;
+    if (em_pool_create(&pool, 1)) return NULL;
+    if (em_dlrm_load(&m, g_ckpt, NULL, pool)) {
+        em_pool_free(pool);
+        return NULL;
+    }
+    em_serve_cfg cfg = em_serve_default();
+    cfg.port = 0, cfg.threads = 4, cfg.max_batch = max_batch, cfg.max_wait_us = max_wait_us, cfg.max_body = max_body;
+    em_server *s;
+    if (em_serve_create(&s, m, pool, &cfg)) return NULL;
+    if (em_serve_start(s)) {
+        em_serve_free(s);
+        return NULL;
+    }
+    return s;
+}
+
+/* ------------------------------------------------------------ tests */
+
+static void test_predict_json(void) {
+    em_server *s = start_server(64, 0, 1 << 20);
+    CHECK(s);
+    if (!s) return;
+    int port = em_serve_port(s);
+    CHECK(port > 0);
+    /* all lines in one request, then one line per request */
+    char *j = examples_json(0, NLINES);
+    http_resp r;
+    CHECK(post_json(port, j, &r) == 0);
+    free(j);
+    CHECK(r.status == 200);
+    CHECK(strstr(r.headers, "application/json") != NULL);
+    CHECK(strstr(r.body, "\"model_version\": \"3\"") != NULL);
+    float p[NLINES];
+    CHECK(parse_probs(r.body, p, NLINES) == NLINES);
+    for (int i = 0; i < NLINES; i++) CHECK_NEAR(p[i], g_want[i], 1e-6);
+    free(r.body);
+    for (int i = 0; i < NLINES; i += 5) {
+        j = examples_json(i, i + 1);
+        CHECK(post_json(port, j, &r) == 0);
+        free(j);
+        CHECK(r.status == 200 && parse_probs(r.body, p, 1) == 1);
+        CHECK_NEAR(p[0], g_want[i], 1e-6);
+        free(r.body);
+    }
+    /* the object form of line 0 and a line with its label column: same answers */
+    {
+        char obj[4096], *o = obj;
+        char copy[512];
+        snprintf(copy, sizeof copy, "%s", g_lines[0]);
+        char *fields[ND + NT], *sp = copy;
+        for (int k = 0; k < ND + NT; k++) fields[k] = strsep(&sp, "\t");
+        o += sprintf(o, "{\"examples\": [{\"dense\": [");
+        for (int k = 0; k < ND; k++) o += sprintf(o, "%s%s", k ? "," : "", *fields[k] ? fields[k] : "null");
+        o += sprintf(o, "], \"sparse\": [");
+        for (int k = 0; k < NT; k++)
+            o += *fields[ND + k] ? sprintf(o, "%s\"%s\"", k ? "," : "", fields[ND + k]) : sprintf(o, "%s%s", k ? "," : "", k % 2 ? "null" : "\"\"");
+        char l1[520];
+        snprintf(l1, sizeof l1, "1\t%s", g_lines[1]); /* with its label column */
+        o += sprintf(o, "]}, ");
+        o += json_line(o, l1);
+        sprintf(o, "]}");
+        CHECK(post_json(port, obj, &r) == 0);
+        CHECK(r.status == 200);
+        CHECK(parse_probs(r.body, p, 2) == 2);
+        CHECK_NEAR(p[0], g_want[0], 1e-6);
+        CHECK_NEAR(p[1], g_want[1], 1e-6);
+        if (r.status != 200) fprintf(stderr, "  body: %s\n", r.body);
+        free(r.body);
+    }
+    /* a rough single-request latency figure on loopback (not a benchmark) */
+    j = examples_json(3, 4);
+    double t0 = em_now();
+    int reps = 200;
+    for (int k = 0; k < reps; k++) {
+        if (post_json(port, j, &r) == 0) free(r.body);
+    }
+    fprintf(stderr, "  single-example JSON request, new connection each: %.1f us mean over %d\n",
+            (em_now() - t0) / reps * 1e6, reps);
+    free(j);
+    em_serve_free(s);
+}
+
+typedef struct {
+    int port, id, failures, n;
+} client_arg;
+
+static void *client(void *arg) {
+    client_arg *a = arg;
+    for (int k = 0; k < a->n; k++) {
+        int lo = (a->id * 7 + k * 3) % NLINES, cnt = 1 + (k + a->id) % 3;
+        if (lo + cnt > NLINES) lo = NLINES - cnt;
+        char *j = examples_json(lo, lo + cnt);
+        http_resp r;
+        float p[3];
+        if (post_json(a->port, j, &r) != 0 || r.status != 200 || parse_probs(r.body, p, 3) != cnt) a->failures++;
+        else
+            for (int i = 0; i < cnt; i++)
+                if (!(fabs(p[i] - g_want[lo + i]) <= 1e-6)) a->failures++;
+        free(r.body);
+        free(j);
+    }
+    return NULL;
+}
+
+static void test_concurrent_batching(void) {
+    em_server *s = start_server(16, 3000, 1 << 20);
+    CHECK(s);
+    if (!s) return;
+    enum { NC = 6 };
+    pthread_t th[NC];
+    client_arg a[NC];
+    for (int i = 0; i < NC; i++) {
+        a[i] = (client_arg){em_serve_port(s), i, 0, 15};
+        pthread_create(&th[i], NULL, client, &a[i]);
+    }
+    int fails = 0;
+    for (int i = 0; i < NC; i++) {
+        pthread_join(th[i], NULL);
+        fails += a[i].failures;
+    }
+    CHECK(fails == 0);
+    em_serve_stats st;
+    em_serve_stats_get(s, &st);
+    CHECK(st.requests[EM_SERVE_EP_PREDICT] == NC * 15);
+    CHECK(st.errors == 0);
+    CHECK(st.max_batch_seen <= 16);
+    fprintf(stderr, "  %d requests in %llu forward passes (largest %llu examples)\n", NC * 15,
+            (unsigned long long)st.batches, (unsigned long long)st.max_batch_seen);
+    /* a request bigger than max_batch runs in chunks and still answers right */
+    char *j = examples_json(0, NLINES);
+    http_resp r;
+    float p[NLINES];
+    CHECK(post_json(em_serve_port(s), j, &r) == 0 && r.status == 200 && parse_probs(r.body, p, NLINES) == NLINES);
+    for (int i = 0; i < NLINES; i++) CHECK_NEAR(p[i], g_want[i], 1e-6);
+    free(r.body);
+    free(j);
+    em_serve_free(s);
+}
+
+static void put_u16(char *p, uint16_t v) { memcpy(p, &v, 2); }
+static void put_u32(char *p, uint32_t v) { memcpy(p, &v, 4); }
+
+static void test_predict_bin(void) {
+    em_server *s = start_server(64, 0, 1 << 20);
+    CHECK(s);
+    if (!s) return;
+    const size_t rec = 8 + 4 * ND + 8 * NT;
+    char *body = malloc(16 + rec * NLINES);
+    memcpy(body, "EMRQ", 4);
+    put_u16(body + 4, 1), put_u16(body + 6, ND), put_u16(body + 8, NT), put_u16(body + 10, 0);
+    put_u32(body + 12, NLINES);
+    for (int i = 0; i < NLINES; i++) {
+        char l[520];
+        float label, dense[ND];
+        uint64_t ids[NT], miss;
+        int k = snprintf(l, sizeof l, "0\t%s", g_lines[i]);
+        CHECK_OK(em_criteo_parse_line(l, (size_t)k, ND, NT, &label, dense, ids, &miss, NULL));
+        char *q = body + 16 + rec * (size_t)i;
+        memcpy(q, &miss, 8);
+        memcpy(q + 8, dense, sizeof dense);
+        memcpy(q + 8 + sizeof dense, ids, sizeof ids);
+    }
+    http_resp r;
+    long len = (long)(16 + rec * NLINES);
+    CHECK(http(em_serve_port(s), "POST", "/v1/predict.bin", NULL, body, len, &r) == 0);
+    CHECK(r.status == 200 && r.len == NLINES * 4);
+    if (r.len == NLINES * 4)
+        for (int i = 0; i < NLINES; i++) {
+            float v;
+            memcpy(&v, r.body + 4 * i, 4);
+            CHECK_NEAR(v, g_want[i], 1e-6);
+        }
+    free(r.body);
+    /* broken requests: truncated, bad magic, wrong counts, non-finite dense */
+    CHECK(http(em_serve_port(s), "POST", "/v1/predict.bin", NULL, body, len - 3, &r) == 0);
+    CHECK(r.status == 400 && strstr(r.body, "expected"));
+    free(r.body);
+    body[0] = 'X';
+    CHECK(http(em_serve_port(s), "POST", "/v1/predict.bin", NULL, body, len, &r) == 0);
+    CHECK(r.status == 400 && strstr(r.body, "magic"));
+    free(r.body);
+    body[0] = 'E';
+    put_u16(body + 6, 12);
+    CHECK(http(em_serve_port(s), "POST", "/v1/predict.bin", NULL, body, len, &r) == 0);
+    CHECK(r.status == 400 && strstr(r.body, "model expects 13 / 26"));
+    free(r.body);
+    put_u16(body + 6, ND);
+    float inf = INFINITY;
+    memcpy(body + 16 + 8 + 4, &inf, 4);
+    CHECK(http(em_serve_port(s), "POST", "/v1/predict.bin", NULL, body, len, &r) == 0);
+    CHECK(r.status == 400 && strstr(r.body, "not finite"));
+    free(r.body);
+    free(body);
+    em_serve_free(s);
+}
+
+/* status + a substring of the body */
+static void expect(int port, const char *method, const char *path, const char *body, long len, int status,
+                   const char *needle) {
+    http_resp r;
+    int rc = http(port, method, path, len >= 0 ? "Content-Type: application/json\r\n" : NULL, body, len, &r);
+    CHECK(rc == 0);
+    if (rc) return;
+    CHECK(r.status == status);
+    CHECK(strstr(r.body, needle) != NULL);
+    if (r.status != status || !strstr(r.body, needle))
+        fprintf(stderr, "  %s %s: got %d '%s', want %d '%s'\n", method, path, r.status, r.body, status, needle);
+    free(r.body);
+}
+
+static void expect_json(int port, const char *json, int status, const char *needle) {
+    expect(port, "POST", "/v1/predict", json, (long)strlen(json), status, needle);
+}
+
+static void test_errors_and_metrics(void) {
+    em_server *s = start_server(64, 0, 4096);
+    CHECK(s);
+    if (!s) return;
+    int port = em_serve_port(s);
+    expect(port, "GET", "/healthz", NULL, -1, 200, "ok");
+    expect_json(port, "{\"examples\": [", 400, "malformed JSON");
+    expect_json(port, "[1, 2]", 400, "examples\\\" array");
+    expect_json(port, "{\"examples\": []}", 400, "empty");
+    expect_json(port, "{\"examples\": [42]}", 400, "examples[0]: expected a TSV line");
+    expect_json(port, "{\"examples\": [\"1\\t2\\t3\"]}", 400, "examples[0]: wrong field count: 3 fields, expected 39");
+    /* examples[1]: field 15 (C2) is bad hex */
+    {
+        char j[4096], line[512];
+        snprintf(line, sizeof line, "%s", g_lines[2]);
+        char *f = line;
+        for (int k = 0; k < ND + 1; k++) f = strchr(f, '\t') + 1; /* start of C2 */
+        char *e = strchr(f, '\t');
+        char fixed[600];
+        snprintf(fixed, sizeof fixed, "%.*s12zz%s", (int)(f - line), line, e);
+        size_t n = (size_t)sprintf(j, "{\"examples\": [");
+        n += json_line(j + n, g_lines[0]);
+        j[n++] = ',';
+        n += json_line(j + n, fixed);
+        sprintf(j + n, "]}");
+        expect_json(port, j, 400, "examples[1]: field 15 (C2): invalid hex '12zz'");
+    }
+    /* objects: wrong counts, wrong types */
+    expect_json(port, "{\"examples\": [{\"dense\": [1,2], \"sparse\": []}]}", 400, "dense has 2 values, expected 13");
+    {
+        char j[2048];
+        char *o = j + sprintf(j, "{\"examples\": [{\"dense\": [1,2,3,4,5,6,7,8,9,10,11,12,null], \"sparse\": [");
+        for (int k = 0; k < NT; k++) o += sprintf(o, "%s\"%s\"", k ? "," : "", k == 4 ? "xyz" : "a1");
+        sprintf(o, "]}]}");
+        expect_json(port, j, 400, "examples[0]: sparse[4] (C5): invalid hex 'xyz'");
+        j[strlen(j) - 4] = 0;
+        strcat(j, ", \"a1\"]}]}");
+        expect_json(port, j, 400, "sparse has 27 values, expected 26");
+    }
+    expect_json(port, "{\"examples\": [{\"dense\": \"no\", \"sparse\": []}]}", 400, "dense\\\" must be an array of 13");
+    /* too large: Content-Length over the limit (no body sent) */
+    {
+        http_resp r;
+        CHECK(http(port, "POST", "/v1/predict", "Content-Length: 5000\r\n", "", -1, &r) == 0);
+        CHECK(r.status == 413 && strstr(r.body, "limit of 4096"));
+        free(r.body);
+    }
+    expect(port, "GET", "/v1/predict", NULL, -1, 405, "use POST");
+    expect(port, "PUT", "/v1/predict.bin", "", 0, 405, "use POST");
+    expect(port, "POST", "/healthz", "", 0, 405, "use GET");
+    expect(port, "GET", "/nope", NULL, -1, 404, "no such endpoint");
+    /* still serving */
+    char *j = examples_json(5, 7);
+    http_resp r;
+    float p[2];
+    CHECK(post_json(port, j, &r) == 0 && r.status == 200 && parse_probs(r.body, p, 2) == 2);
+    CHECK_NEAR(p[0], g_want[5], 1e-6);
+    CHECK_NEAR(p[1], g_want[6], 1e-6);
+    free(r.body);
+    free(j);
+    /* metrics: predict got 10 x 400, 413, 405 and one good request; predict_bin a 405;
+     * healthz a 200 and a 405 */
+    CHECK(http(port, "GET", "/metrics", NULL, NULL, -1, &r) == 0);
+    CHECK(r.status == 200);
+    CHECK(strstr(r.body, "ember_requests_total{endpoint=\"predict\"} 13\n") != NULL);
+    CHECK(strstr(r.body, "ember_requests_total{endpoint=\"predict_bin\"} 1\n") != NULL);
+    CHECK(strstr(r.body, "ember_requests_total{endpoint=\"healthz\"} 2\n") != NULL);
+    CHECK(strstr(r.body, "ember_requests_total{endpoint=\"other\"} 1\n") != NULL);
+    CHECK(strstr(r.body, "ember_request_errors_total{code=\"400\"} 10\n") != NULL);
+    CHECK(strstr(r.body, "ember_request_errors_total{code=\"413\"} 1\n") != NULL);
+    CHECK(strstr(r.body, "ember_request_errors_total{code=\"405\"} 3\n") != NULL);
+    CHECK(strstr(r.body, "ember_request_errors_total{code=\"404\"} 1\n") != NULL);
+    CHECK(strstr(r.body, "ember_request_latency_seconds_bucket{le=\"+Inf\"} 14\n") != NULL);
+    CHECK(strstr(r.body, "ember_request_latency_seconds_count 14\n") != NULL);
+    /* one forward pass, of 2 examples (the warm-up pass is not counted) */
+    CHECK(strstr(r.body, "ember_batch_size_bucket{le=\"2\"} 1\n") != NULL);
+    CHECK(strstr(r.body, "ember_batch_size_count 1\n") != NULL);
+    CHECK(strstr(r.body, "ember_model_step 3\n") != NULL);
+    CHECK(strstr(r.body, "# TYPE ember_request_latency_seconds histogram") != NULL);
+    free(r.body);
+    em_serve_free(s);
+}
+
+static void test_bad_config(void) {
+    if (setup()) {
+        CHECK(0);
+        return;
+    }
+    em_dlrm *m;
+    CHECK_OK(em_dlrm_load(&m, g_ckpt, NULL, NULL));
+    em_serve_cfg cfg = em_serve_default();
+    cfg.bind = "not-an-address";
+    em_server *s = (em_server *)1;
+    CHECK(em_serve_create(&s, m, NULL, &cfg) == EM_ERR_INVALID && s == NULL); /* frees m */
+    CHECK(strstr(em_last_error(), "not-an-address") != NULL);
+    CHECK_OK(em_dlrm_load(&m, g_ckpt, NULL, NULL));
+    cfg = em_serve_default();
+    cfg.max_batch = 0;
+    CHECK(em_serve_create(&s, m, NULL, &cfg) == EM_ERR_INVALID);
+    /* a port in use */
+    em_server *a = start_server(8, 0, 1 << 20);
+    CHECK(a);
+    if (!a) return;
+    CHECK_OK(em_dlrm_load(&m, g_ckpt, NULL, NULL));
+    cfg = em_serve_default();
+    cfg.port = em_serve_port(a);
+    CHECK_OK(em_serve_create(&s, m, NULL, &cfg));
+    CHECK(em_serve_start(s) == EM_ERR_IO);
+    em_serve_free(s);
+    em_serve_stop(a);
+    em_serve_stop(a); /* idempotent */
+    em_serve_free(a);
+    em_serve_free(NULL);
+}
+
+static void cleanup(void) {
+    if (g_ckpt[0]) unlink(g_ckpt);
+}
+
+static void test_zz_cleanup(void) { cleanup(); }
+
+TEST_MAIN({"predict_json", test_predict_json}, {"concurrent_batching", test_concurrent_batching},
+          {"predict_bin", test_predict_bin}, {"errors_and_metrics", test_errors_and_metrics},
+          {"bad_config", test_bad_config}, {"zz_cleanup", test_zz_cleanup})
