@@ -8,39 +8,200 @@
  *             bottom 13-512-256-64, top 415-512-256-1
  * Ids are uniform random, dense features uniform in [0, 1), labels Bernoulli(0.5);
  * 8 distinct batches are generated up front and cycled, so only training is timed.
+ *
+ * Sequence attention (issue 4), self attention forward + backward on one batch:
+ *   jattn        Jagged Flash Attention (ember/jattn.h) on jagged Q/K/V
+ *   attn_padded  ember's padded dense path (ember/attn_padded.h): inputs already
+ *                padded to (B, H, Lmax, dh), full Lmax x Lmax scores, P kept for backward
+ * Lengths: lognormal with sigma 1 and the requested mean (mu = ln(mean) - 1/2), rounded,
+ * clipped to [1, max-len], sample 0 set to max-len, drawn from --seed; --dump-lengths
+ * writes them one per line (bench/attn_torch.py reads that file). Q, K, V, dO are
+ * standard normal. A step is: forward, zero dQ/dK/dV, backward.
+ * FLOP convention (FlashAttention papers): forward 4*dh*H*pairs per sample (QK^T and
+ * PV, 2 flops per multiply-add), backward 2.5x forward (dV, dP, dQ, dK plus the
+ * recomputed or re-read scores), where pairs = L^2 (L(L+1)/2 under --causal). "useful"
+ * counts each sample's own L; "padded" counts max-len for every sample.
  * Prints one JSON line.
  */
+#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/resource.h>
 
 #include "cli/cli.h"
+#include "ember/attn_padded.h"
 
 typedef struct {
-    const char *config, *opt;
-    int batch, threads;
-    long long steps, warmup;
-    double lr;
+    const char *config, *opt, *dump;
+    int batch, threads, heads, head_dim, max_len, causal;
+    long long steps, warmup, seed;
+    double lr, mean_len;
 } bench_ctx;
 
 static const cli_opt bench_opts[] = {
-    OPT_STR("workload", "NAME", "kaggle | embheavy (default kaggle)", bench_ctx, config),
-    OPT_INT("batch", "N", "examples per step (default 2048)", bench_ctx, batch, 1, 1 << 20),
+    OPT_STR("workload", "NAME", "kaggle | embheavy | jattn | attn_padded (default kaggle)", bench_ctx, config),
+    OPT_INT("batch", "N", "examples per step (default 2048; attention: 256)", bench_ctx, batch, 1, 1 << 20),
     OPT_STR("opt", "NAME", "sgd (dense and sparse SGD) | adagrad | rowwise_adagrad (dense AdaGrad) (default sgd)", bench_ctx,
             opt),
     OPT_INT("steps", "N", "timed steps (default 50)", bench_ctx, steps, 1, 1LL << 40),
     OPT_INT("warmup", "N", "untimed steps first (default 5)", bench_ctx, warmup, 0, 1LL << 40),
     OPT_INT("threads", "N", "worker threads (default 2)", bench_ctx, threads, 1, 256),
     OPT_DOUBLE("lr", "F", "learning rate (default 0.01)", bench_ctx, lr),
+    OPT_INT("heads", "N", "attention heads (default 2)", bench_ctx, heads, 1, 1024),
+    OPT_INT("head-dim", "N", "attention head dimension (default 32)", bench_ctx, head_dim, 1, 4096),
+    OPT_INT("max-len", "N", "longest sequence; sample 0 has it (default 1024)", bench_ctx, max_len, 1, 32768),
+    OPT_DOUBLE_POS("mean-len", "F", "mean of the lognormal lengths (default 64)", bench_ctx, mean_len),
+    OPT_FLAG("causal", "causal attention mask", bench_ctx, causal),
+    OPT_INT("seed", "N", "seed of lengths and inputs (default 1)", bench_ctx, seed, 0, 1LL << 62),
+    OPT_STR("dump-lengths", "FILE", "attention: write the sequence lengths, one per line", bench_ctx, dump),
 };
 
+/* Lognormal lengths (see the file comment). */
+static void attn_lengths(int *len, const bench_ctx *c) {
+    em_rng r;
+    em_rng_seed(&r, (uint64_t)c->seed);
+    const double mu = log(c->mean_len) - 0.5;
+    for (int b = 0; b < c->batch; b++) {
+        double x = exp(mu + em_rng_normal(&r));
+        long long L = llround(x);
+        len[b] = L < 1 ? 1 : L > c->max_len ? c->max_len : (int)L;
+    }
+    if (c->batch > 0) len[0] = c->max_len;
+}
+
+static int cmp_double(const void *a, const void *b) {
+    double x = *(const double *)a, y = *(const double *)b;
+    return (x > y) - (x < y);
+}
+
+/* `ember bench --workload jattn | attn_padded`. */
+static int bench_attn(bench_ctx *c) {
+    const int padded = strcmp(c->config, "attn_padded") == 0;
+    const int B = c->batch, H = c->heads, dh = c->head_dim, Lmax = c->max_len;
+    if (c->steps < 0) c->steps = padded ? 3 : 20;
+    if (c->warmup < 0) c->warmup = padded ? 1 : 3;
+    int *len = malloc(sizeof(int) * (size_t)B);
+    int64_t *off = malloc(sizeof(int64_t) * ((size_t)B + 1));
+    if (!len || !off) {
+        fprintf(stderr, "ember bench: out of memory\n");
+        return 1;
+    }
+    attn_lengths(len, c);
+    if (c->dump) {
+        FILE *f = fopen(c->dump, "w");
+        if (!f) {
+            fprintf(stderr, "ember bench: --dump-lengths: cannot write '%s'\n", c->dump);
+            return 1;
+        }
+        for (int b = 0; b < B; b++) fprintf(f, "%d\n", len[b]);
+        if (fclose(f)) {
+            fprintf(stderr, "ember bench: --dump-lengths: cannot write '%s'\n", c->dump);
+            return 1;
+        }
+    }
+    double useful = 0, padflop = 0;
+    off[0] = 0;
+    for (int b = 0; b < B; b++) {
+        const double L = len[b];
+        off[b + 1] = off[b] + len[b];
+        useful += c->causal ? L * (L + 1) / 2 : L * L;
+        padflop += c->causal ? (double)Lmax * (Lmax + 1) / 2 : (double)Lmax * Lmax;
+    }
+    useful *= 4.0 * dh * H * 3.5, padflop *= 4.0 * dh * H * 3.5; /* forward 1 + backward 2.5 */
+    const size_t total = (size_t)off[B], ld = (size_t)H * (size_t)dh;
+    const size_t nj = total * ld, np = (size_t)B * ld * (size_t)Lmax, n = padded ? np : nj;
+    em_jattn_cfg cfg = {.B = B, .H = H, .dh = dh, .offsets = off, .causal = c->causal};
+    em_pool *pool = NULL;
+    em_status st = em_pool_create(&pool, c->threads);
+    if (st) {
+        cli_fail("bench", st);
+        return 1;
+    }
+    em_mem_reset_peak();
+    /* Q K V dO O dQ dK dV in the workload's layout; lse (jagged) or P (padded) */
+    float *t[8], *aux;
+    int oom = 0;
+    for (int k = 0; k < 8; k++) oom |= !(t[k] = em_malloc(sizeof(float) * (n ? n : 1)));
+    aux = em_malloc(sizeof(float) * (padded ? (size_t)B * (size_t)H * (size_t)Lmax * (size_t)Lmax : total * (size_t)H + 1));
+    if (oom || !aux) {
+        fprintf(stderr, "ember bench: out of memory\n");
+        return 1;
+    }
+    float *Q = t[0], *K = t[1], *V = t[2], *dO = t[3], *O = t[4], *dQ = t[5], *dK = t[6], *dV = t[7];
+    {
+        em_rng r;
+        em_rng_seed(&r, (uint64_t)c->seed + 1);
+        float *tmp = padded ? em_malloc(sizeof(float) * (nj ? nj : 1)) : NULL;
+        if (padded && !tmp) {
+            fprintf(stderr, "ember bench: out of memory\n");
+            return 1;
+        }
+        for (int k = 0; k < 4; k++) {
+            float *x = padded ? tmp : t[k];
+            for (size_t i = 0; i < nj; i++) x[i] = (float)em_rng_normal(&r);
+            if (padded && (st = em_attn_pad(t[k], tmp, &cfg, Lmax, pool))) break;
+        }
+        em_free(tmp);
+    }
+    double *ms = malloc(sizeof(double) * (size_t)c->steps * 3);
+    double fwd_sum = 0, bwd_sum = 0;
+    for (long long s = 0; !st && s < c->warmup + c->steps; s++) {
+        const double t0 = em_now();
+        st = padded ? em_attn_padded_forward(O, aux, Q, K, V, &cfg, Lmax, pool)
+                    : em_jattn_forward(O, aux, Q, K, V, &cfg, pool);
+        const double t1 = em_now();
+        memset(dQ, 0, sizeof(float) * n), memset(dK, 0, sizeof(float) * n), memset(dV, 0, sizeof(float) * n);
+        if (!st)
+            st = padded ? em_attn_padded_backward(dQ, dK, dV, dO, Q, K, V, aux, &cfg, Lmax, pool)
+                        : em_jattn_backward(dQ, dK, dV, dO, Q, K, V, O, aux, &cfg, pool);
+        const double t2 = em_now();
+        if (s >= c->warmup) {
+            ms[s - c->warmup] = 1e3 * (t2 - t0);
+            fwd_sum += t1 - t0, bwd_sum += t2 - t1;
+        }
+    }
+    if (st) {
+        cli_fail("bench", st);
+        return 1;
+    }
+    qsort(ms, (size_t)c->steps, sizeof(double), cmp_double);
+    const double med = ms[c->steps / 2], best = ms[0];
+    double check = 0; /* a checksum so the outputs are observably used */
+    for (size_t i = 0; i < n; i += 97) check += (double)O[i] + dQ[i] + dK[i] + dV[i];
+    struct rusage ru;
+    getrusage(RUSAGE_SELF, &ru);
+    printf("{\"workload\":\"%s\",\"batch\":%d,\"heads\":%d,\"head_dim\":%d,\"max_len\":%d,\"mean_len_target\":%g,"
+           "\"mean_len\":%.2f,\"total_rows\":%zu,\"causal\":%d,\"threads\":%d,\"seed\":%lld,\"steps\":%lld,"
+           "\"ms_per_step\":%.3f,\"ms_best\":%.3f,\"ms_fwd\":%.3f,\"ms_bwd\":%.3f,"
+           "\"useful_gflop\":%.4f,\"padded_gflop\":%.4f,\"useful_gflops\":%.2f,\"tensor_mb\":%.2f,"
+           "\"peak_rss_mb\":%.1f,\"checksum\":%.6g,"
+           "\"flop_convention\":\"fwd 4*dh*H*pairs per sample, bwd 2.5x fwd, pairs=L^2 (causal L(L+1)/2)\"}\n",
+           c->config, B, H, dh, Lmax, c->mean_len, (double)total / (B ? B : 1), total, c->causal, c->threads, c->seed,
+           c->steps, med, best, 1e3 * fwd_sum / (double)c->steps, 1e3 * bwd_sum / (double)c->steps, useful / 1e9,
+           padflop / 1e9, useful / 1e9 / (med / 1e3), (double)em_mem_peak() / 1048576.0, (double)ru.ru_maxrss / 1024.0,
+           check);
+    for (int k = 0; k < 8; k++) em_free(t[k]);
+    em_free(aux);
+    free(ms), free(len), free(off);
+    em_pool_free(pool);
+    return 0;
+}
+
 int cmd_bench(int argc, char **argv) {
-    bench_ctx c = {.config = "kaggle", .opt = "sgd", .batch = 2048, .threads = 2, .steps = 50, .warmup = 5, .lr = 0.01};
+    bench_ctx c = {.config = "kaggle", .opt = "sgd", .batch = -1, .threads = 2, .steps = -1, .warmup = -1, .lr = 0.01,
+                   .heads = 2, .head_dim = 32, .max_len = 1024, .mean_len = 64, .seed = 1};
     char *pos[1];
     int npos;
     int rc = cli_parse("bench", "[options]", bench_opts, CLI_NOPTS(bench_opts), &c, argc, argv,
                        pos, &npos, 0);
     if (rc) return rc < 0 ? 2 : 0;
+    if (strcmp(c.config, "jattn") == 0 || strcmp(c.config, "attn_padded") == 0) {
+        if (c.batch < 0) c.batch = 256;
+        return bench_attn(&c);
+    }
+    if (c.batch < 0) c.batch = 2048;
+    if (c.steps < 0) c.steps = 50;
+    if (c.warmup < 0) c.warmup = 5;
     em_dlrm_cfg m = em_dlrm_kaggle(0);
     int per_bag = 1;
     if (strcmp(c.config, "embheavy") == 0) {
@@ -52,7 +213,7 @@ int cmd_bench(int argc, char **argv) {
         memcpy(m.top, top, sizeof top);
         per_bag = 20;
     } else if (strcmp(c.config, "kaggle") != 0) {
-        fprintf(stderr, "ember bench: --workload: expected kaggle or embheavy, got '%s'\n", c.config);
+        fprintf(stderr, "ember bench: --workload: expected kaggle, embheavy, jattn or attn_padded, got '%s'\n", c.config);
         return 2;
     }
     em_optim_kind sk;
