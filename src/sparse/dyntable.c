@@ -1,0 +1,1082 @@
+/*
+ * dyntable.c - dynamic, collisionless embedding tables (ember/dyntable.h): a linear-
+ * probing hash table from 64-bit id to a row slot, rows in never-moving pages, per-row
+ * metadata, admission, budgeted eviction, and the fused sparse optimizer.
+ *
+ * Layout of a table: pages of EM_DYN_PAGE_ROWS slots, each one allocation holding the
+ * rows (stride D + S floats: the weights, then the optimizer state beside them, so an
+ * update touches one contiguous run) followed by the slots' metadata {id, count, last}
+ * (count < 0 marks a free slot). The hash array holds {id, slot} pairs (16 bytes) so a
+ * probe compares ids without touching the pages.
+ *
+ * Memory is reserved before any table is changed: a train forward first grows, per
+ * table, the pages, the free-list/eviction scratch and the hash array to hold every
+ * position of the batch as a new row; only then do the workers run, and they never
+ * allocate. So an allocation failure leaves every table as it was, and the end-of-step
+ * eviction (which needs scratch) cannot fail.
+ *
+ * Train forward, per table on one worker (tables taken from an atomic counter):
+ *  1. dedup: the table's positions in batch order go through a small scratch hash
+ *     (2-4x the table's positions, cache-resident) giving each position its unique-id
+ *     number u, numbered by first occurrence, and each unique its occurrence count.
+ *  2. lookup/insert: the uniques in order u = 0, 1, ... are probed in the table (the
+ *     hash buckets of a few uniques ahead are prefetched); found rows get count +=
+ *     occurrences and last = step; new ones go through admission and are inserted
+ *     (slot from the free list, else the next fresh one). The order is a function of
+ *     the batch alone, so slots do not depend on the thread count.
+ *  3. CSR of positions per unique (counting sort, batch order kept) for the backward,
+ *     and the slot of each position for pooling.
+ *  4. pooling of the table's bags in index order (rows a few positions ahead prefetched).
+ * Eval forward: per table, each position probes the table read-only.
+ * Backward: a queue of chunks of unique ids per table; a unique's gradient is summed
+ * over its positions in batch order and the optimizer applied once, by one worker.
+ * End of step (serial, per table over budget): a key per live row ((last, id) or
+ * (count, id)), quickselect of the k smallest (the set is unique: the keys are
+ * distinct), sorted, removed from the hash with backward-shift deletion and pushed on
+ * the free list in that order.
+ */
+#include "ember/dyntable.h"
+
+#include <math.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "core/simd.h"
+#include "ember/safetensors.h"
+#include "sparse/rowops.h"
+
+#define NONE UINT32_MAX
+#define PSHIFT 12 /* log2(EM_DYN_PAGE_ROWS) */
+#define PMASK ((uint32_t)EM_DYN_PAGE_ROWS - 1)
+#define HASH_PREFETCH 8
+#define ROW_PREFETCH 8
+#define CHUNKS_PER_WORKER 8
+#define CMS_DEPTH 4
+#define MAX_SLOTS ((uint64_t)1 << 31)
+
+_Static_assert(EM_DYN_PAGE_ROWS == 1 << PSHIFT, "page shift");
+
+typedef struct {
+    uint64_t id;
+    int64_t count, last; /* count < 0: a free slot */
+} rmeta;
+
+typedef struct {
+    uint64_t id;
+    uint32_t slot; /* NONE: empty bucket */
+    uint32_t pad;
+} hent;
+
+typedef struct {
+    /* hash */
+    hent *h;
+    size_t hcap; /* power of two (0 before the first insert) */
+    /* pages */
+    char **pages;
+    size_t npages, cap_pages;
+    uint32_t fresh;  /* slots [fresh, npages * PAGE_ROWS) were never used */
+    uint32_t *freel; /* capacity npages * PAGE_ROWS */
+    size_t nfree;
+    int64_t live;
+    uint32_t *cms; /* CMS_DEPTH * cms_width, or NULL */
+    uint64_t seed; /* per-table stream */
+    uint64_t inserts, evictions, rejections;
+    /* per train batch */
+    size_t kbeg, n;    /* positions [kbeg, kbeg + n) */
+    size_t nuniq;
+    size_t mbeg, mcap; /* dedup map region */
+    int nchunks;
+} dtab;
+
+struct em_dyn {
+    em_dyn_cfg cfg;
+    int T, D;
+    size_t S, stride;   /* state floats per row; floats per row slot */
+    size_t page_bytes;  /* rows + metadata of one page */
+    int64_t budget;     /* rows, 0 = none */
+    int64_t step;
+    dtab *tabs;
+    /* batch scratch, grown on demand */
+    size_t cap_nnz, cap_map;
+    uint64_t *uid, *uhash;
+    uint32_t *ucnt, *ustart, *uslot, *pos2u, *pos2b, *plist, *pslot, *map;
+    int pending; /* a train forward awaits its backward */
+    int pend_B;
+    size_t pend_nnz;
+    /* eviction scratch: one entry per slot of the largest table */
+    struct evk { int64_t k; uint64_t id; uint32_t slot; } *ev;
+    size_t cap_ev;
+    int cap_nth;
+    float *gbuf; size_t gstride;
+    struct qitem { int t, part; } *queue;
+};
+
+/* ------------------------------------------------------------ row access */
+
+static inline float *row_ptr(const em_dyn *d, const dtab *tb, uint32_t s) {
+    return (float *)tb->pages[s >> PSHIFT] + (size_t)(s & PMASK) * d->stride;
+}
+static inline rmeta *meta_ptr(const em_dyn *d, const dtab *tb, uint32_t s) {
+    return (rmeta *)(tb->pages[s >> PSHIFT] + (size_t)EM_DYN_PAGE_ROWS * d->stride * sizeof(float)) + (s & PMASK);
+}
+
+/* ------------------------------------------------------------------ hash */
+
+static inline uint32_t hfind(const dtab *tb, uint64_t id, uint64_t hv) {
+    if (!tb->hcap) return NONE;
+    size_t m = tb->hcap - 1, i = (size_t)hv & m;
+    for (;;) {
+        const hent *e = &tb->h[i];
+        if (e->slot == NONE) return NONE;
+        if (e->id == id) return e->slot;
+        i = (i + 1) & m;
+    }
+}
+
+/* The id must be absent and the load factor leave room (reserved beforehand). */
+static inline void hput(dtab *tb, uint64_t id, uint64_t hv, uint32_t slot) {
+    size_t m = tb->hcap - 1, i = (size_t)hv & m;
+    while (tb->h[i].slot != NONE) i = (i + 1) & m;
+    tb->h[i].id = id;
+    tb->h[i].slot = slot;
+}
+
+/* Backward-shift deletion: the entries after the hole that may move into it (their
+ * home bucket is not in the cyclic range (hole, j]) are shifted back, so probes never
+ * meet a premature empty bucket and no tombstones accumulate. */
+static void hdel(dtab *tb, uint64_t id) {
+    size_t m = tb->hcap - 1, i = (size_t)em_mix64(id) & m;
+    while (tb->h[i].id != id || tb->h[i].slot == NONE) {
+        EM_ASSERT(tb->h[i].slot != NONE);
+        i = (i + 1) & m;
+    }
+    size_t j = i;
+    for (;;) {
+        j = (j + 1) & m;
+        if (tb->h[j].slot == NONE) break;
+        size_t home = (size_t)em_mix64(tb->h[j].id) & m;
+        /* move unless home lies cyclically in (i, j] */
+        int in_range = i <= j ? (home > i && home <= j) : (home > i || home <= j);
+        if (!in_range) {
+            tb->h[i] = tb->h[j];
+            i = j;
+        }
+    }
+    tb->h[i].slot = NONE;
+}
+
+/* Grow the hash so that `rows` entries keep the load factor <= 1/2. */
+static em_status hreserve(dtab *tb, uint64_t rows) {
+    size_t need = 16;
+    while ((uint64_t)need < 2 * rows) need <<= 1;
+    if (need <= tb->hcap) return EM_OK;
+    hent *h = em_malloc(need * sizeof(hent));
+    if (!h) return em_errorf(EM_ERR_NOMEM, "dyntable: no memory for a hash of %zu buckets", need);
+    for (size_t i = 0; i < need; i++) h[i].slot = NONE, h[i].id = 0, h[i].pad = 0;
+    hent *old = tb->h;
+    size_t ocap = tb->hcap;
+    tb->h = h, tb->hcap = need;
+    for (size_t i = 0; i < ocap; i++)
+        if (old[i].slot != NONE) hput(tb, old[i].id, em_mix64(old[i].id), old[i].slot);
+    em_free(old);
+    return EM_OK;
+}
+
+/* ----------------------------------------------------------------- pages */
+
+static size_t tab_slots(const dtab *tb) { return tb->npages * (size_t)EM_DYN_PAGE_ROWS; }
+
+/* Make room for `extra` new rows without further allocation: pages, the free list
+ * (capacity = slots, so evictions never allocate) and the hash. */
+static em_status reserve_rows(em_dyn *d, dtab *tb, uint64_t extra) {
+    uint64_t avail = tb->nfree + (tab_slots(tb) - tb->fresh);
+    if (extra > avail) {
+        uint64_t need = tab_slots(tb) + (extra - avail);
+        if (need > MAX_SLOTS) return em_errorf(EM_ERR_INVALID, "dyntable: more than 2^31 rows in one table");
+        size_t np = (size_t)((need + EM_DYN_PAGE_ROWS - 1) / EM_DYN_PAGE_ROWS);
+        if (np > tb->cap_pages) {
+            size_t cp = tb->cap_pages * 2 > np ? tb->cap_pages * 2 : np;
+            char **pg = em_realloc(tb->pages, cp * sizeof(char *));
+            if (!pg) return em_errorf(EM_ERR_NOMEM, "dyntable: no memory for the page table");
+            tb->pages = pg, tb->cap_pages = cp;
+        }
+        uint32_t *fl = em_malloc(np * EM_DYN_PAGE_ROWS * sizeof(uint32_t));
+        if (!fl) return em_errorf(EM_ERR_NOMEM, "dyntable: no memory for a free list of %zu slots", np * EM_DYN_PAGE_ROWS);
+        size_t have = tb->npages;
+        while (tb->npages < np) {
+            char *p = em_malloc(d->page_bytes);
+            if (!p) {
+                em_free(fl);
+                return em_errorf(EM_ERR_NOMEM, "dyntable: no memory for a page of %zu bytes", d->page_bytes);
+            }
+            rmeta *m = (rmeta *)(p + (size_t)EM_DYN_PAGE_ROWS * d->stride * sizeof(float));
+            for (size_t i = 0; i < EM_DYN_PAGE_ROWS; i++) m[i].id = 0, m[i].count = -1, m[i].last = -1;
+            tb->pages[tb->npages++] = p;
+        }
+        (void)have;
+        if (tb->nfree) memcpy(fl, tb->freel, tb->nfree * sizeof(uint32_t));
+        em_free(tb->freel);
+        tb->freel = fl;
+    }
+    if (d->budget && tab_slots(tb) > d->cap_ev) {
+        struct evk *ev = em_malloc(tab_slots(tb) * sizeof *ev);
+        if (!ev) return em_errorf(EM_ERR_NOMEM, "dyntable: no memory for the eviction scratch");
+        em_free(d->ev);
+        d->ev = ev, d->cap_ev = tab_slots(tb);
+    }
+    return hreserve(tb, (uint64_t)tb->live + extra);
+}
+
+static void tab_free(dtab *tb) {
+    for (size_t i = 0; i < tb->npages; i++) em_free(tb->pages[i]);
+    em_free(tb->pages);
+    em_free(tb->freel);
+    em_free(tb->h);
+    em_free(tb->cms);
+    memset(tb, 0, sizeof *tb);
+}
+
+/* ------------------------------------------------------------- lifecycle */
+
+em_dyn_cfg em_dyn_default(int num_tables, int dim, em_optim_cfg opt) {
+    em_dyn_cfg c;
+    memset(&c, 0, sizeof c);
+    c.num_tables = num_tables;
+    c.dim = dim;
+    c.pooling = EM_POOL_SUM;
+    c.opt = opt;
+    c.seed = 0;
+    c.init_scale = 0.01f;
+    c.admit = EM_DYN_ADMIT_ALWAYS;
+    c.admit_min_count = 1;
+    c.admit_prob = 1.0f;
+    c.evict = EM_DYN_EVICT_AGE;
+    return c;
+}
+
+void em_dyn_free(em_dyn *d) {
+    if (!d) return;
+    if (d->tabs)
+        for (int t = 0; t < d->T; t++) tab_free(&d->tabs[t]);
+    em_free(d->tabs);
+    em_free(d->uid), em_free(d->uhash), em_free(d->ucnt), em_free(d->ustart), em_free(d->uslot);
+    em_free(d->pos2u), em_free(d->pos2b), em_free(d->plist), em_free(d->pslot), em_free(d->map);
+    em_free(d->ev), em_free(d->gbuf), em_free(d->queue);
+    em_free(d);
+}
+
+size_t em_dyn_row_bytes(const em_dyn *d) {
+    return d->stride * sizeof(float) + sizeof(rmeta) + 2 * sizeof(hent) + sizeof(uint32_t) + sizeof(struct evk);
+}
+
+static uint64_t tab_seed(uint64_t seed, int t) { return em_mix64(seed ^ (0x9e3779b97f4a7c15ull * (uint64_t)(t + 1))); }
+
+em_status em_dyn_create(em_dyn **out, const em_dyn_cfg *cfg) {
+    if (!out) return em_errorf(EM_ERR_INVALID, "dyntable: out is NULL");
+    *out = NULL;
+    if (!cfg) return em_errorf(EM_ERR_INVALID, "dyntable: no config");
+    if (cfg->num_tables < 1) return em_errorf(EM_ERR_INVALID, "dyntable: %d tables (need >= 1)", cfg->num_tables);
+    if (cfg->dim < 1) return em_errorf(EM_ERR_INVALID, "dyntable: dim %d (need >= 1)", cfg->dim);
+    if (cfg->pooling != EM_POOL_SUM && cfg->pooling != EM_POOL_MEAN)
+        return em_errorf(EM_ERR_INVALID, "dyntable: unknown pooling %d", (int)cfg->pooling);
+    size_t S;
+    switch (cfg->opt.kind) {
+    case EM_OPT_SGD: S = 0; break;
+    case EM_OPT_ADAGRAD: S = (size_t)cfg->dim; break;
+    case EM_OPT_ROWWISE_ADAGRAD: S = 1; break;
+    default:
+        return em_errorf(EM_ERR_INVALID, "dyntable: optimizer %d is not a sparse optimizer (sgd, adagrad, rowwise_adagrad)",
+                         (int)cfg->opt.kind);
+    }
+    if (!(cfg->init_scale >= 0.f)) return em_errorf(EM_ERR_INVALID, "dyntable: init_scale %g (need >= 0)", (double)cfg->init_scale);
+    uint32_t cmsw = cfg->cms_width ? cfg->cms_width : 65536;
+    switch (cfg->admit) {
+    case EM_DYN_ADMIT_ALWAYS: break;
+    case EM_DYN_ADMIT_COUNT:
+        if (cfg->admit_min_count < 1) return em_errorf(EM_ERR_INVALID, "dyntable: admit_min_count 0 (need >= 1)");
+        if (cmsw & (cmsw - 1)) return em_errorf(EM_ERR_INVALID, "dyntable: cms_width %u is not a power of two", cmsw);
+        break;
+    case EM_DYN_ADMIT_PROB:
+        if (!(cfg->admit_prob >= 0.f && cfg->admit_prob <= 1.f))
+            return em_errorf(EM_ERR_INVALID, "dyntable: admit_prob %g (need 0 .. 1)", (double)cfg->admit_prob);
+        break;
+    default: return em_errorf(EM_ERR_INVALID, "dyntable: unknown admission %d", (int)cfg->admit);
+    }
+    if (cfg->evict != EM_DYN_EVICT_AGE && cfg->evict != EM_DYN_EVICT_LFU)
+        return em_errorf(EM_ERR_INVALID, "dyntable: unknown eviction %d", (int)cfg->evict);
+    if (cfg->max_rows < 0) return em_errorf(EM_ERR_INVALID, "dyntable: max_rows %lld", (long long)cfg->max_rows);
+    if (!(cfg->evict_slack >= 0.f && cfg->evict_slack <= 0.5f))
+        return em_errorf(EM_ERR_INVALID, "dyntable: evict_slack %g (need 0 .. 0.5)", (double)cfg->evict_slack);
+
+    em_dyn *d = em_calloc(1, sizeof *d);
+    if (!d) return em_errorf(EM_ERR_NOMEM, "dyntable: no memory for the object");
+    d->cfg = *cfg;
+    d->cfg.cms_width = cmsw;
+    d->T = cfg->num_tables;
+    d->D = cfg->dim;
+    d->S = S;
+    d->stride = (size_t)cfg->dim + S;
+    d->page_bytes = (size_t)EM_DYN_PAGE_ROWS * (d->stride * sizeof(float) + sizeof(rmeta));
+    d->gstride = ((size_t)cfg->dim + 15) / 16 * 16;
+    int64_t budget = cfg->max_rows;
+    if (cfg->max_bytes) {
+        int64_t bb = (int64_t)(cfg->max_bytes / em_dyn_row_bytes(d));
+        if (bb < 1) bb = 1;
+        if (!budget || bb < budget) budget = bb;
+    }
+    d->budget = budget;
+    d->tabs = em_calloc((size_t)d->T, sizeof(dtab));
+    if (!d->tabs) {
+        em_dyn_free(d);
+        return em_errorf(EM_ERR_NOMEM, "dyntable: no memory for %d tables", cfg->num_tables);
+    }
+    for (int t = 0; t < d->T; t++) {
+        d->tabs[t].seed = tab_seed(cfg->seed, t);
+        if (cfg->admit == EM_DYN_ADMIT_COUNT) {
+            d->tabs[t].cms = em_calloc((size_t)CMS_DEPTH * cmsw, sizeof(uint32_t));
+            if (!d->tabs[t].cms) {
+                em_dyn_free(d);
+                return em_errorf(EM_ERR_NOMEM, "dyntable: no memory for the count sketches");
+            }
+        }
+    }
+    *out = d;
+    return EM_OK;
+}
+
+int em_dyn_num_tables(const em_dyn *d) { return d->T; }
+int em_dyn_dim(const em_dyn *d) { return d->D; }
+int64_t em_dyn_step(const em_dyn *d) { return d->step; }
+int64_t em_dyn_budget_rows(const em_dyn *d) { return d->budget; }
+void em_dyn_set_lr(em_dyn *d, float lr) { d->cfg.opt.lr = lr; }
+
+/* ------------------------------------------------------------- row birth */
+
+/* The initial weights depend on (seed, table, id) only. */
+static void init_row(const em_dyn *d, const dtab *tb, uint64_t id, float *w) {
+    const size_t D = (size_t)d->D;
+    const float a = d->cfg.init_scale;
+    if (a == 0.f) {
+        memset(w, 0, D * sizeof(float));
+    } else {
+        em_rng r;
+        em_rng_seed(&r, em_mix64(tb->seed ^ em_mix64(id)));
+        for (size_t i = 0; i < D; i++) w[i] = (float)((double)a * (2.0 * em_rng_uniform(&r) - 1.0));
+    }
+    float *s = w + D;
+    for (size_t i = 0; i < d->S; i++) s[i] = d->cfg.opt.init_accum;
+}
+
+static uint32_t alloc_slot(dtab *tb) {
+    if (tb->nfree) return tb->freel[--tb->nfree];
+    return tb->fresh++;
+}
+
+/* Insert an absent id (room reserved). */
+static uint32_t insert_row(em_dyn *d, dtab *tb, uint64_t id, uint64_t hv, int64_t count) {
+    uint32_t s = alloc_slot(tb);
+    hput(tb, id, hv, s);
+    rmeta *m = meta_ptr(d, tb, s);
+    m->id = id, m->count = count, m->last = d->step;
+    init_row(d, tb, id, row_ptr(d, tb, s));
+    tb->live++;
+    tb->inserts++;
+    return s;
+}
+
+/* Admission of an id not in the table seen `c` times in this batch. */
+static int admit(const em_dyn *d, dtab *tb, uint64_t id, uint32_t c) {
+    switch (d->cfg.admit) {
+    case EM_DYN_ADMIT_ALWAYS: return 1;
+    case EM_DYN_ADMIT_PROB: {
+        uint64_t h = em_mix64(tb->seed ^ em_mix64(id ^ 0xa0761d6478bd642full));
+        return (double)(h >> 11) * (1.0 / 9007199254740992.0) < (double)d->cfg.admit_prob;
+    }
+    default: { /* COUNT: add c to the id's counters, admit once the estimate reaches N */
+        const uint32_t W = d->cfg.cms_width;
+        uint64_t est = UINT64_MAX;
+        for (int r = 0; r < CMS_DEPTH; r++) {
+            uint64_t h = em_mix64(id ^ (0x94d049bb133111ebull * (uint64_t)(r + 1)) ^ tb->seed);
+            uint32_t *cnt = tb->cms + (size_t)r * W + (h & (W - 1));
+            uint64_t v = (uint64_t)*cnt + c;
+            *cnt = v > UINT32_MAX ? UINT32_MAX : (uint32_t)v;
+            if (*cnt < est) est = *cnt;
+        }
+        return est >= d->cfg.admit_min_count;
+    }
+    }
+}
+
+/* ---------------------------------------------------------------- scratch */
+
+static em_status ensure_batch(em_dyn *d, size_t nnz, size_t mapn) {
+    if (nnz > d->cap_nnz) {
+        size_t cap = d->cap_nnz + d->cap_nnz / 2;
+        if (cap < nnz) cap = nnz;
+        size_t c1 = cap + (size_t)d->T + 1;
+        uint64_t *uid = em_malloc(cap * 8), *uhash = em_malloc(cap * 8);
+        uint32_t *ucnt = em_malloc(cap * 4), *ustart = em_malloc(c1 * 4), *uslot = em_malloc(cap * 4),
+                 *pos2u = em_malloc(cap * 4), *pos2b = em_malloc(cap * 4), *plist = em_malloc(cap * 4),
+                 *pslot = em_malloc(cap * 4);
+        if (!uid || !uhash || !ucnt || !ustart || !uslot || !pos2u || !pos2b || !plist || !pslot) {
+            em_free(uid), em_free(uhash), em_free(ucnt), em_free(ustart), em_free(uslot);
+            em_free(pos2u), em_free(pos2b), em_free(plist), em_free(pslot);
+            return em_errorf(EM_ERR_NOMEM, "dyntable: no memory for the scratch of %zu ids", nnz);
+        }
+        em_free(d->uid), em_free(d->uhash), em_free(d->ucnt), em_free(d->ustart), em_free(d->uslot);
+        em_free(d->pos2u), em_free(d->pos2b), em_free(d->plist), em_free(d->pslot);
+        d->uid = uid, d->uhash = uhash, d->ucnt = ucnt, d->ustart = ustart, d->uslot = uslot;
+        d->pos2u = pos2u, d->pos2b = pos2b, d->plist = plist, d->pslot = pslot;
+        d->cap_nnz = cap;
+        d->pending = 0; /* the recorded batch is gone */
+    }
+    if (mapn > d->cap_map) {
+        size_t cap = d->cap_map + d->cap_map / 2;
+        if (cap < mapn) cap = mapn;
+        uint32_t *m = em_malloc(cap * 4);
+        if (!m) return em_errorf(EM_ERR_NOMEM, "dyntable: no memory for a dedup map of %zu buckets", mapn);
+        em_free(d->map);
+        d->map = m, d->cap_map = cap;
+    }
+    return EM_OK;
+}
+
+static em_status ensure_workers(em_dyn *d, int nth) {
+    if (nth <= d->cap_nth) return EM_OK;
+    float *g = em_malloc((size_t)nth * d->gstride * sizeof(float));
+    struct qitem *q = em_malloc(((size_t)d->T + (size_t)nth * CHUNKS_PER_WORKER) * sizeof *q);
+    if (!g || !q) {
+        em_free(g), em_free(q);
+        return em_errorf(EM_ERR_NOMEM, "dyntable: no memory for the scratch of %d workers", nth);
+    }
+    em_free(d->gbuf), em_free(d->queue);
+    d->gbuf = g, d->queue = q, d->cap_nth = nth;
+    return EM_OK;
+}
+
+static em_status check_offsets(const em_dyn *d, const int64_t *off, int B, size_t *nnz) {
+    if (!off) return em_errorf(EM_ERR_INVALID, "dyntable: offsets is NULL");
+    if (off[0] != 0) return em_errorf(EM_ERR_INVALID, "dyntable: offsets[0] = %lld, expected 0", (long long)off[0]);
+    size_t nb = (size_t)d->T * (size_t)B;
+    for (size_t u = 0; u < nb; u++)
+        if (off[u + 1] < off[u])
+            return em_errorf(EM_ERR_INVALID, "dyntable: table %d, example %d: offsets[%zu] = %lld < offsets[%zu] = %lld",
+                             (int)(u / (size_t)B), (int)(u % (size_t)B), u + 1, (long long)off[u + 1], u,
+                             (long long)off[u]);
+    *nnz = (size_t)off[nb];
+    if (*nnz >= (size_t)UINT32_MAX) return em_errorf(EM_ERR_INVALID, "dyntable: %zu ids in one batch (at most 2^32 - 2)", *nnz);
+    return EM_OK;
+}
+
+/* ---------------------------------------------------------------- forward */
+
+typedef struct {
+    em_dyn *d;
+    float *out;
+    const float *dout;
+    const uint64_t *ids;
+    const int64_t *off;
+    int B;
+    size_t nqueue;
+    atomic_size_t next;
+} run_arg;
+
+static inline void prefetch_lines(const void *p, size_t bytes, int write) {
+    const char *c = p, *last = c + bytes - 1;
+    for (; c < last; c += 64) {
+        if (write) __builtin_prefetch(c, 1, 3);
+        else __builtin_prefetch(c, 0, 3);
+    }
+    if (write) __builtin_prefetch(last, 1, 3);
+    else __builtin_prefetch(last, 0, 3);
+}
+
+/* Pool the bags of table t from the slots of its positions. */
+static void pool_table(run_arg *a, int t, const uint32_t *pslot) {
+    em_dyn *d = a->d;
+    dtab *tb = &d->tabs[t];
+    const int B = a->B, T = d->T;
+    const size_t D = (size_t)d->D, kbeg = tb->kbeg, n = tb->n;
+    const int64_t *off = a->off + (size_t)t * (size_t)B;
+    for (int b = 0; b < B; b++) {
+        float *o = a->out + ((size_t)b * (size_t)T + (size_t)t) * D;
+        memset(o, 0, D * sizeof(float));
+        const int64_t k0 = off[b], k1 = off[b + 1];
+        for (int64_t k = k0; k < k1; k++) {
+            size_t p = (size_t)k - kbeg;
+            if (p + ROW_PREFETCH < n && pslot[p + ROW_PREFETCH] != NONE)
+                prefetch_lines(row_ptr(d, tb, pslot[p + ROW_PREFETCH]), D * sizeof(float), 0);
+            uint32_t s = pslot[p];
+            if (s != NONE) em_vadd(o, row_ptr(d, tb, s), D);
+        }
+        if (d->cfg.pooling == EM_POOL_MEAN && k1 > k0) em_vscale(o, 1.0f / (float)(k1 - k0), D);
+    }
+}
+
+/* Steps 1-4 of the file comment for table t. */
+static void train_table(run_arg *a, int t) {
+    em_dyn *d = a->d;
+    dtab *tb = &d->tabs[t];
+    const int B = a->B;
+    const size_t kbeg = tb->kbeg, n = tb->n;
+    const int64_t *off = a->off + (size_t)t * (size_t)B;
+    const uint64_t *ids = a->ids;
+    uint64_t *uid = d->uid + kbeg, *uhash = d->uhash + kbeg;
+    uint32_t *ucnt = d->ucnt + kbeg, *uslot = d->uslot + kbeg, *pos2u = d->pos2u + kbeg, *pos2b = d->pos2b + kbeg;
+    uint32_t *ustart = d->ustart + kbeg + (size_t)t, *plist = d->plist + kbeg, *pslot = d->pslot + kbeg;
+    uint32_t *map = d->map + tb->mbeg;
+    const size_t mm = tb->mcap - 1;
+
+    /* 1. dedup in batch order */
+    memset(map, 0xff, tb->mcap * sizeof(uint32_t));
+    uint32_t U = 0;
+    for (int b = 0; b < B; b++)
+        for (int64_t k = off[b]; k < off[b + 1]; k++) {
+            const uint64_t id = ids[k], hv = em_mix64(id);
+            size_t i = (size_t)(hv >> 32) & mm; /* high bits: the table uses the low ones */
+            uint32_t u;
+            while ((u = map[i]) != NONE && uid[u] != id) i = (i + 1) & mm;
+            if (u == NONE) {
+                u = map[i] = U++;
+                uid[u] = id, uhash[u] = hv, ucnt[u] = 0;
+            }
+            size_t p = (size_t)k - kbeg;
+            pos2u[p] = u, pos2b[p] = (uint32_t)b;
+            ucnt[u]++;
+        }
+    tb->nuniq = U;
+
+    /* 2. lookup / admit / insert, in order of first occurrence */
+    const size_t hm = tb->hcap - 1;
+    for (uint32_t u = 0; u < U; u++) {
+        if (u + HASH_PREFETCH < U) __builtin_prefetch(&tb->h[uhash[u + HASH_PREFETCH] & hm], 0, 3);
+        uint32_t s = hfind(tb, uid[u], uhash[u]);
+        if (s != NONE) {
+            rmeta *m = meta_ptr(d, tb, s);
+            m->count += ucnt[u];
+            m->last = d->step;
+        } else if (admit(d, tb, uid[u], ucnt[u])) {
+            s = insert_row(d, tb, uid[u], uhash[u], (int64_t)ucnt[u]);
+        } else {
+            tb->rejections++;
+        }
+        uslot[u] = s;
+    }
+
+    /* 3. positions per unique in batch order; slot per position */
+    uint32_t acc = 0;
+    for (uint32_t u = 0; u < U; u++) {
+        ustart[u] = acc;
+        acc += ucnt[u];
+        ucnt[u] = ustart[u]; /* becomes the fill cursor */
+    }
+    ustart[U] = acc;
+    for (size_t p = 0; p < n; p++) {
+        uint32_t u = pos2u[p];
+        plist[ucnt[u]++] = (uint32_t)p;
+        pslot[p] = uslot[u];
+    }
+    /* 4. pooling */
+    pool_table(a, t, pslot);
+}
+
+/* Eval: read-only probes; absent ids read as zeros. */
+static void eval_table(run_arg *a, int t) {
+    em_dyn *d = a->d;
+    dtab *tb = &d->tabs[t];
+    const int B = a->B, T = d->T;
+    const size_t D = (size_t)d->D;
+    const int64_t *off = a->off + (size_t)t * (size_t)B;
+    const int64_t kend = off[B];
+    const size_t hm = tb->hcap ? tb->hcap - 1 : 0;
+    for (int b = 0; b < B; b++) {
+        float *o = a->out + ((size_t)b * (size_t)T + (size_t)t) * D;
+        memset(o, 0, D * sizeof(float));
+        const int64_t k0 = off[b], k1 = off[b + 1];
+        for (int64_t k = k0; k < k1; k++) {
+            if (tb->hcap && k + HASH_PREFETCH < kend) __builtin_prefetch(&tb->h[em_mix64(a->ids[k + HASH_PREFETCH]) & hm], 0, 3);
+            uint32_t s = hfind(tb, a->ids[k], em_mix64(a->ids[k]));
+            if (s != NONE) em_vadd(o, row_ptr(d, tb, s), D);
+        }
+        if (d->cfg.pooling == EM_POOL_MEAN && k1 > k0) em_vscale(o, 1.0f / (float)(k1 - k0), D);
+    }
+}
+
+static void train_task(void *p, int ith, int nth) {
+    run_arg *a = p;
+    for (;;) {
+        size_t t = atomic_fetch_add_explicit(&a->next, 1, memory_order_relaxed);
+        if (t >= (size_t)a->d->T) break;
+        train_table(a, (int)t);
+    }
+}
+
+static void eval_task(void *p, int ith, int nth) {
+    run_arg *a = p;
+    for (;;) {
+        size_t t = atomic_fetch_add_explicit(&a->next, 1, memory_order_relaxed);
+        if (t >= (size_t)a->d->T) break;
+        eval_table(a, (int)t);
+    }
+}
+
+em_status em_dyn_forward(em_dyn *d, float *out, const uint64_t *ids, const int64_t *offsets, int B, em_dyn_mode mode,
+                         em_pool *pool) {
+    if (!d || !out) return em_errorf(EM_ERR_INVALID, "dyntable forward: NULL object or output");
+    if (B < 0) return em_errorf(EM_ERR_INVALID, "dyntable forward: batch size %d", B);
+    if (mode != EM_DYN_TRAIN && mode != EM_DYN_EVAL) return em_errorf(EM_ERR_INVALID, "dyntable forward: mode %d", (int)mode);
+    size_t nnz;
+    em_status st = check_offsets(d, offsets, B, &nnz);
+    if (st) return st;
+    if (nnz && !ids) return em_errorf(EM_ERR_INVALID, "dyntable forward: ids is NULL");
+    run_arg a = {d, out, NULL, ids, offsets, B, 0, 0};
+    if (mode == EM_DYN_EVAL) {
+        if (B) em_pool_run(pool, eval_task, &a);
+        return EM_OK;
+    }
+    d->pending = 0;
+    size_t mapn = 0;
+    for (int t = 0; t < d->T; t++) {
+        size_t n = (size_t)(offsets[(size_t)(t + 1) * (size_t)B] - offsets[(size_t)t * (size_t)B]), mc = 4;
+        while (mc < 2 * n) mc <<= 1;
+        mapn += mc;
+    }
+    if ((st = ensure_batch(d, nnz, mapn))) return st;
+    size_t mo = 0;
+    for (int t = 0; t < d->T; t++) {
+        dtab *tb = &d->tabs[t];
+        tb->kbeg = (size_t)offsets[(size_t)t * (size_t)B];
+        tb->n = (size_t)offsets[(size_t)(t + 1) * (size_t)B] - tb->kbeg;
+        size_t mc = 4;
+        while (mc < 2 * tb->n) mc <<= 1;
+        tb->mbeg = mo, tb->mcap = mc;
+        mo += mc;
+        if ((st = reserve_rows(d, tb, tb->n))) return st;
+    }
+    if (B) em_pool_run(pool, train_task, &a);
+    d->pending = 1;
+    d->pend_B = B;
+    d->pend_nnz = nnz;
+    return EM_OK;
+}
+
+/* --------------------------------------------------------------- backward */
+
+static void update_uniques(run_arg *a, int t, size_t j0, size_t j1, float *restrict g) {
+    em_dyn *d = a->d;
+    dtab *tb = &d->tabs[t];
+    const int T = d->T, B = a->B;
+    const size_t D = (size_t)d->D, kbeg = tb->kbeg, rowbytes = D * sizeof(float);
+    const uint32_t *uslot = d->uslot + kbeg, *ustart = d->ustart + kbeg + (size_t)t, *plist = d->plist + kbeg,
+                   *pos2b = d->pos2b + kbeg;
+    const int64_t *off = a->off + (size_t)t * (size_t)B;
+    const int mean = d->cfg.pooling == EM_POOL_MEAN;
+    const em_optim_kind kind = d->cfg.opt.kind;
+    const float lr = d->cfg.opt.lr, eps = d->cfg.opt.eps, wd = d->cfg.opt.weight_decay;
+    const float *dout = a->dout + (size_t)t * D;
+    const size_t dstride = (size_t)T * D;
+    (void)B;
+    for (size_t j = j0; j < j1; j++) {
+        if (j + ROW_PREFETCH < j1 && uslot[j + ROW_PREFETCH] != NONE)
+            prefetch_lines(row_ptr(d, tb, uslot[j + ROW_PREFETCH]), d->stride * sizeof(float), 1);
+        const uint32_t s = uslot[j];
+        if (s == NONE) continue;
+        float *wr = row_ptr(d, tb, s);
+        memset(g, 0, rowbytes);
+        for (uint32_t q = ustart[j]; q < ustart[j + 1]; q++) {
+            uint32_t b = pos2b[plist[q]];
+            float sc = mean ? 1.0f / (float)(off[b + 1] - off[b]) : 1.0f;
+            em_vaxpy(g, sc, dout + (size_t)b * dstride, D);
+        }
+        if (wd != 0.f) em_vaxpy(g, wd, wr, D);
+        switch (kind) {
+        case EM_OPT_SGD: em_vaxpy(wr, -lr, g, D); break;
+        case EM_OPT_ADAGRAD: em__adagrad_row(wr, wr + D, g, D, lr, eps); break;
+        default: {
+            float m = wr[D] + em_vsumsq(g, D) / (float)D;
+            wr[D] = m;
+            em_vaxpy(wr, -(lr / (sqrtf(m) + eps)), g, D);
+            break;
+        }
+        }
+    }
+}
+
+static void update_task(void *p, int ith, int nth) {
+    run_arg *a = p;
+    em_dyn *d = a->d;
+    float *g = d->gbuf + (size_t)ith * d->gstride;
+    for (;;) {
+        size_t i = atomic_fetch_add_explicit(&a->next, 1, memory_order_relaxed);
+        if (i >= a->nqueue) break;
+        struct qitem q = d->queue[i];
+        size_t lo, hi;
+        em_split(d->tabs[q.t].nuniq, q.part, d->tabs[q.t].nchunks, &lo, &hi);
+        if (lo < hi) update_uniques(a, q.t, lo, hi, g);
+    }
+}
+
+em_status em_dyn_backward_update(em_dyn *d, const float *dout, const uint64_t *ids, const int64_t *offsets, int B,
+                                 em_pool *pool) {
+    if (!d || !dout) return em_errorf(EM_ERR_INVALID, "dyntable backward: NULL object or gradient");
+    size_t nnz;
+    em_status st = check_offsets(d, offsets, B < 0 ? 0 : B, &nnz);
+    if (st) return st;
+    if (!d->pending || d->pend_B != B || d->pend_nnz != nnz)
+        return em_errorf(EM_ERR_INVALID, "dyntable backward: no train forward of this batch (B %d, %zu ids) precedes it", B, nnz);
+    (void)ids;
+    int nth = em_pool_nth(pool);
+    if ((st = ensure_workers(d, nth))) return st;
+    size_t nq = 0, tot = 0;
+    for (int t = 0; t < d->T; t++) tot += d->tabs[t].nuniq;
+    for (int t = 0; t < d->T; t++) {
+        dtab *tb = &d->tabs[t];
+        tb->nchunks = !tb->nuniq ? 0 : nth == 1 ? 1 : 1 + (int)(tb->nuniq * (size_t)nth * CHUNKS_PER_WORKER / tot);
+        for (int c = 0; c < tb->nchunks; c++) d->queue[nq++] = (struct qitem){t, c};
+    }
+    /* the queue holds at most T + nth * CHUNKS_PER_WORKER items */
+    run_arg a = {d, NULL, dout, ids, offsets, B, nq, 0};
+    if (nq) em_pool_run(pool, update_task, &a);
+    d->pending = 0;
+    em_dyn_end_step(d);
+    return EM_OK;
+}
+
+/* -------------------------------------------------------------- eviction */
+
+static inline int evk_less(const struct evk *x, const struct evk *y) {
+    return x->k < y->k || (x->k == y->k && x->id < y->id);
+}
+
+static inline void evk_swap(struct evk *a, size_t i, size_t j) {
+    struct evk t = a[i];
+    a[i] = a[j];
+    a[j] = t;
+}
+
+/* Hoare-free Lomuto partition around the median of three (keys are distinct). */
+static size_t evk_partition(struct evk *a, size_t lo, size_t hi) {
+    size_t mid = lo + (hi - lo) / 2;
+    if (evk_less(&a[mid], &a[lo])) evk_swap(a, mid, lo);
+    if (evk_less(&a[hi], &a[lo])) evk_swap(a, hi, lo);
+    if (evk_less(&a[mid], &a[hi])) evk_swap(a, mid, hi); /* a[hi] is the median */
+    struct evk piv = a[hi];
+    size_t i = lo;
+    for (size_t j = lo; j < hi; j++)
+        if (evk_less(&a[j], &piv)) evk_swap(a, i++, j);
+    evk_swap(a, i, hi);
+    return i;
+}
+
+/* Put the k smallest in a[0..k) (any order). */
+static void evk_select(struct evk *a, size_t n, size_t k) {
+    size_t lo = 0, hi = n - 1;
+    while (lo < hi) {
+        size_t p = evk_partition(a, lo, hi);
+        if (p == k) return;
+        if (p < k) lo = p + 1;
+        else {
+            if (p == 0) return;
+            hi = p - 1;
+        }
+    }
+}
+
+static void evk_sort(struct evk *a, size_t lo, size_t hi) { /* inclusive bounds */
+    while (hi > lo) {
+        if (hi - lo < 16) {
+            for (size_t i = lo + 1; i <= hi; i++) {
+                struct evk x = a[i];
+                size_t j = i;
+                while (j > lo && evk_less(&x, &a[j - 1])) a[j] = a[j - 1], j--;
+                a[j] = x;
+            }
+            return;
+        }
+        size_t p = evk_partition(a, lo, hi);
+        if (p - lo < hi - p) {
+            if (p > lo) evk_sort(a, lo, p - 1);
+            lo = p + 1;
+        } else {
+            evk_sort(a, p + 1, hi);
+            if (p == 0) return;
+            hi = p - 1;
+        }
+    }
+}
+
+static void evict_table(em_dyn *d, dtab *tb) {
+    int64_t target = d->budget - (int64_t)((double)d->budget * (double)d->cfg.evict_slack);
+    if (target < 0) target = 0;
+    size_t k = (size_t)(tb->live - target), n = 0;
+    struct evk *ev = d->ev;
+    const int lfu = d->cfg.evict == EM_DYN_EVICT_LFU;
+    for (uint32_t s = 0; s < tb->fresh; s++) {
+        const rmeta *m = meta_ptr(d, tb, s);
+        if (m->count < 0) continue;
+        ev[n].k = lfu ? m->count : m->last;
+        ev[n].id = m->id;
+        ev[n].slot = s;
+        n++;
+    }
+    EM_ASSERT((int64_t)n == tb->live && k <= n);
+    if (k < n) evk_select(ev, n, k);
+    if (k) evk_sort(ev, 0, k - 1);
+    for (size_t i = 0; i < k; i++) {
+        hdel(tb, ev[i].id);
+        rmeta *m = meta_ptr(d, tb, ev[i].slot);
+        m->count = -1, m->last = -1, m->id = 0;
+        tb->freel[tb->nfree++] = ev[i].slot;
+    }
+    tb->live -= (int64_t)k;
+    tb->evictions += k;
+}
+
+void em_dyn_end_step(em_dyn *d) {
+    d->pending = 0;
+    if (d->budget)
+        for (int t = 0; t < d->T; t++)
+            if (d->tabs[t].live > d->budget) evict_table(d, &d->tabs[t]);
+    d->step++;
+}
+
+/* ------------------------------------------------------------- inspection */
+
+int em_dyn_lookup(em_dyn *d, int t, uint64_t id, em_dyn_row *row) {
+    if (!d || t < 0 || t >= d->T) return 0;
+    dtab *tb = &d->tabs[t];
+    uint32_t s = hfind(tb, id, em_mix64(id));
+    if (s == NONE) return 0;
+    if (row) {
+        const rmeta *m = meta_ptr(d, tb, s);
+        row->w = row_ptr(d, tb, s);
+        row->state = d->S ? row->w + d->D : NULL;
+        row->count = m->count, row->last = m->last, row->slot = s;
+    }
+    return 1;
+}
+
+int64_t em_dyn_ids(const em_dyn *d, int t, uint64_t *ids, int64_t cap) {
+    if (!d || t < 0 || t >= d->T) return 0;
+    const dtab *tb = &d->tabs[t];
+    int64_t n = 0;
+    for (uint32_t s = 0; s < tb->fresh; s++) {
+        const rmeta *m = meta_ptr(d, tb, s);
+        if (m->count < 0) continue;
+        if (n < cap) ids[n] = m->id;
+        n++;
+    }
+    return n;
+}
+
+static size_t tab_bytes(const em_dyn *d, const dtab *tb) {
+    return tb->npages * d->page_bytes + tb->cap_pages * sizeof(char *) + tb->hcap * sizeof(hent) +
+           tab_slots(tb) * sizeof(uint32_t) + (tb->cms ? (size_t)CMS_DEPTH * d->cfg.cms_width * sizeof(uint32_t) : 0);
+}
+
+em_dyn_stats em_dyn_get_stats(const em_dyn *d, int t) {
+    em_dyn_stats s;
+    memset(&s, 0, sizeof s);
+    if (!d) return s;
+    for (int i = 0; i < d->T; i++) {
+        if (t >= 0 && i != t) continue;
+        const dtab *tb = &d->tabs[i];
+        s.rows += tb->live;
+        s.slots += (int64_t)tab_slots(tb);
+        s.capacity += (int64_t)tb->hcap;
+        s.bytes += tab_bytes(d, tb);
+        s.inserts += tb->inserts, s.evictions += tb->evictions, s.rejections += tb->rejections;
+    }
+    return s;
+}
+
+/* ------------------------------------------------------------ checkpoints */
+
+#define NPT 7 /* tensors per table at most */
+
+em_status em_dyn_save(const em_dyn *d, const char *path) {
+    if (!d || !path) return em_errorf(EM_ERR_INVALID, "dyntable save: NULL object or path");
+    const int T = d->T;
+    const size_t D = (size_t)d->D, S = d->S;
+    em_st_tensor *ts = em_calloc((size_t)T * NPT, sizeof *ts);
+    char *names = em_calloc((size_t)T * NPT, 48);
+    void **bufs = em_calloc((size_t)T * 5, sizeof(void *));
+    int64_t *stats = em_calloc((size_t)T * 3, sizeof(int64_t));
+    em_status st = EM_OK;
+    int nt = 0;
+    if (!ts || !names || !bufs || !stats) {
+        st = em_errorf(EM_ERR_NOMEM, "dyntable save: no memory");
+        goto done;
+    }
+    for (int t = 0; t < T; t++) {
+        const dtab *tb = &d->tabs[t];
+        size_t n = (size_t)tb->live, n1 = n ? n : 1;
+        uint64_t *ids = bufs[t * 5 + 0] = em_malloc(n1 * 8);
+        float *rows = bufs[t * 5 + 1] = em_malloc(n1 * D * 4);
+        int64_t *cnt = bufs[t * 5 + 2] = em_malloc(n1 * 8), *last = bufs[t * 5 + 3] = em_malloc(n1 * 8);
+        float *state = bufs[t * 5 + 4] = S ? em_malloc(n1 * S * 4) : NULL;
+        if (!ids || !rows || !cnt || !last || (S && !state)) {
+            st = em_errorf(EM_ERR_NOMEM, "dyntable save: no memory for table %d (%zu rows)", t, n);
+            goto done;
+        }
+        size_t i = 0;
+        for (uint32_t s = 0; s < tb->fresh; s++) {
+            const rmeta *m = meta_ptr(d, tb, s);
+            if (m->count < 0) continue;
+            const float *w = row_ptr(d, tb, s);
+            ids[i] = m->id, cnt[i] = m->count, last[i] = m->last;
+            memcpy(rows + i * D, w, D * 4);
+            if (S) memcpy(state + i * S, w + D, S * 4);
+            i++;
+        }
+        stats[t * 3 + 0] = (int64_t)tb->inserts, stats[t * 3 + 1] = (int64_t)tb->evictions;
+        stats[t * 3 + 2] = (int64_t)tb->rejections;
+        const char *suf[NPT] = {"ids", "rows", "count", "last", "state", "stats", "cms"};
+        const void *data[NPT] = {ids, rows, cnt, last, state, stats + t * 3, tb->cms};
+        const em_dtype dt[NPT] = {EM_U64, EM_F32, EM_I64, EM_I64, EM_F32, EM_I64, EM_I32};
+        for (int j = 0; j < NPT; j++) {
+            if (j == 4 && !S) continue;
+            if (j == 6 && !tb->cms) continue;
+            char *nm = names + (size_t)(t * NPT + j) * 48;
+            snprintf(nm, 48, "dyn.%d.%s", t, suf[j]);
+            em_st_tensor *x = &ts[nt++];
+            x->name = nm, x->dtype = dt[j], x->data = data[j];
+            x->ndim = j == 1 || j == 4 ? 2 : 1;
+            x->shape[0] = j == 5 ? 3 : j == 6 ? (int64_t)CMS_DEPTH * d->cfg.cms_width : (int64_t)n;
+            if (j == 1) x->shape[1] = (int64_t)D;
+            if (j == 4) x->shape[1] = (int64_t)S;
+        }
+    }
+    {
+        char sT[24], sD[24], sS[24];
+        snprintf(sT, sizeof sT, "%d", T);
+        snprintf(sD, sizeof sD, "%d", d->D);
+        snprintf(sS, sizeof sS, "%lld", (long long)d->step);
+        em_st_meta meta[5] = {{"dyn.version", "1"}, {"dyn.tables", sT}, {"dyn.dim", sD},
+                              {"dyn.opt", em_optim_name(d->cfg.opt.kind)}, {"dyn.step", sS}};
+        st = em_st_write(path, ts, nt, meta, 5);
+    }
+done:
+    if (bufs)
+        for (int i = 0; i < T * 5; i++) em_free(bufs[i]);
+    em_free(bufs), em_free(ts), em_free(names), em_free(stats);
+    return st;
+}
+
+static em_status meta_int(const em_st *f, const char *path, const char *key, long long *v) {
+    const char *s = em_st_meta_get(f, key);
+    char *end;
+    if (!s) return em_errorf(EM_ERR_CORRUPT, "%s: no %s in the metadata", path, key);
+    *v = strtoll(s, &end, 10);
+    if (end == s || *end) return em_errorf(EM_ERR_CORRUPT, "%s: %s = '%s' is not an integer", path, key, s);
+    return EM_OK;
+}
+
+em_status em_dyn_load(em_dyn *d, const char *path) {
+    if (!d || !path) return em_errorf(EM_ERR_INVALID, "dyntable load: NULL object or path");
+    em_st *f = NULL;
+    em_status st = em_st_open(&f, path);
+    if (st) return st;
+    const int T = d->T;
+    const size_t D = (size_t)d->D, S = d->S;
+    dtab *nt = NULL;
+    long long vT, vD, vstep;
+    if ((st = meta_int(f, path, "dyn.tables", &vT)) || (st = meta_int(f, path, "dyn.dim", &vD)) ||
+        (st = meta_int(f, path, "dyn.step", &vstep)))
+        goto fail;
+    const char *opt = em_st_meta_get(f, "dyn.opt");
+    if (vT != T || vD != d->D || !opt || strcmp(opt, em_optim_name(d->cfg.opt.kind)) != 0) {
+        st = em_errorf(EM_ERR_INVALID, "dyntable load: %s holds %lld tables of dim %lld (%s), this object %d of dim %d (%s)",
+                       path, vT, vD, opt ? opt : "?", T, d->D, em_optim_name(d->cfg.opt.kind));
+        goto fail;
+    }
+    if (vstep < 0) {
+        st = em_errorf(EM_ERR_CORRUPT, "%s: dyn.step %lld", path, vstep);
+        goto fail;
+    }
+    nt = em_calloc((size_t)T, sizeof *nt);
+    if (!nt) {
+        st = em_errorf(EM_ERR_NOMEM, "dyntable load: no memory");
+        goto fail;
+    }
+    const int64_t save_step = d->step;
+    d->step = vstep; /* insert_row stamps last; overwritten below anyway */
+    for (int t = 0; t < T; t++) {
+        char nm[48];
+        snprintf(nm, sizeof nm, "dyn.%d.ids", t);
+        const em_st_tensor *ti = em_st_find(f, nm);
+        if (!ti || ti->ndim != 1) {
+            st = em_errorf(EM_ERR_CORRUPT, "%s: no 1-d tensor %s", path, nm);
+            goto fail_step;
+        }
+        const int64_t n = ti->shape[0];
+        const uint64_t *ids = em_st_expect(f, nm, EM_U64, n);
+        snprintf(nm, sizeof nm, "dyn.%d.rows", t);
+        const float *rows = em_st_expect(f, nm, EM_F32, n * (int64_t)D);
+        snprintf(nm, sizeof nm, "dyn.%d.count", t);
+        const int64_t *cnt = em_st_expect(f, nm, EM_I64, n);
+        snprintf(nm, sizeof nm, "dyn.%d.last", t);
+        const int64_t *last = em_st_expect(f, nm, EM_I64, n);
+        const float *state = NULL;
+        if (S) {
+            snprintf(nm, sizeof nm, "dyn.%d.state", t);
+            state = em_st_expect(f, nm, EM_F32, n * (int64_t)S);
+        }
+        snprintf(nm, sizeof nm, "dyn.%d.stats", t);
+        const int64_t *stt = em_st_expect(f, nm, EM_I64, 3);
+        const uint32_t *cms = NULL;
+        if (d->cfg.admit == EM_DYN_ADMIT_COUNT) {
+            snprintf(nm, sizeof nm, "dyn.%d.cms", t);
+            cms = em_st_expect(f, nm, EM_I32, (int64_t)CMS_DEPTH * d->cfg.cms_width);
+        }
+        if (!ids || !rows || !cnt || !last || (S && !state) || !stt || (d->cfg.admit == EM_DYN_ADMIT_COUNT && !cms)) {
+            st = EM_ERR_CORRUPT; /* em_st_expect set the detail */
+            goto fail_step;
+        }
+        dtab *tb = &nt[t];
+        tb->seed = d->tabs[t].seed;
+        if (cms) {
+            tb->cms = em_malloc((size_t)CMS_DEPTH * d->cfg.cms_width * sizeof(uint32_t));
+            if (!tb->cms) {
+                st = em_errorf(EM_ERR_NOMEM, "dyntable load: no memory for a sketch");
+                goto fail_step;
+            }
+            memcpy(tb->cms, cms, (size_t)CMS_DEPTH * d->cfg.cms_width * sizeof(uint32_t));
+        }
+        if ((st = reserve_rows(d, tb, (uint64_t)n))) goto fail_step;
+        for (int64_t i = 0; i < n; i++) {
+            uint64_t hv = em_mix64(ids[i]);
+            if (cnt[i] < 0 || hfind(tb, ids[i], hv) != NONE) {
+                st = em_errorf(EM_ERR_CORRUPT, "%s: table %d row %lld: %s", path, t, (long long)i,
+                               cnt[i] < 0 ? "negative count" : "duplicate id");
+                goto fail_step;
+            }
+            uint32_t s = insert_row(d, tb, ids[i], hv, cnt[i]);
+            meta_ptr(d, tb, s)->last = last[i];
+            float *w = row_ptr(d, tb, s);
+            memcpy(w, rows + (size_t)i * D, D * 4);
+            if (S) memcpy(w + D, state + (size_t)i * S, S * 4);
+        }
+        tb->inserts = (uint64_t)stt[0], tb->evictions = (uint64_t)stt[1], tb->rejections = (uint64_t)stt[2];
+    }
+    /* success: swap in */
+    for (int t = 0; t < T; t++) {
+        tab_free(&d->tabs[t]);
+        d->tabs[t] = nt[t];
+    }
+    em_free(nt);
+    d->pending = 0;
+    em_st_close(f);
+    return EM_OK;
+fail_step:
+    d->step = save_step;
+fail:
+    if (nt) {
+        for (int t = 0; t < T; t++) tab_free(&nt[t]);
+        em_free(nt);
+    }
+    em_st_close(f);
+    return st;
+}
