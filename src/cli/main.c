@@ -16,6 +16,7 @@ static const struct {
     {"predict", "write the click probability of every line of a TSV file", cmd_predict},
     {"gen", "generate synthetic Criteo-format data with a planted ground truth", cmd_gen},
     {"convert", "convert Criteo TSV to ember's binary format (streaming)", cmd_convert},
+    {"serve", "answer predictions over HTTP (JSON and binary) with dynamic batching", cmd_serve},
     {"bench", "training throughput on synthetic in-memory batches (compare with bench/dlrm_torch.py)", cmd_bench},
 };
 
