@@ -1,0 +1,361 @@
+/*
+ * gdpa.c - Kunlun's generalized dot-product attention (GDPA) on jagged sequences,
+ * forward and backward; the API and the math are in ember/kunlun.h.
+ *
+ * GDPA replaces the softmax by an elementwise activation and has no normalisation, so
+ * unlike Jagged Flash Attention (jattn.c) there is no running max and no rescaling:
+ * every key tile's contribution is simply added.
+ *
+ * Forward. One unit = (sample, head, TQ-row query tile). Per key tile (TK rows; causal:
+ * only tiles at or left of the diagonal):
+ *   S = s Q_t K_j^T                  one cblas_sgemm into the worker's TQ x TK scratch
+ *   A = act(S), masked entries 0     in place, fixed blocks of 8 (vectorised)
+ *   O_t += scale_out A V_j           one cblas_sgemm with beta = 1 straight into O
+ * Q/K/V/O are addressed in place with lda = H*dh: nothing is gathered or padded.
+ *
+ * Backward. One unit = (sample, head), which owns every dQ/dK/dV element of its head
+ * and sample, so there are no write conflicts and the summation order is fixed. For
+ * each query tile (outer) and each key tile it sees (inner), S is recomputed and
+ *   A = act(S), G = act'(S)            (masked: both 0)
+ *   dV_j += scale_out A^T dO_t;  dA = scale_out dO_t V_j^T;  dS = dA * G
+ *   dQ_t += s dS K_j;  dK_j += s dS^T Q_t
+ * with sgemm beta = 1 into the caller's buffers. Scratch: 3 TQ x TK tiles per worker.
+ *
+ * Activations are branch-free scalar formulas over blocks of 8 with a fixed trip count,
+ * which GCC vectorises at -O2; exp is a Cephes-style polynomial (relative error
+ * ~2e-7). erf (GELU) uses Abramowitz & Stegun 7.1.26 (absolute error <= 1.5e-7) in its
+ * erfc form for negative arguments, so Phi(x) has no cancellation in the left tail;
+ * tanh switches to its Taylor series below |x| = 0.125 for the same reason.
+ *
+ * Scheduling and determinism as jattn.c: units sorted longest sample first, handed out
+ * by an atomic counter; what a unit computes never depends on which worker runs it or
+ * on the thread count, so outputs are bitwise identical for any pool.
+ */
+#include <math.h>
+#include <stdatomic.h>
+#include <stdlib.h>
+
+#include "core/blas.h"
+#include "core/simd.h"
+#include "ember/jagged.h"
+#include "ember/kunlun.h"
+
+#define TQ 128 /* query tile rows */
+#define TK 128 /* key tile rows (== TQ: causal key tiles then start at or before i0) */
+
+/* ---------------------------------------------------------- activations */
+
+/* exp(a), a in any range: below -87 gives 0, above 88 saturates at exp(88). */
+static inline float fexp(float a) {
+    const float v = a > -87.0f ? (a < 88.0f ? a : 88.0f) : -87.0f;
+    const float n = (v * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+    const float z = v - n * 0.693359375f + n * 2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * z + 1.3981999507e-3f;
+    p = p * z + 8.3334519073e-3f;
+    p = p * z + 4.1665795894e-2f;
+    p = p * z + 1.6666665459e-1f;
+    p = p * z + 5.0000001201e-1f;
+    p = p * z * z + z + 1.0f;
+    union { float f; int32_t i; } e;
+    e.i = ((int32_t)n + 127) * (1 << 23);
+    return a > -87.0f ? p * e.f : 0.f;
+}
+
+/* Each act_X(x, &d) returns act(x) and stores act'(x) in d. */
+static inline float act_identity(float x, float *d) {
+    *d = 1.f;
+    return x;
+}
+static inline float act_relu(float x, float *d) {
+    *d = x > 0.f ? 1.f : 0.f;
+    return x > 0.f ? x : 0.f;
+}
+static inline float act_relu2(float x, float *d) {
+    const float r = x > 0.f ? x : 0.f;
+    *d = 2.f * r;
+    return r * r;
+}
+static inline float act_silu(float x, float *d) {
+    const float sg = 1.f / (1.f + fexp(-x));
+    *d = sg * (1.f + x * (1.f - sg));
+    return x * sg;
+}
+static inline float act_gelu(float x, float *d) {
+    /* Phi(x) = 0.5 erfc(-x/sqrt2); erfc(y) ~ poly(t) exp(-y^2), t = 1/(1 + p y), y >= 0 */
+    const float y = (x < 0.f ? -x : x) * 0.70710678118654752f;
+    const float t = 1.f / (1.f + 0.3275911f * y);
+    const float ey = fexp(-y * y);
+    const float q = t * (0.254829592f +
+                         t * (-0.284496736f + t * (1.421413741f + t * (-1.453152027f + t * 1.061405429f)))) *
+                    ey;
+    const float phi = x < 0.f ? 0.5f * q : 1.f - 0.5f * q;
+    *d = phi + x * 0.39894228040143268f * ey; /* Phi + x phi, phi(x) = exp(-x^2/2)/sqrt(2 pi) */
+    return x * phi;
+}
+static inline float act_tanh(float x, float *d) {
+    const float ax = x < 0.f ? -x : x;
+    const float e = fexp(-2.f * ax);
+    const float big = (1.f - e) / (1.f + e);
+    const float x2 = ax * ax;
+    const float small = ax * (1.f + x2 * (-0.33333333333f + x2 * (0.13333333333f - x2 * 0.053968253968f)));
+    const float ta = ax < 0.125f ? small : big;
+    const float t = x < 0.f ? -ta : ta;
+    *d = 1.f - t * t;
+    return t;
+}
+
+/* s[c] = act(s[c]) for c < n and, when WANT_G, g[c] = act'(s[c]); then both are 0 for
+ * c in [vis, n) (the causal mask). Blocks of 8 with a fixed trip count vectorise. */
+#define DEF_ROW(NAME, F, WANT_G)                                                         \
+    static void NAME(float *restrict s, float *restrict g, int n, int vis) {              \
+        int c = 0;                                                                        \
+        for (; c + 8 <= vis; c += 8)                                                      \
+            for (int k = 0; k < 8; k++) {                                                 \
+                float d;                                                                  \
+                s[c + k] = F(s[c + k], &d);                                               \
+                if (WANT_G) g[c + k] = d;                                                 \
+            }                                                                             \
+        for (; c < vis; c++) {                                                            \
+            float d;                                                                      \
+            s[c] = F(s[c], &d);                                                           \
+            if (WANT_G) g[c] = d;                                                         \
+        }                                                                                 \
+        for (; c < n; c++) {                                                              \
+            s[c] = 0.f;                                                                   \
+            if (WANT_G) g[c] = 0.f;                                                       \
+        }                                                                                 \
+    }
+#define DEF_ACT(X) DEF_ROW(row_##X, act_##X, 0) DEF_ROW(rowg_##X, act_##X, 1)
+DEF_ACT(identity)
+DEF_ACT(relu)
+DEF_ACT(relu2)
+DEF_ACT(silu)
+DEF_ACT(gelu)
+DEF_ACT(tanh)
+
+typedef void (*row_fn)(float *restrict, float *restrict, int, int);
+static const row_fn ROW_F[6] = {row_identity, row_relu, row_relu2, row_silu, row_gelu, row_tanh};
+static const row_fn ROW_G[6] = {rowg_identity, rowg_relu, rowg_relu2, rowg_silu, rowg_gelu, rowg_tanh};
+
+/* ------------------------------------------------------------- helpers */
+
+em_status em_gdpa_check(const em_gdpa_cfg *c) {
+    if (!c) return em_errorf(EM_ERR_INVALID, "gdpa: NULL config");
+    em_status st = em_jattn_check(&c->attn);
+    if (st) return st;
+    if ((int)c->act < EM_GDPA_IDENTITY || (int)c->act > EM_GDPA_TANH)
+        return em_errorf(EM_ERR_INVALID, "gdpa: unknown activation %d", (int)c->act);
+    if (!isfinite(c->scale_out) || !isfinite(c->attn.scale))
+        return em_errorf(EM_ERR_INVALID, "gdpa: non-finite scale");
+    return EM_OK;
+}
+
+typedef struct {
+    int32_t b, h, t;
+} unit;
+
+typedef struct {
+    const int64_t *off;
+    int b;
+} len_key;
+
+static int cmp_len_desc(const void *pa, const void *pb) {
+    const len_key *a = pa, *b = pb;
+    int64_t la = a->off[a->b + 1] - a->off[a->b], lb = b->off[b->b + 1] - b->off[b->b];
+    if (la != lb) return la > lb ? -1 : 1;
+    return (a->b > b->b) - (a->b < b->b);
+}
+
+/* Units, longest sample first: per_tile -> one per (sample, query tile, head), else one
+ * per (sample, head) of a non-empty sample. *out is em_malloc'd (NULL when none). */
+static em_status make_units(unit **out, size_t *n, const em_jattn_cfg *c, int per_tile) {
+    *out = NULL;
+    *n = 0;
+    if (c->B == 0) return EM_OK;
+    len_key *keys = em_malloc((size_t)c->B * sizeof *keys);
+    if (!keys) return em_errorf(EM_ERR_NOMEM, "gdpa: unit sort (%d samples)", c->B);
+    size_t cnt = 0;
+    for (int b = 0; b < c->B; b++) {
+        int64_t L = c->offsets[b + 1] - c->offsets[b];
+        keys[b] = (len_key){c->offsets, b};
+        cnt += (size_t)c->H * (size_t)(per_tile ? (L + TQ - 1) / TQ : (L > 0));
+    }
+    qsort(keys, (size_t)c->B, sizeof *keys, cmp_len_desc);
+    unit *u = cnt ? em_malloc(cnt * sizeof *u) : NULL;
+    if (cnt && !u) {
+        em_free(keys);
+        return em_errorf(EM_ERR_NOMEM, "gdpa: unit list (%zu units)", cnt);
+    }
+    size_t k = 0;
+    for (int i = 0; i < c->B; i++) {
+        int b = keys[i].b;
+        int64_t L = c->offsets[b + 1] - c->offsets[b];
+        int nt = per_tile ? (int)((L + TQ - 1) / TQ) : (L > 0);
+        for (int t = nt - 1; t >= 0; t--)
+            for (int h = 0; h < c->H; h++) u[k++] = (unit){b, h, t};
+    }
+    em_free(keys);
+    *out = u;
+    *n = cnt;
+    return EM_OK;
+}
+
+typedef struct {
+    const em_jattn_cfg *c;
+    float scale, scale_out;
+    row_fn rowf, rowg;
+    const unit *units;
+    size_t n_units;
+    atomic_size_t next;
+    float *scratch; /* per worker: TQ x TK (forward) or 3 x TQ x TK (backward) */
+    float *O, *dQ, *dK, *dV;
+    const float *Q, *K, *V, *dO;
+} job;
+
+/* ------------------------------------------------------------- forward */
+
+static void fwd_unit(const job *j, unit u, int ith) {
+    const em_jattn_cfg *c = j->c;
+    const int dh = c->dh, ld = c->H * dh;
+    const int64_t base = c->offsets[u.b];
+    const int L = (int)(c->offsets[u.b + 1] - base);
+    const int i0 = u.t * TQ, mq = L - i0 < TQ ? L - i0 : TQ;
+    const size_t col = (size_t)u.h * dh;
+    const float *Qt = j->Q + (size_t)(base + i0) * ld + col;
+    float *Ot = j->O + (size_t)(base + i0) * ld + col;
+    float *S = j->scratch + (size_t)ith * TQ * TK;
+    for (int r = 0; r < mq; r++)
+        for (int d = 0; d < dh; d++) Ot[(size_t)r * ld + d] = 0.f;
+    const int nkeys = c->causal ? i0 + mq : L;
+    for (int j0 = 0; j0 < nkeys; j0 += TK) {
+        const int nk = nkeys - j0 < TK ? nkeys - j0 : TK;
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, mq, nk, dh, j->scale, Qt, ld,
+                    j->K + (size_t)(base + j0) * ld + col, ld, 0.f, S, TK);
+        for (int r = 0; r < mq; r++) {
+            int vis = c->causal ? i0 + r - j0 + 1 : nk;
+            vis = vis < 0 ? 0 : vis > nk ? nk : vis;
+            j->rowf(S + (size_t)r * TK, NULL, nk, vis);
+        }
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, mq, dh, nk, j->scale_out, S, TK,
+                    j->V + (size_t)(base + j0) * ld + col, ld, 1.f, Ot, ld);
+    }
+}
+
+static void fwd_task(void *p, int ith, int nth) {
+    (void)nth;
+    job *j = p;
+    size_t k;
+    while ((k = atomic_fetch_add(&j->next, 1)) < j->n_units) fwd_unit(j, j->units[k], ith);
+}
+
+/* Fill the scales of j from cfg. */
+static void job_scales(job *j, const em_gdpa_cfg *cfg) {
+    const em_jattn_cfg *c = &cfg->attn;
+    j->c = c;
+    j->scale = c->scale > 0.f ? c->scale : 1.f / sqrtf((float)c->dh);
+    if (cfg->scale_out > 0.f) j->scale_out = cfg->scale_out;
+    else {
+        const int64_t mx = c->B ? em_jagged_max_len(c->offsets, c->B) : 0;
+        j->scale_out = mx > 0 ? (float)(1.0 / (double)mx) : 1.f;
+    }
+    j->rowf = ROW_F[cfg->act];
+    j->rowg = ROW_G[cfg->act];
+}
+
+/* Runs fn over the unit list with `tiles` TQ x TK scratch tiles per worker. */
+static em_status run(job *j, em_pool *pool, int per_tile, int tiles, em_task_fn fn) {
+    unit *units;
+    em_status st = make_units(&units, &j->n_units, j->c, per_tile);
+    if (st) return st;
+    j->units = units;
+    if (j->n_units) {
+        const size_t per = (size_t)tiles * TQ * TK;
+        j->scratch = em_malloc((size_t)em_pool_nth(pool) * per * sizeof(float));
+        if (!j->scratch) {
+            em_free(units);
+            return em_errorf(EM_ERR_NOMEM, "gdpa: %d x %zu floats of tile scratch",
+                             em_pool_nth(pool), per);
+        }
+        em_blas_init();
+        atomic_init(&j->next, 0);
+        em_pool_run(pool, fn, j);
+        em_free(j->scratch);
+    }
+    em_free(units);
+    return EM_OK;
+}
+
+em_status em_gdpa_forward(float *O, const float *Q, const float *K, const float *V,
+                          const em_gdpa_cfg *cfg, em_pool *pool) {
+    em_status st = em_gdpa_check(cfg);
+    if (st) return st;
+    job j = {.O = O, .Q = Q, .K = K, .V = V};
+    job_scales(&j, cfg);
+    return run(&j, pool, 1, 1, fwd_task);
+}
+
+/* ------------------------------------------------------------ backward */
+
+static void bwd_unit(const job *j, unit u, int ith) {
+    const em_jattn_cfg *c = j->c;
+    const int dh = c->dh, ld = c->H * dh;
+    const int64_t base = c->offsets[u.b];
+    const int L = (int)(c->offsets[u.b + 1] - base);
+    const size_t col = (size_t)u.h * dh;
+    float *A = j->scratch + (size_t)ith * 3 * TQ * TK, *G = A + TQ * TK, *dA = G + TQ * TK;
+    const int want_ds = j->dQ || j->dK;
+#define ROW(ptr, i) ((ptr) + (size_t)(base + (i)) * ld + col)
+    for (int i0 = 0; i0 < L; i0 += TQ) {
+        const int mq = L - i0 < TQ ? L - i0 : TQ;
+        const int nkeys = c->causal ? i0 + mq : L;
+        for (int j0 = 0; j0 < nkeys; j0 += TK) {
+            const int nk = nkeys - j0 < TK ? nkeys - j0 : TK;
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, mq, nk, dh, j->scale,
+                        ROW(j->Q, i0), ld, ROW(j->K, j0), ld, 0.f, A, TK);
+            for (int r = 0; r < mq; r++) {
+                int vis = c->causal ? i0 + r - j0 + 1 : nk;
+                vis = vis < 0 ? 0 : vis > nk ? nk : vis;
+                j->rowg(A + (size_t)r * TK, G + (size_t)r * TK, nk, vis);
+            }
+            if (j->dV)
+                cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, nk, dh, mq, j->scale_out, A,
+                            TK, ROW(j->dO, i0), ld, 1.f, ROW(j->dV, j0), ld);
+            if (!want_ds) continue;
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, mq, nk, dh, j->scale_out,
+                        ROW(j->dO, i0), ld, ROW(j->V, j0), ld, 0.f, dA, TK);
+            for (int r = 0; r < mq; r++) {
+                float *restrict g = dA + (size_t)r * TK;
+                const float *restrict d = G + (size_t)r * TK;
+                int cc = 0;
+                for (; cc + 8 <= nk; cc += 8)
+                    for (int k = 0; k < 8; k++) g[cc + k] *= d[cc + k];
+                for (; cc < nk; cc++) g[cc] *= d[cc];
+            }
+            if (j->dQ)
+                cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, mq, dh, nk, j->scale, dA, TK,
+                            ROW(j->K, j0), ld, 1.f, ROW(j->dQ, i0), ld);
+            if (j->dK)
+                cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, nk, dh, mq, j->scale, dA, TK,
+                            ROW(j->Q, i0), ld, 1.f, ROW(j->dK, j0), ld);
+        }
+    }
+#undef ROW
+}
+
+static void bwd_task(void *p, int ith, int nth) {
+    (void)nth;
+    job *j = p;
+    size_t k;
+    while ((k = atomic_fetch_add(&j->next, 1)) < j->n_units) bwd_unit(j, j->units[k], ith);
+}
+
+em_status em_gdpa_backward(float *dQ, float *dK, float *dV, const float *dO, const float *Q,
+                           const float *K, const float *V, const em_gdpa_cfg *cfg, em_pool *pool) {
+    em_status st = em_gdpa_check(cfg);
+    if (st) return st;
+    if (!dQ && !dK && !dV) return EM_OK;
+    job j = {.dQ = dQ, .dK = dK, .dV = dV, .dO = dO, .Q = Q, .K = K, .V = V};
+    job_scales(&j, cfg);
+    return run(&j, pool, 0, 3, bwd_task);
+}
