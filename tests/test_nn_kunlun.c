@@ -280,8 +280,11 @@ static void test_swa_vs_ref(void) {
         for (int k = 0; k < 4; k++)
             for (int causal = 0; causal < 2; causal++)
                 check_case(LENS, NLENS, 2, dh, 0, 0, ws[k], causal, 0.f, 0.f, pool);
-    /* windows straddling the tile sizes: tq = 16 (w 3), 64 (w 30), 128 (w 100) */
+    /* narrow (w <= 7: per-row path) and tiled windows of every tile height: tq = 24
+     * (w 8), 64 (w 30), 128 (w 100) */
     check_case(LENS, NLENS, 2, 8, 0, 0, 3, 0, 0.6f, 0.f, pool);
+    check_case(LENS, NLENS, 2, 8, 0, 0, 8, 0, 0.f, 0.f, pool);
+    check_case(LENS, NLENS, 2, 16, 0, 0, 9, 1, 0.f, 0.f, pool);
     check_case(LENS, NLENS, 2, 8, 0, 0, 30, 1, 0.f, 0.f, pool);
     check_case(LENS, NLENS, 2, 8, 0, 0, 100, 0, 0.f, 0.f, NULL);
     em_pool_free(pool);
@@ -371,9 +374,10 @@ static void test_finite_diff(void) {
             refcfg rc = {.gdpa = 1, .act = acts[k], .window = -1, .causal = causal, .s = 0.5, .so = 0.25};
             fd_case(&rc);
         }
-    for (int w = 0; w < 3; w++)
+    const int ws[4] = {0, 1, 2, 8}; /* 8: the tiled path */
+    for (int k = 0; k < 4; k++)
         for (int causal = 0; causal < 2; causal++) {
-            refcfg rc = {.gdpa = 0, .window = w, .causal = causal, .s = 0.5};
+            refcfg rc = {.gdpa = 0, .window = ws[k], .causal = causal, .s = 0.5};
             fd_case(&rc);
         }
 }
@@ -381,8 +385,8 @@ static void test_finite_diff(void) {
 static void test_threads_bitwise(void) {
     const struct {
         int gdpa, act, window, causal;
-    } cfgs[] = {{1, EM_GDPA_GELU, 0, 1}, {1, EM_GDPA_SILU, 0, 0}, {0, 0, 7, 0}, {0, 0, 1, 1}, {0, 0, 300, 0}};
-    for (int q = 0; q < 5; q++) {
+    } cfgs[] = {{1, EM_GDPA_GELU, 0, 1}, {1, EM_GDPA_SILU, 0, 0}, {0, 0, 7, 0}, {0, 0, 1, 1}, {0, 0, 300, 0}, {0, 0, 20, 1}};
+    for (int q = 0; q < 6; q++) {
         tcase c[4];
         for (int k = 0; k < 4; k++) {
             tcase_init(&c[k], LENS, NLENS, 2, 8, 5 + q);
@@ -478,23 +482,26 @@ static void test_invalid(void) {
 }
 
 static void test_nomem(void) {
-    for (int gdpa = 0; gdpa < 2; gdpa++) {
+    /* GDPA, a tiled window (3 allocations per call) and a narrow one (2: no scratch) */
+    const int windows[3] = {0, 30, 3}, expect[3] = {6, 6, 4};
+    for (int q = 0; q < 3; q++) {
+        const int gdpa = q == 0;
         tcase c;
         tcase_init(&c, LENS, NLENS, 2, 8, 9);
         const size_t before = em_mem_in_use();
         int failed = 0;
         for (long k = 0; k < 8; k++) {
             em_mem_fail_after(k);
-            em_status sf = kern_fwd(&c, gdpa, EM_GDPA_RELU, 3, 1, 0.f, 0.f, NULL);
+            em_status sf = kern_fwd(&c, gdpa, EM_GDPA_RELU, windows[q], 1, 0.f, 0.f, NULL);
             em_mem_fail_after(k);
-            em_status sb = kern_bwd(&c, gdpa, EM_GDPA_RELU, 3, 1, 0.f, 0.f, NULL);
+            em_status sb = kern_bwd(&c, gdpa, EM_GDPA_RELU, windows[q], 1, 0.f, 0.f, NULL);
             em_mem_fail_after(-1);
             CHECK(sf == EM_OK || sf == EM_ERR_NOMEM);
             CHECK(sb == EM_OK || sb == EM_ERR_NOMEM);
             failed += (sf == EM_ERR_NOMEM) + (sb == EM_ERR_NOMEM);
             CHECK(em_mem_in_use() == before);
         }
-        CHECK(failed >= 6); /* each of the three allocations of both calls failed once */
+        CHECK(failed == expect[q]); /* each allocation of both calls failed once */
         tcase_free(&c);
     }
 }

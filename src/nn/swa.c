@@ -19,6 +19,14 @@
  * the useful fraction stays around one half or better for any w, while large windows
  * keep jattn's 128 x 128 tiles (the sgemm-efficient size measured there).
  *
+ * Narrow windows (w <= NARROW_W = 7, at most 15 keys per query) skip the tiles: per
+ * query row, the window's scores are em_vdot products into a 16-float stack array, an
+ * exact softmax (no running max needed), and O_i = sum_j p_j V_j by em_vaxpy; the
+ * backward does the same per row (the target-attention scheme of jattn.c). At B = 256,
+ * H = 2, dh = 32 (lognormal lengths, mean ~64) 16-row sgemm tiles with w = 3 measured
+ * ~1.5-2x slower than this (call overhead, 22 scores computed per row for 7 used); at
+ * w = 7 vs 8 the two paths cost about the same, hence the threshold.
+ *
  * Backward (FlashAttention-2 recomputation). One unit = (sample, head), which owns all
  * dQ/dK/dV elements of its head and sample (fixed summation order, no conflicts). For
  * each query tile (outer) and each key chunk of its window range (inner):
@@ -42,6 +50,7 @@
 
 #define TQMAX 128 /* largest query tile */
 #define TK 128    /* key chunk */
+#define NARROW_W 7 /* windows up to this use the per-row path (<= 15 keys) */
 
 /* ------------------------------------------------------------- helpers */
 
@@ -162,7 +171,7 @@ static em_status make_units(unit **out, size_t *n, const em_jattn_cfg *c, int tq
 typedef struct {
     const em_jattn_cfg *c;
     int64_t wl, wr; /* key j visible from query i iff i - wl <= j <= i + wr */
-    int tq;
+    int tq, narrow;
     float scale;
     const unit *units;
     size_t n_units;
@@ -188,6 +197,72 @@ static int mask_row(const job *j, float *s, int i, int j0, int nk) {
     for (int c = 0; c < (int)lo; c++) s[c] = -INFINITY;
     for (int c = (int)hi; c < nk; c++) s[c] = -INFINITY;
     return (int)(hi - lo);
+}
+
+/* ------------------------------------------------------- narrow windows */
+
+/* s[k] = scale * q_i . k_{lo+k}, k < n, for query i of the sample at row `base` and
+ * the head at column `col`. */
+static void narrow_scores(const job *j, float *s, int64_t base, int i, int lo, int n, size_t col) {
+    const int dh = j->c->dh, ld = j->c->H * dh;
+    const float *q = j->Q + (size_t)(base + i) * ld + col;
+    for (int k = 0; k < n; k++)
+        s[k] = j->scale * em_vdot(q, j->K + (size_t)(base + lo + k) * ld + col, (size_t)dh);
+}
+
+/* Window [*lo, *lo + *n) of query i in a length-L sample. */
+static void narrow_window(const job *j, int i, int L, int *lo, int *n) {
+    const int64_t a = (int64_t)i - j->wl, b = (int64_t)i + j->wr + 1;
+    *lo = a < 0 ? 0 : (int)a;
+    *n = (int)((b > L ? L : b) - *lo);
+}
+
+static void narrow_fwd(const job *j, unit u) {
+    const em_jattn_cfg *c = j->c;
+    const int dh = c->dh, ld = c->H * dh, tq = j->tq;
+    const int64_t base = c->offsets[u.b];
+    const int L = (int)(c->offsets[u.b + 1] - base);
+    const int i0 = u.t * tq, i1 = L - i0 < tq ? L : i0 + tq;
+    const size_t col = (size_t)u.h * dh;
+    float s[16];
+    for (int i = i0; i < i1; i++) {
+        int lo, n;
+        narrow_window(j, i, L, &lo, &n);
+        narrow_scores(j, s, base, i, lo, n, col);
+        const float mx = row_max(s, n, -INFINITY);
+        const float sum = exp_sub_row(s, n, mx);
+        float *o = j->O + (size_t)(base + i) * ld + col;
+        for (int d = 0; d < dh; d++) o[d] = 0.f;
+        for (int k = 0; k < n; k++) em_vaxpy(o, s[k], j->V + (size_t)(base + lo + k) * ld + col, (size_t)dh);
+        em_vscale(o, 1.f / sum, (size_t)dh);
+        j->lse[(size_t)(base + i) * c->H + u.h] = mx + logf(sum);
+    }
+}
+
+static void narrow_bwd(const job *j, unit u) {
+    const em_jattn_cfg *c = j->c;
+    const int dh = c->dh, H = c->H, ld = H * dh;
+    const int64_t base = c->offsets[u.b];
+    const int L = (int)(c->offsets[u.b + 1] - base);
+    const size_t col = (size_t)u.h * dh;
+    float s[16];
+    for (int i = 0; i < L; i++) {
+        int lo, n;
+        narrow_window(j, i, L, &lo, &n);
+        narrow_scores(j, s, base, i, lo, n, col);
+        exp_sub_row(s, n, j->lsein[(size_t)(base + i) * H + u.h]);
+        const size_t ri = (size_t)(base + i) * ld + col;
+        const float *go = j->dO + ri, *q = j->Q + ri;
+        const float D = em_vdot(go, j->Oin + ri, (size_t)dh);
+        for (int k = 0; k < n; k++) {
+            const size_t rk = (size_t)(base + lo + k) * ld + col;
+            if (j->dV) em_vaxpy(j->dV + rk, s[k], go, (size_t)dh);
+            if (!j->dQ && !j->dK) continue;
+            const float ds = j->scale * s[k] * (em_vdot(go, j->V + rk, (size_t)dh) - D);
+            if (j->dQ) em_vaxpy(j->dQ + ri, ds, j->K + rk, (size_t)dh);
+            if (j->dK) em_vaxpy(j->dK + rk, ds, q, (size_t)dh);
+        }
+    }
 }
 
 /* ------------------------------------------------------------- forward */
@@ -238,7 +313,10 @@ static void fwd_task(void *p, int ith, int nth) {
     (void)nth;
     job *j = p;
     size_t k;
-    while ((k = atomic_fetch_add(&j->next, 1)) < j->n_units) fwd_unit(j, j->units[k], ith);
+    while ((k = atomic_fetch_add(&j->next, 1)) < j->n_units) {
+        if (j->narrow) narrow_fwd(j, j->units[k]);
+        else fwd_unit(j, j->units[k], ith);
+    }
 }
 
 static void job_init(job *j, const em_swa_cfg *cfg) {
@@ -247,17 +325,21 @@ static void job_init(job *j, const em_swa_cfg *cfg) {
     j->wl = cfg->window;
     j->wr = c->causal ? 0 : cfg->window;
     j->tq = tile_rows(cfg->window);
+    j->narrow = cfg->window <= NARROW_W;
     j->scale = c->scale > 0.f ? c->scale : 1.f / sqrtf((float)c->dh);
 }
 
 /* Runs fn over the units (per query tile or per (sample, head)) with `tiles` tq x TK
- * scratch tiles per worker. */
+ * scratch tiles per worker (none for narrow windows). */
 static em_status run(job *j, em_pool *pool, int per_tile, int tiles, em_task_fn fn) {
     unit *units;
     em_status st = make_units(&units, &j->n_units, j->c, per_tile ? j->tq : 0);
     if (st) return st;
     j->units = units;
-    if (j->n_units) {
+    if (j->n_units && j->narrow) { /* the per-row path needs no scratch */
+        atomic_init(&j->next, 0);
+        em_pool_run(pool, fn, j);
+    } else if (j->n_units) {
         const size_t per = (size_t)tiles * j->tq * TK;
         j->scratch = em_malloc((size_t)em_pool_nth(pool) * per * sizeof(float));
         if (!j->scratch) {
@@ -339,7 +421,10 @@ static void bwd_task(void *p, int ith, int nth) {
     (void)nth;
     job *j = p;
     size_t k;
-    while ((k = atomic_fetch_add(&j->next, 1)) < j->n_units) bwd_unit(j, j->units[k], ith);
+    while ((k = atomic_fetch_add(&j->next, 1)) < j->n_units) {
+        if (j->narrow) narrow_bwd(j, j->units[k]);
+        else bwd_unit(j, j->units[k], ith);
+    }
 }
 
 em_status em_swa_backward(float *dQ, float *dK, float *dV, const float *dO, const float *Q,
