@@ -36,8 +36,10 @@
  *   O_i = softmax_j(s * q_i . k_j) V,  lse_i = log sum_j exp(s * q_i . k_j).
  * Every query sees at least itself, so lse is always finite. w = window >= 0; w >= L-1
  * is full (causal) attention. Forward visits only the key tiles that intersect a query
- * tile's window (cost O(L (w + tile)), never L x L) with an online softmax; backward
- * recomputes P = exp(S - lse) over the same tiles (FlashAttention-2 style).
+ * tile's window (cost O(L (w + tile)), never L x L; the tile height follows w) with an
+ * online softmax; backward recomputes P = exp(S - lse) over the same tiles
+ * (FlashAttention-2 style). Windows w <= 7 take a per-row path without tiles (see
+ * src/nn/swa.c).
  */
 #ifndef EMBER_KUNLUN_H
 #define EMBER_KUNLUN_H
