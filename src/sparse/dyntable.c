@@ -106,8 +106,9 @@ struct em_dyn {
     int pend_B;
     size_t pend_nnz;
     /* eviction scratch: one entry per slot of the largest table */
-    struct evk { int64_t k; uint64_t id; uint32_t slot; } *ev;
+    struct evk { int64_t k; uint64_t id; uint32_t slot; } *ev; /* ev_nth blocks of cap_ev */
     size_t cap_ev;
+    int ev_nth;
     int cap_nth;
     float *gbuf; size_t gstride;
     struct qitem { int t, part; } *queue;
@@ -220,12 +221,6 @@ static em_status reserve_rows(em_dyn *d, dtab *tb, uint64_t extra) {
         em_free(tb->freel);
         tb->freel = fl;
     }
-    if (d->budget && tab_slots(tb) > d->cap_ev) {
-        struct evk *ev = em_malloc(tab_slots(tb) * sizeof *ev);
-        if (!ev) return em_errorf(EM_ERR_NOMEM, "dyntable: no memory for the eviction scratch");
-        em_free(d->ev);
-        d->ev = ev, d->cap_ev = tab_slots(tb);
-    }
     return hreserve(tb, (uint64_t)tb->live + extra);
 }
 
@@ -236,6 +231,23 @@ static void tab_free(dtab *tb) {
     em_free(tb->h);
     em_free(tb->cms);
     memset(tb, 0, sizeof *tb);
+}
+
+/* Eviction scratch for nth workers, each as large as the largest of `tabs` (the
+ * object's tables, or the ones a load is about to swap in). */
+static em_status ensure_ev(em_dyn *d, const dtab *tabs, int nth) {
+    if (!d->budget) return EM_OK;
+    size_t need = 0;
+    for (int t = 0; t < d->T; t++)
+        if (tab_slots(&tabs[t]) > need) need = tab_slots(&tabs[t]);
+    if (need <= d->cap_ev && nth <= d->ev_nth) return EM_OK;
+    if (need < d->cap_ev) need = d->cap_ev;
+    if (nth < d->ev_nth) nth = d->ev_nth;
+    struct evk *ev = em_malloc((size_t)nth * need * sizeof *ev);
+    if (!ev) return em_errorf(EM_ERR_NOMEM, "dyntable: no memory for the eviction scratch of %d workers", nth);
+    em_free(d->ev);
+    d->ev = ev, d->cap_ev = need, d->ev_nth = nth;
+    return EM_OK;
 }
 
 /* ------------------------------------------------------------- lifecycle */
@@ -361,9 +373,14 @@ static void init_row(const em_dyn *d, const dtab *tb, uint64_t id, float *w) {
     if (a == 0.f) {
         memset(w, 0, D * sizeof(float));
     } else {
-        em_rng r;
-        em_rng_seed(&r, em_mix64(tb->seed ^ em_mix64(id)));
-        for (size_t i = 0; i < D; i++) w[i] = (float)((double)a * (2.0 * em_rng_uniform(&r) - 1.0));
+        /* element i: the top 24 bits of a counter-mode splitmix64 stream keyed by
+         * (table seed, id), mapped to [-a, a): cheaper than seeding a generator per row
+         * (rows are born at the rate of new ids), and exact in float */
+        const uint64_t key = em_mix64(tb->seed ^ em_mix64(id));
+        for (size_t i = 0; i < D; i++) {
+            float u = (float)(em_mix64(key + i) >> 40) * (1.0f / 16777216.0f); /* [0, 1) */
+            w[i] = a * (2.0f * u - 1.0f);
+        }
     }
     float *s = w + D;
     for (size_t i = 0; i < d->S; i++) s[i] = d->cfg.opt.init_accum;
@@ -655,6 +672,7 @@ em_status em_dyn_forward(em_dyn *d, float *out, const uint64_t *ids, const int64
         mo += mc;
         if ((st = reserve_rows(d, tb, tb->n))) return st;
     }
+    if ((st = ensure_ev(d, d->tabs, em_pool_nth(pool)))) return st;
     if (B) em_pool_run(pool, train_task, &a);
     d->pending = 1;
     d->pend_B = B;
@@ -663,6 +681,8 @@ em_status em_dyn_forward(em_dyn *d, float *out, const uint64_t *ids, const int64
 }
 
 /* --------------------------------------------------------------- backward */
+
+static void evict_task(void *p, int ith, int nth);
 
 static void update_uniques(run_arg *a, int t, size_t j0, size_t j1, float *restrict g) {
     em_dyn *d = a->d;
@@ -728,7 +748,7 @@ em_status em_dyn_backward_update(em_dyn *d, const float *dout, const uint64_t *i
         return em_errorf(EM_ERR_INVALID, "dyntable backward: no train forward of this batch (B %d, %zu ids) precedes it", B, nnz);
     (void)ids;
     int nth = em_pool_nth(pool);
-    if ((st = ensure_workers(d, nth))) return st;
+    if ((st = ensure_workers(d, nth)) || (st = ensure_ev(d, d->tabs, nth))) return st;
     size_t nq = 0, tot = 0;
     for (int t = 0; t < d->T; t++) tot += d->tabs[t].nuniq;
     for (int t = 0; t < d->T; t++) {
@@ -740,7 +760,11 @@ em_status em_dyn_backward_update(em_dyn *d, const float *dout, const uint64_t *i
     run_arg a = {d, NULL, dout, ids, offsets, B, nq, 0};
     if (nq) em_pool_run(pool, update_task, &a);
     d->pending = 0;
-    em_dyn_end_step(d);
+    if (d->budget) {
+        atomic_store_explicit(&a.next, 0, memory_order_relaxed);
+        em_pool_run(pool, evict_task, &a);
+    }
+    d->step++;
     return EM_OK;
 }
 
@@ -807,11 +831,10 @@ static void evk_sort(struct evk *a, size_t lo, size_t hi) { /* inclusive bounds 
     }
 }
 
-static void evict_table(em_dyn *d, dtab *tb) {
+static void evict_table(em_dyn *d, dtab *tb, struct evk *ev) {
     int64_t target = d->budget - (int64_t)((double)d->budget * (double)d->cfg.evict_slack);
     if (target < 0) target = 0;
     size_t k = (size_t)(tb->live - target), n = 0;
-    struct evk *ev = d->ev;
     const int lfu = d->cfg.evict == EM_DYN_EVICT_LFU;
     for (uint32_t s = 0; s < tb->fresh; s++) {
         const rmeta *m = meta_ptr(d, tb, s);
@@ -834,11 +857,23 @@ static void evict_table(em_dyn *d, dtab *tb) {
     tb->evictions += k;
 }
 
+/* Tables are independent: each is evicted by one worker with its own scratch. */
+static void evict_task(void *p, int ith, int nth) {
+    run_arg *a = p;
+    em_dyn *d = a->d;
+    struct evk *ev = d->ev + (size_t)ith * d->cap_ev;
+    for (;;) {
+        size_t t = atomic_fetch_add_explicit(&a->next, 1, memory_order_relaxed);
+        if (t >= (size_t)d->T) break;
+        if (d->tabs[t].live > d->budget) evict_table(d, &d->tabs[t], ev);
+    }
+}
+
 void em_dyn_end_step(em_dyn *d) {
     d->pending = 0;
     if (d->budget)
         for (int t = 0; t < d->T; t++)
-            if (d->tabs[t].live > d->budget) evict_table(d, &d->tabs[t]);
+            if (d->tabs[t].live > d->budget) evict_table(d, &d->tabs[t], d->ev);
     d->step++;
 }
 
@@ -1061,6 +1096,7 @@ em_status em_dyn_load(em_dyn *d, const char *path) {
         }
         tb->inserts = (uint64_t)stt[0], tb->evictions = (uint64_t)stt[1], tb->rejections = (uint64_t)stt[2];
     }
+    if ((st = ensure_ev(d, nt, 1))) goto fail_step;
     /* success: swap in */
     for (int t = 0; t < T; t++) {
         tab_free(&d->tabs[t]);
