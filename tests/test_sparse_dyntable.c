@@ -670,6 +670,20 @@ static void test_invalid(void) {
     float o[8];
     CHECK(em_dyn_forward(d, o, ids, bad, 2, EM_DYN_TRAIN, NULL) == EM_ERR_INVALID);
     CHECK(em_dyn_get_stats(d, -1).rows == 0);
+    /* eval on a table that never trained: zeros */
+    int64_t good[3] = {0, 1, 2};
+    for (int j = 0; j < 8; j++) o[j] = 1.0f;
+    CHECK_OK(em_dyn_forward(d, o, ids, good, 2, EM_DYN_EVAL, NULL));
+    for (int j = 0; j < 8; j++) CHECK(o[j] == 0.0f);
+    /* a backward must see the batch of the train forward */
+    float dout[8] = {0};
+    uint64_t other[2] = {1, 3};
+    CHECK_OK(em_dyn_forward(d, o, ids, good, 2, EM_DYN_TRAIN, NULL));
+    CHECK(em_dyn_backward_update(d, dout, other, good, 2, NULL) == EM_ERR_INVALID);
+    CHECK(em_dyn_backward_update(d, dout, ids, good, 1, NULL) == EM_ERR_INVALID);
+    CHECK(em_dyn_step(d) == 0);
+    CHECK_OK(em_dyn_backward_update(d, dout, ids, good, 2, NULL));
+    CHECK(em_dyn_step(d) == 1);
     em_dyn_free(d);
 }
 

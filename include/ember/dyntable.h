@@ -62,7 +62,8 @@
  * are the same for any thread count; the update reduces each unique id's gradient over
  * its occurrences in batch order on exactly one worker. Tables and outputs are bitwise
  * identical for any thread count. Parallelism: tables are spread over the pool in the
- * forward (lookups, inserts, pooling), and chunks of unique ids in the backward.
+ * forward (lookups, inserts, pooling) and the eviction, chunks of unique ids in the
+ * backward; a single-table object therefore looks up and inserts on one worker.
  */
 #ifndef EMBER_DYNTABLE_H
 #define EMBER_DYNTABLE_H
@@ -125,10 +126,10 @@ em_status em_dyn_forward(em_dyn *d, float *out, const uint64_t *ids, const int64
                          em_dyn_mode mode, em_pool *pool);
 
 /* Backward fused with the optimizer: given dout(B, T, D) for the batch of the last
- * EM_DYN_TRAIN forward (same B and offsets), every admitted id's row is updated once
+ * EM_DYN_TRAIN forward (same B, offsets and ids, checked), every admitted id's row is updated once
  * with g = sum over its occurrences in batch order of (1/len for mean) * dout[b][t].
  * Then the step ends: the counter advances and tables over budget are evicted.
- * EM_ERR_INVALID without a matching train forward. */
+ * EM_ERR_INVALID without a matching train forward (nothing changed). */
 em_status em_dyn_backward_update(em_dyn *d, const float *dout, const uint64_t *ids, const int64_t *offsets, int B,
                                  em_pool *pool);
 

@@ -30,7 +30,8 @@
  * Eval forward: per table, each position probes the table read-only.
  * Backward: a queue of chunks of unique ids per table; a unique's gradient is summed
  * over its positions in batch order and the optimizer applied once, by one worker.
- * End of step (serial, per table over budget): a key per live row ((last, id) or
+ * End of step (each table over budget on one worker, tables spread over the pool; the
+ * public em_dyn_end_step runs them on the caller): a key per live row ((last, id) or
  * (count, id)), quickselect of the k smallest (the set is unique: the keys are
  * distinct), sorted, removed from the hash with backward-shift deletion and pushed on
  * the free list in that order.
@@ -746,7 +747,17 @@ em_status em_dyn_backward_update(em_dyn *d, const float *dout, const uint64_t *i
     if (st) return st;
     if (!d->pending || d->pend_B != B || d->pend_nnz != nnz)
         return em_errorf(EM_ERR_INVALID, "dyntable backward: no train forward of this batch (B %d, %zu ids) precedes it", B, nnz);
-    (void)ids;
+    if (nnz && !ids) return em_errorf(EM_ERR_INVALID, "dyntable backward: ids is NULL");
+    /* the recorded batch must be this one (a sequential pass, cheap next to the update) */
+    for (int t = 0; t < d->T; t++) {
+        const dtab *tb = &d->tabs[t];
+        const uint64_t *uid = d->uid + tb->kbeg;
+        const uint32_t *pos2u = d->pos2u + tb->kbeg;
+        for (size_t p = 0; p < tb->n; p++)
+            if (uid[pos2u[p]] != ids[tb->kbeg + p])
+                return em_errorf(EM_ERR_INVALID, "dyntable backward: id %zu differs from the train forward's batch",
+                                 tb->kbeg + p);
+    }
     int nth = em_pool_nth(pool);
     if ((st = ensure_workers(d, nth)) || (st = ensure_ev(d, d->tabs, nth))) return st;
     size_t nq = 0, tot = 0;
