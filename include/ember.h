@@ -5,7 +5,8 @@
  * Layers, bottom up (each uses only those beneath it; see docs/ARCHITECTURE.md):
  *   core        status codes, counting allocator, thread pool, RNG, safetensors I/O
  *   nn          linear, ReLU, sigmoid, DLRM dot interaction, BCE with logits;
- *               jagged ops and Jagged Flash Attention for variable-length sequences
+ *               jagged ops, Jagged Flash Attention, Kunlun's GDPA and sliding-window
+ *               attention for variable-length sequences
  *   optim       SGD, AdaGrad, Adam, AdamW on flat parameter blocks
  *   sparse      table-batched embedding bags with the optimizer fused into backward
  *   data        Criteo TSV / binary readers with prefetch, the synthetic generator
@@ -36,6 +37,7 @@
 #include "ember/embbag.h"
 #include "ember/jagged.h"
 #include "ember/jattn.h"
+#include "ember/kunlun.h"
 #include "ember/data.h"
 #include "ember/metrics.h"
 #include "ember/dlrm.h"
