@@ -12,6 +12,7 @@
  *   data        Criteo TSV / binary readers with prefetch, the synthetic generator
  *   model       the DLRM (bottom MLP, embeddings, interaction, top MLP)
  *   train       trainer loop, metrics, checkpoints
+ *   serve       HTTP inference server with dynamic batching (libmicrohttpd)
  *
  * A minimal training loop:
  *
@@ -42,5 +43,6 @@
 #include "ember/metrics.h"
 #include "ember/dlrm.h"
 #include "ember/train.h"
+#include "ember/serve.h"
 
 #endif

@@ -217,6 +217,75 @@ static void test_binary_format_and_numpy_reader(void) {
     free(out);
 }
 
+/* `ember serve` as a user runs it: an ephemeral loopback port, a prediction over
+ * HTTP equal to `ember predict`'s, /healthz, then SIGTERM and a clean exit. */
+static void test_serve(void) {
+    setup();
+    char ck[300], log[300];
+    snprintf(ck, sizeof ck, "%s/serve_ck", dir);
+    CHECK(run("%s train --train %s/data/train.tsv %s --max-steps 20 --quiet --out %s > /dev/null 2>&1", bin, dir,
+              small_model, ck) == 0);
+    snprintf(log, sizeof log, "%s/serve.log", dir);
+    pid_t pid = fork();
+    if (pid == 0) {
+        char cmd[2048];
+        snprintf(cmd, sizeof cmd, "exec %s serve --model %s/checkpoint.safetensors --port 0 > %s 2>&1", bin, ck, log);
+        execl("/bin/sh", "sh", "-c", cmd, (char *)NULL);
+        _exit(127);
+    }
+    int port = 0;
+    for (int waited = 0; waited < 1000 && !port; waited++) {
+        usleep(10000);
+        char *out = slurp(log);
+        const char *p = out ? strstr(out, "127.0.0.1:") : NULL;
+        if (p) port = atoi(p + 10);
+        free(out);
+    }
+    CHECK(port > 0);
+    if (port > 0) {
+        /* the first test line without its label, as JSON, through bash's /dev/tcp */
+        CHECK(run("head -n 1 %s/data/test.tsv | cut -f2- > %s/one.tsv", dir, dir) == 0);
+        CHECK(run("%s predict --model %s/checkpoint.safetensors --input %s/one.tsv --output %s/one.pred", bin, ck, dir,
+                  dir) == 0);
+        char p[600];
+        snprintf(p, sizeof p, "%s/one.tsv", dir);
+        char *line = slurp(p), body[4096];
+        size_t k = (size_t)snprintf(body, sizeof body, "{\"examples\":[\"");
+        for (const char *q = line; q && *q && *q != '\n' && k < sizeof body - 8; q++) {
+            if (*q == '\t') body[k++] = '\\', body[k++] = 't';
+            else body[k++] = *q;
+        }
+        k += (size_t)snprintf(body + k, sizeof body - k, "\"]}");
+        free(line);
+        snprintf(p, sizeof p, "%s/body.json", dir);
+        FILE *bf = fopen(p, "w");
+        fwrite(body, 1, k, bf);
+        fclose(bf);
+        CHECK(run("bash -c 'exec 3<>/dev/tcp/127.0.0.1/%d; printf \"POST /v1/predict HTTP/1.0\\r\\nContent-Type: "
+                  "application/json\\r\\nContent-Length: %zu\\r\\n\\r\\n\" >&3; cat %s/body.json >&3; cat <&3' > %s/http.txt",
+                  port, k, dir, dir) == 0);
+        CHECK(run("bash -c 'exec 3<>/dev/tcp/127.0.0.1/%d; printf \"GET /healthz HTTP/1.0\\r\\n\\r\\n\" >&3; cat <&3' "
+                  "> %s/health.txt", port, dir) == 0);
+        snprintf(p, sizeof p, "%s/http.txt", dir);
+        char *resp = slurp(p);
+        snprintf(p, sizeof p, "%s/one.pred", dir);
+        char *pred = slurp(p);
+        const char *arr = resp ? strstr(resp, "\"probabilities\"") : NULL;
+        if (arr) arr = strchr(arr, '[');
+        CHECK(resp && strstr(resp, " 200 ") && arr && pred);
+        if (arr && pred) CHECK_NEAR(atof(arr + 1), atof(pred), 2e-6);
+        free(resp), free(pred);
+        snprintf(p, sizeof p, "%s/health.txt", dir);
+        resp = slurp(p);
+        CHECK(resp && strstr(resp, " 200 ") && strstr(resp, "ok"));
+        free(resp);
+    }
+    kill(pid, SIGTERM);
+    int status = 0;
+    waitpid(pid, &status, 0);
+    CHECK(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+}
+
 static void cleanup(void) {
     if (dir[0] && t_failures == 0) run("rm -rf %s", dir);
 }
@@ -225,4 +294,4 @@ static void test_cleanup(void) { cleanup(); }
 
 TEST_MAIN({"train_reaches_optimum", test_train_reaches_optimum}, {"resume_bitwise", test_resume_bitwise},
           {"malformed_and_corrupt", test_malformed_and_corrupt},
-          {"binary_format_and_numpy_reader", test_binary_format_and_numpy_reader}, {"cleanup", test_cleanup})
+          {"binary_format_and_numpy_reader", test_binary_format_and_numpy_reader}, {"serve", test_serve}, {"cleanup", test_cleanup})
