@@ -8,7 +8,8 @@
  *               jagged ops, Jagged Flash Attention, Kunlun's GDPA and sliding-window
  *               attention for variable-length sequences
  *   optim       SGD, AdaGrad, Adam, AdamW on flat parameter blocks
- *   sparse      table-batched embedding bags with the optimizer fused into backward
+ *   sparse      table-batched embedding bags with the optimizer fused into backward;
+ *               dynamic collisionless tables (64-bit ids, admission, eviction)
  *   data        Criteo TSV / binary readers with prefetch, the synthetic generator
  *   model       the DLRM (bottom MLP, embeddings, interaction, top MLP)
  *   train       trainer loop, metrics, checkpoints
@@ -36,6 +37,7 @@
 #include "ember/nn.h"
 #include "ember/optim.h"
 #include "ember/embbag.h"
+#include "ember/dyntable.h"
 #include "ember/jagged.h"
 #include "ember/jattn.h"
 #include "ember/kunlun.h"
