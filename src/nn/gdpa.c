@@ -22,45 +22,28 @@
  * with sgemm beta = 1 into the caller's buffers. Scratch: 3 TQ x TK tiles per worker.
  *
  * Activations are branch-free scalar formulas over blocks of 8 with a fixed trip count,
- * which GCC vectorises at -O2; exp is a Cephes-style polynomial (relative error
- * ~2e-7). erf (GELU) uses Abramowitz & Stegun 7.1.26 (absolute error <= 1.5e-7) in its
+ * which GCC vectorises at -O2; exp is em__fexp (attn_util.h), a Cephes-style polynomial
+ * (relative error ~2e-7) saturating at both ends, since activations see any argument. erf (GELU) uses Abramowitz & Stegun 7.1.26 (absolute error <= 1.5e-7) in its
  * erfc form for negative arguments, so Phi(x) has no cancellation in the left tail;
  * tanh switches to its Taylor series below |x| = 0.125 for the same reason.
  *
- * Scheduling and determinism as jattn.c: units sorted longest sample first, handed out
- * by an atomic counter; what a unit computes never depends on which worker runs it or
- * on the thread count, so outputs are bitwise identical for any pool.
+ * Scheduling and determinism as jattn.c (the unit list and runner are shared in
+ * attn_util.c): units sorted longest sample first, handed out by an atomic counter;
+ * what a unit computes never depends on which worker runs it or on the thread count,
+ * so outputs are bitwise identical for any pool.
  */
 #include <math.h>
-#include <stdatomic.h>
-#include <stdlib.h>
 
 #include "core/blas.h"
 #include "core/simd.h"
 #include "ember/jagged.h"
 #include "ember/kunlun.h"
+#include "nn/attn_util.h"
 
 #define TQ 128 /* query tile rows */
 #define TK 128 /* key tile rows (== TQ: causal key tiles then start at or before i0) */
 
 /* ---------------------------------------------------------- activations */
-
-/* exp(a), a in any range: below -87 gives 0, above 88 saturates at exp(88). */
-static inline float fexp(float a) {
-    const float v = a > -87.0f ? (a < 88.0f ? a : 88.0f) : -87.0f;
-    const float n = (v * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-    const float z = v - n * 0.693359375f + n * 2.12194440e-4f;
-    float p = 1.9875691500e-4f;
-    p = p * z + 1.3981999507e-3f;
-    p = p * z + 8.3334519073e-3f;
-    p = p * z + 4.1665795894e-2f;
-    p = p * z + 1.6666665459e-1f;
-    p = p * z + 5.0000001201e-1f;
-    p = p * z * z + z + 1.0f;
-    union { float f; int32_t i; } e;
-    e.i = ((int32_t)n + 127) * (1 << 23);
-    return a > -87.0f ? p * e.f : 0.f;
-}
 
 /* Each act_X(x, &d) returns act(x) and stores act'(x) in d. */
 static inline float act_identity(float x, float *d) {
@@ -77,7 +60,7 @@ static inline float act_relu2(float x, float *d) {
     return r * r;
 }
 static inline float act_silu(float x, float *d) {
-    const float sg = 1.f / (1.f + fexp(-x));
+    const float sg = 1.f / (1.f + em__fexp(-x));
     *d = sg * (1.f + x * (1.f - sg));
     return x * sg;
 }
@@ -85,7 +68,7 @@ static inline float act_gelu(float x, float *d) {
     /* Phi(x) = 0.5 erfc(-x/sqrt2); erfc(y) ~ poly(t) exp(-y^2), t = 1/(1 + p y), y >= 0 */
     const float y = (x < 0.f ? -x : x) * 0.70710678118654752f;
     const float t = 1.f / (1.f + 0.3275911f * y);
-    const float ey = fexp(-y * y);
+    const float ey = em__fexp(-y * y);
     const float q = t * (0.254829592f +
                          t * (-0.284496736f + t * (1.421413741f + t * (-1.453152027f + t * 1.061405429f)))) *
                     ey;
@@ -95,7 +78,7 @@ static inline float act_gelu(float x, float *d) {
 }
 static inline float act_tanh(float x, float *d) {
     const float ax = x < 0.f ? -x : x;
-    const float e = fexp(-2.f * ax);
+    const float e = em__fexp(-2.f * ax);
     const float big = (1.f - e) / (1.f + e);
     const float x2 = ax * ax;
     const float small = ax * (1.f + x2 * (-0.33333333333f + x2 * (0.13333333333f - x2 * 0.053968253968f)));
@@ -151,64 +134,13 @@ em_status em_gdpa_check(const em_gdpa_cfg *c) {
     return EM_OK;
 }
 
-typedef struct {
-    int32_t b, h, t;
-} unit;
-
-typedef struct {
-    const int64_t *off;
-    int b;
-} len_key;
-
-static int cmp_len_desc(const void *pa, const void *pb) {
-    const len_key *a = pa, *b = pb;
-    int64_t la = a->off[a->b + 1] - a->off[a->b], lb = b->off[b->b + 1] - b->off[b->b];
-    if (la != lb) return la > lb ? -1 : 1;
-    return (a->b > b->b) - (a->b < b->b);
-}
-
-/* Units, longest sample first: per_tile -> one per (sample, query tile, head), else one
- * per (sample, head) of a non-empty sample. *out is em_malloc'd (NULL when none). */
-static em_status make_units(unit **out, size_t *n, const em_jattn_cfg *c, int per_tile) {
-    *out = NULL;
-    *n = 0;
-    if (c->B == 0) return EM_OK;
-    len_key *keys = em_malloc((size_t)c->B * sizeof *keys);
-    if (!keys) return em_errorf(EM_ERR_NOMEM, "gdpa: unit sort (%d samples)", c->B);
-    size_t cnt = 0;
-    for (int b = 0; b < c->B; b++) {
-        int64_t L = c->offsets[b + 1] - c->offsets[b];
-        keys[b] = (len_key){c->offsets, b};
-        cnt += (size_t)c->H * (size_t)(per_tile ? (L + TQ - 1) / TQ : (L > 0));
-    }
-    qsort(keys, (size_t)c->B, sizeof *keys, cmp_len_desc);
-    unit *u = cnt ? em_malloc(cnt * sizeof *u) : NULL;
-    if (cnt && !u) {
-        em_free(keys);
-        return em_errorf(EM_ERR_NOMEM, "gdpa: unit list (%zu units)", cnt);
-    }
-    size_t k = 0;
-    for (int i = 0; i < c->B; i++) {
-        int b = keys[i].b;
-        int64_t L = c->offsets[b + 1] - c->offsets[b];
-        int nt = per_tile ? (int)((L + TQ - 1) / TQ) : (L > 0);
-        for (int t = nt - 1; t >= 0; t--)
-            for (int h = 0; h < c->H; h++) u[k++] = (unit){b, h, t};
-    }
-    em_free(keys);
-    *out = u;
-    *n = cnt;
-    return EM_OK;
-}
+typedef em__attn_unit unit;
 
 typedef struct {
     const em_jattn_cfg *c;
     float scale, scale_out;
     row_fn rowf, rowg;
-    const unit *units;
-    size_t n_units;
-    atomic_size_t next;
-    float *scratch; /* per worker: TQ x TK (forward) or 3 x TQ x TK (backward) */
+    em__attn_sched s; /* scratch per worker: TQ x TK (forward) or 3 x TQ x TK (backward) */
     float *O, *dQ, *dK, *dV;
     const float *Q, *K, *V, *dO;
 } job;
@@ -224,7 +156,7 @@ static void fwd_unit(const job *j, unit u, int ith) {
     const size_t col = (size_t)u.h * dh;
     const float *Qt = j->Q + (size_t)(base + i0) * ld + col;
     float *Ot = j->O + (size_t)(base + i0) * ld + col;
-    float *S = j->scratch + (size_t)ith * TQ * TK;
+    float *S = j->s.scratch + (size_t)ith * TQ * TK;
     for (int r = 0; r < mq; r++)
         for (int d = 0; d < dh; d++) Ot[(size_t)r * ld + d] = 0.f;
     const int nkeys = c->causal ? i0 + mq : L;
@@ -246,14 +178,14 @@ static void fwd_task(void *p, int ith, int nth) {
     (void)nth;
     job *j = p;
     size_t k;
-    while ((k = atomic_fetch_add(&j->next, 1)) < j->n_units) fwd_unit(j, j->units[k], ith);
+    while (em__attn_take(&j->s, &k)) fwd_unit(j, j->s.units[k], ith);
 }
 
 /* Fill the scales of j from cfg. */
 static void job_scales(job *j, const em_gdpa_cfg *cfg) {
     const em_jattn_cfg *c = &cfg->attn;
     j->c = c;
-    j->scale = c->scale > 0.f ? c->scale : 1.f / sqrtf((float)c->dh);
+    j->scale = em__attn_scale(c);
     if (cfg->scale_out > 0.f) j->scale_out = cfg->scale_out;
     else {
         const int64_t mx = c->B ? em_jagged_max_len(c->offsets, c->B) : 0;
@@ -263,36 +195,13 @@ static void job_scales(job *j, const em_gdpa_cfg *cfg) {
     j->rowg = ROW_G[cfg->act];
 }
 
-/* Runs fn over the unit list with `tiles` TQ x TK scratch tiles per worker. */
-static em_status run(job *j, em_pool *pool, int per_tile, int tiles, em_task_fn fn) {
-    unit *units;
-    em_status st = make_units(&units, &j->n_units, j->c, per_tile);
-    if (st) return st;
-    j->units = units;
-    if (j->n_units) {
-        const size_t per = (size_t)tiles * TQ * TK;
-        j->scratch = em_malloc((size_t)em_pool_nth(pool) * per * sizeof(float));
-        if (!j->scratch) {
-            em_free(units);
-            return em_errorf(EM_ERR_NOMEM, "gdpa: %d x %zu floats of tile scratch",
-                             em_pool_nth(pool), per);
-        }
-        em_blas_init();
-        atomic_init(&j->next, 0);
-        em_pool_run(pool, fn, j);
-        em_free(j->scratch);
-    }
-    em_free(units);
-    return EM_OK;
-}
-
 em_status em_gdpa_forward(float *O, const float *Q, const float *K, const float *V,
                           const em_gdpa_cfg *cfg, em_pool *pool) {
     em_status st = em_gdpa_check(cfg);
     if (st) return st;
     job j = {.O = O, .Q = Q, .K = K, .V = V};
     job_scales(&j, cfg);
-    return run(&j, pool, 1, 1, fwd_task);
+    return em__attn_run(&j.s, j.c, TQ, (size_t)TQ * TK, pool, fwd_task, &j, "gdpa");
 }
 
 /* ------------------------------------------------------------ backward */
@@ -303,7 +212,7 @@ static void bwd_unit(const job *j, unit u, int ith) {
     const int64_t base = c->offsets[u.b];
     const int L = (int)(c->offsets[u.b + 1] - base);
     const size_t col = (size_t)u.h * dh;
-    float *A = j->scratch + (size_t)ith * 3 * TQ * TK, *G = A + TQ * TK, *dA = G + TQ * TK;
+    float *A = j->s.scratch + (size_t)ith * 3 * TQ * TK, *G = A + TQ * TK, *dA = G + TQ * TK;
     const int want_ds = j->dQ || j->dK;
 #define ROW(ptr, i) ((ptr) + (size_t)(base + (i)) * ld + col)
     for (int i0 = 0; i0 < L; i0 += TQ) {
@@ -347,7 +256,7 @@ static void bwd_task(void *p, int ith, int nth) {
     (void)nth;
     job *j = p;
     size_t k;
-    while ((k = atomic_fetch_add(&j->next, 1)) < j->n_units) bwd_unit(j, j->units[k], ith);
+    while (em__attn_take(&j->s, &k)) bwd_unit(j, j->s.units[k], ith);
 }
 
 em_status em_gdpa_backward(float *dQ, float *dK, float *dV, const float *dO, const float *Q,
@@ -357,5 +266,5 @@ em_status em_gdpa_backward(float *dQ, float *dK, float *dV, const float *dO, con
     if (!dQ && !dK && !dV) return EM_OK;
     job j = {.dQ = dQ, .dK = dK, .dV = dV, .dO = dO, .Q = Q, .K = K, .V = V};
     job_scales(&j, cfg);
-    return run(&j, pool, 0, 3, bwd_task);
+    return em__attn_run(&j.s, j.c, 0, (size_t)3 * TQ * TK, pool, bwd_task, &j, "gdpa");
 }

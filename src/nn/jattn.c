@@ -37,7 +37,8 @@
  * the unit computes never does, so outputs are bitwise independent of the thread count.
  *
  * exp. The softmax needs ~L^2 exponentials per head, as many as the FMAs of one small
- * matmul, so libm expf would dominate. exp_sub_rows() uses a Cephes-style polynomial
+ * matmul, so libm expf would dominate. em__exp_sub_row() (attn_util.h, shared with
+ * gdpa.c and swa.c like the unit list and the scheduler) uses a Cephes-style polynomial
  * (relative error ~2e-7) in plain C over fixed blocks of 8, which GCC vectorises; inputs
  * below -87 (including the -inf of the mask) give exactly 0.
  *
@@ -46,12 +47,11 @@
  * (sample, head) and owns its o, lse, dq rows and its sample's dK/dV head columns.
  */
 #include <math.h>
-#include <stdatomic.h>
-#include <stdlib.h>
 
 #include "core/blas.h"
 #include "core/simd.h"
 #include "ember/jattn.h"
+#include "nn/attn_util.h"
 
 #define TQ 128 /* query tile rows */
 #define TK 128 /* key tile rows (a multiple of TQ: see the causal notes in the units) */
@@ -77,132 +77,16 @@ em_status em_jattn_check(const em_jattn_cfg *c) {
     return EM_OK;
 }
 
-static float cfg_scale(const em_jattn_cfg *c) {
-    return c->scale > 0.f ? c->scale : 1.f / sqrtf((float)c->dh);
-}
-
-/* x[k] = exp(x[k] - sub), k < 8, and part[k] += the result. One loop with a fixed trip
- * count and no calls (round-to-nearest by the 1.5*2^23 trick, the power of two built
- * in the exponent bits) so that GCC vectorises it at -O2. Arguments below -87 (the
- * mask's -inf included) give exactly 0; arguments are <= ~0 here (a row max or the
- * lse is subtracted), so there is no overflow branch. */
-static inline void exp8_sub(float *restrict x, float sub, float *restrict part) {
-    for (int k = 0; k < 8; k++) {
-        const float a = x[k] - sub;
-        const float v = a > -87.0f ? a : -87.0f;
-        const float n = (v * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-        const float z = v - n * 0.693359375f + n * 2.12194440e-4f;
-        float p = 1.9875691500e-4f;
-        p = p * z + 1.3981999507e-3f;
-        p = p * z + 8.3334519073e-3f;
-        p = p * z + 4.1665795894e-2f;
-        p = p * z + 1.6666665459e-1f;
-        p = p * z + 5.0000001201e-1f;
-        p = p * z * z + z + 1.0f;
-        union { float f; int32_t i; } e;
-        e.i = ((int32_t)n + 127) * (1 << 23);
-        const float y = a > -87.0f ? p * e.f : 0.f;
-        x[k] = y;
-        part[k] += y;
-    }
-}
-
-/* row[c] = exp(row[c] - sub) for c < n (masked -inf -> 0); returns the sum in a fixed
- * order (8 partial sums, then a fixed fold). */
-static float exp_sub_row(float *row, int n, float sub) {
-    float part[8] = {0};
-    int c = 0;
-    for (; c + 8 <= n; c += 8) exp8_sub(row + c, sub, part);
-    if (c < n) {
-        float tmp[8];
-        const int m = n - c;
-        for (int k = 0; k < 8; k++) tmp[k] = k < m ? row[c + k] : -INFINITY;
-        exp8_sub(tmp, sub, part);
-        for (int k = 0; k < m; k++) row[c + k] = tmp[k];
-    }
-    return ((part[0] + part[4]) + (part[1] + part[5])) + ((part[2] + part[6]) + (part[3] + part[7]));
-}
-
-/* max(init, row[0..n)), 8 lanes then a fixed fold (a plain running max does not
- * vectorise without -ffast-math). */
-static float row_max(const float *row, int n, float init) {
-    float mx[8];
-    for (int k = 0; k < 8; k++) mx[k] = init;
-    int c = 0;
-    for (; c + 8 <= n; c += 8)
-        for (int k = 0; k < 8; k++) mx[k] = row[c + k] > mx[k] ? row[c + k] : mx[k];
-    for (int k = 0; c + k < n; k++) mx[k] = row[c + k] > mx[k] ? row[c + k] : mx[k];
-    for (int k = 1; k < 8; k++) mx[0] = mx[k] > mx[0] ? mx[k] : mx[0];
-    return mx[0];
-}
-
-/* Unit list: samples longest first; per sample `tiles` entries of t (query tile index,
- * highest first: under a causal mask those cost most) times H heads. */
-typedef struct {
-    int32_t b, h, t;
-} unit;
+typedef em__attn_unit unit;
 
 typedef struct {
-    const int64_t *off;
-    int b;
-} len_key;
-
-static int cmp_len_desc(const void *pa, const void *pb) {
-    const len_key *a = pa, *b = pb;
-    int64_t la = a->off[a->b + 1] - a->off[a->b], lb = b->off[b->b + 1] - b->off[b->b];
-    if (la != lb) return la > lb ? -1 : 1;
-    return (a->b > b->b) - (a->b < b->b);
-}
-
-/* Build the unit list into *out (em_malloc'd; *n units). per_tile: one unit per query
- * tile (forward), else one per (sample, head). */
-static em_status make_units(unit **out, size_t *n, const em_jattn_cfg *c, int per_tile) {
-    *out = NULL;
-    *n = 0;
-    if (c->B == 0) return EM_OK;
-    len_key *keys = em_malloc((size_t)c->B * sizeof *keys);
-    if (!keys) return em_errorf(EM_ERR_NOMEM, "jattn: unit sort (%d samples)", c->B);
-    size_t cnt = 0;
-    for (int b = 0; b < c->B; b++) {
-        int64_t L = c->offsets[b + 1] - c->offsets[b];
-        keys[b] = (len_key){c->offsets, b};
-        cnt += (size_t)c->H * (size_t)(per_tile ? (L + TQ - 1) / TQ : (L > 0));
-    }
-    qsort(keys, (size_t)c->B, sizeof *keys, cmp_len_desc);
-    unit *u = cnt ? em_malloc(cnt * sizeof *u) : NULL;
-    if (cnt && !u) {
-        em_free(keys);
-        return em_errorf(EM_ERR_NOMEM, "jattn: unit list (%zu units)", cnt);
-    }
-    size_t k = 0;
-    for (int i = 0; i < c->B; i++) {
-        int b = keys[i].b;
-        int64_t L = c->offsets[b + 1] - c->offsets[b];
-        int nt = per_tile ? (int)((L + TQ - 1) / TQ) : (L > 0);
-        for (int t = nt - 1; t >= 0; t--)
-            for (int h = 0; h < c->H; h++) u[k++] = (unit){b, h, t};
-    }
-    em_free(keys);
-    *out = u;
-    *n = cnt;
-    return EM_OK;
-}
-
-typedef struct {
+    em__attn_sched s; /* units (forward: per query tile; backward: per (sample, head));
+                       * scratch per worker: TQ x TK (forward) or 2 x TQ x TK (backward) */
     const em_jattn_cfg *c;
     float scale;
-    const unit *units;
-    size_t n_units;
-    atomic_size_t next;
-    float *scratch; /* per worker: TQ x TK (forward) or 2 x TQ x TK (backward) */
     float *O, *lse, *dQ, *dK, *dV;
     const float *Q, *K, *V, *dO, *Oin, *lsein;
 } job;
-
-static void run_units(job *j, em_pool *pool, em_task_fn fn) {
-    atomic_init(&j->next, 0);
-    em_pool_run(pool, fn, j);
-}
 
 /* -------------------------------------------------------- self: forward */
 
@@ -215,7 +99,7 @@ static void fwd_unit(const job *j, unit u, int ith) {
     const size_t col = (size_t)u.h * dh;
     const float *Qt = j->Q + (size_t)(base + i0) * ld + col;
     float *Ot = j->O + (size_t)(base + i0) * ld + col;
-    float *S = j->scratch + (size_t)ith * TQ * TK, m[TQ], l[TQ];
+    float *S = j->s.scratch + (size_t)ith * TQ * TK, m[TQ], l[TQ];
     for (int r = 0; r < mq; r++) {
         m[r] = -INFINITY, l[r] = 0.f;
         for (int d = 0; d < dh; d++) Ot[(size_t)r * ld + d] = 0.f;
@@ -232,9 +116,9 @@ static void fwd_unit(const job *j, unit u, int ith) {
             float *s = S + (size_t)r * TK;
             if (diag)
                 for (int cc = i0 + r - j0 + 1; cc < nk; cc++) s[cc] = -INFINITY;
-            const float mx = row_max(s, nk, m[r]);
+            const float mx = em__row_max(s, nk, m[r]);
             const float alpha = expf(m[r] - mx); /* 0 on the first tile (m = -inf) */
-            const float sum = exp_sub_row(s, nk, mx);
+            const float sum = em__exp_sub_row(s, nk, mx);
             l[r] = l[r] * alpha + sum;
             m[r] = mx;
             if (alpha != 1.f) em_vscale(Ot + (size_t)r * ld, alpha, (size_t)dh);
@@ -251,31 +135,15 @@ static void fwd_unit(const job *j, unit u, int ith) {
 static void fwd_task(void *p, int ith, int nth) {
     job *j = p;
     size_t k;
-    while ((k = atomic_fetch_add(&j->next, 1)) < j->n_units) fwd_unit(j, j->units[k], ith);
+    while (em__attn_take(&j->s, &k)) fwd_unit(j, j->s.units[k], ith);
 }
 
 em_status em_jattn_forward(float *O, float *lse, const float *Q, const float *K, const float *V,
                            const em_jattn_cfg *cfg, em_pool *pool) {
     em_status st = em_jattn_check(cfg);
     if (st) return st;
-    em_blas_init();
-    job j = {.c = cfg, .scale = cfg_scale(cfg), .O = O, .lse = lse, .Q = Q, .K = K, .V = V};
-    unit *units;
-    if ((st = make_units(&units, &j.n_units, cfg, 1))) return st;
-    j.units = units;
-    if (j.n_units) {
-        const size_t per = (size_t)1 * TQ * TK;
-        j.scratch = em_malloc((size_t)em_pool_nth(pool) * per * sizeof(float));
-        if (!j.scratch) {
-            em_free(units);
-            return em_errorf(EM_ERR_NOMEM, "jattn: %d x %zu floats of tile scratch",
-                             em_pool_nth(pool), per);
-        }
-        run_units(&j, pool, fwd_task);
-        em_free(j.scratch);
-    }
-    em_free(units);
-    return EM_OK;
+    job j = {.c = cfg, .scale = em__attn_scale(cfg), .O = O, .lse = lse, .Q = Q, .K = K, .V = V};
+    return em__attn_run(&j.s, cfg, TQ, (size_t)TQ * TK, pool, fwd_task, &j, "jattn");
 }
 
 /* ------------------------------------------------------- self: backward */
@@ -287,7 +155,7 @@ static void bwd_unit(const job *j, unit u, int ith) {
     const int L = (int)(c->offsets[u.b + 1] - base);
     const size_t col = (size_t)u.h * dh;
     const float scale = j->scale;
-    float *P = j->scratch + (size_t)ith * 2 * TQ * TK, *dP = P + TQ * TK, D[TQ];
+    float *P = j->s.scratch + (size_t)ith * 2 * TQ * TK, *dP = P + TQ * TK, D[TQ];
 #define ROW(ptr, i) ((ptr) + (size_t)(base + (i)) * ld + col)
     for (int j0 = 0; j0 < L; j0 += TK) {
         const int nk = L - j0 < TK ? L - j0 : TK;
@@ -302,22 +170,15 @@ static void bwd_unit(const job *j, unit u, int ith) {
                 float *s = P + (size_t)r * TK;
                 if (diag)
                     for (int cc = i0 + r - j0 + 1; cc < nk; cc++) s[cc] = -INFINITY;
-                exp_sub_row(s, nk, j->lsein[(size_t)(base + i0 + r) * H + u.h]);
+                em__exp_sub_row(s, nk, j->lsein[(size_t)(base + i0 + r) * H + u.h]);
                 D[r] = em_vdot(ROW(j->dO, i0 + r), ROW(j->Oin, i0 + r), (size_t)dh);
             }
             cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, nk, dh, mq, 1.f, P, TK,
                         ROW(j->dO, i0), ld, 1.f, ROW(j->dV, j0), ld);
             cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, mq, nk, dh, 1.f, ROW(j->dO, i0),
                         ld, ROW(j->V, j0), ld, 0.f, dP, TK);
-            for (int r = 0; r < mq; r++) {
-                const float *p = P + (size_t)r * TK;
-                float *g = dP + (size_t)r * TK;
-                const float Dr = D[r];
-                int cc = 0; /* blocks of 8: a fixed trip count vectorises at -O2 */
-                for (; cc + 8 <= nk; cc += 8)
-                    for (int k = 0; k < 8; k++) g[cc + k] = p[cc + k] * (g[cc + k] - Dr);
-                for (; cc < nk; cc++) g[cc] = p[cc] * (g[cc] - Dr);
-            }
+            for (int r = 0; r < mq; r++)
+                em__softmax_ds_row(P + (size_t)r * TK, dP + (size_t)r * TK, nk, D[r]);
             cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, mq, dh, nk, scale, dP, TK,
                         ROW(j->K, j0), ld, 1.f, ROW(j->dQ, i0), ld);
             cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, nk, dh, mq, scale, dP, TK,
@@ -330,7 +191,7 @@ static void bwd_unit(const job *j, unit u, int ith) {
 static void bwd_task(void *p, int ith, int nth) {
     job *j = p;
     size_t k;
-    while ((k = atomic_fetch_add(&j->next, 1)) < j->n_units) bwd_unit(j, j->units[k], ith);
+    while (em__attn_take(&j->s, &k)) bwd_unit(j, j->s.units[k], ith);
 }
 
 em_status em_jattn_backward(float *dQ, float *dK, float *dV, const float *dO, const float *Q,
@@ -338,25 +199,9 @@ em_status em_jattn_backward(float *dQ, float *dK, float *dV, const float *dO, co
                             const em_jattn_cfg *cfg, em_pool *pool) {
     em_status st = em_jattn_check(cfg);
     if (st) return st;
-    em_blas_init();
-    job j = {.c = cfg, .scale = cfg_scale(cfg), .dQ = dQ, .dK = dK, .dV = dV, .dO = dO,
+    job j = {.c = cfg, .scale = em__attn_scale(cfg), .dQ = dQ, .dK = dK, .dV = dV, .dO = dO,
              .Q = Q, .K = K, .V = V, .Oin = O, .lsein = lse};
-    unit *units;
-    if ((st = make_units(&units, &j.n_units, cfg, 0))) return st;
-    j.units = units;
-    if (j.n_units) {
-        const size_t per = (size_t)2 * TQ * TK;
-        j.scratch = em_malloc((size_t)em_pool_nth(pool) * per * sizeof(float));
-        if (!j.scratch) {
-            em_free(units);
-            return em_errorf(EM_ERR_NOMEM, "jattn: %d x %zu floats of tile scratch",
-                             em_pool_nth(pool), per);
-        }
-        run_units(&j, pool, bwd_task);
-        em_free(j.scratch);
-    }
-    em_free(units);
-    return EM_OK;
+    return em__attn_run(&j.s, cfg, 0, (size_t)2 * TQ * TK, pool, bwd_task, &j, "jattn");
 }
 
 /* --------------------------------------------------------------- target */
@@ -381,7 +226,7 @@ static void tfwd_unit(const job *j, unit u) {
             mx = s[k] > mx ? s[k] : mx;
         }
         const float alpha = expf(m - mx);
-        l = l * alpha + exp_sub_row(s, nk, mx);
+        l = l * alpha + em__exp_sub_row(s, nk, mx);
         m = mx;
         if (alpha != 1.f) em_vscale(o, alpha, (size_t)dh);
         for (int k = 0; k < nk; k++) em_vaxpy(o, s[k], Vj + (size_t)k * ld, (size_t)dh);
@@ -392,8 +237,8 @@ static void tfwd_unit(const job *j, unit u) {
 
 static void tfwd_task(void *p, int ith, int nth) {
     job *j = p;
-    size_t k, n = (size_t)j->c->B * j->c->H;
-    while ((k = atomic_fetch_add(&j->next, 1)) < n)
+    size_t k;
+    while (em__attn_take(&j->s, &k))
         tfwd_unit(j, (unit){(int32_t)(k / j->c->H), (int32_t)(k % j->c->H), 0});
 }
 
@@ -401,8 +246,9 @@ em_status em_jattn_target_forward(float *o, float *lse, const float *q, const fl
                                   const float *V, const em_jattn_cfg *cfg, em_pool *pool) {
     em_status st = em_jattn_check(cfg);
     if (st) return st;
-    job j = {.c = cfg, .scale = cfg_scale(cfg), .O = o, .lse = lse, .Q = q, .K = K, .V = V};
-    if (cfg->B) run_units(&j, pool, tfwd_task);
+    job j = {.c = cfg, .scale = em__attn_scale(cfg), .O = o, .lse = lse, .Q = q, .K = K, .V = V};
+    j.s.n_units = (size_t)cfg->B * cfg->H; /* unit k = (k / H, k % H): no list needed */
+    if (cfg->B) em__attn_go(&j.s, pool, tfwd_task, &j);
     return EM_OK;
 }
 
@@ -422,7 +268,7 @@ static void tbwd_unit(const job *j, unit u) {
         const int nk = L - j0 < TK ? L - j0 : TK;
         const size_t r0 = (size_t)(base + j0) * ld + col;
         for (int k = 0; k < nk; k++) s[k] = j->scale * em_vdot(q, j->K + r0 + (size_t)k * ld, (size_t)dh);
-        exp_sub_row(s, nk, lse);
+        em__exp_sub_row(s, nk, lse);
         for (int k = 0; k < nk; k++) {
             const size_t r = r0 + (size_t)k * ld;
             em_vaxpy(j->dV + r, s[k], go, (size_t)dh);
@@ -435,8 +281,8 @@ static void tbwd_unit(const job *j, unit u) {
 
 static void tbwd_task(void *p, int ith, int nth) {
     job *j = p;
-    size_t k, n = (size_t)j->c->B * j->c->H;
-    while ((k = atomic_fetch_add(&j->next, 1)) < n)
+    size_t k;
+    while (em__attn_take(&j->s, &k))
         tbwd_unit(j, (unit){(int32_t)(k / j->c->H), (int32_t)(k % j->c->H), 0});
 }
 
@@ -446,8 +292,9 @@ em_status em_jattn_target_backward(float *dq, float *dK, float *dV, const float 
                                    em_pool *pool) {
     em_status st = em_jattn_check(cfg);
     if (st) return st;
-    job j = {.c = cfg, .scale = cfg_scale(cfg), .dQ = dq, .dK = dK, .dV = dV, .dO = do_,
+    job j = {.c = cfg, .scale = em__attn_scale(cfg), .dQ = dq, .dK = dK, .dV = dV, .dO = do_,
              .Q = q, .K = K, .V = V, .Oin = o, .lsein = lse};
-    if (cfg->B) run_units(&j, pool, tbwd_task);
+    j.s.n_units = (size_t)cfg->B * cfg->H;
+    if (cfg->B) em__attn_go(&j.s, pool, tbwd_task, &j);
     return EM_OK;
 }

@@ -35,74 +35,24 @@
  *   dQ_t += s dS K_j;  dK_j += s dS^T Q_t
  *
  * exp is a Cephes-style polynomial over blocks of 8 (vectorised by GCC at -O2; relative
- * error ~2e-7; arguments below -87, the mask's -inf included, give exactly 0).
+ * error ~2e-7; arguments below -87, the mask's -inf included, give exactly 0), shared
+ * with jattn.c in attn_util.h together with the row max, the unit list and the runner.
  * Scheduling and determinism as jattn.c: units longest sample first from an atomic
  * counter, each unit's arithmetic independent of the worker, so results are bitwise
  * identical for any thread count.
  */
 #include <math.h>
-#include <stdatomic.h>
-#include <stdlib.h>
 
 #include "core/blas.h"
 #include "core/simd.h"
 #include "ember/kunlun.h"
+#include "nn/attn_util.h"
 
 #define TQMAX 128 /* largest query tile */
 #define TK 128    /* key chunk */
 #define NARROW_W 7 /* windows up to this use the per-row path (<= 15 keys) */
 
 /* ------------------------------------------------------------- helpers */
-
-/* x[k] = exp(x[k] - sub) for k < 8 and part[k] += it; below -87 -> 0. Arguments are
- * <= ~0 here (a row max or the lse is subtracted), so no overflow clamp is needed. */
-static inline void exp8_sub(float *restrict x, float sub, float *restrict part) {
-    for (int k = 0; k < 8; k++) {
-        const float a = x[k] - sub;
-        const float v = a > -87.0f ? a : -87.0f;
-        const float n = (v * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-        const float z = v - n * 0.693359375f + n * 2.12194440e-4f;
-        float p = 1.9875691500e-4f;
-        p = p * z + 1.3981999507e-3f;
-        p = p * z + 8.3334519073e-3f;
-        p = p * z + 4.1665795894e-2f;
-        p = p * z + 1.6666665459e-1f;
-        p = p * z + 5.0000001201e-1f;
-        p = p * z * z + z + 1.0f;
-        union { float f; int32_t i; } e;
-        e.i = ((int32_t)n + 127) * (1 << 23);
-        const float y = a > -87.0f ? p * e.f : 0.f;
-        x[k] = y;
-        part[k] += y;
-    }
-}
-
-/* row[c] = exp(row[c] - sub), c < n; returns the sum in a fixed order. */
-static float exp_sub_row(float *row, int n, float sub) {
-    float part[8] = {0};
-    int c = 0;
-    for (; c + 8 <= n; c += 8) exp8_sub(row + c, sub, part);
-    if (c < n) {
-        float tmp[8];
-        const int m = n - c;
-        for (int k = 0; k < 8; k++) tmp[k] = k < m ? row[c + k] : -INFINITY;
-        exp8_sub(tmp, sub, part);
-        for (int k = 0; k < m; k++) row[c + k] = tmp[k];
-    }
-    return ((part[0] + part[4]) + (part[1] + part[5])) + ((part[2] + part[6]) + (part[3] + part[7]));
-}
-
-/* max(init, row[0..n)) over 8 lanes, then a fixed fold. */
-static float row_max(const float *row, int n, float init) {
-    float mx[8];
-    for (int k = 0; k < 8; k++) mx[k] = init;
-    int c = 0;
-    for (; c + 8 <= n; c += 8)
-        for (int k = 0; k < 8; k++) mx[k] = row[c + k] > mx[k] ? row[c + k] : mx[k];
-    for (int k = 0; c + k < n; k++) mx[k] = row[c + k] > mx[k] ? row[c + k] : mx[k];
-    for (int k = 1; k < 8; k++) mx[0] = mx[k] > mx[0] ? mx[k] : mx[0];
-    return mx[0];
-}
 
 em_status em_swa_check(const em_swa_cfg *c) {
     if (!c) return em_errorf(EM_ERR_INVALID, "swa: NULL config");
@@ -118,65 +68,14 @@ static int tile_rows(int w) {
     return t < 16 ? 16 : t > TQMAX ? TQMAX : (int)t;
 }
 
-typedef struct {
-    int32_t b, h, t;
-} unit;
-
-typedef struct {
-    const int64_t *off;
-    int b;
-} len_key;
-
-static int cmp_len_desc(const void *pa, const void *pb) {
-    const len_key *a = pa, *b = pb;
-    int64_t la = a->off[a->b + 1] - a->off[a->b], lb = b->off[b->b + 1] - b->off[b->b];
-    if (la != lb) return la > lb ? -1 : 1;
-    return (a->b > b->b) - (a->b < b->b);
-}
-
-/* Units, longest sample first: tq > 0 -> one per (sample, tq-row query tile, head),
- * tq == 0 -> one per (sample, head) of a non-empty sample. */
-static em_status make_units(unit **out, size_t *n, const em_jattn_cfg *c, int tq) {
-    *out = NULL;
-    *n = 0;
-    if (c->B == 0) return EM_OK;
-    len_key *keys = em_malloc((size_t)c->B * sizeof *keys);
-    if (!keys) return em_errorf(EM_ERR_NOMEM, "swa: unit sort (%d samples)", c->B);
-    size_t cnt = 0;
-    for (int b = 0; b < c->B; b++) {
-        int64_t L = c->offsets[b + 1] - c->offsets[b];
-        keys[b] = (len_key){c->offsets, b};
-        cnt += (size_t)c->H * (size_t)(tq ? (L + tq - 1) / tq : (L > 0));
-    }
-    qsort(keys, (size_t)c->B, sizeof *keys, cmp_len_desc);
-    unit *u = cnt ? em_malloc(cnt * sizeof *u) : NULL;
-    if (cnt && !u) {
-        em_free(keys);
-        return em_errorf(EM_ERR_NOMEM, "swa: unit list (%zu units)", cnt);
-    }
-    size_t k = 0;
-    for (int i = 0; i < c->B; i++) {
-        int b = keys[i].b;
-        int64_t L = c->offsets[b + 1] - c->offsets[b];
-        int nt = tq ? (int)((L + tq - 1) / tq) : (L > 0);
-        for (int t = nt - 1; t >= 0; t--)
-            for (int h = 0; h < c->H; h++) u[k++] = (unit){b, h, t};
-    }
-    em_free(keys);
-    *out = u;
-    *n = cnt;
-    return EM_OK;
-}
+typedef em__attn_unit unit;
 
 typedef struct {
     const em_jattn_cfg *c;
     int64_t wl, wr; /* key j visible from query i iff i - wl <= j <= i + wr */
     int tq, narrow;
     float scale;
-    const unit *units;
-    size_t n_units;
-    atomic_size_t next;
-    float *scratch; /* per worker: tq x TK (forward) or 2 x tq x TK (backward) */
+    em__attn_sched s; /* scratch per worker: tq x TK (forward) or 2 x tq x TK (backward) */
     float *O, *lse, *dQ, *dK, *dV;
     const float *Q, *K, *V, *dO, *Oin, *lsein;
 } job;
@@ -229,8 +128,8 @@ static void narrow_fwd(const job *j, unit u) {
         int lo, n;
         narrow_window(j, i, L, &lo, &n);
         narrow_scores(j, s, base, i, lo, n, col);
-        const float mx = row_max(s, n, -INFINITY);
-        const float sum = exp_sub_row(s, n, mx);
+        const float mx = em__row_max(s, n, -INFINITY);
+        const float sum = em__exp_sub_row(s, n, mx);
         float *o = j->O + (size_t)(base + i) * ld + col;
         for (int d = 0; d < dh; d++) o[d] = 0.f;
         for (int k = 0; k < n; k++) em_vaxpy(o, s[k], j->V + (size_t)(base + lo + k) * ld + col, (size_t)dh);
@@ -250,7 +149,7 @@ static void narrow_bwd(const job *j, unit u) {
         int lo, n;
         narrow_window(j, i, L, &lo, &n);
         narrow_scores(j, s, base, i, lo, n, col);
-        exp_sub_row(s, n, j->lsein[(size_t)(base + i) * H + u.h]);
+        em__exp_sub_row(s, n, j->lsein[(size_t)(base + i) * H + u.h]);
         const size_t ri = (size_t)(base + i) * ld + col;
         const float *go = j->dO + ri, *q = j->Q + ri;
         const float D = em_vdot(go, j->Oin + ri, (size_t)dh);
@@ -276,7 +175,7 @@ static void fwd_unit(const job *j, unit u, int ith) {
     const size_t col = (size_t)u.h * dh;
     const float *Qt = j->Q + (size_t)(base + i0) * ld + col;
     float *Ot = j->O + (size_t)(base + i0) * ld + col;
-    float *S = j->scratch + (size_t)ith * tq * TK, m[TQMAX], l[TQMAX];
+    float *S = j->s.scratch + (size_t)ith * tq * TK, m[TQMAX], l[TQMAX];
     for (int r = 0; r < mq; r++) {
         m[r] = -INFINITY, l[r] = 0.f;
         for (int d = 0; d < dh; d++) Ot[(size_t)r * ld + d] = 0.f;
@@ -293,9 +192,9 @@ static void fwd_unit(const job *j, unit u, int ith) {
                 for (int cc = 0; cc < nk; cc++) s[cc] = 0.f;
                 continue;
             }
-            const float mx = row_max(s, nk, m[r]);
+            const float mx = em__row_max(s, nk, m[r]);
             const float alpha = expf(m[r] - mx); /* 0 while m = -inf */
-            const float sum = exp_sub_row(s, nk, mx);
+            const float sum = em__exp_sub_row(s, nk, mx);
             l[r] = l[r] * alpha + sum;
             m[r] = mx;
             if (alpha != 1.f) em_vscale(Ot + (size_t)r * ld, alpha, (size_t)dh);
@@ -313,9 +212,9 @@ static void fwd_task(void *p, int ith, int nth) {
     (void)nth;
     job *j = p;
     size_t k;
-    while ((k = atomic_fetch_add(&j->next, 1)) < j->n_units) {
-        if (j->narrow) narrow_fwd(j, j->units[k]);
-        else fwd_unit(j, j->units[k], ith);
+    while (em__attn_take(&j->s, &k)) {
+        if (j->narrow) narrow_fwd(j, j->s.units[k]);
+        else fwd_unit(j, j->s.units[k], ith);
     }
 }
 
@@ -326,34 +225,15 @@ static void job_init(job *j, const em_swa_cfg *cfg) {
     j->wr = c->causal ? 0 : cfg->window;
     j->tq = tile_rows(cfg->window);
     j->narrow = cfg->window <= NARROW_W;
-    j->scale = c->scale > 0.f ? c->scale : 1.f / sqrtf((float)c->dh);
+    j->scale = em__attn_scale(c);
 }
 
-/* Runs fn over the units (per query tile or per (sample, head)) with `tiles` tq x TK
- * scratch tiles per worker (none for narrow windows). */
+/* Runs fn over the units (per tq-row query tile or per (sample, head)) with `tiles`
+ * tq x TK scratch tiles per worker (none for narrow windows: the per-row path keeps
+ * its scores on the stack). */
 static em_status run(job *j, em_pool *pool, int per_tile, int tiles, em_task_fn fn) {
-    unit *units;
-    em_status st = make_units(&units, &j->n_units, j->c, per_tile ? j->tq : 0);
-    if (st) return st;
-    j->units = units;
-    if (j->n_units && j->narrow) { /* the per-row path needs no scratch */
-        atomic_init(&j->next, 0);
-        em_pool_run(pool, fn, j);
-    } else if (j->n_units) {
-        const size_t per = (size_t)tiles * j->tq * TK;
-        j->scratch = em_malloc((size_t)em_pool_nth(pool) * per * sizeof(float));
-        if (!j->scratch) {
-            em_free(units);
-            return em_errorf(EM_ERR_NOMEM, "swa: %d x %zu floats of tile scratch",
-                             em_pool_nth(pool), per);
-        }
-        em_blas_init();
-        atomic_init(&j->next, 0);
-        em_pool_run(pool, fn, j);
-        em_free(j->scratch);
-    }
-    em_free(units);
-    return EM_OK;
+    const size_t per = j->narrow ? 0 : (size_t)tiles * j->tq * TK;
+    return em__attn_run(&j->s, j->c, per_tile ? j->tq : 0, per, pool, fn, j, "swa");
 }
 
 em_status em_swa_forward(float *O, float *lse, const float *Q, const float *K, const float *V,
@@ -374,7 +254,7 @@ static void bwd_unit(const job *j, unit u, int ith) {
     const int L = (int)(c->offsets[u.b + 1] - base);
     const size_t col = (size_t)u.h * dh;
     const float scale = j->scale;
-    float *P = j->scratch + (size_t)ith * 2 * tq * TK, *dP = P + (size_t)tq * TK, D[TQMAX];
+    float *P = j->s.scratch + (size_t)ith * 2 * tq * TK, *dP = P + (size_t)tq * TK, D[TQMAX];
 #define ROW(ptr, i) ((ptr) + (size_t)(base + (i)) * ld + col)
     for (int i0 = 0; i0 < L; i0 += tq) {
         const int mq = L - i0 < tq ? L - i0 : tq;
@@ -389,7 +269,7 @@ static void bwd_unit(const job *j, unit u, int ith) {
             for (int r = 0; r < mq; r++) {
                 float *s = P + (size_t)r * TK;
                 mask_row(j, s, i0 + r, j0, nk); /* an empty row becomes all 0 below */
-                exp_sub_row(s, nk, j->lsein[(size_t)(base + i0 + r) * H + u.h]);
+                em__exp_sub_row(s, nk, j->lsein[(size_t)(base + i0 + r) * H + u.h]);
             }
             if (j->dV)
                 cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, nk, dh, mq, 1.f, P, TK,
@@ -397,15 +277,8 @@ static void bwd_unit(const job *j, unit u, int ith) {
             if (!j->dQ && !j->dK) continue;
             cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, mq, nk, dh, 1.f, ROW(j->dO, i0),
                         ld, ROW(j->V, j0), ld, 0.f, dP, TK);
-            for (int r = 0; r < mq; r++) {
-                const float *restrict p = P + (size_t)r * TK;
-                float *restrict g = dP + (size_t)r * TK;
-                const float Dr = D[r];
-                int cc = 0;
-                for (; cc + 8 <= nk; cc += 8)
-                    for (int k = 0; k < 8; k++) g[cc + k] = p[cc + k] * (g[cc + k] - Dr);
-                for (; cc < nk; cc++) g[cc] = p[cc] * (g[cc] - Dr);
-            }
+            for (int r = 0; r < mq; r++)
+                em__softmax_ds_row(P + (size_t)r * TK, dP + (size_t)r * TK, nk, D[r]);
             if (j->dQ)
                 cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, mq, dh, nk, scale, dP, TK,
                             ROW(j->K, j0), ld, 1.f, ROW(j->dQ, i0), ld);
@@ -421,9 +294,9 @@ static void bwd_task(void *p, int ith, int nth) {
     (void)nth;
     job *j = p;
     size_t k;
-    while ((k = atomic_fetch_add(&j->next, 1)) < j->n_units) {
-        if (j->narrow) narrow_bwd(j, j->units[k]);
-        else bwd_unit(j, j->units[k], ith);
+    while (em__attn_take(&j->s, &k)) {
+        if (j->narrow) narrow_bwd(j, j->s.units[k]);
+        else bwd_unit(j, j->s.units[k], ith);
     }
 }
 
