@@ -65,6 +65,10 @@ int64_t em_dlrm_step_count(const em_dlrm *m); /* optimizer steps taken */
 
 /* Forward only: logits(B). */
 em_status em_dlrm_forward(em_dlrm *m, const em_batch *b, float *logits, em_pool *pool);
+/* Forward only with the embeddings pooled by the caller: pooled(B, T, D) replaces the
+ * model's own lookup (b's indices and offsets are not read), e.g. from quantized tables
+ * (ember/quant.h). Otherwise the same as em_dlrm_forward. */
+em_status em_dlrm_forward_with(em_dlrm *m, const em_batch *b, const float *pooled, float *logits, em_pool *pool);
 /* One training step: forward, loss, backward, dense + fused sparse optimizer step.
  * *loss (nullable) receives the mean loss of the batch before the update. */
 em_status em_dlrm_train_step(em_dlrm *m, const em_batch *b, double *loss, em_pool *pool);

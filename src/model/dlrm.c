@@ -217,15 +217,18 @@ static const float *layer_in(const em_dlrm *m, int l) {
 }
 static float *layer_din(em_dlrm *m, int l) { return l == 0 ? NULL : l == m->n_botl ? m->dinter : m->dx[l - 1]; }
 
-static em_status forward(em_dlrm *m, const em_batch *b, em_pool *pool) {
+/* pooled: the (B, T, D) embeddings computed by the caller (inference with other
+ * tables), or NULL to pool the model's own tables into emb_out. */
+static em_status forward(em_dlrm *m, const em_batch *b, const float *pooled, em_pool *pool) {
     em_status st = check_batch(m, b);
     if (st || (st = ensure_cap(m, b->B))) return st;
     const int B = b->B;
     m->dense_in = b->dense;
-    if ((st = em_embbag_forward(m->emb, m->emb_out, b->indices, b->offsets, b->per_id_w, B, pool))) return st;
+    if (!pooled && (st = em_embbag_forward(m->emb, m->emb_out, b->indices, b->offsets, b->per_id_w, B, pool))) return st;
+    const float *emb = pooled ? pooled : m->emb_out;
     for (int l = 0; l < m->n_layers; l++) {
         const layer *L = &m->L[l];
-        if (l == m->n_botl) em_dot_interact_forward(m->inter, m->x[l - 1], m->emb_out, B, m->cfg.num_tables, m->cfg.dim, pool);
+        if (l == m->n_botl) em_dot_interact_forward(m->inter, m->x[l - 1], emb, B, m->cfg.num_tables, m->cfg.dim, pool);
         if (l != m->n_layers - 1) /* ReLU after every layer but the last */
             em_linear_relu_forward(m->x[l], layer_in(m, l), m->params + L->w, m->params + L->b, B, L->in, L->out, pool);
         else
@@ -288,14 +291,22 @@ static void backward(em_dlrm *m, const em_batch *b, em_pool *pool) {
 }
 
 em_status em_dlrm_forward(em_dlrm *m, const em_batch *b, float *logits, em_pool *pool) {
-    em_status st = forward(m, b, pool);
+    em_status st = forward(m, b, NULL, pool);
+    if (st) return st;
+    memcpy(logits, m->x[m->n_layers - 1], (size_t)b->B * sizeof(float));
+    return EM_OK;
+}
+
+em_status em_dlrm_forward_with(em_dlrm *m, const em_batch *b, const float *pooled, float *logits, em_pool *pool) {
+    if (!pooled) return em_errorf(EM_ERR_INVALID, "model: forward_with needs the pooled embeddings");
+    em_status st = forward(m, b, pooled, pool);
     if (st) return st;
     memcpy(logits, m->x[m->n_layers - 1], (size_t)b->B * sizeof(float));
     return EM_OK;
 }
 
 em_status em_dlrm_forward_backward(em_dlrm *m, const em_batch *b, double *loss, em_pool *pool) {
-    em_status st = forward(m, b, pool);
+    em_status st = forward(m, b, NULL, pool);
     if (st) return st;
     if (loss) *loss = em_bce_logits_forward(m->x[m->n_layers - 1], b->label, (size_t)b->B);
     backward(m, b, pool);
