@@ -95,6 +95,7 @@ typedef struct {
     uint64_t corrupt;     /* records skipped for a bad checksum before a file's last record */
     uint64_t torn;        /* files whose tail was torn (partial or bad last record) */
     uint64_t torn_bytes;  /* bytes ignored in torn tails */
+    uint64_t evicted;     /* entries removed by em_das_index_evict */
 } em_das_stats;
 
 /* Refuse (EM_ERR_CORRUPT) a file with a corrupted record anywhere but its last one,
@@ -110,6 +111,19 @@ em_status em_das_index_load(em_das_index *ix, const char *path, unsigned flags);
 /* create + load each path in order. */
 em_status em_das_index_open(em_das_index **out, const char *const *paths, int npaths,
                             unsigned flags);
+/* Follow a log that is still being written (streaming): read the records appended to
+ * `path` since byte *offset (0 = from the start; the header is checked then), up to the
+ * last whole record whose checksum holds, and advance *offset past them. A partial or
+ * not yet checksum-valid last record is not an error: it is left for the next call (the
+ * writer may be mid-append). Corrupted records before it count as in em_das_index_load.
+ * *added (may be NULL) receives the number of records read. */
+em_status em_das_index_follow(em_das_index *ix, const char *path, uint64_t *offset,
+                              unsigned flags, uint64_t *added);
+/* Remove every entry whose id is in [lo, hi) and shrink the table to fit; bounds memory
+ * when a student joins a stream in windows (evict ids of positions it has passed:
+ * [em_das_example_id(s, 0), em_das_example_id(s, pos))). O(table size). On failure
+ * (EM_ERR_NOMEM) the index is unchanged. *removed may be NULL. */
+em_status em_das_index_evict(em_das_index *ix, uint64_t lo, uint64_t hi, uint64_t *removed);
 /* Insert (or replace) one prediction in memory, e.g. from a teacher in this process. */
 em_status em_das_index_put(em_das_index *ix, const em_das_rec *rec);
 /* 1 and *rec filled if id is present, else 0. rec may be NULL. */

@@ -24,6 +24,10 @@
  *     join prefetches the slots of examples a few positions ahead so the misses of a
  *     batch overlap. Lookups are read-only, so the join splits a batch over the pool
  *     with no synchronization except the final sum of the integer counters.
+ *   - Streaming: em_das_index_follow re-reads a growing log from a byte offset and stops
+ *     before a partial or not-yet-valid last record (the writer may be mid-append), so a
+ *     student can join with a teacher that is still scoring; em_das_index_evict drops
+ *     the ids a windowed student has passed, bounding memory on an unbounded stream.
  */
 #include <dirent.h>
 #include <errno.h>
@@ -378,65 +382,136 @@ int em_das_lookup(const em_das_index *ix, uint64_t id, em_das_rec *rec) {
 
 void em_das_index_stats(const em_das_index *ix, em_das_stats *out) { *out = ix->st; }
 
-static em_status load_file(em_das_index *ix, const char *path, unsigned flags) {
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
-    if (fd < 0) return em_errorf(EM_ERR_IO, "%s: open: %s", path, strerror(errno));
-    unsigned char *buf = NULL;
-    em_status st = EM_OK;
-    struct stat sb;
-    if (fstat(fd, &sb) != 0) {
-        st = em_errorf(EM_ERR_IO, "%s: stat: %s", path, strerror(errno));
-        goto done;
-    }
-    unsigned char h[DAS_HDR];
-    if (sb.st_size < (off_t)DAS_HDR) { /* a writer died writing the header: no records */
-        size_t k = (size_t)sb.st_size;
-        if ((st = pread_all(fd, h, k, 0, path))) goto done;
-        if (memcmp(h, DAS_MAGIC, k < 8 ? k : 8) != 0) {
-            st = em_errorf(EM_ERR_CORRUPT, "%s: not an ember teacher-prediction log", path);
-            goto done;
-        }
-        ix->st.files++;
-        if (k) ix->st.torn++, ix->st.torn_bytes += k;
-        goto done;
-    }
-    if ((st = pread_all(fd, h, DAS_HDR, 0, path)) || (st = check_header(h, path))) goto done;
-    uint64_t body = (uint64_t)sb.st_size - DAS_HDR, nrec = body / DAS_REC, tail = body % DAS_REC;
-    if ((st = reserve(ix, ix->st.entries + nrec))) goto done;
-    buf = em_malloc((size_t)DAS_RBUF_RECS * DAS_REC);
-    if (!buf) {
-        st = EM_ERR_NOMEM;
-        goto done;
-    }
-    int torn = tail != 0;
-    uint64_t torn_bytes = tail;
-    for (uint64_t k0 = 0; k0 < nrec; k0 += DAS_RBUF_RECS) {
-        size_t cnt = (size_t)(nrec - k0 < DAS_RBUF_RECS ? nrec - k0 : DAS_RBUF_RECS);
-        if ((st = pread_all(fd, buf, cnt * DAS_REC, (off_t)(DAS_HDR + k0 * DAS_REC), path))) goto done;
+/* Read records [k0, k1) of an open log into the index. A bad checksum on record k1 - 1
+ * sets *last_bad (the caller decides: torn tail, or not yet written); on an earlier
+ * record it is counted as corrupt or, with EM_DAS_STRICT, refused. */
+static em_status scan_records(em_das_index *ix, int fd, const char *path, uint64_t k0, uint64_t k1,
+                              unsigned flags, int *last_bad) {
+    *last_bad = 0;
+    if (k1 <= k0) return EM_OK;
+    em_status st = reserve(ix, ix->st.entries + (k1 - k0));
+    if (st) return st;
+    unsigned char *buf = em_malloc((size_t)DAS_RBUF_RECS * DAS_REC);
+    if (!buf) return EM_ERR_NOMEM;
+    for (uint64_t c0 = k0; c0 < k1 && !st; c0 += DAS_RBUF_RECS) {
+        size_t cnt = (size_t)(k1 - c0 < DAS_RBUF_RECS ? k1 - c0 : DAS_RBUF_RECS);
+        if ((st = pread_all(fd, buf, cnt * DAS_REC, (off_t)(DAS_HDR + c0 * DAS_REC), path))) break;
         for (size_t i = 0; i < cnt; i++) {
             em_das_rec r;
             if (get_rec(buf + i * DAS_REC, &r)) {
                 put_slot(ix, &r);
                 ix->st.records++;
-            } else if (k0 + i == nrec - 1) {
-                torn = 1, torn_bytes += DAS_REC;
+            } else if (c0 + i == k1 - 1) {
+                *last_bad = 1;
             } else if (flags & EM_DAS_STRICT) {
                 st = em_errorf(EM_ERR_CORRUPT, "%s: record %llu (offset %llu): checksum mismatch", path,
-                               (unsigned long long)(k0 + i),
-                               (unsigned long long)(DAS_HDR + (k0 + i) * DAS_REC));
-                goto done;
+                               (unsigned long long)(c0 + i),
+                               (unsigned long long)(DAS_HDR + (c0 + i) * DAS_REC));
+                break;
             } else {
                 ix->st.corrupt++;
             }
         }
     }
-    ix->st.files++;
-    ix->st.torn += (uint64_t)torn;
-    ix->st.torn_bytes += torn_bytes;
-done:
     em_free(buf);
+    return st;
+}
+
+/* A file shorter than its header whose bytes start the magic: a writer died writing
+ * the header. EM_OK (no records) or EM_ERR_CORRUPT. */
+static em_status check_short(int fd, off_t size, const char *path) {
+    unsigned char h[DAS_HDR];
+    size_t k = (size_t)size;
+    em_status st = pread_all(fd, h, k, 0, path);
+    if (!st && memcmp(h, DAS_MAGIC, k < 8 ? k : 8) != 0)
+        st = em_errorf(EM_ERR_CORRUPT, "%s: not an ember teacher-prediction log", path);
+    return st;
+}
+
+static em_status load_file(em_das_index *ix, const char *path, unsigned flags) {
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return em_errorf(EM_ERR_IO, "%s: open: %s", path, strerror(errno));
+    em_status st = EM_OK;
+    struct stat sb;
+    unsigned char h[DAS_HDR];
+    if (fstat(fd, &sb) != 0) {
+        st = em_errorf(EM_ERR_IO, "%s: stat: %s", path, strerror(errno));
+    } else if (sb.st_size < (off_t)DAS_HDR) {
+        if (!(st = check_short(fd, sb.st_size, path))) {
+            ix->st.files++;
+            if (sb.st_size) ix->st.torn++, ix->st.torn_bytes += (uint64_t)sb.st_size;
+        }
+    } else if (!(st = pread_all(fd, h, DAS_HDR, 0, path)) && !(st = check_header(h, path))) {
+        uint64_t body = (uint64_t)sb.st_size - DAS_HDR, nrec = body / DAS_REC, tail = body % DAS_REC;
+        int last_bad;
+        if (!(st = scan_records(ix, fd, path, 0, nrec, flags, &last_bad))) {
+            ix->st.files++;
+            ix->st.torn += (uint64_t)(tail || last_bad);
+            ix->st.torn_bytes += tail + (last_bad ? DAS_REC : 0);
+        }
+    }
     close(fd);
     return st;
+}
+
+em_status em_das_index_follow(em_das_index *ix, const char *path, uint64_t *offset, unsigned flags,
+                              uint64_t *added) {
+    if (!ix || !path || !offset) return em_errorf(EM_ERR_INVALID, "em_das_index_follow: NULL argument");
+    if (flags & ~EM_DAS_STRICT) return em_errorf(EM_ERR_INVALID, "em_das_index_follow: unknown flags 0x%x", flags);
+    if (*offset && (*offset < DAS_HDR || (*offset - DAS_HDR) % DAS_REC))
+        return em_errorf(EM_ERR_INVALID, "%s: offset %llu is not a record boundary", path,
+                         (unsigned long long)*offset);
+    if (added) *added = 0;
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return em_errorf(EM_ERR_IO, "%s: open: %s", path, strerror(errno));
+    em_status st = EM_OK;
+    struct stat sb;
+    unsigned char h[DAS_HDR];
+    uint64_t before = ix->st.records;
+    if (fstat(fd, &sb) != 0) {
+        st = em_errorf(EM_ERR_IO, "%s: stat: %s", path, strerror(errno));
+    } else if ((uint64_t)sb.st_size < *offset) {
+        st = em_errorf(EM_ERR_CORRUPT, "%s: shrank below the followed offset %llu (replaced?)", path,
+                       (unsigned long long)*offset);
+    } else if (*offset == 0 && sb.st_size < (off_t)DAS_HDR) {
+        st = check_short(fd, sb.st_size, path); /* header not written yet */
+    } else if (*offset == 0 && ((st = pread_all(fd, h, DAS_HDR, 0, path)) || (st = check_header(h, path)))) {
+        /* st set */
+    } else {
+        if (*offset == 0) *offset = DAS_HDR, ix->st.files++;
+        uint64_t k0 = (*offset - DAS_HDR) / DAS_REC, k1 = ((uint64_t)sb.st_size - DAS_HDR) / DAS_REC;
+        int last_bad;
+        st = scan_records(ix, fd, path, k0, k1, flags, &last_bad);
+        if (!st) *offset = DAS_HDR + (k1 - (uint64_t)last_bad) * DAS_REC;
+    }
+    close(fd);
+    if (added) *added = ix->st.records - before;
+    return st;
+}
+
+em_status em_das_index_evict(em_das_index *ix, uint64_t lo, uint64_t hi, uint64_t *removed) {
+    if (!ix) return em_errorf(EM_ERR_INVALID, "em_das_index_evict: NULL index");
+    if (removed) *removed = 0;
+    uint64_t gone = 0;
+    for (size_t i = 0; i < ix->cap; i++)
+        gone += ix->slots[i].used && ix->slots[i].id >= lo && ix->slots[i].id < hi;
+    if (!gone) return EM_OK;
+    size_t keep = (size_t)(ix->st.entries - gone), cap = cap_for(keep), m = cap - 1;
+    das_slot *s = em_calloc(cap, sizeof *s);
+    if (!s) return em_errorf(EM_ERR_NOMEM, "teacher index: %zu slots", cap);
+    for (size_t i = 0; i < ix->cap; i++) {
+        const das_slot *o = &ix->slots[i];
+        if (!o->used || (o->id >= lo && o->id < hi)) continue;
+        size_t j = (size_t)em_mix64(o->id) & m;
+        while (s[j].used) j = (j + 1) & m;
+        s[j] = *o;
+    }
+    em_free(ix->slots);
+    ix->slots = s, ix->cap = cap;
+    ix->st.entries -= gone;
+    ix->st.evicted += gone;
+    if (removed) *removed = gone;
+    return EM_OK;
 }
 
 static int cmp_str(const void *a, const void *b) { return strcmp(*(char *const *)a, *(char *const *)b); }
