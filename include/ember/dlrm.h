@@ -82,7 +82,11 @@ em_status em_dlrm_forward_backward(em_dlrm *m, const em_batch *b, double *loss, 
 float *em_dlrm_param(em_dlrm *m, const char *name, int grad, size_t *numel);
 /* The interaction output of the last forward (B, top[0]). */
 const float *em_dlrm_interaction(const em_dlrm *m);
-em_embbag *em_dlrm_embbag(em_dlrm *m);
+em_embbag *em_dlrm_embbag(em_dlrm *m); /* NULL once released */
+/* Free the fp32 tables and their optimizer state for inference from other tables
+ * (ember/quant.h via em_dlrm_forward_with): afterwards em_dlrm_forward, training and
+ * em_dlrm_save fail with EM_ERR_INVALID and table parameters are NULL. */
+void em_dlrm_release_tables(em_dlrm *m);
 /* Bytes held by parameters, dense gradients and all optimizer state (no activations). */
 size_t em_dlrm_state_bytes(const em_dlrm *m);
 void em_dlrm_set_lr(em_dlrm *m, float dense_lr, float sparse_lr);

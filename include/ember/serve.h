@@ -12,7 +12,19 @@
  *   em_serve_free(s);                     // stops, frees the model and the pool
  *
  * Endpoints: POST /v1/predict (JSON), POST /v1/predict.bin (binary), GET /healthz,
- * GET /metrics (Prometheus text format).
+ * GET /metrics (Prometheus text format), POST /admin/reload (loopback clients only).
+ *
+ * Tables: cfg.tables = EM_QT_FP16 or EM_QT_INT8 serves from row-quantized copies of the
+ * embedding tables (ember/quant.h), pooled on the fly, and frees the fp32 tables.
+ *
+ * Hot reload: em_serve_reload (also POST /admin/reload, and SIGHUP in `ember serve`)
+ * loads and quantizes a checkpoint on the calling thread, never the batcher's, then
+ * hands it to the batcher, which swaps it in between two batches: a batch runs wholly
+ * on one model, requests already batched finish on the old one, later ones get the
+ * new one, and the old model is freed once the swap is done (no batch can use it). A
+ * checkpoint that fails to load leaves the old model serving.
+ * model_version is the step count for the model given at create, and
+ * "<step>-r<n>" after the n-th successful reload, so it changes on every reload.
  *
  * Threads: libmicrohttpd runs `threads` HTTP workers; each parses its request into a
  * preallocated request slot and queues it. One batcher thread owns the model and the
@@ -29,6 +41,7 @@
 
 #include "core.h"
 #include "dlrm.h"
+#include "quant.h"
 
 #ifdef __cplusplus
 extern "C" {
@@ -42,9 +55,13 @@ typedef struct {
     int max_wait_us;    /* longest wait for more requests once one is queued, >= 0 */
     size_t max_body;    /* request bodies larger than this get 413 */
     int max_conns;      /* open connections at most (request slots), >= threads */
+    em_qtype tables;    /* EM_QT_FP32 (the model's own tables), EM_QT_FP16 or EM_QT_INT8 */
+    const char *model_path; /* the model's checkpoint (copied): what a reload with no
+                             * path loads; NULL = a reload must name one */
 } em_serve_cfg;
 
-/* 127.0.0.1:8080, 4 threads, max batch 256, max wait 200 us, 1 MiB bodies, 64 connections. */
+/* 127.0.0.1:8080, 4 threads, max batch 256, max wait 200 us, 1 MiB bodies, 64 connections,
+ * fp32 tables, no model path. */
 em_serve_cfg em_serve_default(void);
 
 typedef struct em_server em_server;
@@ -57,6 +74,17 @@ em_status em_serve_create(em_server **out, em_dlrm *model, em_pool *pool, const 
 /* Start the batcher thread and the HTTP daemon. EM_ERR_IO if the address cannot be
  * bound (detail names it), EM_ERR_THREAD if a thread cannot start. */
 em_status em_serve_start(em_server *s);
+/* Load the checkpoint at path (NULL: cfg.model_path), quantize it as cfg.tables, warm
+ * it up, and make it the served model; returns once the batcher has swapped it in (at
+ * once if the server is not started) and the old model is freed. The checkpoint must
+ * have the served model's dense and sparse feature counts (table sizes, dim and MLPs
+ * may differ). On any failure the old model keeps serving and the status (with a
+ * detail) is returned. Reloads are serialised; safe to call from any thread but the
+ * batcher, while requests are being served. */
+em_status em_serve_reload(em_server *s, const char *path);
+/* The current model_version into buf (NUL-terminated, truncated to cap). */
+void em_serve_model_version(em_server *s, char *buf, size_t cap);
+
 /* The port actually listened on (the chosen one when cfg.port was 0); 0 if not started. */
 int em_serve_port(const em_server *s);
 /* Stop accepting, finish the requests in flight, stop the batcher. Idempotent. */
@@ -65,7 +93,7 @@ void em_serve_stop(em_server *s);
 void em_serve_free(em_server *s);
 
 enum { EM_SERVE_EP_PREDICT = 0, EM_SERVE_EP_PREDICT_BIN, EM_SERVE_EP_HEALTHZ, EM_SERVE_EP_METRICS,
-       EM_SERVE_EP_OTHER, EM_SERVE_EP__COUNT };
+       EM_SERVE_EP_OTHER, EM_SERVE_EP_RELOAD, EM_SERVE_EP__COUNT };
 
 typedef struct {
     uint64_t requests[EM_SERVE_EP__COUNT]; /* responses sent, by endpoint */
@@ -74,6 +102,8 @@ typedef struct {
     uint64_t batches;                      /* forward passes */
     uint64_t max_batch_seen;               /* largest forward pass so far */
     int64_t model_step;                    /* the model's optimizer step count */
+    uint64_t reloads, reload_failures;     /* em_serve_reload calls that swapped / failed */
+    size_t table_bytes;                    /* the served embedding tables (as quantized) */
 } em_serve_stats;
 
 /* A consistent-enough snapshot (each counter is read atomically). */

@@ -187,9 +187,14 @@ const em_dlrm_cfg *em_dlrm_config(const em_dlrm *m) { return &m->cfg; }
 int64_t em_dlrm_step_count(const em_dlrm *m) { return m->step; }
 em_embbag *em_dlrm_embbag(em_dlrm *m) { return m->emb; }
 
+void em_dlrm_release_tables(em_dlrm *m) {
+    em_embbag_free(m->emb);
+    m->emb = NULL;
+}
+
 size_t em_dlrm_state_bytes(const em_dlrm *m) {
     size_t n = m->n_params * (size_t)(2 + em_optim_state_per_param(m->cfg.dense_opt.kind));
-    for (int t = 0; t < m->cfg.num_tables; t++) {
+    for (int t = 0; m->emb && t < m->cfg.num_tables; t++) {
         size_t cnt = 0;
         em_embbag_state(m->emb, t, &cnt);
         n += (size_t)m->cfg.rows[t] * (size_t)m->cfg.dim + cnt;
@@ -201,7 +206,7 @@ const float *em_dlrm_interaction(const em_dlrm *m) { return m->inter; }
 void em_dlrm_set_lr(em_dlrm *m, float dense_lr, float sparse_lr) {
     m->cfg.dense_opt.lr = dense_lr;
     m->cfg.sparse_opt.lr = sparse_lr;
-    em_embbag_set_lr(m->emb, sparse_lr);
+    if (m->emb) em_embbag_set_lr(m->emb, sparse_lr);
 }
 
 static em_status check_batch(const em_dlrm *m, const em_batch *b) {
@@ -224,6 +229,7 @@ static em_status forward(em_dlrm *m, const em_batch *b, const float *pooled, em_
     if (st || (st = ensure_cap(m, b->B))) return st;
     const int B = b->B;
     m->dense_in = b->dense;
+    if (!pooled && !m->emb) return em_errorf(EM_ERR_INVALID, "model: the embedding tables were released (inference only)");
     if (!pooled && (st = em_embbag_forward(m->emb, m->emb_out, b->indices, b->offsets, b->per_id_w, B, pool))) return st;
     const float *emb = pooled ? pooled : m->emb_out;
     for (int l = 0; l < m->n_layers; l++) {
@@ -351,7 +357,7 @@ float *em_dlrm_param(em_dlrm *m, const char *name, int grad, size_t *numel) {
     int l = 0, bias = 0, t;
     if (!parse_param_name(m, name, &l, &bias, &t)) return NULL;
     if (t >= 0) {
-        if (grad) return NULL; /* never materialised */
+        if (grad || !m->emb) return NULL; /* never materialised, or released */
         if (numel) *numel = (size_t)m->cfg.rows[t] * (size_t)m->cfg.dim;
         return em_embbag_weights(m->emb, t);
     }

@@ -185,6 +185,7 @@ static void list_tensors(em_dlrm *m, tensor_list *tl) {
 
 em_status em_dlrm_save(const em_dlrm *mc, const char *path, const em_st_meta *extra, int n_extra) {
     em_dlrm *m = (em_dlrm *)mc; /* only read */
+    if (!m->emb) return em_errorf(EM_ERR_INVALID, "model: cannot save %s: the embedding tables were released", path);
     int cap = max_tensors(m);
     tensor_list tl = {em_calloc((size_t)cap, sizeof(em_st_tensor)), em_calloc((size_t)cap, 96), 0};
     em_st_meta *meta = em_calloc((size_t)n_extra + 3, sizeof *meta);

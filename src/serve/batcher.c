@@ -13,6 +13,16 @@
  *
  * An example's answer does not depend on which other examples share its batch beyond
  * float rounding inside sgemm (every row is computed independently).
+ *
+ * Models and hot reload: the batcher reads the served model (s->cur) without the
+ * lock because only it replaces that pointer while it runs. A reloader prepares a
+ * complete model (loaded, quantized, warmed up) on its own thread, posts it in
+ * s->pending and waits; the batcher swaps it in at the top of its loop, i.e. between
+ * two batches, hands the old one back in s->retired and wakes the reloader, which
+ * frees it: by then no batch can be using it. The batcher also swaps a pending model
+ * before it exits, so a reloader never waits on a batcher that has gone.
+ * With quantized tables the batcher pools from the em_qbag into the model's pooled
+ * buffer and runs em_dlrm_forward_with; otherwise em_dlrm_forward.
  */
 #include <errno.h>
 #include <math.h>
@@ -49,11 +59,77 @@ void em__batch_free(em_server *s) {
     s->logits = NULL, s->taken = NULL;
 }
 
+void em__model_free(em__model *mm) {
+    if (!mm) return;
+    em_qbag_free(mm->q);
+    em_free(mm->pooled);
+    em_dlrm_free(mm->m);
+    em_free(mm);
+}
+
+/* Forward of batch b on model mm into logits. */
+static em_status model_forward(em__model *mm, const em_batch *b, float *logits, em_pool *pool) {
+    if (!mm->q) return em_dlrm_forward(mm->m, b, logits, pool);
+    em_status st = em_qbag_forward(mm->q, mm->pooled, b->indices, b->offsets, b->per_id_w, b->B, pool);
+    return st ? st : em_dlrm_forward_with(mm->m, b, mm->pooled, logits, pool);
+}
+
+em_status em__model_make(em_server *s, em_dlrm *m, em_pool *pool, em__model **out) {
+    *out = NULL;
+    const em_dlrm_cfg *c = em_dlrm_config(m);
+    const size_t B = (size_t)s->cfg.max_batch, T = (size_t)c->num_tables, D = (size_t)c->dim;
+    if (c->num_dense != s->nd || c->num_tables != s->ns) {
+        em_status st = em_errorf(EM_ERR_INVALID, "serve: the checkpoint has %d dense / %d sparse features, the server %d / %d",
+                                 c->num_dense, c->num_tables, s->nd, s->ns);
+        em_dlrm_free(m);
+        return st;
+    }
+    em__model *mm = em_calloc(1, sizeof *mm);
+    if (!mm) {
+        em_dlrm_free(m);
+        return em_errorf(EM_ERR_NOMEM, "serve: out of memory");
+    }
+    mm->m = m;
+    mm->step = em_dlrm_step_count(m);
+    em_status st = EM_OK;
+    em_batch wb;
+    memset(&wb, 0, sizeof wb);
+    if (s->cfg.tables != EM_QT_FP32) {
+        if ((st = em_qbag_create(&mm->q, em_dlrm_embbag(m), s->cfg.tables, c->pooling, pool))) goto fail;
+        em_dlrm_release_tables(m);
+        if (!(mm->pooled = em_malloc(B * T * D * sizeof(float)))) goto nomem;
+        mm->table_bytes = em_qbag_bytes(mm->q);
+    } else {
+        for (size_t t = 0; t < T; t++) mm->table_bytes += (size_t)c->rows[t] * D * sizeof(float);
+    }
+    /* warm-up: a full batch of all-missing examples makes the model allocate its
+     * activations for max_batch now rather than on the first busy request */
+    wb.B = (int)B, wb.num_dense = s->nd, wb.num_sparse = s->ns;
+    wb.dense = em_calloc(B * (size_t)s->nd, sizeof(float));
+    wb.label = em_calloc(B, sizeof(float));
+    wb.offsets = em_calloc(B * T + 1, sizeof(int64_t));
+    float *logits = em_malloc(B * sizeof(float));
+    if (!wb.dense || !wb.label || !wb.offsets || !logits) {
+        em_free(wb.dense), em_free(wb.label), em_free(wb.offsets), em_free(logits);
+        goto nomem;
+    }
+    st = model_forward(mm, &wb, logits, pool);
+    em_free(wb.dense), em_free(wb.label), em_free(wb.offsets), em_free(logits);
+    if (st) goto fail;
+    *out = mm;
+    return EM_OK;
+nomem:
+    st = em_errorf(EM_ERR_NOMEM, "serve: no memory for the model's inference buffers");
+fail:
+    em__model_free(mm);
+    return st;
+}
+
 /* Lay examples [lo, lo + cnt) of each of the k requests (whole requests when k > 1)
  * out as one batch and run the forward pass; answers land in each request's prob. */
 static em_status run_batch(em_server *s, em__req **reqs, int k, int lo, int cnt) {
     const int ND = s->nd, T = s->ns;
-    const int64_t *rows = em_dlrm_config(s->model)->rows;
+    const int64_t *rows = em_dlrm_config(s->cur->m)->rows;
     int B = 0;
     for (int j = 0; j < k; j++) {
         int n = k == 1 ? cnt : reqs[j]->n, first = k == 1 ? lo : 0;
@@ -73,7 +149,7 @@ static em_status run_batch(em_server *s, em__req **reqs, int k, int lo, int cnt)
                 s->b.offsets[o++] = nnz;
             }
         }
-    em_status st = em_dlrm_forward(s->model, &s->b, s->logits, s->pool);
+    em_status st = model_forward(s->cur, &s->b, s->logits, s->pool);
     if (st) return st;
     em__hist_observe(&s->m.batch, (double)B);
     uint64_t mb = atomic_load(&s->m.max_batch);
@@ -101,8 +177,17 @@ void *em__batcher_main(void *arg) {
     const int cap = s->cfg.max_batch;
     pthread_mutex_lock(&s->mu);
     for (;;) {
-        while (!s->q_head && !s->stop) pthread_cond_wait(&s->queue_cv, &s->mu);
-        if (!s->q_head) break; /* stopping and nothing left */
+        while (!s->q_head && !s->stop && !s->pending) pthread_cond_wait(&s->queue_cv, &s->mu);
+        if (s->pending) { /* between two batches: swap in the reloaded model */
+            s->retired = s->cur;
+            s->cur = s->pending;
+            s->pending = NULL;
+            pthread_cond_broadcast(&s->reload_cv);
+        }
+        if (!s->q_head) {
+            if (s->stop) break; /* stopping and nothing left */
+            continue;
+        }
         int k = 0, total = 0;
         s->taken[k++] = pop(s);
         total = s->taken[0]->n;
@@ -143,11 +228,13 @@ void *em__batcher_main(void *arg) {
 
         pthread_mutex_lock(&s->mu);
         for (int j = 0; j < k; j++) {
+            memcpy(s->taken[j]->version, s->cur->version, sizeof s->cur->version);
             s->taken[j]->st = st;
             s->taken[j]->done = 1;
             pthread_cond_signal(&s->taken[j]->cv);
         }
     }
+    s->batcher_live = 0; /* pending was swapped above, under the same lock hold */
     pthread_mutex_unlock(&s->mu);
     return NULL;
 }

@@ -14,8 +14,10 @@
 
 #include "serve/serve_internal.h"
 
-static const char *const EP_NAME[EM_SERVE_EP__COUNT] = {"predict", "predict_bin", "healthz", "metrics", "other"};
-static const int ERR_CODE[6] = {400, 404, 405, 413, 500, 503};
+static const char *const EP_NAME[EM_SERVE_EP__COUNT] = {"predict", "predict_bin", "healthz", "metrics", "other",
+                                                             "reload"};
+#define N_ERR 7
+static const int ERR_CODE[N_ERR] = {400, 403, 404, 405, 413, 500, 503};
 
 void em__metrics_init(em__metrics *m, int max_batch) {
     static const double lat[] = {50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e-3, 25e-3, 50e-3, 100e-3, 250e-3, 1.0};
@@ -39,8 +41,8 @@ void em__hist_observe(em__hist *h, double v) {
 void em__metrics_response(em__metrics *m, int endpoint, int status, double seconds) {
     atomic_fetch_add_explicit(&m->requests[endpoint], 1, memory_order_relaxed);
     if (status >= 400) {
-        int k = 4; /* anything unexpected counts as 500 */
-        for (int i = 0; i < 6; i++)
+        int k = 5; /* anything unexpected counts as 500 */
+        for (int i = 0; i < N_ERR; i++)
             if (ERR_CODE[i] == status) k = i;
         atomic_fetch_add_explicit(&m->errors[k], 1, memory_order_relaxed);
     }
@@ -51,11 +53,14 @@ void em_serve_stats_get(const em_server *s, em_serve_stats *out) {
     em__metrics *m = (em__metrics *)&s->m;
     memset(out, 0, sizeof *out);
     for (int i = 0; i < EM_SERVE_EP__COUNT; i++) out->requests[i] = atomic_load(&m->requests[i]);
-    for (int i = 0; i < 6; i++) out->errors += atomic_load(&m->errors[i]);
+    for (int i = 0; i < N_ERR; i++) out->errors += atomic_load(&m->errors[i]);
     out->examples = atomic_load(&m->examples);
     for (int i = 0; i < m->batch.n; i++) out->batches += atomic_load(&m->batch.count[i]);
     out->max_batch_seen = atomic_load(&m->max_batch);
-    out->model_step = s->step;
+    out->model_step = atomic_load(&((em_server *)s)->step);
+    out->reloads = atomic_load(&m->reloads);
+    out->reload_failures = atomic_load(&m->reload_failures);
+    out->table_bytes = atomic_load(&((em_server *)s)->table_bytes);
 }
 
 typedef struct {
@@ -96,7 +101,7 @@ size_t em_serve_metrics_text(const em_server *s, char *buf, size_t cap) {
         put(&b, "ember_requests_total{endpoint=\"%s\"} %llu\n", EP_NAME[i], (unsigned long long)atomic_load(&m->requests[i]));
     put(&b, "# HELP ember_request_errors_total Responses with an error status, by status code.\n"
             "# TYPE ember_request_errors_total counter\n");
-    for (int i = 0; i < 6; i++)
+    for (int i = 0; i < N_ERR; i++)
         put(&b, "ember_request_errors_total{code=\"%d\"} %llu\n", ERR_CODE[i], (unsigned long long)atomic_load(&m->errors[i]));
     put(&b, "# HELP ember_examples_total Examples predicted.\n# TYPE ember_examples_total counter\n"
             "ember_examples_total %llu\n", (unsigned long long)atomic_load(&m->examples));
@@ -104,6 +109,14 @@ size_t em_serve_metrics_text(const em_server *s, char *buf, size_t cap) {
              &m->latency, 0);
     put_hist(&b, "ember_batch_size", "Examples per forward pass.", &m->batch, 1);
     put(&b, "# HELP ember_model_step Optimizer steps of the served checkpoint.\n# TYPE ember_model_step gauge\n"
-            "ember_model_step %lld\n", (long long)s->step);
+            "ember_model_step %lld\n", (long long)atomic_load(&((em_server *)s)->step));
+    put(&b, "# HELP ember_model_reloads_total Successful hot reloads.\n# TYPE ember_model_reloads_total counter\n"
+            "ember_model_reloads_total %llu\n", (unsigned long long)atomic_load(&m->reloads));
+    put(&b, "# HELP ember_model_reload_failures_total Reloads that failed (the old model kept serving).\n"
+            "# TYPE ember_model_reload_failures_total counter\n"
+            "ember_model_reload_failures_total %llu\n", (unsigned long long)atomic_load(&m->reload_failures));
+    put(&b, "# HELP ember_embedding_table_bytes Bytes of the served embedding tables (%s rows).\n"
+            "# TYPE ember_embedding_table_bytes gauge\nember_embedding_table_bytes %zu\n",
+        em_qtype_name(s->cfg.tables), atomic_load(&((em_server *)s)->table_bytes));
     return b.len;
 }

@@ -202,7 +202,7 @@ int em__format_json(em_server *s, em__req *r) {
     char *o = r->out;
     o += sprintf(o, "{\"probabilities\": [");
     for (int i = 0; i < r->n; i++) o += sprintf(o, i ? ", %.9g" : "%.9g", (double)r->prob[i]);
-    o += sprintf(o, "], \"model_version\": \"%s\"}\n", s->version);
+    o += sprintf(o, "], \"model_version\": \"%s\"}\n", r->version);
     r->out_len = (size_t)(o - r->out);
     return 0;
 }

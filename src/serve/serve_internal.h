@@ -36,6 +36,7 @@ typedef struct em__req {
 
     int done;             /* set by the batcher under s->mu */
     em_status st;         /* the forward pass's status */
+    char version[32];     /* model_version of the model that answered (set with done) */
     pthread_cond_t cv;    /* signalled when done */
 } em__req;
 
@@ -51,19 +52,39 @@ typedef struct {
 
 typedef struct {
     _Atomic uint64_t requests[EM_SERVE_EP__COUNT];
-    _Atomic uint64_t errors[6]; /* by code: 400, 404, 405, 413, 500, 503 */
+    _Atomic uint64_t errors[7]; /* by code: 400, 403, 404, 405, 413, 500, 503 */
+    _Atomic uint64_t reloads, reload_failures;
     _Atomic uint64_t examples, max_batch;
     em__hist latency;           /* seconds */
     em__hist batch;             /* examples per forward pass */
 } em__metrics;
 
+/* A served model: the dense part, and the quantized tables it pools from (NULL: its
+ * own fp32 tables). Created by a reload thread (or em_serve_create), used only by the
+ * batcher, freed by whoever swapped it out once the batcher has let go of it. */
+typedef struct {
+    em_dlrm *m;
+    em_qbag *q;
+    float *pooled;              /* (max_batch, T, D) when q */
+    int64_t step;
+    size_t table_bytes;
+    char version[32];
+} em__model;
+
 struct em_server {
     em_serve_cfg cfg;
-    em_dlrm *model;
+    char *model_path;           /* cfg.model_path, owned */
+    em__model *cur;             /* the served model; while the batcher is live only it writes this */
+    em__model *pending;         /* a reloaded model waiting for the batcher to swap it in */
+    em__model *retired;         /* what the batcher swapped out, for the reloader to free */
+    int batcher_live;           /* under mu: the batcher thread will still swap pending */
+    uint64_t generation;        /* successful reloads */
+    pthread_mutex_t reload_mu;  /* one reload at a time */
+    pthread_cond_t reload_cv;   /* the batcher took pending */
     em_pool *pool;
-    int nd, ns;                 /* the model's dense / sparse feature counts */
-    int64_t step;
-    char version[32];           /* model_version: the step count */
+    int nd, ns;                 /* dense / sparse feature counts (the same for every model) */
+    _Atomic int64_t step;       /* the served model's step count (metrics) */
+    _Atomic size_t table_bytes; /* the served model's table bytes (metrics) */
     struct MHD_Daemon *daemon;
     int port;
 
@@ -97,6 +118,12 @@ int em__format_bin(em__req *r);
 int em__req_reserve(em_server *s, em__req *r, int cap);
 
 /* batcher.c */
+/* Wrap a loaded model for serving: quantize its tables as cfg.tables (then release
+ * the fp32 ones), allocate its pooled buffer and run a warm-up forward of max_batch
+ * examples. Takes ownership of m (freed on failure). pool may be NULL (reloads run
+ * on their own thread and must not use the batcher's pool). */
+em_status em__model_make(em_server *s, em_dlrm *m, em_pool *pool, em__model **out);
+void em__model_free(em__model *mm);
 void *em__batcher_main(void *arg);
 /* Queue a parsed request and wait for the batcher's answer. */
 em_status em__submit(em_server *s, em__req *r);

@@ -13,8 +13,14 @@
  * without a copy. The number of slots equals the connection limit, and a connection
  * carries one request at a time, so a slot is always free (503 otherwise, as a guard).
  *
+ * POST /admin/reload takes a slot the same way (for its optional JSON body) and runs
+ * em_serve_reload on the HTTP worker's thread: loading never blocks the batcher, and
+ * the answer says whether the new model is in. Only loopback clients may call it:
+ * the server may listen on a public address, reloading is an operator's action.
+ *
  * Status codes: 200, 400 (bad request body, with {"error": "..."} naming what is
- * wrong), 404, 405 (with Allow), 413, 500 (the forward pass failed), 503.
+ * wrong), 403 (reload from a non-loopback client), 404, 405 (with Allow), 413, 500
+ * (the forward pass or a reload failed), 503.
  */
 #include <arpa/inet.h>
 #include <jansson.h>
@@ -29,7 +35,7 @@
 
 em_serve_cfg em_serve_default(void) {
     em_serve_cfg c = {.bind = NULL, .port = 8080, .threads = 4, .max_batch = 256, .max_wait_us = 200,
-                      .max_body = (size_t)1 << 20, .max_conns = 64};
+                      .max_body = (size_t)1 << 20, .max_conns = 64, .tables = EM_QT_FP32, .model_path = NULL};
     return c;
 }
 
@@ -114,8 +120,67 @@ static enum MHD_Result finish_predict(em_server *s, struct MHD_Connection *c, em
     if (ep == EM_SERVE_EP_PREDICT ? em__format_json(s, r) : em__format_bin(r))
         return send_error(s, c, ep, r->t0, 500, "out of memory", NULL);
     struct MHD_Response *resp = MHD_create_response_from_buffer(r->out_len, r->out, MHD_RESPMEM_PERSISTENT);
-    if (resp) MHD_add_response_header(resp, "X-Model-Version", s->version);
+    if (resp) MHD_add_response_header(resp, "X-Model-Version", r->version);
     return send_resp(s, c, ep, r->t0, 200, resp, ep == EM_SERVE_EP_PREDICT ? "application/json" : "application/octet-stream");
+}
+
+/* ------------------------------------------------------------ reload */
+
+static int is_loopback(struct MHD_Connection *c) {
+    const union MHD_ConnectionInfo *ci = MHD_get_connection_info(c, MHD_CONNECTION_INFO_CLIENT_ADDRESS);
+    if (!ci || !ci->client_addr) return 0;
+    if (ci->client_addr->sa_family == AF_INET) {
+        const struct sockaddr_in *a = (const struct sockaddr_in *)ci->client_addr;
+        return (ntohl(a->sin_addr.s_addr) >> 24) == 127;
+    }
+    return 0;
+}
+
+/* Body: empty, or {"model": "path"}. */
+static enum MHD_Result finish_reload(em_server *s, struct MHD_Connection *c, em__req *r) {
+    const int ep = EM_SERVE_EP_RELOAD;
+    char msg[700];
+    if (r->too_big) {
+        snprintf(msg, sizeof msg, "request body over the limit of %zu bytes", s->cfg.max_body);
+        return send_error(s, c, ep, r->t0, 413, msg, NULL);
+    }
+    json_t *root = NULL;
+    const char *path = NULL;
+    size_t i = 0;
+    while (i < r->body_len && (r->body[i] == ' ' || r->body[i] == '\n' || r->body[i] == '\r' || r->body[i] == '\t')) i++;
+    if (i < r->body_len) {
+        json_error_t je;
+        root = json_loadb(r->body, r->body_len, 0, &je);
+        json_t *mp = root ? json_object_get(root, "model") : NULL;
+        if (!root || !json_is_object(root) || (mp && !json_is_string(mp))) {
+            json_decref(root);
+            return send_error(s, c, ep, r->t0, 400, "reload body must be empty or {\"model\": \"path\"}", NULL);
+        }
+        if (mp) path = json_string_value(mp);
+    }
+    if (!path && !s->model_path) {
+        json_decref(root);
+        return send_error(s, c, ep, r->t0, 400, "no checkpoint: name one with {\"model\": \"path\"}", NULL);
+    }
+    em_status st = em_serve_reload(s, path);
+    char ver[32];
+    em_serve_model_version(s, ver, sizeof ver);
+    if (st) {
+        const char *d = em_last_error();
+        snprintf(msg, sizeof msg, "reload failed (still serving model_version %s): %.500s", ver,
+                 d && *d ? d : em_status_str(st));
+        json_decref(root);
+        return send_error(s, c, ep, r->t0, 500, msg, NULL);
+    }
+    json_t *o = json_pack("{s:s,s:s,s:I,s:s}", "model_version", ver, "model", path ? path : s->model_path, "step",
+                          (json_int_t)atomic_load(&s->step), "tables", em_qtype_name(s->cfg.tables));
+    json_decref(root);
+    char *txt = o ? json_dumps(o, JSON_COMPACT) : NULL;
+    json_decref(o);
+    if (!txt) return send_error(s, c, ep, r->t0, 500, "out of memory", NULL);
+    struct MHD_Response *resp = MHD_create_response_from_buffer(strlen(txt), txt, MHD_RESPMEM_MUST_COPY);
+    free(txt);
+    return send_resp(s, c, ep, r->t0, 200, resp, "application/json");
 }
 
 static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const char *url, const char *method,
@@ -142,7 +207,7 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const cha
             r->body_len += n;
             return MHD_YES;
         }
-        return finish_predict(s, c, r);
+        return r->endpoint == EM_SERVE_EP_RELOAD ? finish_reload(s, c, r) : finish_predict(s, c, r);
     }
 
     double t0 = em_now();
@@ -150,6 +215,7 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const cha
              : strcmp(url, "/v1/predict.bin") == 0 ? EM_SERVE_EP_PREDICT_BIN
              : strcmp(url, "/healthz") == 0        ? EM_SERVE_EP_HEALTHZ
              : strcmp(url, "/metrics") == 0        ? EM_SERVE_EP_METRICS
+             : strcmp(url, "/admin/reload") == 0   ? EM_SERVE_EP_RELOAD
                                                    : EM_SERVE_EP_OTHER;
     int is_get = strcmp(method, MHD_HTTP_METHOD_GET) == 0 || strcmp(method, MHD_HTTP_METHOD_HEAD) == 0;
     char msg[160];
@@ -168,6 +234,9 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const cha
         struct MHD_Response *resp = MHD_create_response_from_buffer(n, buf, MHD_RESPMEM_MUST_COPY);
         return send_resp(s, c, ep, t0, 200, resp, "text/plain; version=0.0.4; charset=utf-8");
     }
+    case EM_SERVE_EP_RELOAD:
+        if (!is_loopback(c)) return send_error(s, c, ep, t0, 403, "reload is allowed from loopback clients only", NULL);
+        break;
     default:
         break;
     }
@@ -226,13 +295,28 @@ em_status em_serve_create(em_server **out, em_dlrm *model, em_pool *pool, const 
         return st;
     }
     s->cfg = *cfg;
-    s->model = model, s->pool = pool;
+    s->cfg.model_path = NULL;
+    s->pool = pool;
     s->nd = em_dlrm_config(model)->num_dense, s->ns = em_dlrm_config(model)->num_tables;
-    s->step = em_dlrm_step_count(model);
-    snprintf(s->version, sizeof s->version, "%lld", (long long)s->step);
     pthread_mutex_init(&s->mu, NULL);
     pthread_cond_init(&s->queue_cv, NULL);
+    pthread_mutex_init(&s->reload_mu, NULL);
+    pthread_cond_init(&s->reload_cv, NULL);
     em__metrics_init(&s->m, cfg->max_batch);
+    if (cfg->model_path) {
+        size_t n = strlen(cfg->model_path) + 1;
+        if (!(s->model_path = em_malloc(n))) {
+            em_dlrm_free(model);
+            st = em_errorf(EM_ERR_NOMEM, "serve: out of memory");
+            goto fail;
+        }
+        memcpy(s->model_path, cfg->model_path, n);
+        s->cfg.model_path = s->model_path;
+    }
+    if ((st = em__model_make(s, model, pool, &s->cur))) goto fail; /* frees model on failure */
+    snprintf(s->cur->version, sizeof s->cur->version, "%lld", (long long)s->cur->step);
+    atomic_store(&s->step, s->cur->step);
+    atomic_store(&s->table_bytes, s->cur->table_bytes);
     if ((st = em__batch_alloc(s))) goto fail;
     if (!(s->slots = em_calloc((size_t)cfg->max_conns, sizeof(em__req)))) {
         st = em_errorf(EM_ERR_NOMEM, "serve: out of memory");
@@ -248,11 +332,6 @@ em_status em_serve_create(em_server **out, em_dlrm *model, em_pool *pool, const 
         r->next = s->free_list;
         s->free_list = r;
     }
-    /* warm-up: a full batch of all-missing examples makes the model allocate its
-     * activations for max_batch now rather than on the first busy request */
-    s->b.B = cfg->max_batch;
-    memset(s->b.offsets, 0, ((size_t)cfg->max_batch * (size_t)s->ns + 1) * sizeof(int64_t));
-    if ((st = em_dlrm_forward(s->model, &s->b, s->logits, s->pool))) goto fail;
     *out = s;
     return EM_OK;
 fail:
@@ -264,9 +343,13 @@ em_status em_serve_start(em_server *s) {
     if (s->daemon) return EM_OK;
     pthread_mutex_lock(&s->mu);
     s->stop = 0;
-    pthread_mutex_unlock(&s->mu);
-    if (pthread_create(&s->batcher, NULL, em__batcher_main, s) != 0)
+    s->batcher_live = 1;
+    if (pthread_create(&s->batcher, NULL, em__batcher_main, s) != 0) {
+        s->batcher_live = 0;
+        pthread_mutex_unlock(&s->mu);
         return em_errorf(EM_ERR_THREAD, "serve: cannot start the batcher thread");
+    }
+    pthread_mutex_unlock(&s->mu);
     s->batcher_running = 1;
     struct sockaddr_in sa;
     memset(&sa, 0, sizeof sa);
@@ -315,9 +398,59 @@ void em_serve_free(em_server *s) {
     em_serve_stop(s);
     free_slots(s);
     em__batch_free(s);
-    em_dlrm_free(s->model);
+    em__model_free(s->cur);
     em_pool_free(s->pool);
+    em_free(s->model_path);
     pthread_cond_destroy(&s->queue_cv);
     pthread_mutex_destroy(&s->mu);
+    pthread_cond_destroy(&s->reload_cv);
+    pthread_mutex_destroy(&s->reload_mu);
     em_free(s);
+}
+
+em_status em_serve_reload(em_server *s, const char *path) {
+    if (!path) path = s->model_path;
+    if (!path) {
+        atomic_fetch_add(&s->m.reload_failures, 1);
+        return em_errorf(EM_ERR_INVALID, "serve: reload: no checkpoint path (none given, none at create)");
+    }
+    pthread_mutex_lock(&s->reload_mu);
+    /* load and quantize without the batcher's pool: serving keeps its cores */
+    em_dlrm *m = NULL;
+    em__model *mm = NULL;
+    em_status st = em_dlrm_load(&m, path, NULL, NULL);
+    if (!st) st = em__model_make(s, m, NULL, &mm);
+    if (st) {
+        atomic_fetch_add(&s->m.reload_failures, 1);
+        pthread_mutex_unlock(&s->reload_mu);
+        return st;
+    }
+    pthread_mutex_lock(&s->mu);
+    uint64_t gen = ++s->generation;
+    snprintf(mm->version, sizeof mm->version, "%lld-r%llu", (long long)mm->step, (unsigned long long)gen);
+    em__model *old;
+    if (s->batcher_live) {
+        s->pending = mm;
+        pthread_cond_broadcast(&s->queue_cv);
+        while (s->pending == mm) pthread_cond_wait(&s->reload_cv, &s->mu);
+        old = s->retired;
+        s->retired = NULL;
+    } else { /* nobody runs batches: swap directly */
+        old = s->cur;
+        s->cur = mm;
+    }
+    atomic_store(&s->step, mm->step);
+    atomic_store(&s->table_bytes, mm->table_bytes);
+    pthread_mutex_unlock(&s->mu);
+    em__model_free(old);
+    atomic_fetch_add(&s->m.reloads, 1);
+    pthread_mutex_unlock(&s->reload_mu);
+    return EM_OK;
+}
+
+void em_serve_model_version(em_server *s, char *buf, size_t cap) {
+    if (!cap) return;
+    pthread_mutex_lock(&s->mu);
+    snprintf(buf, cap, "%s", s->cur ? s->cur->version : "");
+    pthread_mutex_unlock(&s->mu);
 }
