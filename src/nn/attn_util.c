@@ -60,8 +60,21 @@ em_status em__attn_units(em__attn_unit **out, size_t *n, const em_jattn_cfg *c, 
     return EM_OK;
 }
 
+typedef struct {
+    em__attn_sched *s;
+    em__attn_unit_fn fn;
+    const void *job;
+} runner;
+
+static void run_task(void *p, int ith, int nth) {
+    (void)nth;
+    const runner *r = p;
+    size_t k;
+    while (em__attn_take(r->s, &k)) r->fn(r->job, r->s->units[k], ith);
+}
+
 em_status em__attn_run(em__attn_sched *s, const em_jattn_cfg *c, int tq, size_t scratch_floats,
-                       em_pool *pool, em_task_fn fn, void *job, const char *who) {
+                       em_pool *pool, em__attn_unit_fn fn, const void *job, const char *who) {
     em__attn_unit *units;
     em_status st = em__attn_units(&units, &s->n_units, c, tq, who);
     if (st) return st;
@@ -77,7 +90,8 @@ em_status em__attn_run(em__attn_sched *s, const em_jattn_cfg *c, int tq, size_t 
             }
         }
         em_blas_init();
-        em__attn_go(s, pool, fn, job);
+        runner r = {s, fn, job};
+        em__attn_go(s, pool, run_task, &r);
         em_free(s->scratch);
     }
     em_free(units);

@@ -26,6 +26,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "core/blas.h"
 #include "ember/core.h"
 #include "ember/jattn.h"
 
@@ -114,6 +115,21 @@ static inline void em__softmax_ds_row(const float *restrict p, float *restrict g
     for (; c < n; c++) g[c] = p[c] * (g[c] - D);
 }
 
+/* The last step of every kernel's tile backward, from the score gradient dS (mq x nk,
+ * row stride lds) of query rows Q_t and key rows K_j (row stride ld, dh wide):
+ *   dQ_t += s dS K_j;  dK_j += s dS^T Q_t
+ * accumulated by sgemm with beta = 1; a NULL dQ_t or dK_j is skipped (not wanted). */
+static inline void em__attn_dqdk(const float *dS, int lds, int mq, int nk, int dh, float s,
+                                 const float *Q_t, const float *K_j, int ld, float *dQ_t,
+                                 float *dK_j) {
+    if (dQ_t)
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, mq, dh, nk, s, dS, lds, K_j, ld,
+                    1.f, dQ_t, ld);
+    if (dK_j)
+        cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, nk, dh, mq, s, dS, lds, Q_t, ld, 1.f,
+                    dK_j, ld);
+}
+
 /* The score scale s: cfg's when > 0, else 1/sqrt(dh). */
 static inline float em__attn_scale(const em_jattn_cfg *c) {
     return c->scale > 0.f ? c->scale : 1.f / sqrtf((float)c->dh);
@@ -154,11 +170,17 @@ static inline void em__attn_go(em__attn_sched *s, em_pool *pool, em_task_fn fn, 
 em_status em__attn_units(em__attn_unit **out, size_t *n, const em_jattn_cfg *c, int tq,
                          const char *who);
 
+/* Runs unit u of a kernel: job is the kernel's job, ith the calling worker (for its
+ * scratch). Must touch only the outputs owned by u. */
+typedef void (*em__attn_unit_fn)(const void *job, em__attn_unit u, int ith);
+
 /* Lists units as em__attn_units(c, tq), allocates scratch_floats per pool worker into
- * s->scratch (nothing when 0), calls em_blas_init() and runs fn(job, ith, nth) over the
- * pool (s must be inside job); frees the list and scratch. With no units fn never runs.
- * EM_ERR_NOMEM (detail prefixed by `who`) when an allocation fails; nothing leaks. */
+ * s->scratch (nothing when 0), calls em_blas_init() and has the pool's workers pull
+ * units from the atomic counter of s and run fn(job, unit, ith) on each (s lives inside
+ * job, so units find the scratch there); frees the list and scratch. With no units fn
+ * never runs. EM_ERR_NOMEM (detail prefixed by `who`) when an allocation fails; nothing
+ * leaks. Which worker runs a unit depends on timing, what it computes does not. */
 em_status em__attn_run(em__attn_sched *s, const em_jattn_cfg *c, int tq, size_t scratch_floats,
-                       em_pool *pool, em_task_fn fn, void *job, const char *who);
+                       em_pool *pool, em__attn_unit_fn fn, const void *job, const char *who);
 
 #endif

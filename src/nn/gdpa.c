@@ -147,7 +147,8 @@ typedef struct {
 
 /* ------------------------------------------------------------- forward */
 
-static void fwd_unit(const job *j, unit u, int ith) {
+static void fwd_unit(const void *p, unit u, int ith) {
+    const job *j = p;
     const em_jattn_cfg *c = j->c;
     const int dh = c->dh, ld = c->H * dh;
     const int64_t base = c->offsets[u.b];
@@ -174,13 +175,6 @@ static void fwd_unit(const job *j, unit u, int ith) {
     }
 }
 
-static void fwd_task(void *p, int ith, int nth) {
-    (void)nth;
-    job *j = p;
-    size_t k;
-    while (em__attn_take(&j->s, &k)) fwd_unit(j, j->s.units[k], ith);
-}
-
 /* Fill the scales of j from cfg. */
 static void job_scales(job *j, const em_gdpa_cfg *cfg) {
     const em_jattn_cfg *c = &cfg->attn;
@@ -201,12 +195,13 @@ em_status em_gdpa_forward(float *O, const float *Q, const float *K, const float 
     if (st) return st;
     job j = {.O = O, .Q = Q, .K = K, .V = V};
     job_scales(&j, cfg);
-    return em__attn_run(&j.s, j.c, TQ, (size_t)TQ * TK, pool, fwd_task, &j, "gdpa");
+    return em__attn_run(&j.s, j.c, TQ, (size_t)TQ * TK, pool, fwd_unit, &j, "gdpa");
 }
 
 /* ------------------------------------------------------------ backward */
 
-static void bwd_unit(const job *j, unit u, int ith) {
+static void bwd_unit(const void *p, unit u, int ith) {
+    const job *j = p;
     const em_jattn_cfg *c = j->c;
     const int dh = c->dh, ld = c->H * dh;
     const int64_t base = c->offsets[u.b];
@@ -241,22 +236,11 @@ static void bwd_unit(const job *j, unit u, int ith) {
                     for (int k = 0; k < 8; k++) g[cc + k] *= d[cc + k];
                 for (; cc < nk; cc++) g[cc] *= d[cc];
             }
-            if (j->dQ)
-                cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, mq, dh, nk, j->scale, dA, TK,
-                            ROW(j->K, j0), ld, 1.f, ROW(j->dQ, i0), ld);
-            if (j->dK)
-                cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, nk, dh, mq, j->scale, dA, TK,
-                            ROW(j->Q, i0), ld, 1.f, ROW(j->dK, j0), ld);
+            em__attn_dqdk(dA, TK, mq, nk, dh, j->scale, ROW(j->Q, i0), ROW(j->K, j0), ld,
+                          j->dQ ? ROW(j->dQ, i0) : NULL, j->dK ? ROW(j->dK, j0) : NULL);
         }
     }
 #undef ROW
-}
-
-static void bwd_task(void *p, int ith, int nth) {
-    (void)nth;
-    job *j = p;
-    size_t k;
-    while (em__attn_take(&j->s, &k)) bwd_unit(j, j->s.units[k], ith);
 }
 
 em_status em_gdpa_backward(float *dQ, float *dK, float *dV, const float *dO, const float *Q,
@@ -266,5 +250,5 @@ em_status em_gdpa_backward(float *dQ, float *dK, float *dV, const float *dO, con
     if (!dQ && !dK && !dV) return EM_OK;
     job j = {.dQ = dQ, .dK = dK, .dV = dV, .dO = dO, .Q = Q, .K = K, .V = V};
     job_scales(&j, cfg);
-    return em__attn_run(&j.s, j.c, 0, (size_t)3 * TQ * TK, pool, bwd_task, &j, "gdpa");
+    return em__attn_run(&j.s, j.c, 0, (size_t)3 * TQ * TK, pool, bwd_unit, &j, "gdpa");
 }

@@ -90,7 +90,8 @@ typedef struct {
 
 /* -------------------------------------------------------- self: forward */
 
-static void fwd_unit(const job *j, unit u, int ith) {
+static void fwd_unit(const void *p, unit u, int ith) {
+    const job *j = p;
     const em_jattn_cfg *c = j->c;
     const int dh = c->dh, ld = c->H * dh;
     const int64_t base = c->offsets[u.b];
@@ -132,23 +133,18 @@ static void fwd_unit(const job *j, unit u, int ith) {
     }
 }
 
-static void fwd_task(void *p, int ith, int nth) {
-    job *j = p;
-    size_t k;
-    while (em__attn_take(&j->s, &k)) fwd_unit(j, j->s.units[k], ith);
-}
-
 em_status em_jattn_forward(float *O, float *lse, const float *Q, const float *K, const float *V,
                            const em_jattn_cfg *cfg, em_pool *pool) {
     em_status st = em_jattn_check(cfg);
     if (st) return st;
     job j = {.c = cfg, .scale = em__attn_scale(cfg), .O = O, .lse = lse, .Q = Q, .K = K, .V = V};
-    return em__attn_run(&j.s, cfg, TQ, (size_t)TQ * TK, pool, fwd_task, &j, "jattn");
+    return em__attn_run(&j.s, cfg, TQ, (size_t)TQ * TK, pool, fwd_unit, &j, "jattn");
 }
 
 /* ------------------------------------------------------- self: backward */
 
-static void bwd_unit(const job *j, unit u, int ith) {
+static void bwd_unit(const void *p, unit u, int ith) {
+    const job *j = p;
     const em_jattn_cfg *c = j->c;
     const int dh = c->dh, H = c->H, ld = H * dh;
     const int64_t base = c->offsets[u.b];
@@ -179,19 +175,11 @@ static void bwd_unit(const job *j, unit u, int ith) {
                         ld, ROW(j->V, j0), ld, 0.f, dP, TK);
             for (int r = 0; r < mq; r++)
                 em__softmax_ds_row(P + (size_t)r * TK, dP + (size_t)r * TK, nk, D[r]);
-            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, mq, dh, nk, scale, dP, TK,
-                        ROW(j->K, j0), ld, 1.f, ROW(j->dQ, i0), ld);
-            cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, nk, dh, mq, scale, dP, TK,
-                        ROW(j->Q, i0), ld, 1.f, ROW(j->dK, j0), ld);
+            em__attn_dqdk(dP, TK, mq, nk, dh, scale, ROW(j->Q, i0), ROW(j->K, j0), ld,
+                          ROW(j->dQ, i0), ROW(j->dK, j0));
         }
     }
 #undef ROW
-}
-
-static void bwd_task(void *p, int ith, int nth) {
-    job *j = p;
-    size_t k;
-    while (em__attn_take(&j->s, &k)) bwd_unit(j, j->s.units[k], ith);
 }
 
 em_status em_jattn_backward(float *dQ, float *dK, float *dV, const float *dO, const float *Q,
@@ -201,7 +189,7 @@ em_status em_jattn_backward(float *dQ, float *dK, float *dV, const float *dO, co
     if (st) return st;
     job j = {.c = cfg, .scale = em__attn_scale(cfg), .dQ = dQ, .dK = dK, .dV = dV, .dO = dO,
              .Q = Q, .K = K, .V = V, .Oin = O, .lsein = lse};
-    return em__attn_run(&j.s, cfg, 0, (size_t)2 * TQ * TK, pool, bwd_task, &j, "jattn");
+    return em__attn_run(&j.s, cfg, 0, (size_t)2 * TQ * TK, pool, bwd_unit, &j, "jattn");
 }
 
 /* --------------------------------------------------------------- target */

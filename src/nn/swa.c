@@ -116,7 +116,9 @@ static void narrow_window(const job *j, int i, int L, int *lo, int *n) {
     *n = (int)((b > L ? L : b) - *lo);
 }
 
-static void narrow_fwd(const job *j, unit u) {
+static void narrow_fwd(const void *p, unit u, int ith) {
+    (void)ith;
+    const job *j = p;
     const em_jattn_cfg *c = j->c;
     const int dh = c->dh, ld = c->H * dh, tq = j->tq;
     const int64_t base = c->offsets[u.b];
@@ -138,7 +140,9 @@ static void narrow_fwd(const job *j, unit u) {
     }
 }
 
-static void narrow_bwd(const job *j, unit u) {
+static void narrow_bwd(const void *p, unit u, int ith) {
+    (void)ith;
+    const job *j = p;
     const em_jattn_cfg *c = j->c;
     const int dh = c->dh, H = c->H, ld = H * dh;
     const int64_t base = c->offsets[u.b];
@@ -166,7 +170,8 @@ static void narrow_bwd(const job *j, unit u) {
 
 /* ------------------------------------------------------------- forward */
 
-static void fwd_unit(const job *j, unit u, int ith) {
+static void fwd_unit(const void *p, unit u, int ith) {
+    const job *j = p;
     const em_jattn_cfg *c = j->c;
     const int dh = c->dh, ld = c->H * dh, tq = j->tq;
     const int64_t base = c->offsets[u.b];
@@ -208,16 +213,6 @@ static void fwd_unit(const job *j, unit u, int ith) {
     }
 }
 
-static void fwd_task(void *p, int ith, int nth) {
-    (void)nth;
-    job *j = p;
-    size_t k;
-    while (em__attn_take(&j->s, &k)) {
-        if (j->narrow) narrow_fwd(j, j->s.units[k]);
-        else fwd_unit(j, j->s.units[k], ith);
-    }
-}
-
 static void job_init(job *j, const em_swa_cfg *cfg) {
     const em_jattn_cfg *c = &cfg->attn;
     j->c = c;
@@ -231,7 +226,7 @@ static void job_init(job *j, const em_swa_cfg *cfg) {
 /* Runs fn over the units (per tq-row query tile or per (sample, head)) with `tiles`
  * tq x TK scratch tiles per worker (none for narrow windows: the per-row path keeps
  * its scores on the stack). */
-static em_status run(job *j, em_pool *pool, int per_tile, int tiles, em_task_fn fn) {
+static em_status run(job *j, em_pool *pool, int per_tile, int tiles, em__attn_unit_fn fn) {
     const size_t per = j->narrow ? 0 : (size_t)tiles * j->tq * TK;
     return em__attn_run(&j->s, j->c, per_tile ? j->tq : 0, per, pool, fn, j, "swa");
 }
@@ -242,12 +237,13 @@ em_status em_swa_forward(float *O, float *lse, const float *Q, const float *K, c
     if (st) return st;
     job j = {.O = O, .lse = lse, .Q = Q, .K = K, .V = V};
     job_init(&j, cfg);
-    return run(&j, pool, 1, 1, fwd_task);
+    return run(&j, pool, 1, 1, j.narrow ? narrow_fwd : fwd_unit);
 }
 
 /* ------------------------------------------------------------ backward */
 
-static void bwd_unit(const job *j, unit u, int ith) {
+static void bwd_unit(const void *p, unit u, int ith) {
+    const job *j = p;
     const em_jattn_cfg *c = j->c;
     const int dh = c->dh, H = c->H, ld = H * dh, tq = j->tq;
     const int64_t base = c->offsets[u.b];
@@ -279,25 +275,11 @@ static void bwd_unit(const job *j, unit u, int ith) {
                         ld, ROW(j->V, j0), ld, 0.f, dP, TK);
             for (int r = 0; r < mq; r++)
                 em__softmax_ds_row(P + (size_t)r * TK, dP + (size_t)r * TK, nk, D[r]);
-            if (j->dQ)
-                cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, mq, dh, nk, scale, dP, TK,
-                            ROW(j->K, j0), ld, 1.f, ROW(j->dQ, i0), ld);
-            if (j->dK)
-                cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, nk, dh, mq, scale, dP, TK,
-                            ROW(j->Q, i0), ld, 1.f, ROW(j->dK, j0), ld);
+            em__attn_dqdk(dP, TK, mq, nk, dh, scale, ROW(j->Q, i0), ROW(j->K, j0), ld,
+                          j->dQ ? ROW(j->dQ, i0) : NULL, j->dK ? ROW(j->dK, j0) : NULL);
         }
     }
 #undef ROW
-}
-
-static void bwd_task(void *p, int ith, int nth) {
-    (void)nth;
-    job *j = p;
-    size_t k;
-    while (em__attn_take(&j->s, &k)) {
-        if (j->narrow) narrow_bwd(j, j->s.units[k]);
-        else bwd_unit(j, j->s.units[k], ith);
-    }
 }
 
 em_status em_swa_backward(float *dQ, float *dK, float *dV, const float *dO, const float *Q,
@@ -309,5 +291,5 @@ em_status em_swa_backward(float *dQ, float *dK, float *dV, const float *dO, cons
     job j = {.dQ = dQ, .dK = dK, .dV = dV, .dO = dO, .Q = Q, .K = K, .V = V, .Oin = O,
              .lsein = lse};
     job_init(&j, cfg);
-    return run(&j, pool, 0, 2, bwd_task);
+    return run(&j, pool, 0, 2, j.narrow ? narrow_bwd : bwd_unit);
 }
