@@ -344,7 +344,12 @@ static void test_rss_drop(void) {
     long r1 = rss_bytes();
     CHECK(s1.live_chunks == 400000);
     CHECK(s1.pool_bytes * 8 < s0.pool_bytes);
-    CHECK(r0 > 0 && r1 > 0 && r0 - r1 > 200l * 1024 * 1024);
+#ifdef __SANITIZE_ADDRESS__
+    const long want = 50l << 20; /* ASan keeps freed scratch in quarantine */
+#else
+    const long want = 200l << 20; /* 220 MiB of pages are unmapped */
+#endif
+    CHECK(r0 > 0 && r1 > 0 && r0 - r1 > want);
     fprintf(stderr, "  1M x 64, k=4, sgd, pruned to 10%%: held %.1f -> %.1f MiB (pool %.1f -> %.1f), RSS %.1f -> %.1f MiB;"
                     " create %.2f s, prune+compact %.2f s\n",
             s0.held_bytes / 1048576.0, s1.held_bytes / 1048576.0, s0.pool_bytes / 1048576.0,
