@@ -113,14 +113,16 @@ em_status em_fiited_backward_update(em_fiited *f, const float *dout, const int64
  * and/or a fraction max_frac of the full size (<= 0 = none; > 1 is treated as 1).
  * Then compacts. EM_ERR_NOMEM if scratch, hash or pages cannot be had: the object is
  * unchanged. */
-em_status em_fiited_prune(em_fiited *f, size_t max_bytes, double max_frac, em_pool *pool);
+em_status em_fiited_prune(em_fiited *f, size_t max_bytes, double max_frac, em_pool *pool); /* pool: unused */
 
 /* Set the live count of one row directly (frees chunks c-1 .. n, highest first, or
  * allocates chunks c .. n-1, ascending, initialised as above). No compaction. For
  * tests and external policies. */
 em_status em_fiited_set_live(em_fiited *f, int t, int64_t row, int n);
 /* Move live slots down into holes and release the emptied tail pages; shrink the hash
- * when it is more than 4x too large. Never fails (a failed shrink keeps the old hash). */
+ * to load 1/4 when it holds more than 8 buckets per entry, and the slot arrays to the
+ * pages kept. Afterwards the live slots are exactly [0, live chunks) and the free
+ * stack is empty. Never fails (a failed shrink keeps the old, larger block). */
 void em_fiited_compact(em_fiited *f);
 
 /* Inspection: live count of a row; the slot of (row, chunk) or -1 if pruned; a pointer
