@@ -27,6 +27,7 @@
 #include <stdint.h>
 
 #include "core/blas.h"
+#include "core/simd.h"
 #include "ember/core.h"
 #include "ember/jattn.h"
 
@@ -104,6 +105,21 @@ static inline float em__row_max(const float *row, int n, float init) {
     for (int k = 0; c + k < n; k++) mx[k] = row[c + k] > mx[k] ? row[c + k] : mx[k];
     for (int k = 1; k < 8; k++) mx[0] = mx[k] > mx[0] ? mx[k] : mx[0];
     return mx[0];
+}
+
+/* One online-softmax step (FlashAttention) for a query row: s[0..n) are this key
+ * chunk's scores (masked ones -inf, at least one finite), *m and *l the row's running
+ * max and sum, o[0..dh) its output accumulator. Afterwards s holds exp(s - m'), and
+ *   m' = max(m, max s),  alpha = exp(m - m'),  l = alpha l + sum s,  o *= alpha
+ * (alpha is 0 on the first chunk, where m = -inf; o is skipped when alpha is 1). */
+static inline void em__softmax_online_row(float *s, int n, float *m, float *l, float *o,
+                                          int dh) {
+    const float mx = em__row_max(s, n, *m);
+    const float alpha = expf(*m - mx);
+    const float sum = em__exp_sub_row(s, n, mx);
+    *l = *l * alpha + sum;
+    *m = mx;
+    if (alpha != 1.f) em_vscale(o, alpha, (size_t)dh);
 }
 
 /* Softmax backward on one row: g[c] = p[c] * (g[c] - D), c < n (dS = P * (dP - D)).

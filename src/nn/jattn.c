@@ -117,12 +117,7 @@ static void fwd_unit(const void *p, unit u, int ith) {
             float *s = S + (size_t)r * TK;
             if (diag)
                 for (int cc = i0 + r - j0 + 1; cc < nk; cc++) s[cc] = -INFINITY;
-            const float mx = em__row_max(s, nk, m[r]);
-            const float alpha = expf(m[r] - mx); /* 0 on the first tile (m = -inf) */
-            const float sum = em__exp_sub_row(s, nk, mx);
-            l[r] = l[r] * alpha + sum;
-            m[r] = mx;
-            if (alpha != 1.f) em_vscale(Ot + (size_t)r * ld, alpha, (size_t)dh);
+            em__softmax_online_row(s, nk, &m[r], &l[r], Ot + (size_t)r * ld, dh);
         }
         cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, mq, dh, nk, 1.f, S, TK, Vj, ld, 1.f,
                     Ot, ld);
