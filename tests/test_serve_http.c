@@ -8,12 +8,19 @@
  * on the same examples; concurrent clients (dynamic batching) get the same answers;
  * the binary endpoint; /healthz; /metrics counts; every error path answers the right
  * status with a message and the server keeps serving.
+ * Quantized tables (fp16, int8): answers equal em_qbag_forward + em_dlrm_forward_with
+ * on the same examples, stay close to fp32, allocate nothing per request, and the
+ * table bytes are reported. Hot reload under load: a client thread sends requests
+ * without pause while 5 reloads alternate two checkpoints (plus failed ones: a
+ * corrupt file, a missing one, other feature counts): no request fails, every answer
+ * is one model's prediction and carries that model's version, every version is seen.
  */
 #include <arpa/inet.h>
 #include <errno.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <pthread.h>
+#include <stdatomic.h>
 #include <sys/socket.h>
 #include <sys/time.h>
 #include <unistd.h>
@@ -249,7 +256,7 @@ static int setup(void) {
     return 0;
 }
 
-static em_server *start_server(int max_batch, int max_wait_us, size_t max_body) {
+static em_server *start_server_tables(int max_batch, int max_wait_us, size_t max_body, em_qtype tables) {
     if (setup()) return NULL;
     em_pool *pool;
     em_dlrm *m;
@@ -260,6 +267,7 @@ static em_server *start_server(int max_batch, int max_wait_us, size_t max_body) 
     }
     em_serve_cfg cfg = em_serve_default();
     cfg.port = 0, cfg.threads = 4, cfg.max_batch = max_batch, cfg.max_wait_us = max_wait_us, cfg.max_body = max_body;
+    cfg.tables = tables, cfg.model_path = g_ckpt;
     em_server *s;
     if (em_serve_create(&s, m, pool, &cfg)) return NULL;
     if (em_serve_start(s)) {
@@ -267,6 +275,42 @@ static em_server *start_server(int max_batch, int max_wait_us, size_t max_body) 
         return NULL;
     }
     return s;
+}
+
+static em_server *start_server(int max_batch, int max_wait_us, size_t max_body) {
+    return start_server_tables(max_batch, max_wait_us, max_body, EM_QT_FP32);
+}
+
+/* Probabilities of the NLINES lines (one batch) from checkpoint path, with the given
+ * tables; the step count in *step. */
+static int reference_probs(const char *path, em_qtype qt, float *p, int64_t *step) {
+    em_dlrm *m;
+    if (em_dlrm_load(&m, path, NULL, NULL)) return -1;
+    if (step) *step = em_dlrm_step_count(m);
+    static tbatch tb;
+    for (int i = 0; i < NLINES; i++) {
+        char l[520];
+        int k = snprintf(l, sizeof l, "0\t%s", g_lines[i]);
+        if (em_criteo_parse_line(l, (size_t)k, ND, NT, &tb.label[i], &tb.dense[i * ND], &tb.ids[i * NT], &tb.miss[i], NULL))
+            return -1;
+    }
+    tb_finish(&tb, NLINES, em_dlrm_config(m)->rows);
+    float logits[NLINES];
+    em_status st;
+    if (qt == EM_QT_FP32) {
+        st = em_dlrm_forward(m, &tb.b, logits, NULL);
+    } else {
+        em_qbag *q;
+        static float pooled[NLINES * NT * 64];
+        st = em_qbag_create(&q, em_dlrm_embbag(m), qt, EM_POOL_SUM, NULL);
+        if (!st) st = em_qbag_forward(q, pooled, tb.b.indices, tb.b.offsets, NULL, NLINES, NULL);
+        if (!st) st = em_dlrm_forward_with(m, &tb.b, pooled, logits, NULL);
+        em_qbag_free(q);
+    }
+    em_dlrm_free(m);
+    if (st) return -1;
+    for (int i = 0; i < NLINES; i++) p[i] = sigm(logits[i]);
+    return 0;
 }
 
 /* ------------------------------------------------------------ tests */
@@ -646,6 +690,255 @@ static void test_bad_config(void) {
     em_serve_free(NULL);
 }
 
+/* em_dlrm_forward_with on the model's own pooling equals em_dlrm_forward bitwise. */
+static void test_forward_with(void) {
+    CHECK(setup() == 0);
+    em_dlrm *m;
+    CHECK_OK(em_dlrm_load(&m, g_ckpt, NULL, NULL));
+    static tbatch tb;
+    em_rng rng;
+    em_rng_seed(&rng, 5);
+    for (int i = 0; i < NLINES; i++) {
+        for (int j = 0; j < ND; j++) tb.dense[i * ND + j] = (float)em_rng_uniform(&rng);
+        for (int f = 0; f < NT; f++) tb.ids[i * NT + f] = em_rng_u64(&rng);
+        tb.miss[i] = em_rng_u64(&rng) & em_rng_u64(&rng);
+    }
+    tb_finish(&tb, NLINES, em_dlrm_config(m)->rows);
+    float a[NLINES], b[NLINES], pooled[NLINES * NT * 4];
+    CHECK_OK(em_dlrm_forward(m, &tb.b, a, NULL));
+    CHECK_OK(em_embbag_forward(em_dlrm_embbag(m), pooled, tb.b.indices, tb.b.offsets, NULL, NLINES, NULL));
+    CHECK_OK(em_dlrm_forward_with(m, &tb.b, pooled, b, NULL));
+    CHECK(memcmp(a, b, sizeof a) == 0);
+    CHECK(em_dlrm_forward_with(m, &tb.b, NULL, b, NULL) == EM_ERR_INVALID);
+    /* released tables: the fp32 forward and saving refuse, forward_with still works */
+    em_dlrm_release_tables(m);
+    CHECK(em_dlrm_embbag(m) == NULL && em_dlrm_param(m, "emb.0.weight", 0, NULL) == NULL);
+    CHECK(em_dlrm_forward(m, &tb.b, b, NULL) == EM_ERR_INVALID);
+    CHECK(em_dlrm_save(m, "/tmp/ember_test_never_written.st", NULL, 0) == EM_ERR_INVALID);
+    CHECK_OK(em_dlrm_forward_with(m, &tb.b, pooled, b, NULL));
+    CHECK(memcmp(a, b, sizeof a) == 0);
+    em_dlrm_free(m);
+}
+
+static void check_quant_server(em_qtype qt, size_t want_bytes) {
+    size_t before = em_mem_in_use();
+    em_server *s = start_server_tables(64, 0, 1 << 20, qt);
+    CHECK(s);
+    if (!s) return;
+    float want[NLINES];
+    CHECK(reference_probs(g_ckpt, qt, want, NULL) == 0);
+    int port = em_serve_port(s);
+    char *j = examples_json(0, NLINES);
+    http_resp r;
+    double worst = 0;
+    for (int round = 0; round < 3; round++) { /* round 0 may grow slot buffers */
+        size_t allocs = em_mem_allocs();
+        for (int k = 0; k < 4; k++) {
+            CHECK(post_json(port, j, &r) == 0 && r.status == 200);
+            float p[NLINES];
+            CHECK(parse_probs(r.body, p, NLINES) == NLINES);
+            for (int i = 0; i < NLINES; i++) {
+                CHECK_NEAR(p[i], want[i], 1e-6);
+                worst = fmax(worst, fabs((double)p[i] - g_want[i]));
+            }
+            CHECK(strstr(r.body, "\"model_version\": \"3\"") != NULL);
+            free(r.body);
+        }
+        if (round == 2) CHECK(em_mem_allocs() == allocs);
+    }
+    CHECK(worst < 2e-3); /* close to the fp32 answers */
+    printf("  %s tables: largest |p - p_fp32| over %d examples %.2e\n", em_qtype_name(qt), NLINES, worst);
+    free(j);
+    em_serve_stats st;
+    em_serve_stats_get(s, &st);
+    CHECK(st.table_bytes == want_bytes);
+    CHECK(http(port, "GET", "/metrics", NULL, NULL, -1, &r) == 0 && r.status == 200);
+    char line[96];
+    snprintf(line, sizeof line, "ember_embedding_table_bytes %zu\n", want_bytes);
+    CHECK(strstr(r.body, line) != NULL);
+    free(r.body);
+    em_serve_free(s);
+    CHECK(em_mem_in_use() == before);
+}
+
+static void test_quant_tables(void) {
+    check_quant_server(EM_QT_FP16, (size_t)NT * 10 * 4 * 2);
+    check_quant_server(EM_QT_INT8, (size_t)NT * 10 * (4 + 8));
+    check_quant_server(EM_QT_FP32, (size_t)NT * 10 * 4 * 4);
+}
+
+/* ------------------------------------------------------------ reload under load */
+
+typedef struct {
+    int port;
+    atomic_int stop;
+    const float *pa, *pb;    /* the two models' answers */
+    const char *step_a, *step_b;
+    int sent, failed, wrong;
+    char seen[16][32];       /* distinct model versions, in order of first sight */
+    int nseen;
+} load_arg;
+
+static void *load_client(void *p) {
+    load_arg *a = p;
+    char *j = examples_json(0, NLINES);
+    while (!atomic_load(&a->stop)) {
+        http_resp r;
+        a->sent++;
+        if (post_json(a->port, j, &r) != 0 || r.status != 200) {
+            a->failed++;
+            if (r.body) free(r.body);
+            continue;
+        }
+        float got[NLINES];
+        const char *v = strstr(r.body, "\"model_version\": \"");
+        char ver[32] = "";
+        if (v) sscanf(v + 18, "%31[^\"]", ver);
+        int ok = parse_probs(r.body, got, NLINES) == NLINES && ver[0];
+        /* the version names the step ("3", "8-r2"): the answer must be that model's */
+        char step[32];
+        snprintf(step, sizeof step, "%s", ver);
+        char *dash = strchr(step, '-');
+        if (dash) *dash = 0;
+        const float *want = strcmp(step, a->step_a) == 0 ? a->pa : strcmp(step, a->step_b) == 0 ? a->pb : NULL;
+        for (int i = 0; ok && i < NLINES; i++) ok = want && fabs((double)got[i] - want[i]) <= 1e-6;
+        if (!ok) a->wrong++;
+        int k = 0;
+        while (k < a->nseen && strcmp(a->seen[k], ver)) k++;
+        if (k == a->nseen && k < 16) snprintf(a->seen[a->nseen++], 32, "%s", ver);
+        free(r.body);
+    }
+    free(j);
+    return NULL;
+}
+
+static int post_reload(int port, const char *path, http_resp *r) {
+    char body[512];
+    snprintf(body, sizeof body, "{\"model\": \"%s\"}", path);
+    return http(port, "POST", "/admin/reload", "Content-Type: application/json\r\n", body, (long)strlen(body), r);
+}
+
+static void check_reload_under_load(em_qtype qt) {
+    CHECK(setup() == 0);
+    /* a second checkpoint: the first trained 5 more steps */
+    char ckpt_b[256], bad[256], other[256];
+    snprintf(ckpt_b, sizeof ckpt_b, "/tmp/ember_test_serve_b_%d.st", (int)getpid());
+    snprintf(bad, sizeof bad, "/tmp/ember_test_serve_bad_%d.st", (int)getpid());
+    snprintf(other, sizeof other, "/tmp/ember_test_serve_other_%d.st", (int)getpid());
+    em_dlrm *m;
+    CHECK_OK(em_dlrm_load(&m, g_ckpt, NULL, NULL));
+    static tbatch tb;
+    em_rng rng;
+    em_rng_seed(&rng, 77);
+    for (int step = 0; step < 5; step++) {
+        for (int i = 0; i < NLINES; i++) {
+            tb.label[i] = (float)(em_rng_u64(&rng) & 1);
+            for (int jj = 0; jj < ND; jj++) tb.dense[i * ND + jj] = (float)em_rng_uniform(&rng);
+            for (int f = 0; f < NT; f++) tb.ids[i * NT + f] = em_rng_u64(&rng) % 4; /* rows the lines use too */
+            tb.miss[i] = 0;
+        }
+        tb_finish(&tb, NLINES, em_dlrm_config(m)->rows);
+        CHECK_OK(em_dlrm_train_step(m, &tb.b, NULL, NULL));
+    }
+    CHECK_OK(em_dlrm_save(m, ckpt_b, NULL, 0));
+    em_dlrm_free(m);
+    /* a corrupt copy: the first 100 bytes of a checkpoint */
+    FILE *f = fopen(g_ckpt, "rb"), *g = fopen(bad, "wb");
+    char buf[100];
+    CHECK(f && g && fread(buf, 1, sizeof buf, f) == sizeof buf && fwrite(buf, 1, sizeof buf, g) == sizeof buf);
+    if (f) fclose(f);
+    if (g) fclose(g);
+    /* a valid checkpoint with other feature counts */
+    em_dlrm_cfg oc = tiny_cfg();
+    oc.num_dense = 12, oc.bot[0] = 12;
+    CHECK_OK(em_dlrm_create(&m, &oc, NULL));
+    CHECK_OK(em_dlrm_save(m, other, NULL, 0));
+    em_dlrm_free(m);
+
+    float pa[NLINES], pb[NLINES];
+    int64_t sa, sb;
+    CHECK(reference_probs(g_ckpt, qt, pa, &sa) == 0 && reference_probs(ckpt_b, qt, pb, &sb) == 0);
+    double diff = 0;
+    for (int i = 0; i < NLINES; i++) diff = fmax(diff, fabs((double)pa[i] - pb[i]));
+    CHECK(diff > 1e-3 && sa != sb); /* the two models are told apart */
+    char step_a[32], step_b[32];
+    snprintf(step_a, sizeof step_a, "%lld", (long long)sa);
+    snprintf(step_b, sizeof step_b, "%lld", (long long)sb);
+
+    size_t before = em_mem_in_use();
+    em_server *s = start_server_tables(64, 100, 1 << 20, qt);
+    CHECK(s);
+    if (!s) return;
+    int port = em_serve_port(s);
+    load_arg la = {.port = port, .pa = pa, .pb = pb, .step_a = step_a, .step_b = step_b};
+    atomic_init(&la.stop, 0);
+    pthread_t th;
+    CHECK(pthread_create(&th, NULL, load_client, &la) == 0);
+    usleep(20000);
+    http_resp r;
+    int ok_reloads = 0;
+    for (int k = 0; k < 5; k++) {
+        const char *path = k % 2 == 0 ? ckpt_b : g_ckpt;
+        if (k == 2) { /* once through the API with the configured path (the first checkpoint) */
+            path = g_ckpt;
+            CHECK_OK(em_serve_reload(s, NULL));
+            ok_reloads++;
+        } else {
+            CHECK(post_reload(port, path, &r) == 0);
+            CHECK(r.status == 200);
+            ok_reloads += r.status == 200;
+            char want[64];
+            snprintf(want, sizeof want, "\"model_version\":\"%s-r%d\"", path == ckpt_b ? step_b : step_a, k + 1);
+            CHECK(strstr(r.body, want) != NULL);
+            free(r.body);
+        }
+        char ver[32], want[64];
+        em_serve_model_version(s, ver, sizeof ver);
+        snprintf(want, sizeof want, "%s-r%d", path == ckpt_b ? step_b : step_a, k + 1);
+        CHECK(strcmp(ver, want) == 0);
+        if (k == 1) { /* failures in the middle of the load: the old model keeps serving */
+            CHECK(post_reload(port, bad, &r) == 0);
+            CHECK(r.status == 500 && strstr(r.body, "reload failed") && strstr(r.body, want));
+            free(r.body);
+            CHECK(post_reload(port, "/nonexistent/ember.st", &r) == 0 && r.status == 500);
+            free(r.body);
+            CHECK(post_reload(port, other, &r) == 0 && r.status == 500 && strstr(r.body, "features"));
+            free(r.body);
+            CHECK(http(port, "POST", "/admin/reload", NULL, "{\"model\": 3}", 12, &r) == 0 && r.status == 400);
+            free(r.body);
+            CHECK(http(port, "GET", "/admin/reload", NULL, NULL, -1, &r) == 0 && r.status == 405);
+            free(r.body);
+            em_serve_model_version(s, ver, sizeof ver);
+            CHECK(strcmp(ver, want) == 0);
+        }
+        usleep(40000); /* let the client see this version */
+    }
+    atomic_store(&la.stop, 1);
+    pthread_join(th, NULL);
+    printf("  %s tables: %d requests during 5 reloads, %d failed, %d wrong, %d versions seen\n", em_qtype_name(qt),
+           la.sent, la.failed, la.wrong, la.nseen);
+    CHECK(ok_reloads == 5);
+    CHECK(la.sent > 50 && la.failed == 0 && la.wrong == 0);
+    CHECK(la.nseen == 6); /* "3", then every reload's version */
+    CHECK(strcmp(la.seen[0], step_a) == 0);
+    em_serve_stats st;
+    em_serve_stats_get(s, &st);
+    CHECK(st.reloads == 5 && st.reload_failures == 3 && st.model_step == sb);
+    CHECK(http(port, "GET", "/metrics", NULL, NULL, -1, &r) == 0 && r.status == 200);
+    CHECK(strstr(r.body, "ember_model_reloads_total 5\n") && strstr(r.body, "ember_model_reload_failures_total 3\n"));
+    free(r.body);
+    em_serve_free(s);
+    CHECK(em_mem_in_use() == before); /* every retired model was freed */
+    unlink(ckpt_b), unlink(bad), unlink(other);
+}
+
+static void test_reload_under_load(void) {
+    check_reload_under_load(EM_QT_FP32);
+    check_reload_under_load(EM_QT_INT8);
+}
+
 TEST_MAIN({"predict_json", test_predict_json}, {"concurrent_batching", test_concurrent_batching},
           {"predict_bin", test_predict_bin}, {"errors_and_metrics", test_errors_and_metrics},
-          {"no_alloc_no_leak", test_no_alloc_no_leak}, {"bad_config", test_bad_config})
+          {"no_alloc_no_leak", test_no_alloc_no_leak}, {"bad_config", test_bad_config},
+          {"forward_with", test_forward_with}, {"quant_tables", test_quant_tables},
+          {"reload_under_load", test_reload_under_load})

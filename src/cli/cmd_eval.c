@@ -5,6 +5,10 @@
  * predict keeps output lines aligned with input lines: a malformed line gets "nan"
  * (and is counted and reported), unless --strict makes it fatal. Lines may carry the
  * label (40 fields, like the training data) or not (39 fields, like Criteo's test.txt).
+ *
+ * eval --tables fp16|int8 measures serving accuracy with quantized tables: it pools
+ * from an em_qbag (ember/quant.h) and runs em_dlrm_forward_with, exactly the forward
+ * `ember serve --tables` runs, and reports the tables' bytes next to fp32's.
  */
 #include <errno.h>
 #include <math.h>
@@ -12,9 +16,10 @@
 #include <string.h>
 
 #include "cli/cli.h"
+#include "ember/quant.h"
 
 typedef struct {
-    const char *model, *test, *input, *output;
+    const char *model, *test, *input, *output, *tables;
     int threads, batch, strict;
     int64_t limit;
 } eval_ctx;
@@ -28,6 +33,8 @@ static const cli_opt eval_opts[] = {
     OPT_MODEL,
     OPT_STR("test", "PATH", "labelled data (Criteo TSV or ember binary)", eval_ctx, test),
     OPT_INT("limit", "N", "use only the first N lines", eval_ctx, limit, 0, 1LL << 60),
+    OPT_STR("tables", "fp32|fp16|int8", "embedding tables to evaluate with, as ember serve --tables (default fp32)",
+            eval_ctx, tables),
     OPT_BATCH,
     OPT_THREADS,
 };
@@ -55,6 +62,53 @@ static int open_model(eval_ctx *c, const char *verb, em_pool **pool, em_dlrm **m
     return 0;
 }
 
+/* em_evaluate with the model's tables quantized to qt (which frees the fp32 ones). */
+static em_status eval_quant(em_dlrm *m, em_qtype qt, const eval_ctx *c, em_pool *pool, em_metrics *out,
+                            size_t *bytes) {
+    const em_dlrm_cfg *mc = em_dlrm_config(m);
+    em_qbag *q = NULL;
+    em_status st = em_qbag_create(&q, em_dlrm_embbag(m), qt, mc->pooling, pool);
+    if (st) return st;
+    *bytes = em_qbag_bytes(q);
+    em_dlrm_release_tables(m);
+    em_reader_cfg rc = {.path = c->test, .batch_size = c->batch, .num_dense = mc->num_dense,
+                        .num_sparse = mc->num_tables, .table_rows = mc->rows, .prefetch = 2, .limit = (uint64_t)c->limit};
+    em_reader *r = NULL;
+    size_t cap = 1 << 16, n = 0;
+    float *p = em_malloc(cap * sizeof(float)), *y = em_malloc(cap * sizeof(float));
+    float *pooled = em_malloc((size_t)c->batch * (size_t)mc->num_tables * (size_t)mc->dim * sizeof(float));
+    if (!p || !y || !pooled) st = em_errorf(EM_ERR_NOMEM, "eval: out of memory");
+    if (!st) st = em_reader_open(&r, &rc);
+    const em_batch *b;
+    while (st == EM_OK && (st = em_reader_next(r, &b)) == EM_OK) {
+        if (n + (size_t)b->B > cap) {
+            while (n + (size_t)b->B > cap) cap *= 2;
+            float *p2 = em_realloc(p, cap * sizeof(float)), *y2 = p2 ? em_realloc(y, cap * sizeof(float)) : NULL;
+            if (p2) p = p2;
+            if (y2) y = y2;
+            if (!p2 || !y2) {
+                st = em_errorf(EM_ERR_NOMEM, "eval: out of memory");
+                break;
+            }
+        }
+        if ((st = em_qbag_forward(q, pooled, b->indices, b->offsets, b->per_id_w, b->B, pool)) ||
+            (st = em_dlrm_forward_with(m, b, pooled, p + n, pool)))
+            break;
+        for (int i = 0; i < b->B; i++) { /* the sigmoid em_evaluate applies */
+            float z = p[n + (size_t)i];
+            p[n + (size_t)i] = z >= 0 ? 1.f / (1.f + expf(-z)) : expf(z) / (1.f + expf(z));
+        }
+        memcpy(y + n, b->label, (size_t)b->B * sizeof(float));
+        n += (size_t)b->B;
+    }
+    if (st == EM_ERR_EOF) st = EM_OK;
+    em_reader_free(r);
+    if (st == EM_OK) st = em_metrics_compute(p, y, n, out);
+    em_free(p), em_free(y), em_free(pooled);
+    em_qbag_free(q);
+    return st;
+}
+
 int cmd_eval(int argc, char **argv) {
     eval_ctx c = {.threads = 2, .batch = 4096};
     char *pos[1];
@@ -66,14 +120,27 @@ int cmd_eval(int argc, char **argv) {
         fprintf(stderr, "ember eval: --test PATH is required\n");
         return 2;
     }
+    em_qtype qt = EM_QT_FP32;
+    if (c.tables && em_qtype_parse(c.tables, &qt)) {
+        fprintf(stderr, "ember eval: --tables must be fp32, fp16 or int8 (got '%s')\n", c.tables);
+        return 2;
+    }
     em_pool *pool;
     em_dlrm *m;
     if ((rc = open_model(&c, "eval", &pool, &m))) return rc;
     em_metrics mt;
-    em_status st = em_evaluate(m, c.test, c.batch, (uint64_t)c.limit, pool, &mt, NULL, NULL, NULL);
+    em_status st;
+    size_t fp32_bytes = 0, q_bytes = 0;
+    for (int t = 0; t < em_dlrm_config(m)->num_tables; t++)
+        fp32_bytes += (size_t)em_dlrm_config(m)->rows[t] * (size_t)em_dlrm_config(m)->dim * sizeof(float);
+    if (qt == EM_QT_FP32) st = em_evaluate(m, c.test, c.batch, (uint64_t)c.limit, pool, &mt, NULL, NULL, NULL);
+    else st = eval_quant(m, qt, &c, pool, &mt, &q_bytes);
     if (st == EM_OK) {
         char buf[512];
-        em_metrics_json(&mt, buf, sizeof buf);
+        int n = em_metrics_json(&mt, buf, sizeof buf);
+        if (n > 0 && (size_t)n < sizeof buf && buf[n - 1] == '}')
+            snprintf(buf + n - 1, sizeof buf - (size_t)n + 1, ", \"tables\": \"%s\", \"table_bytes\": %zu, "
+                     "\"fp32_table_bytes\": %zu}", em_qtype_name(qt), qt == EM_QT_FP32 ? fp32_bytes : q_bytes, fp32_bytes);
         printf("%s\n", buf);
     } else {
         cli_fail("eval", st);

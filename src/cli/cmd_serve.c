@@ -6,6 +6,11 @@
  * server inherits the mask and the main thread alone receives them, synchronously,
  * in sigwait(): no async-signal-safety concerns, and shutdown runs the ordinary
  * em_serve_free path (in-flight requests finish, then the batcher stops).
+ *
+ * SIGHUP is taken the same way and reloads the checkpoint named by --model (rewrite
+ * it in place, e.g. with ember train's atomic save, then send SIGHUP); the load runs on
+ * the main thread while the server keeps answering. POST /admin/reload does the same
+ * over HTTP, optionally with another path.
  */
 #include <signal.h>
 #include <string.h>
@@ -14,13 +19,15 @@
 #include "ember/serve.h"
 
 typedef struct {
-    const char *model, *bind;
+    const char *model, *bind, *tables;
     int port, threads, infer_threads, max_batch, max_wait_us, max_conns;
     int64_t max_body;
 } serve_ctx;
 
 static const cli_opt serve_opts[] = {
     OPT_STR("model", "CKPT", "checkpoint written by ember train", serve_ctx, model),
+    OPT_STR("tables", "fp32|fp16|int8", "embedding tables to serve from: fp32, or row-quantized fp16 / int8 (default fp32)",
+            serve_ctx, tables),
     OPT_STR("bind", "ADDR", "IPv4 address to listen on (default 127.0.0.1)", serve_ctx, bind),
     OPT_INT("port", "N", "TCP port (default 8080; 0 = pick a free one and print it)", serve_ctx, port, 0, 65535),
     OPT_INT("threads", "N", "HTTP worker threads, i.e. requests in flight (default 4)", serve_ctx, threads, 1, 1024),
@@ -47,11 +54,17 @@ int cmd_serve(int argc, char **argv) {
         return 2;
     }
     if (c.max_conns < c.threads) c.max_conns = c.threads;
+    em_qtype qt = EM_QT_FP32;
+    if (c.tables && em_qtype_parse(c.tables, &qt)) {
+        fprintf(stderr, "ember serve: --tables must be fp32, fp16 or int8 (got '%s')\n", c.tables);
+        return 2;
+    }
 
     sigset_t sigs;
     sigemptyset(&sigs);
     sigaddset(&sigs, SIGINT);
     sigaddset(&sigs, SIGTERM);
+    sigaddset(&sigs, SIGHUP);
     pthread_sigmask(SIG_BLOCK, &sigs, NULL);
     signal(SIGPIPE, SIG_IGN);
 
@@ -67,6 +80,7 @@ int cmd_serve(int argc, char **argv) {
     em_serve_cfg cfg = d;
     cfg.bind = c.bind, cfg.port = c.port, cfg.threads = c.threads, cfg.max_batch = c.max_batch;
     cfg.max_wait_us = c.max_wait_us, cfg.max_body = (size_t)c.max_body, cfg.max_conns = c.max_conns;
+    cfg.tables = qt, cfg.model_path = c.model;
     em_server *s;
     if ((st = em_serve_create(&s, m, pool, &cfg)) != EM_OK) { /* frees m and pool */
         cli_fail("serve", st);
@@ -77,13 +91,27 @@ int cmd_serve(int argc, char **argv) {
         em_serve_free(s);
         return 1;
     }
-    printf("ember serve: listening on http://%s:%d (model %s, step %lld)\n", c.bind ? c.bind : "127.0.0.1",
-           em_serve_port(s), c.model, (long long)step);
+    em_serve_stats stats;
+    em_serve_stats_get(s, &stats);
+    printf("ember serve: listening on http://%s:%d (model %s, step %lld, %s tables, %.1f MiB)\n",
+           c.bind ? c.bind : "127.0.0.1", em_serve_port(s), c.model, (long long)step, em_qtype_name(qt),
+           (double)stats.table_bytes / (1 << 20));
     fflush(stdout);
     int sig = 0;
-    sigwait(&sigs, &sig);
+    for (;;) {
+        sigwait(&sigs, &sig);
+        if (sig != SIGHUP) break;
+        char ver[32];
+        if ((st = em_serve_reload(s, NULL)) != EM_OK) {
+            em_serve_model_version(s, ver, sizeof ver);
+            fprintf(stderr, "ember serve: SIGHUP: reload of %s failed, still serving model_version %s\n", c.model, ver);
+            cli_fail("serve", st);
+        } else {
+            em_serve_model_version(s, ver, sizeof ver);
+            fprintf(stderr, "ember serve: SIGHUP: reloaded %s, model_version %s\n", c.model, ver);
+        }
+    }
     fprintf(stderr, "ember serve: %s, shutting down\n", sig == SIGINT ? "SIGINT" : "SIGTERM");
-    em_serve_stats stats;
     em_serve_stats_get(s, &stats);
     em_serve_free(s);
     unsigned long long req = 0;
