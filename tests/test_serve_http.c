@@ -13,9 +13,11 @@
  * table bytes are reported. Hot reload under load: a client thread sends requests
  * without pause while 5 reloads alternate two checkpoints (plus failed ones: a
  * corrupt file, a missing one, other feature counts): no request fails, every answer
- * is one model's prediction and carries that model's version, every version is seen.
+ * is one model's prediction and carries that model's version, every version is seen;
+ * /admin/reload refuses non-loopback clients (when the host has another IPv4 address).
  */
 #include <arpa/inet.h>
+#include <ifaddrs.h>
 #include <errno.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
@@ -33,6 +35,7 @@
 #define NLINES 24
 
 static char g_ckpt[256];
+static uint32_t g_http_addr = INADDR_LOOPBACK; /* where http() connects (host order) */
 static char g_lines[NLINES][512];
 static float g_want[NLINES]; /* reference probabilities of g_lines */
 
@@ -61,7 +64,7 @@ static int http(int port, const char *method, const char *path, const char *extr
     int one = 1;
     setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
     struct sockaddr_in sa = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port)};
-    sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    sa.sin_addr.s_addr = htonl(g_http_addr);
     if (connect(fd, (struct sockaddr *)&sa, sizeof sa) != 0) {
         close(fd);
         return -1;
@@ -932,6 +935,52 @@ static void check_reload_under_load(em_qtype qt) {
     unlink(ckpt_b), unlink(bad), unlink(other);
 }
 
+/* /admin/reload from a non-loopback address is refused (403); predictions are not.
+ * Needs a non-loopback IPv4 address on this host; without one only loopback is checked. */
+static void test_reload_loopback_only(void) {
+    CHECK(setup() == 0);
+    uint32_t other = 0;
+    struct ifaddrs *ifs = NULL;
+    if (getifaddrs(&ifs) == 0) {
+        for (struct ifaddrs *i = ifs; i && !other; i = i->ifa_next)
+            if (i->ifa_addr && i->ifa_addr->sa_family == AF_INET) {
+                uint32_t a = ntohl(((struct sockaddr_in *)i->ifa_addr)->sin_addr.s_addr);
+                if (a >> 24 != 127) other = a;
+            }
+        freeifaddrs(ifs);
+    }
+    em_pool *pool;
+    em_dlrm *m;
+    CHECK_OK(em_pool_create(&pool, 1));
+    CHECK_OK(em_dlrm_load(&m, g_ckpt, NULL, pool));
+    em_serve_cfg cfg = em_serve_default();
+    cfg.bind = "0.0.0.0", cfg.port = 0, cfg.model_path = g_ckpt;
+    em_server *s;
+    CHECK_OK(em_serve_create(&s, m, pool, &cfg));
+    CHECK_OK(em_serve_start(s));
+    int port = em_serve_port(s);
+    http_resp r;
+    CHECK(http(port, "POST", "/admin/reload", NULL, "", 0, &r) == 0 && r.status == 200); /* loopback, no body */
+    CHECK(strstr(r.body, "\"model_version\":\"3-r1\"") != NULL);
+    free(r.body);
+    if (other) {
+        g_http_addr = other;
+        CHECK(http(port, "POST", "/admin/reload", NULL, "", 0, &r) == 0 && r.status == 403);
+        CHECK(strstr(r.body, "loopback") != NULL);
+        free(r.body);
+        char *j = examples_json(0, 2);
+        CHECK(post_json(port, j, &r) == 0 && r.status == 200);
+        free(j), free(r.body);
+        g_http_addr = INADDR_LOOPBACK;
+    } else {
+        printf("  no non-loopback IPv4 address: the 403 path is not exercised\n");
+    }
+    em_serve_stats st;
+    em_serve_stats_get(s, &st);
+    CHECK(st.reloads == 1 && st.reload_failures == 0);
+    em_serve_free(s);
+}
+
 static void test_reload_under_load(void) {
     check_reload_under_load(EM_QT_FP32);
     check_reload_under_load(EM_QT_INT8);
@@ -941,4 +990,4 @@ TEST_MAIN({"predict_json", test_predict_json}, {"concurrent_batching", test_conc
           {"predict_bin", test_predict_bin}, {"errors_and_metrics", test_errors_and_metrics},
           {"no_alloc_no_leak", test_no_alloc_no_leak}, {"bad_config", test_bad_config},
           {"forward_with", test_forward_with}, {"quant_tables", test_quant_tables},
-          {"reload_under_load", test_reload_under_load})
+          {"reload_under_load", test_reload_under_load}, {"reload_loopback_only", test_reload_loopback_only})
