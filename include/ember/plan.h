@@ -119,7 +119,8 @@ typedef struct {
     em_shard *shards;     /* grouped by table, in table order */
     em_shard_type *type;  /* [ntables] the type chosen per table */
     em_rank_load *ranks;  /* [group] one replica group (all groups are identical) */
-    int kk_fallback;      /* KK's partition broke a memory cap; greedy was used */
+    int fallback;         /* bit 1: KK's partition broke a memory cap, greedy was used;
+                             bit 2: greedy by cost found no room, greedy by memory was used */
     double imbalance;     /* max / mean of per-rank lookup_s + comm_s */
     double mem_max, mem_mean;
     /* per step, seconds */
@@ -139,8 +140,10 @@ void em_plan_free(em_plan *p);
 /* Partition n items of cost[i] and mem[i] into nbins bins with mem_free[b] room each.
  * bin[i] receives the bin of item i. Greedy: items by cost descending (ties: lower
  * index) to the least-loaded bin with room (ties: lower bin). KK: largest differencing
- * generalised to nbins-tuples; if its result breaks a memory limit, greedy is used and
- * *fell_back is set. EM_ERR_INVALID "item I ..." when greedy finds no bin for item I. */
+ * generalised to nbins-tuples; if its result breaks a memory limit, greedy is used
+ * (*fell_back |= 1). Greedy that strands an item reruns with items by memory
+ * descending (*fell_back |= 2). EM_ERR_INVALID "item I ..." when no bin has room for
+ * item I. fell_back may be NULL. */
 em_status em_plan_partition(em_plan_algo algo, const double *cost, const double *mem, int n, int nbins,
                             const double *mem_free, int *bin, int *fell_back);
 

@@ -96,7 +96,7 @@ static void print_plan(const em_plan *p, const em_table_spec *t, const em_plan_c
     for (int i = 0; i < p->ntables; i++) cnt[p->type[i]]++;
     printf("plan: %s, %d tables, world %d, group %d (%d replica group%s), %s%s\n", what, p->ntables, p->world,
            p->group, p->replicas, p->replicas > 1 ? "s" : "", c->algo == EM_PLAN_KK ? "kk" : "greedy",
-           p->kk_fallback ? " (kk broke a memory cap: greedy used)" : "");
+           p->fallback & 1 ? " (kk broke a memory cap: greedy used)" : p->fallback & 2 ? " (cost order stranded a shard: placed by memory order)" : "");
     printf("sharding: %d table-wise, %d row-wise, %d column-wise, %d data-parallel\n", cnt[EM_SHARD_TABLE],
            cnt[EM_SHARD_ROW], cnt[EM_SHARD_COLUMN], cnt[EM_SHARD_DATA]);
     printf("\n%-20s %-7s %s\n", "table", "type", "placement (rank:rows x cols)");
@@ -127,8 +127,8 @@ static void print_plan(const em_plan *p, const em_table_spec *t, const em_plan_c
 }
 
 static void print_json(const em_plan *p, const em_table_spec *t, const em_plan_cfg *c) {
-    printf("{\"world\":%d,\"group\":%d,\"replicas\":%d,\"algo\":\"%s\",\"kk_fallback\":%d,\"tables\":[", p->world,
-           p->group, p->replicas, c->algo == EM_PLAN_KK ? "kk" : "greedy", p->kk_fallback);
+    printf("{\"world\":%d,\"group\":%d,\"replicas\":%d,\"algo\":\"%s\",\"fallback\":%d,\"tables\":[", p->world,
+           p->group, p->replicas, c->algo == EM_PLAN_KK ? "kk" : "greedy", p->fallback);
     for (int i = 0, s = 0; i < p->ntables; i++) {
         printf("%s{\"name\":\"", i ? "," : "");
         for (const char *q = t[i].name; *q; q++) printf(*q == '"' || *q == '\\' ? "\\%c" : "%c", *q);

@@ -21,7 +21,9 @@
  *   reduce-scatter + all-gather (2(p-1)/p of the bytes, 2 ceil(log2 p) latencies).
  *   Nothing is assumed to overlap: the step time is a sum, an upper bound.
  * - KK does not see memory; a KK partition that breaks a rank's capacity is replaced
- *   by greedy's (recorded in kk_fallback), so both algorithms always respect it.
+ *   by greedy's (fallback bit 1), so both algorithms always respect it. Greedy orders
+ *   by cost; if that strands an item (memory and cost disagree), it reruns ordered by
+ *   memory (fallback bit 2) before reporting the table that fits nowhere.
  */
 #include <math.h>
 #include <stdio.h>
@@ -130,14 +132,17 @@ static int by_cost_desc(const void *x, const void *y) {
     return a->i < b->i ? -1 : a->i > b->i;
 }
 
-static em_status greedy(const double *cost, const double *mem, int n, int nbins, const double *mem_free, int *bin) {
+/* Items in decreasing order of key[] (ties: lower index), each to the bin of least
+ * cost load that has room for it (ties: lower bin). */
+static em_status greedy_by(const double *key, const double *cost, const double *mem, int n, int nbins,
+                           const double *mem_free, int *bin) {
     cost_idx *ord = em_malloc((size_t)(n ? n : 1) * sizeof(cost_idx));
     double *load = em_calloc((size_t)nbins, sizeof(double)), *used = em_calloc((size_t)nbins, sizeof(double));
     if (!ord || !load || !used) {
         em_free(ord), em_free(load), em_free(used);
         return em_errorf(EM_ERR_NOMEM, "planner: out of memory");
     }
-    for (int i = 0; i < n; i++) ord[i] = (cost_idx){cost[i], i};
+    for (int i = 0; i < n; i++) ord[i] = (cost_idx){key[i], i};
     qsort(ord, (size_t)n, sizeof(cost_idx), by_cost_desc);
     em_status st = EM_OK;
     for (int k = 0; k < n && st == EM_OK; k++) {
@@ -154,6 +159,17 @@ static em_status greedy(const double *cost, const double *mem, int n, int nbins,
         bin[i] = best, load[best] += cost[i], used[best] += mem[i];
     }
     em_free(ord), em_free(load), em_free(used);
+    return st;
+}
+
+/* Largest cost first; when that finds no room for some item (costs and memory can
+ * disagree: many cheap but big items), largest memory first (fell_back |= 2). */
+static em_status greedy(const double *cost, const double *mem, int n, int nbins, const double *mem_free, int *bin,
+                        int *fell_back) {
+    em_status st = greedy_by(cost, cost, mem, n, nbins, mem_free, bin);
+    if (st != EM_ERR_INVALID) return st;
+    st = greedy_by(mem, cost, mem, n, nbins, mem_free, bin);
+    if (st == EM_OK) *fell_back |= 2;
     return st;
 }
 
@@ -249,10 +265,12 @@ done:
 
 em_status em_plan_partition(em_plan_algo algo, const double *cost, const double *mem, int n, int nbins,
                             const double *mem_free, int *bin, int *fell_back) {
-    if (fell_back) *fell_back = 0;
+    int fb_ = 0;
+    if (!fell_back) fell_back = &fb_;
+    *fell_back = 0;
     if (n < 0 || nbins < 1) return em_errorf(EM_ERR_INVALID, "partition: %d items into %d bins", n, nbins);
     if (n == 0) return EM_OK;
-    if (algo != EM_PLAN_KK) return greedy(cost, mem, n, nbins, mem_free, bin);
+    if (algo != EM_PLAN_KK) return greedy(cost, mem, n, nbins, mem_free, bin, fell_back);
     em_status st = kk(cost, n, nbins, bin);
     if (st) return st;
     double *used = em_calloc((size_t)nbins, sizeof(double));
@@ -262,8 +280,8 @@ em_status em_plan_partition(em_plan_algo algo, const double *cost, const double 
     for (int b = 0; b < nbins; b++) ok &= used[b] <= mem_free[b];
     em_free(used);
     if (ok) return EM_OK;
-    if (fell_back) *fell_back = 1;
-    return greedy(cost, mem, n, nbins, mem_free, bin);
+    *fell_back = 1;
+    return greedy(cost, mem, n, nbins, mem_free, bin, fell_back);
 }
 
 /* ------------------------------------------------------------------- plan */
@@ -427,7 +445,7 @@ em_status em_plan_create(em_plan **out, const em_table_spec *tabs, int nt, const
         }
     }
     for (int r = 0; r < G; r++) mfree[r] = hw->mem_capacity - p->ranks[r].mem_bytes;
-    st = em_plan_partition(cfg->algo, ucost, umem, nu, G, mfree, ubin, &p->kk_fallback);
+    st = em_plan_partition(cfg->algo, ucost, umem, nu, G, mfree, ubin, &p->fallback);
     if (st == EM_ERR_INVALID) {
         int item = -1;
         sscanf(em_last_error(), "item %d", &item);
