@@ -37,7 +37,7 @@ static const cli_opt plan_opts[] = {
             plan_ctx, tables),
     OPT_STR("preset", "NAME", "kaggle | large (default large when no --tables)", plan_ctx, preset),
     OPT_INT("world", "N", "world size (ranks)", plan_ctx, world, 1, 1 << 20),
-    OPT_INT("group", "G", "2D: ranks per replica group (default N: fully sharded 1D; --simulate: 8)", plan_ctx,
+    OPT_INT("group", "G", "2D: ranks per replica group (default N: fully sharded 1D; --simulate: 64)", plan_ctx,
             group, 1, 1 << 20),
     OPT_FN("algo", "NAME", "greedy | kk (Karmarkar-Karp) placement (default greedy)", set_algo, 0),
     OPT_FLAG("json", "print the plan as one JSON object", plan_ctx, json),
@@ -157,7 +157,7 @@ static void print_json(const em_plan *p, const em_table_spec *t, const em_plan_c
 
 /* One sweep row per N; 2D needs N a multiple of G (N >= G). */
 static int simulate(const em_table_spec *t, int nt, const plan_ctx *x, const char *what) {
-    int G = x->group ? x->group : 8, maxN = x->max_world ? x->max_world : 4096;
+    int G = x->group ? x->group : 64, maxN = x->max_world ? x->max_world : 4096;
     print_assumptions(&x->cfg, what, nt);
     printf("1D: fully sharded over all N ranks (all-to-all across N). 2D: groups of G = %d ranks (all-to-all inside a "
            "group), M = N/G replicas synced every %d steps. Times in ms per step; memory in GB per rank (max); "
