@@ -4,6 +4,7 @@
  * instance, errors naming the table / file / field, determinism, the 1D vs 2D trends
  * of the simulate sweep, allocation failures.
  */
+#include <stdio.h>
 #include <unistd.h>
 
 #include "ember/plan.h"
@@ -370,7 +371,27 @@ static void test_alloc_failures(void) {
     em_free(t);
 }
 
+/* The CLI's --simulate table (when the ember binary is built next to this test). */
+static void test_cli_simulate(void) {
+    const char *bin = getenv("EMBER_BIN");
+    if (!bin || access(bin, X_OK) != 0) return;
+    char cmd[1024], line[1024];
+    snprintf(cmd, sizeof cmd, "'%s' plan --simulate --max-world 128 --group 16 2>&1", bin);
+    FILE *f = popen(cmd, "r");
+    CHECK(f != NULL);
+    if (!f) return;
+    int rows = 0, assumptions = 0, header = 0;
+    while (fgets(line, sizeof line, f)) {
+        int n;
+        assumptions += !strncmp(line, "assumptions:", 12) || !strncmp(line, "hardware per rank:", 18);
+        header += !strncmp(line, "| N | 1D step", 13);
+        if (sscanf(line, "| %d |", &n) == 1) rows++;
+    }
+    CHECK(pclose(f) == 0);
+    CHECK(assumptions == 2 && header == 1 && rows == 5); /* N = 8, 16, 32, 64, 128 */
+}
+
 TEST_MAIN({"unique_rows", test_unique_rows}, {"cost_formulas", test_cost_formulas}, {"kk_vs_greedy", test_kk_vs_greedy},
           {"partition_valid", test_partition_valid}, {"plan_valid", test_plan_valid}, {"errors", test_errors},
           {"deterministic", test_deterministic}, {"simulate_trends", test_simulate_trends}, {"json", test_json},
-          {"alloc_failures", test_alloc_failures})
+          {"alloc_failures", test_alloc_failures}, {"cli_simulate", test_cli_simulate})

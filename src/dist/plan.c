@@ -296,18 +296,18 @@ static double allreduce_s(double bytes, int p, const em_hw_model *hw, int inter)
 static em_status check_inputs(const em_table_spec *t, int n, const em_plan_cfg *c) {
     const em_hw_model *h = &c->hw;
     if (c->world < 1 || c->group < 1 || c->world % c->group)
-        return em_errorf(EM_ERR_INVALID, "plan: group size %d must divide world size %d", c->group, c->world);
+        return em_errorf(EM_ERR_INVALID, "group size %d must divide world size %d", c->group, c->world);
     if (c->batch < 1 || c->comm_bytes < 1 || c->sync_every < 1 || c->cw_width < 1 || !(c->rw_share > 0) ||
         c->dense_params < 0 || c->dense_flops < 0 || c->dense_state_bytes < 0)
-        return em_errorf(EM_ERR_INVALID, "plan: batch, comm bytes, sync period, cw width, rw share must be positive");
+        return em_errorf(EM_ERR_INVALID, "batch, comm bytes, sync period, cw width, rw share must be positive");
     if (!(h->mem_bw > 0 && h->intra_bw > 0 && h->inter_bw > 0 && h->intra_lat >= 0 && h->inter_lat >= 0 &&
           h->ranks_per_node >= 1 && h->flops > 0 && h->mem_capacity > 0))
-        return em_errorf(EM_ERR_INVALID, "plan: the hardware model needs positive bandwidths, rate and capacity");
-    if (n < 1) return em_errorf(EM_ERR_INVALID, "plan: no tables");
+        return em_errorf(EM_ERR_INVALID, "the hardware model needs positive bandwidths, rate and capacity");
+    if (n < 1) return em_errorf(EM_ERR_INVALID, "no tables");
     for (int i = 0; i < n; i++)
         if (t[i].rows < 1 || t[i].dim < 1 || !(t[i].pooling >= 0) || !(t[i].zipf >= 0) || t[i].elem_bytes < 1 ||
             t[i].opt_bytes < 0 || t[i].shard < EM_SHARD_AUTO || t[i].shard > EM_SHARD_DATA)
-            return em_errorf(EM_ERR_INVALID, "plan: table '%s': rows, dim, bytes must be >= 1, pooling/zipf >= 0",
+            return em_errorf(EM_ERR_INVALID, "table '%s': rows, dim, bytes must be >= 1, pooling/zipf >= 0",
                              t[i].name);
     return EM_OK;
 }
@@ -426,7 +426,7 @@ em_status em_plan_create(em_plan **out, const em_table_spec *tabs, int nt, const
         }
     }
     if (base_mem > hw->mem_capacity) {
-        st = em_errorf(EM_ERR_INVALID, "plan: replicated tables and the dense part need %.4g bytes per rank, over the capacity %.4g",
+        st = em_errorf(EM_ERR_INVALID, "replicated tables and the dense part need %.4g bytes per rank, over the capacity %.4g",
                        base_mem, hw->mem_capacity);
         goto fail;
     }
@@ -439,7 +439,7 @@ em_status em_plan_create(em_plan **out, const em_table_spec *tabs, int nt, const
         em_rank_load *rl = &p->ranks[h->rank];
         rl->mem_bytes += h->mem_bytes;
         if (rl->mem_bytes > hw->mem_capacity) {
-            st = em_errorf(EM_ERR_INVALID, "plan: table '%s': its row-wise shard (%.4g bytes) does not fit on rank %d (%.4g of %.4g bytes used)",
+            st = em_errorf(EM_ERR_INVALID, "table '%s': its row-wise shard (%.4g bytes) does not fit on rank %d (%.4g of %.4g bytes used)",
                            tabs[h->table].name, h->mem_bytes, h->rank, rl->mem_bytes - h->mem_bytes, hw->mem_capacity);
             goto fail;
         }
@@ -451,7 +451,7 @@ em_status em_plan_create(em_plan **out, const em_table_spec *tabs, int nt, const
         sscanf(em_last_error(), "item %d", &item);
         const em_shard *h = item >= 0 && item < nu ? &p->shards[units[item]] : NULL;
         if (h)
-            st = em_errorf(EM_ERR_INVALID, "plan: table '%s' (%s shard %d of %d, %.4g bytes) fits on none of the %d ranks of a group (capacity %.4g bytes)",
+            st = em_errorf(EM_ERR_INVALID, "table '%s' (%s shard %d of %d, %.4g bytes) fits on none of the %d ranks of a group (capacity %.4g bytes)",
                            tabs[h->table].name, em_shard_name(h->type), h->part + 1, h->nparts, h->mem_bytes, G, hw->mem_capacity);
     }
     if (st) goto fail;
