@@ -9,11 +9,15 @@
  *               attention for variable-length sequences
  *   optim       SGD, AdaGrad, Adam, AdamW on flat parameter blocks
  *   sparse      table-batched embedding bags with the optimizer fused into backward;
- *               dynamic collisionless tables (64-bit ids, admission, eviction)
- *   data        Criteo TSV / binary readers with prefetch, the synthetic generator
+ *               dynamic collisionless tables (64-bit ids, admission, eviction);
+ *               FIITED tables (per-row pruned dimensions on a shrinking chunk pool);
+ *               fp16 / int8 row-quantized tables for inference
+ *   data        Criteo TSV / binary readers with prefetch, the synthetic generator,
+ *               the teacher-prediction log (ExFM's data augmentation store) and its join
  *   model       the DLRM (bottom MLP, embeddings, interaction, top MLP)
  *   train       trainer loop, metrics, checkpoints
  *   serve       HTTP inference server with dynamic batching (libmicrohttpd)
+ *   dist        the sharding planner (cost model, greedy / Karmarkar-Karp placement)
  *
  * A minimal training loop:
  *
@@ -38,13 +42,18 @@
 #include "ember/optim.h"
 #include "ember/embbag.h"
 #include "ember/dyntable.h"
+#include "ember/fiited.h"
+#include "ember/quant.h"
 #include "ember/jagged.h"
 #include "ember/jattn.h"
 #include "ember/kunlun.h"
+#include "ember/attn_padded.h"
 #include "ember/data.h"
+#include "ember/das.h"
 #include "ember/metrics.h"
 #include "ember/dlrm.h"
 #include "ember/train.h"
 #include "ember/serve.h"
+#include "ember/plan.h"
 
 #endif
