@@ -116,7 +116,7 @@ static const cli_opt opts[] = {
     OPT_INT("prefetch", "N", "batches parsed ahead by the reader thread (default 4)", train_ctx, tc.prefetch, 0, 64),
     OPT_FLAG("strict", "stop at the first malformed input line instead of counting and skipping it", train_ctx, tc.strict),
     OPT_INT("max-steps", "N", "stop after N steps in total", train_ctx, tc.max_steps, 0, BIG),
-    OPT_INT("eval-every", "N", "evaluate on --test every N steps (default: at the end)", train_ctx, tc.eval_every, 0, BIG),
+    OPT_INT("eval-every", "N", "evaluate on --test every N steps (default: at the end; 2000 for the default dataset)", train_ctx, tc.eval_every, 0, BIG),
     OPT_INT("ckpt-every", "N", "write the checkpoint every N steps (default: at the end)", train_ctx, tc.ckpt_every, 0,
             BIG),
     OPT_UINT("train-limit", "N", "use only the first N lines of the training data", train_ctx, tc.train_limit, 0, BIG),
@@ -395,6 +395,7 @@ int cmd_train(int argc, char **argv) {
         cli_fail("train", st);
         return 1;
     }
+    if (!c.tc.train_path && c.tc.eval_every == 0) c.tc.eval_every = 2000; /* the default job shows a learning curve */
     if (!c.tc.train_path && ensure_default_data(&c, pool) != 0) {
         em_pool_free(pool);
         return 1;
