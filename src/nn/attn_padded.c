@@ -30,52 +30,15 @@
 #include <string.h>
 
 #include "core/blas.h"
+#include "nn/attn_util.h"
 #include "ember/attn_padded.h"
 
 #define LMAX_LIMIT 32768 /* keeps Lmax^2 and the sgemm leading dimensions far from int overflow */
 
-/* x[k] = exp(x[k] - sub) for k < 8 (arguments <= 0: sub is the row max), adds to part. */
-static inline void exp8(float *restrict x, float sub, float *restrict part) {
-    for (int k = 0; k < 8; k++) {
-        float a = x[k] - sub;
-        a = a > -87.0f ? a : -87.0f;
-        const float n = (a * 1.44269504088896341f + 12582912.0f) - 12582912.0f; /* round(a/ln2) */
-        const float z = a - n * 0.693359375f + n * 2.12194440e-4f;
-        float p = 1.9875691500e-4f;
-        p = p * z + 1.3981999507e-3f;
-        p = p * z + 8.3334519073e-3f;
-        p = p * z + 4.1665795894e-2f;
-        p = p * z + 1.6666665459e-1f;
-        p = p * z + 5.0000001201e-1f;
-        p = p * z * z + z + 1.0f;
-        union { float f; int32_t i; } e;
-        e.i = ((int32_t)n + 127) * (1 << 23);
-        x[k] = p * e.f;
-        part[k] += x[k];
-    }
-}
-
 /* row[0..n) <- softmax(row[0..n)); row[n..w) <- 0. n >= 1. Fixed summation order. */
 static void softmax_row(float *row, int n, int w) {
-    float mx[8];
-    for (int k = 0; k < 8; k++) mx[k] = row[0];
-    int c = 0;
-    for (; c + 8 <= n; c += 8)
-        for (int k = 0; k < 8; k++) mx[k] = row[c + k] > mx[k] ? row[c + k] : mx[k];
-    for (int k = 0; c + k < n; k++) mx[k] = row[c + k] > mx[k] ? row[c + k] : mx[k];
-    for (int k = 1; k < 8; k++) mx[0] = mx[k] > mx[0] ? mx[k] : mx[0];
-    const float m = mx[0];
-    float part[8] = {0};
-    c = 0;
-    for (; c + 8 <= n; c += 8) exp8(row + c, m, part);
-    if (c < n) {
-        float tmp[8], zero[8] = {0};
-        const int r = n - c;
-        for (int k = 0; k < 8; k++) tmp[k] = k < r ? row[c + k] : m;
-        exp8(tmp, m, zero);
-        for (int k = 0; k < r; k++) row[c + k] = tmp[k], part[k] += tmp[k];
-    }
-    const float sum = ((part[0] + part[4]) + (part[1] + part[5])) + ((part[2] + part[6]) + (part[3] + part[7]));
+    const float m = em__row_max(row, n, row[0]);
+    const float sum = em__exp_sub_row(row, n, m);
     const float inv = 1.0f / sum;
     for (int j = 0; j < n; j++) row[j] *= inv;
     if (w > n) memset(row + n, 0, sizeof(float) * (size_t)(w - n));
