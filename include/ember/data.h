@@ -108,6 +108,46 @@ em_gen_cfg em_gen_default(void);
 em_status em_gen_write(const em_gen_cfg *cfg, const char *train_path, const char *test_path,
                        const char *test_prob_path, em_pool *pool);
 
+/* ------------------------------------------------ drifting multi-vertical stream */
+/*
+ * A time-ordered stream of `rows` examples in `windows` equal windows (window t holds
+ * rows [t*rows/W, (t+1)*rows/W)), each example belonging to one of `verticals`
+ * products drawn with probabilities `shares`. Vertical v's ground truth is the
+ * generator's global model (dense effects, per-id weights, pairwise interactions)
+ * plus a per-vertical part (a bias offset and a second per-id weight of std
+ * vertical_scale). Drift, per window t with theta_t = drift * t:
+ *   - every per-id weight rotates: w(id, t) = w0(id) cos(theta_t) + w1(id) sin(theta_t);
+ *   - in each field with at least churn_min_card ids, a fraction `turnover` of the
+ *     Zipf ranks hands its popularity to a brand-new id (the old id vanishes).
+ * Writes the Criteo TSV lines (same format as em_gen_write's), a sidecar with one line
+ * per example "vertical 	 window 	 true probability", and optionally a per-window
+ * summary (docs/FORMATS.md). A path "-" writes to stdout. Streaming with bounded
+ * memory; output identical for any thread count.
+ */
+typedef struct {
+    em_gen_cfg base;          /* global model; base.train_rows is ignored, base.test_rows too */
+    uint64_t rows;            /* examples in the whole stream */
+    int windows;              /* >= 1, <= rows */
+    int verticals;            /* 1..EM_DRIFT_MAX_VERTICALS */
+    const double *shares;     /* [verticals] traffic shares (>= 0, normalized); NULL = default */
+    double turnover;          /* in [0, 1]: fraction of ranks whose id is replaced per window */
+    double drift;             /* radians per window of the per-id weight rotation, >= 0 */
+    double vertical_scale;    /* std of the per-vertical per-id weights, >= 0 */
+    double vertical_bias;     /* std of the per-vertical logit offsets, >= 0 */
+    int64_t churn_min_card;   /* fields with fewer ids never churn (device type, ...), >= 1 */
+} em_drift_cfg;
+
+#define EM_DRIFT_MAX_VERTICALS 64
+
+/* Defaults: em_gen_default()'s model, 3M rows, 30 windows, 3 verticals sharing
+ * 0.5/0.3/0.2 of the traffic (other counts: shares ~ 1/(v+1)), turnover 0.05,
+ * drift 0.05 rad/window, vertical_scale 0.15, vertical_bias 0.3, churn_min_card 100. */
+em_drift_cfg em_drift_default(void);
+/* data_path and side_path are required, summary_path may be NULL. EM_ERR_INVALID
+ * for a bad config, EM_ERR_IO, EM_ERR_NOMEM. */
+em_status em_gen_drift_write(const em_drift_cfg *cfg, const char *data_path,
+                             const char *side_path, const char *summary_path, em_pool *pool);
+
 #ifdef __cplusplus
 }
 #endif

@@ -84,4 +84,13 @@ uint64_t em__zipf_sample(const em__zipf *z, em_rng *rng);
  * 1.2e-9) for p in (0, 1): a normal deviate from one uniform, no trigonometry. */
 double em__norm_inv(double p);
 
+/* Generator helpers shared by gen.c and gen_drift.c: the Criteo Kaggle cardinality of
+ * field f (mod 26); the 8-hex-digit value written for id < card (congruent to id modulo
+ * card, see gen.c); writers of v as `digits` lowercase hex digits and of a decimal
+ * integer, returning the end of what they wrote (no terminator). */
+int64_t em__gen_default_card(int f);
+uint64_t em__gen_written_id(uint64_t id, uint64_t card, uint32_t key);
+char *em__put_hex(char *o, uint64_t v, int digits);
+char *em__put_int(char *o, int64_t v);
+
 #endif

@@ -299,6 +299,13 @@ static inline char *put_int(char *o, int64_t v) {
     return o;
 }
 
+/* Shared with gen_drift.c (data_internal.h): the same id spelling and number writers,
+ * so the drifting stream's lines look exactly like this generator's. */
+int64_t em__gen_default_card(int f) { return KAGGLE_CARD[f % EM_CRITEO_SPARSE]; }
+uint64_t em__gen_written_id(uint64_t id, uint64_t card, uint32_t key) { return written_id(id, card, key); }
+char *em__put_hex(char *o, uint64_t v, int digits) { return put_hex(o, v, digits); }
+char *em__put_int(char *o, int64_t v) { return put_int(o, v); }
+
 /* Longest possible line: label, dense up to 11 chars, ids up to 16 hex digits, tabs. */
 static size_t row_max(const gen_model *m) { return 2 + 13 * (size_t)m->nd + 17 * (size_t)m->ns + 2; }
 
