@@ -333,6 +333,17 @@ static void test_errors(void) {
     CHECK(em_gen_drift_write(&c, a, NULL, NULL, NULL) == EM_ERR_INVALID);
     CHECK(em_gen_drift_write(&c, "-", "-", NULL, NULL) == EM_ERR_INVALID);
     CHECK(em_gen_drift_write(&c, a, b, "/nonexistent_dir/x.sum", NULL) == EM_ERR_IO);
+    CHECK(strstr(em_last_error(), "/nonexistent_dir/x.sum") != NULL);
+    /* allocation failures are reported and leak nothing */
+    for (long k = 0; k < 16; k++) {
+        size_t base = em_mem_in_use();
+        em_mem_fail_after(k);
+        em_status s = em_gen_drift_write(&c, a, b, tmp("e.sum"), NULL);
+        em_mem_fail_after(-1);
+        CHECK(s == EM_OK || s == EM_ERR_NOMEM);
+        CHECK(em_mem_in_use() == base);
+        if (s == EM_OK) break;
+    }
     /* custom shares and a single vertical work */
     const double sh[2] = {3, 1};
     c.verticals = 2, c.shares = sh;
