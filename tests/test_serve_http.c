@@ -767,6 +767,7 @@ static void check_quant_server(em_qtype qt, size_t want_bytes) {
 static void test_quant_tables(void) {
     check_quant_server(EM_QT_FP16, (size_t)NT * 10 * 4 * 2);
     check_quant_server(EM_QT_INT8, (size_t)NT * 10 * (4 + 8));
+    check_quant_server(EM_QT_INT8C, (size_t)NT * 10 * (4 + 2));
     check_quant_server(EM_QT_FP32, (size_t)NT * 10 * 4 * 4);
 }
 

@@ -129,8 +129,9 @@ static void check_forward(em_qtype type, em_pooling pk, int weighted, int D) {
                 float mn = x[0], mx = x[0];
                 for (int d = 1; d < D; d++) mn = fminf(mn, x[d]), mx = fmaxf(mx, x[d]);
                 double aw = g.pw ? fabs(g.pw[k]) : 1.0;
-                double per = type == EM_QT_INT8 ? (mx - mn) / 255.0 / 2 + 0x1p-22 * (fabs(mx) + fabs(mn))
-                                                : 0x1p-11 * fmax(fabs(mx), fabs(mn));
+                double step = em_qbag_row_step(q, t, g.idx[k]);
+                double per = type == EM_QT_FP16 ? 0x1p-11 * fmax(fabs(mx), fabs(mn))
+                                                : step / 2 + 0x1p-22 * (fabs(mx) + fabs(mn) + step);
                 bound += aw * per, mag += aw * fmax(fabs(mx), fabs(mn));
             }
             bound += 0x1p-21 * (double)(k1 - k0 + 1) * mag; /* fp32 rounding of the two sums */
@@ -158,6 +159,12 @@ static void test_forward_int8(void) {
     check_forward(EM_QT_INT8, EM_POOL_MEAN, 1, 13); /* a scalar tail, padded rows */
 }
 
+static void test_forward_int8c(void) {
+    check_forward(EM_QT_INT8C, EM_POOL_SUM, 0, 16);
+    check_forward(EM_QT_INT8C, EM_POOL_MEAN, 1, 16);
+    check_forward(EM_QT_INT8C, EM_POOL_SUM, 1, 13);
+}
+
 static void test_forward_fp16(void) {
     check_forward(EM_QT_FP16, EM_POOL_SUM, 0, 16);
     check_forward(EM_QT_FP16, EM_POOL_MEAN, 1, 16);
@@ -171,7 +178,7 @@ static void test_threads(void) {
     bags g = make_bags(T, rows, B, 12, 1, 5);
     size_t n = (size_t)B * T * D;
     float *o1 = malloc(n * sizeof(float)), *o3 = malloc(n * sizeof(float));
-    for (int ty = EM_QT_FP16; ty <= EM_QT_INT8; ty++) {
+    for (int ty = EM_QT_FP16; ty <= EM_QT_INT8C; ty++) {
         em_pool *p3;
         CHECK_OK(em_pool_create(&p3, 3));
         em_qbag *q1, *q3;
@@ -225,6 +232,7 @@ static void test_invalid(void) {
     CHECK(em_qtype_parse("int8", &t) == 0 && t == EM_QT_INT8);
     CHECK(em_qtype_parse("fp16", &t) == 0 && t == EM_QT_FP16 && strcmp(em_qtype_name(t), "fp16") == 0);
     CHECK(em_qtype_parse("fp32", &t) == 0 && t == EM_QT_FP32);
+    CHECK(em_qtype_parse("int8c", &t) == 0 && t == EM_QT_INT8C);
     CHECK(em_qtype_parse("int4", &t) == -1);
     em_qbag_free(q);
     em_qbag_free(NULL);
@@ -252,6 +260,63 @@ static void test_alloc_failure(void) {
     em_embbag_free(e);
 }
 
-TEST_MAIN({"fp16_values", test_fp16_values}, {"int8_rows", test_int8_rows}, {"forward_int8", test_forward_int8},
+/* int8c: 18-byte rows at D = 16, every value within step / 2 of fp32 (a constant row
+ * too), a zero row exact, the step within 2^(1/4) of (max - min) / 254 for rows that straddle
+ * zero, the extreme step codes, and non-finite values neither crash nor poison the
+ * table's other rows. */
+static void test_int8c_rows(void) {
+    const int D = 16;
+    int64_t rows[2] = {2000, 6};
+    em_embbag *e = make_bag(2, rows, D, EM_POOL_SUM, 12);
+    float *w0 = em_embbag_weights(e, 0), *w1 = em_embbag_weights(e, 1);
+    /* rows 0..999 of table 0: symmetric around zero with ranges over 12 decades */
+    em_rng r;
+    em_rng_seed(&r, 77);
+    for (int64_t i = 0; i < 1000; i++) {
+        double mag = pow(10.0, -8.0 + 11.0 * (double)i / 1000.0); /* 1e-8 .. 1e3 */
+        for (int d = 0; d < D; d++) w0[i * D + d] = (float)(mag * (em_rng_uniform(&r) * 2 - 1));
+    }
+    for (int d = 0; d < D; d++) {
+        w1[0 * D + d] = 0.375f;                      /* constant */
+        w1[1 * D + d] = 0.0f;                        /* zero */
+        w1[2 * D + d] = d == 3 ? NAN : 0.25f;        /* NaN */
+        w1[3 * D + d] = d == 5 ? INFINITY : -0.5f;   /* inf */
+        w1[4 * D + d] = 1e30f * (d % 2 ? 1 : -1);    /* beyond the largest step */
+        w1[5 * D + d] = 1e-30f * (float)d;           /* below the smallest step */
+    }
+    em_qbag *q;
+    CHECK_OK(em_qbag_create(&q, e, EM_QT_INT8C, EM_POOL_SUM, NULL));
+    CHECK(em_qbag_type(q) == EM_QT_INT8C && em_qbag_table_bytes(q, 0) == 2000 * 18 && em_qbag_bytes(q) == 2006 * 18);
+    CHECK(strcmp(em_qtype_name(EM_QT_INT8C), "int8c") == 0);
+    float got[16];
+    int bad = 0, loose = 0;
+    for (int64_t i = 0; i < rows[0]; i++) {
+        const float *x = w0 + i * D;
+        float mn = x[0], mx = x[0];
+        for (int d = 1; d < D; d++) mn = fminf(mn, x[d]), mx = fmaxf(mx, x[d]);
+        em_qbag_dequant_row(q, 0, i, got);
+        double step = em_qbag_row_step(q, 0, i);
+        double tol = step / 2 + 0x1p-22 * (fabs(mx) + fabs(mn) + step);
+        for (int d = 0; d < D; d++) bad += fabs((double)got[d] - x[d]) > tol;
+        if (i < 1000 && mn < 0 && mx > 0 && (mx - mn) / 255.0 >= 0x1p-24) loose += step > 1.18920713 * (mx - mn) / 254.0 * (1 + 1e-6);
+    }
+    CHECK(bad == 0);
+    CHECK(loose == 0);
+    em_qbag_dequant_row(q, 1, 0, got);
+    for (int d = 0; d < D; d++) bad += fabsf(got[d] - 0.375f) > em_qbag_row_step(q, 1, 0) / 2;
+    em_qbag_dequant_row(q, 1, 1, got);
+    for (int d = 0; d < D; d++) bad += got[d] != 0.0f;
+    em_qbag_dequant_row(q, 1, 5, got);
+    for (int d = 0; d < D; d++) bad += fabs((double)got[d] - 1e-30 * d) > 0x1p-25;
+    CHECK(bad == 0);
+    em_qbag_dequant_row(q, 1, 4, got); /* clamped to the largest step's grid: finite */
+    for (int d = 0; d < D; d++) bad += !isfinite(got[d]);
+    CHECK(bad == 0);
+    em_qbag_free(q);
+    em_embbag_free(e);
+}
+
+TEST_MAIN({"fp16_values", test_fp16_values}, {"int8_rows", test_int8_rows}, {"int8c_rows", test_int8c_rows},
+          {"forward_int8c", test_forward_int8c}, {"forward_int8", test_forward_int8},
           {"forward_fp16", test_forward_fp16}, {"threads", test_threads}, {"invalid", test_invalid},
           {"alloc_failure", test_alloc_failure})

@@ -13,9 +13,17 @@
  *               x ~= scale * q + bias, scale = (max - min) / 255, q = round((x - min) / scale).
  *               D + 8 bytes a row for D % 4 == 0 (24 for D = 16: 2.67x smaller than fp32;
  *               the ratio 4D / (D + 8) reaches 3.5x at D = 56).
+ *   EM_QT_INT8C: compact 8-bit rows: D uint8 codes, then 2 bytes (uint16 LE) packing a
+ *               7-bit step code e (bits 0-6) and a 9-bit offset o + 256 (bits 7-15):
+ *               x ~= s * (q + o), s = 2^(e/4 - 24), o in [-256, 255]. D + 2 bytes a row
+ *               (18 for D = 16: 3.56x smaller than fp32). The step is the smallest on
+ *               the grid whose codes span the row's [min, max]; for rows within about
+ *               their own width of zero (embedding rows) it is at most 2^(1/4) (max - min) / 254,
+ *               about 19% over the int8 step (max - min) / 255.
  *
  * Error: an fp16 value is within 2^-11 relative of the fp32 one (normal range); an
- * int8 value within scale / 2 (plus fp32 rounding) of it, so a pooled sum is within
+ * int8 or int8c value within step / 2 (plus fp32 rounding) of it, step being the row's
+ * em_qbag_row_step, so a pooled sum is within
  * sum_k |w_k| * (scale_k / 2 + 2^-22 * (|max_k| + |min_k|)) of the fp32 pooling (mean: that
  * over the bag length), plus the fp32 rounding of the sum itself. tests/test_sparse_quant.c checks exactly this bound.
  *
@@ -35,16 +43,16 @@
 extern "C" {
 #endif
 
-typedef enum { EM_QT_FP32 = 0, EM_QT_FP16, EM_QT_INT8 } em_qtype;
+typedef enum { EM_QT_FP32 = 0, EM_QT_FP16, EM_QT_INT8, EM_QT_INT8C } em_qtype;
 
-/* "fp32", "fp16", "int8". */
+/* "fp32", "fp16", "int8", "int8c". */
 const char *em_qtype_name(em_qtype t);
 /* Parse one of those names; -1 if unknown, else 0 with *out set. */
 int em_qtype_parse(const char *s, em_qtype *out);
 
 typedef struct em_qbag em_qbag;
 
-/* Quantize every table of src (which is only read) to type (EM_QT_FP16 or EM_QT_INT8;
+/* Quantize every table of src (which is only read) to type (EM_QT_FP16, EM_QT_INT8 or EM_QT_INT8C;
  * EM_QT_FP32 is EM_ERR_INVALID: use the em_embbag itself). Rows are split over the pool;
  * the result does not depend on the thread count. pooling should be src's (the model's
  * configuration has it; em_embbag does not expose it). */
@@ -60,6 +68,9 @@ size_t em_qbag_table_bytes(const em_qbag *q, int t);
 size_t em_qbag_bytes(const em_qbag *q);
 /* Row r of table t dequantized into out[D] (tests, debugging). */
 void em_qbag_dequant_row(const em_qbag *q, int t, int64_t r, float *out);
+/* The quantization step (scale) of row r of table t: int8 and int8c values lie on
+ * bias + step * {0..255}; 0 for fp16. */
+float em_qbag_row_step(const em_qbag *q, int t, int64_t r);
 
 /* out(B, T, D): out[b][t] = pool_{k in bag(t,b)} per_id_w[k] * dequant(W_t[indices[k]]).
  * Offsets and indices are checked first (in order): EM_ERR_INVALID naming the table,

@@ -6,7 +6,7 @@
  * (and is counted and reported), unless --strict makes it fatal. Lines may carry the
  * label (40 fields, like the training data) or not (39 fields, like Criteo's test.txt).
  *
- * eval --tables fp16|int8 measures serving accuracy with quantized tables: it pools
+ * eval --tables fp16|int8|int8c measures serving accuracy with quantized tables: it pools
  * from an em_qbag (ember/quant.h) and runs em_dlrm_forward_with, exactly the forward
  * `ember serve --tables` runs, and reports the tables' bytes next to fp32's.
  */
@@ -33,7 +33,7 @@ static const cli_opt eval_opts[] = {
     OPT_MODEL,
     OPT_STR("test", "PATH", "labelled data (Criteo TSV or ember binary)", eval_ctx, test),
     OPT_INT("limit", "N", "use only the first N lines", eval_ctx, limit, 0, 1LL << 60),
-    OPT_STR("tables", "fp32|fp16|int8", "embedding tables to evaluate with, as ember serve --tables (default fp32)",
+    OPT_STR("tables", "fp32|fp16|int8|int8c", "embedding tables to evaluate with, as ember serve --tables (default fp32)",
             eval_ctx, tables),
     OPT_BATCH,
     OPT_THREADS,
@@ -122,7 +122,7 @@ int cmd_eval(int argc, char **argv) {
     }
     em_qtype qt = EM_QT_FP32;
     if (c.tables && em_qtype_parse(c.tables, &qt)) {
-        fprintf(stderr, "ember eval: --tables must be fp32, fp16 or int8 (got '%s')\n", c.tables);
+        fprintf(stderr, "ember eval: --tables must be fp32, fp16, int8 or int8c (got '%s')\n", c.tables);
         return 2;
     }
     em_pool *pool;

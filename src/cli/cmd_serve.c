@@ -26,7 +26,7 @@ typedef struct {
 
 static const cli_opt serve_opts[] = {
     OPT_STR("model", "CKPT", "checkpoint written by ember train", serve_ctx, model),
-    OPT_STR("tables", "fp32|fp16|int8", "embedding tables to serve from: fp32, or row-quantized fp16 / int8 (default fp32)",
+    OPT_STR("tables", "fp32|fp16|int8|int8c", "embedding tables to serve from: fp32, or row-quantized fp16 / int8 / int8c (compact int8) (default fp32)",
             serve_ctx, tables),
     OPT_STR("bind", "ADDR", "IPv4 address to listen on (default 127.0.0.1)", serve_ctx, bind),
     OPT_INT("port", "N", "TCP port (default 8080; 0 = pick a free one and print it)", serve_ctx, port, 0, 65535),
@@ -56,7 +56,7 @@ int cmd_serve(int argc, char **argv) {
     if (c.max_conns < c.threads) c.max_conns = c.threads;
     em_qtype qt = EM_QT_FP32;
     if (c.tables && em_qtype_parse(c.tables, &qt)) {
-        fprintf(stderr, "ember serve: --tables must be fp32, fp16 or int8 (got '%s')\n", c.tables);
+        fprintf(stderr, "ember serve: --tables must be fp32, fp16, int8 or int8c (got '%s')\n", c.tables);
         return 2;
     }
 
