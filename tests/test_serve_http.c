@@ -15,6 +15,8 @@
  * corrupt file, a missing one, other feature counts): no request fails, every answer
  * is one model's prediction and carries that model's version, every version is seen;
  * /admin/reload refuses non-loopback clients (when the host has another IPv4 address).
+ * Teacher mode: every prediction of a request with example ids (JSON "ids", binary
+ * version 2) lands once in the DAS log, readable while serving and complete after.
  */
 #include <arpa/inet.h>
 #include <ifaddrs.h>
@@ -27,6 +29,7 @@
 #include <sys/time.h>
 #include <unistd.h>
 
+#include "ember/das.h"
 #include "ember/serve.h"
 #include "test.h"
 
@@ -987,8 +990,175 @@ static void test_reload_under_load(void) {
     check_reload_under_load(EM_QT_INT8);
 }
 
+/* ------------------------------------------------------------ teacher mode */
+
+/* A binary request of lines [lo, hi): version 1, or 2 with ids[i - lo] and `vertical`. */
+static char *bin_request(int lo, int hi, int version, const uint64_t *ids, uint16_t vertical, long *len) {
+    const size_t idb = version == 2 ? 8 : 0, rec = idb + 8 + 4 * ND + 8 * NT;
+    const int n = hi - lo;
+    char *body = malloc(16 + rec * (size_t)n);
+    memcpy(body, "EMRQ", 4);
+    put_u16(body + 4, (uint16_t)version), put_u16(body + 6, ND), put_u16(body + 8, NT);
+    put_u16(body + 10, version == 2 ? vertical : 0);
+    put_u32(body + 12, (uint32_t)n);
+    for (int i = lo; i < hi; i++) {
+        char l[520];
+        float label, dense[ND];
+        uint64_t fid[NT], miss;
+        int k = snprintf(l, sizeof l, "0\t%s", g_lines[i]);
+        CHECK_OK(em_criteo_parse_line(l, (size_t)k, ND, NT, &label, dense, fid, &miss, NULL));
+        char *q = body + 16 + rec * (size_t)(i - lo);
+        if (idb) memcpy(q, &ids[i - lo], 8);
+        memcpy(q + idb, &miss, 8);
+        memcpy(q + idb + 8, dense, sizeof dense);
+        memcpy(q + idb + 8 + sizeof dense, fid, sizeof fid);
+    }
+    *len = (long)(16 + rec * (size_t)n);
+    return body;
+}
+
+/* ember serve as an ExFM foundation model: every prediction of a request with example
+ * ids is logged once in the DAS log (id, vertical, logit, step), readable while the
+ * server runs (the flusher) and complete after it stops; requests without ids are
+ * refused with a message; a server without a log accepts ids and ignores them. */
+static void test_teacher_mode(void) {
+    if (setup()) {
+        CHECK(0);
+        return;
+    }
+    char logp[256];
+    snprintf(logp, sizeof logp, "/tmp/ember_test_teacher_%d.das", (int)getpid());
+    unlink(logp);
+    em_pool *pool;
+    em_dlrm *m;
+    CHECK_OK(em_pool_create(&pool, 1));
+    CHECK_OK(em_dlrm_load(&m, g_ckpt, NULL, pool));
+    const int64_t step = em_dlrm_step_count(m);
+    em_serve_cfg cfg = em_serve_default();
+    cfg.port = 0, cfg.max_batch = 8, cfg.max_wait_us = 0; /* 8: a 12-example request runs in chunks */
+    cfg.log_path = logp, cfg.log_flush_ms = 10;
+    em_server *s;
+    CHECK_OK(em_serve_create(&s, m, pool, &cfg));
+    CHECK_OK(em_serve_start(s));
+    const int port = em_serve_port(s);
+
+    /* JSON: lines 0..11 with integer ids, vertical 3; line 12 with the largest id */
+    char *ex = examples_json(0, 12), *body = malloc(strlen(ex) + 512);
+    size_t el = strlen(ex) - 1; /* without the closing brace */
+    int n = sprintf(body, "%.*s, \"vertical\": 3, \"ids\": [", (int)el, ex);
+    for (int i = 0; i < 12; i++) n += sprintf(body + n, i ? ", %d" : "%d", 1000 + i);
+    sprintf(body + n, "]}");
+    http_resp r;
+    float p[NLINES];
+    CHECK(post_json(port, body, &r) == 0);
+    CHECK(r.status == 200 && parse_probs(r.body, p, NLINES) == 12);
+    for (int i = 0; i < 12; i++) CHECK_NEAR(p[i], g_want[i], 1e-6);
+    free(r.body), free(body), free(ex);
+    ex = examples_json(12, 13), el = strlen(ex) - 1;
+    body = malloc(strlen(ex) + 128);
+    sprintf(body, "%.*s, \"ids\": [\"18446744073709551615\"]}", (int)el, ex);
+    CHECK(post_json(port, body, &r) == 0);
+    CHECK(r.status == 200 && parse_probs(r.body, p, 1) == 1 && fabsf(p[0] - g_want[12]) < 1e-6f);
+    free(r.body), free(body);
+    /* refused: no ids, wrong count, bad ids, bad vertical, binary version 1 */
+    static const char *const bad[][2] = {
+        {"", "every request needs"},
+        {", \"ids\": [1, 2]", "2 values for 1 examples"},
+        {", \"ids\": [-1]", "ids[0]"},
+        {", \"ids\": [\"18446744073709551616\"]", "ids[0]"},
+        {", \"ids\": [\"12a\"]", "ids[0]"},
+        {", \"ids\": [1.5]", "ids[0]"},
+        {", \"ids\": 7", "must be an array"},
+        {", \"ids\": [1], \"vertical\": -1", "vertical"},
+        {", \"ids\": [1], \"vertical\": \"x\"", "vertical"},
+    };
+    for (size_t k = 0; k < sizeof bad / sizeof bad[0]; k++) {
+        body = malloc(strlen(ex) + 128);
+        sprintf(body, "%.*s%s}", (int)el, ex, bad[k][0]);
+        expect_json(port, body, 400, bad[k][1]);
+        free(body);
+    }
+    free(ex);
+    long len;
+    body = bin_request(13, 24, 1, NULL, 0, &len);
+    expect(port, "POST", "/v1/predict.bin", body, len, 400, "version 2");
+    free(body);
+    /* binary version 2: lines 13..23, ids 5000.., vertical 9 */
+    uint64_t ids[NLINES];
+    for (int i = 0; i < 11; i++) ids[i] = 5000 + (uint64_t)i;
+    body = bin_request(13, 24, 2, ids, 9, &len);
+    CHECK(http(port, "POST", "/v1/predict.bin", NULL, body, len, &r) == 0);
+    CHECK(r.status == 200 && r.len == 11 * 4);
+    for (int i = 0; i < 11 && r.len == 44; i++) {
+        float v;
+        memcpy(&v, r.body + 4 * i, 4);
+        CHECK_NEAR(v, g_want[13 + i], 1e-6);
+    }
+    free(r.body), free(body);
+
+    /* while serving: the flusher has written the records out */
+    em_das_index *ix;
+    CHECK_OK(em_das_index_create(&ix, 0));
+    uint64_t off = 0, got = 0;
+    for (int tries = 0; tries < 200 && got < 24; tries++) {
+        uint64_t add = 0;
+        CHECK_OK(em_das_index_follow(ix, logp, &off, EM_DAS_STRICT, &add));
+        got += add;
+        if (got < 24) usleep(10000);
+    }
+    CHECK(got == 24);
+    em_das_index_free(ix);
+    em_serve_stats st;
+    em_serve_stats_get(s, &st);
+    CHECK(st.logged == 24 && st.log_errors == 0);
+    r.body = NULL;
+    CHECK(http(port, "GET", "/metrics", NULL, NULL, -1, &r) == 0);
+    CHECK(r.body && strstr(r.body, "ember_teacher_logged_total 24\n") && strstr(r.body, "ember_teacher_log_errors_total 0\n"));
+    free(r.body);
+    em_serve_free(s);
+
+    /* the whole log: one record per example, the logit of the served probability */
+    const char *paths[1] = {logp};
+    CHECK_OK(em_das_index_open(&ix, paths, 1, EM_DAS_STRICT));
+    em_das_stats ds;
+    em_das_index_stats(ix, &ds);
+    CHECK(ds.records == 24 && ds.entries == 24 && ds.duplicates == 0 && ds.torn == 0);
+    for (int i = 0; i < NLINES; i++) {
+        uint64_t id = i < 12 ? 1000 + (uint64_t)i : i == 12 ? UINT64_MAX : 5000 + (uint64_t)(i - 13);
+        em_das_rec rec;
+        CHECK(em_das_lookup(ix, id, &rec) == 1);
+        CHECK(rec.vertical == (uint32_t)(i < 12 ? 3 : i == 12 ? 0 : 9) && rec.version == (uint32_t)step);
+        CHECK_NEAR(sigm(rec.logit), g_want[i], 1e-6);
+    }
+    em_das_index_free(ix);
+    unlink(logp);
+
+    /* without a log: ids are accepted and ignored, binary version 2 works */
+    s = start_server(64, 0, 1 << 20);
+    CHECK(s);
+    if (!s) return;
+    body = bin_request(0, 5, 2, ids, 1, &len);
+    CHECK(http(em_serve_port(s), "POST", "/v1/predict.bin", NULL, body, len, &r) == 0);
+    CHECK(r.status == 200 && r.len == 5 * 4);
+    for (int i = 0; i < 5 && r.len == 20; i++) {
+        float v;
+        memcpy(&v, r.body + 4 * i, 4);
+        CHECK_NEAR(v, g_want[i], 1e-6);
+    }
+    free(r.body), free(body);
+    em_serve_stats_get(s, &st);
+    CHECK(st.logged == 0);
+    em_serve_free(s);
+    /* a log that cannot be opened fails create, freeing the model and the pool */
+    CHECK_OK(em_pool_create(&pool, 1));
+    CHECK_OK(em_dlrm_load(&m, g_ckpt, NULL, pool));
+    cfg.log_path = "/nonexistent-dir/teacher.das";
+    CHECK(em_serve_create(&s, m, pool, &cfg) == EM_ERR_IO && strstr(em_last_error(), "nonexistent-dir"));
+}
+
 TEST_MAIN({"predict_json", test_predict_json}, {"concurrent_batching", test_concurrent_batching},
           {"predict_bin", test_predict_bin}, {"errors_and_metrics", test_errors_and_metrics},
           {"no_alloc_no_leak", test_no_alloc_no_leak}, {"bad_config", test_bad_config},
           {"forward_with", test_forward_with}, {"quant_tables", test_quant_tables},
-          {"reload_under_load", test_reload_under_load}, {"reload_loopback_only", test_reload_loopback_only})
+          {"reload_under_load", test_reload_under_load}, {"reload_loopback_only", test_reload_loopback_only},
+          {"teacher_mode", test_teacher_mode})

@@ -14,7 +14,7 @@
  * Endpoints: POST /v1/predict (JSON), POST /v1/predict.bin (binary), GET /healthz,
  * GET /metrics (Prometheus text format), POST /admin/reload (loopback clients only).
  *
- * Tables: cfg.tables = EM_QT_FP16 or EM_QT_INT8 serves from row-quantized copies of the
+ * Tables: cfg.tables = EM_QT_FP16, EM_QT_INT8 or EM_QT_INT8C serves from row-quantized copies of the
  * embedding tables (ember/quant.h), pooled on the fly, and frees the fp32 tables.
  *
  * Hot reload: em_serve_reload (also POST /admin/reload, and SIGHUP in `ember serve`)
@@ -33,6 +33,16 @@
  * into buffers allocated at create time, and hands each request its slice. A request
  * larger than max_batch runs alone, in max_batch chunks. The worker that queued a
  * request waits for its answer, so `threads` bounds the requests in flight.
+ *
+ * Teacher mode (ExFM, TECHNIQUES.md section 4): with cfg.log_path the server is a
+ * foundation model whose every prediction is logged, once, in a DAS log (ember/das.h)
+ * that students join: (example id, vertical, logit, model step). Requests must then
+ * carry example ids (JSON "ids", binary version 2); the batcher appends the batch's
+ * records after its forward pass (a buffered copy, no I/O), and a flusher thread
+ * writes the buffer out and fsyncs every log_flush_ms, outside the append lock, so a
+ * slow disk never stalls a forward pass. A failed append does not fail the request:
+ * it is counted (log_errors, ember_teacher_log_errors_total). em_serve_free flushes
+ * and closes the log.
  *
  * Like the rest of the library the server never prints and never exits.
  */
@@ -58,10 +68,13 @@ typedef struct {
     em_qtype tables;    /* EM_QT_FP32 (the model's own tables), EM_QT_FP16 or EM_QT_INT8 */
     const char *model_path; /* the model's checkpoint (copied): what a reload with no
                              * path loads; NULL = a reload must name one */
+    const char *log_path;   /* teacher mode: append every prediction to this DAS log
+                             * (ember/das.h; created or appended to); NULL = off */
+    int log_flush_ms;       /* teacher mode: write the log out and fsync it this often, > 0 */
 } em_serve_cfg;
 
 /* 127.0.0.1:8080, 4 threads, max batch 256, max wait 200 us, 1 MiB bodies, 64 connections,
- * fp32 tables, no model path. */
+ * fp32 tables, no model path, no prediction log (flush every 1000 ms when set). */
 em_serve_cfg em_serve_default(void);
 
 typedef struct em_server em_server;
@@ -104,6 +117,7 @@ typedef struct {
     int64_t model_step;                    /* the model's optimizer step count */
     uint64_t reloads, reload_failures;     /* em_serve_reload calls that swapped / failed */
     size_t table_bytes;                    /* the served embedding tables (as quantized) */
+    uint64_t logged, log_errors;           /* teacher mode: predictions appended / failed appends */
 } em_serve_stats;
 
 /* A consistent-enough snapshot (each counter is read atomically). */

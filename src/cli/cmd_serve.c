@@ -11,6 +11,9 @@
  * it in place, e.g. with ember train's atomic save, then send SIGHUP); the load runs on
  * the main thread while the server keeps answering. POST /admin/reload does the same
  * over HTTP, optionally with another path.
+ *
+ * --log-predictions FILE makes it an ExFM teacher: every prediction is appended to a
+ * DAS log (ember/das.h) that students join by example id.
  */
 #include <signal.h>
 #include <string.h>
@@ -19,8 +22,8 @@
 #include "ember/serve.h"
 
 typedef struct {
-    const char *model, *bind, *tables;
-    int port, threads, infer_threads, max_batch, max_wait_us, max_conns;
+    const char *model, *bind, *tables, *log;
+    int port, threads, infer_threads, max_batch, max_wait_us, max_conns, log_flush_ms;
     int64_t max_body;
 } serve_ctx;
 
@@ -38,12 +41,19 @@ static const cli_opt serve_opts[] = {
     OPT_INT("max-body", "BYTES", "larger request bodies get 413 (default 1048576)", serve_ctx, max_body, 16,
             1LL << 34),
     OPT_INT("max-conns", "N", "open connections at most (default 64)", serve_ctx, max_conns, 1, 65536),
+    OPT_STR("log-predictions", "FILE",
+            "teacher mode: append every prediction (example id, vertical, logit, step) to this DAS log for "
+            "students to join; requests must then carry example ids",
+            serve_ctx, log),
+    OPT_INT("log-flush-ms", "N", "teacher mode: write the log out and fsync it every N ms (default 1000)", serve_ctx,
+            log_flush_ms, 1, 3600000),
 };
 
 int cmd_serve(int argc, char **argv) {
     em_serve_cfg d = em_serve_default();
     serve_ctx c = {.port = d.port, .threads = d.threads, .infer_threads = 2, .max_batch = d.max_batch,
-                   .max_wait_us = d.max_wait_us, .max_conns = d.max_conns, .max_body = (int64_t)d.max_body};
+                   .max_wait_us = d.max_wait_us, .max_conns = d.max_conns, .max_body = (int64_t)d.max_body,
+                   .log_flush_ms = d.log_flush_ms};
     char *pos[1];
     int npos;
     int rc = cli_parse("serve", "--model CKPT [--port N] [options]", serve_opts, CLI_NOPTS(serve_opts), &c, argc, argv,
@@ -81,6 +91,7 @@ int cmd_serve(int argc, char **argv) {
     cfg.bind = c.bind, cfg.port = c.port, cfg.threads = c.threads, cfg.max_batch = c.max_batch;
     cfg.max_wait_us = c.max_wait_us, cfg.max_body = (size_t)c.max_body, cfg.max_conns = c.max_conns;
     cfg.tables = qt, cfg.model_path = c.model;
+    cfg.log_path = c.log, cfg.log_flush_ms = c.log_flush_ms;
     em_server *s;
     if ((st = em_serve_create(&s, m, pool, &cfg)) != EM_OK) { /* frees m and pool */
         cli_fail("serve", st);
@@ -93,9 +104,9 @@ int cmd_serve(int argc, char **argv) {
     }
     em_serve_stats stats;
     em_serve_stats_get(s, &stats);
-    printf("ember serve: listening on http://%s:%d (model %s, step %lld, %s tables, %.1f MiB)\n",
+    printf("ember serve: listening on http://%s:%d (model %s, step %lld, %s tables, %.1f MiB%s%s)\n",
            c.bind ? c.bind : "127.0.0.1", em_serve_port(s), c.model, (long long)step, em_qtype_name(qt),
-           (double)stats.table_bytes / (1 << 20));
+           (double)stats.table_bytes / (1 << 20), c.log ? ", logging predictions to " : "", c.log ? c.log : "");
     fflush(stdout);
     int sig = 0;
     for (;;) {
@@ -118,5 +129,8 @@ int cmd_serve(int argc, char **argv) {
     for (int i = 0; i < EM_SERVE_EP__COUNT; i++) req += stats.requests[i];
     fprintf(stderr, "ember serve: %llu requests (%llu errors), %llu examples in %llu forward passes\n", req,
             (unsigned long long)stats.errors, (unsigned long long)stats.examples, (unsigned long long)stats.batches);
+    if (c.log)
+        fprintf(stderr, "ember serve: %llu predictions logged to %s (%llu could not be)\n",
+                (unsigned long long)stats.logged, c.log, (unsigned long long)stats.log_errors);
     return 0;
 }

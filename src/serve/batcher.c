@@ -23,6 +23,11 @@
  * before it exits, so a reloader never waits on a batcher that has gone.
  * With quantized tables the batcher pools from the em_qbag into the model's pooled
  * buffer and runs em_dlrm_forward_with; otherwise em_dlrm_forward.
+ *
+ * Teacher mode: after each forward pass the batcher appends one DAS record per
+ * example that came with an id (the raw logit, the request's vertical, the served
+ * model's step as version) to the log's in-memory buffer; the flusher thread
+ * (server.c) writes it out. Chunks of a large request are logged as they are run.
  */
 #include <errno.h>
 #include <math.h>
@@ -46,14 +51,16 @@ em_status em__batch_alloc(em_server *s) {
     s->b.offsets = em_calloc(B * T + 1, sizeof(int64_t));
     s->logits = em_calloc(B, sizeof(float));
     s->taken = em_calloc(B, sizeof(em__req *));
-    if (!s->b.label || !s->b.dense || !s->b.indices || !s->b.offsets || !s->logits || !s->taken)
+    s->logrecs = em_malloc(B * sizeof(em_das_rec));
+    if (!s->b.label || !s->b.dense || !s->b.indices || !s->b.offsets || !s->logits || !s->taken || !s->logrecs)
         return em_errorf(EM_ERR_NOMEM, "serve: no memory for batches of %zu examples", B);
     return EM_OK;
 }
 
 void em__batch_free(em_server *s) {
     em_free(s->b.label), em_free(s->b.dense), em_free(s->b.indices), em_free(s->b.offsets);
-    em_free(s->logits), em_free(s->taken);
+    em_free(s->logits), em_free(s->taken), em_free(s->logrecs);
+    s->logrecs = NULL;
     s->b.label = s->b.dense = NULL;
     s->b.indices = s->b.offsets = NULL;
     s->logits = NULL, s->taken = NULL;
@@ -156,10 +163,19 @@ static em_status run_batch(em_server *s, em__req **reqs, int k, int lo, int cnt)
     while ((uint64_t)B > mb && !atomic_compare_exchange_weak(&s->m.max_batch, &mb, (uint64_t)B)) {}
     atomic_fetch_add(&s->m.examples, (uint64_t)B);
     B = 0;
+    size_t nlog = 0;
     for (int j = 0; j < k; j++) {
-        int n = k == 1 ? cnt : reqs[j]->n, first = k == 1 ? lo : 0;
-        for (int i = 0; i < n; i++) reqs[j]->prob[first + i] = em__sigmoid(s->logits[B + i]);
+        const em__req *r = reqs[j];
+        int n = k == 1 ? cnt : r->n, first = k == 1 ? lo : 0;
+        for (int i = 0; i < n; i++) r->prob[first + i] = em__sigmoid(s->logits[B + i]);
+        if (s->das && r->has_exid)
+            for (int i = 0; i < n; i++)
+                s->logrecs[nlog++] = (em_das_rec){r->exid[first + i], r->vertical, s->logits[B + i], (uint32_t)s->cur->step};
         B += n;
+    }
+    if (nlog) { /* a buffered copy; the flusher thread does the I/O */
+        if (em_das_append(s->das, s->logrecs, nlog) == EM_OK) atomic_fetch_add(&s->m.logged, nlog);
+        else atomic_fetch_add(&s->m.log_errors, nlog);
     }
     return EM_OK;
 }

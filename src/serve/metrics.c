@@ -61,6 +61,8 @@ void em_serve_stats_get(const em_server *s, em_serve_stats *out) {
     out->reloads = atomic_load(&m->reloads);
     out->reload_failures = atomic_load(&m->reload_failures);
     out->table_bytes = atomic_load(&((em_server *)s)->table_bytes);
+    out->logged = atomic_load(&m->logged);
+    out->log_errors = atomic_load(&m->log_errors);
 }
 
 typedef struct {
@@ -118,5 +120,13 @@ size_t em_serve_metrics_text(const em_server *s, char *buf, size_t cap) {
     put(&b, "# HELP ember_embedding_table_bytes Bytes of the served embedding tables (%s rows).\n"
             "# TYPE ember_embedding_table_bytes gauge\nember_embedding_table_bytes %zu\n",
         em_qtype_name(s->cfg.tables), atomic_load(&((em_server *)s)->table_bytes));
+    if (s->das) {
+        put(&b, "# HELP ember_teacher_logged_total Predictions appended to the teacher log.\n"
+                "# TYPE ember_teacher_logged_total counter\nember_teacher_logged_total %llu\n",
+            (unsigned long long)atomic_load(&m->logged));
+        put(&b, "# HELP ember_teacher_log_errors_total Predictions that could not be appended to the teacher log.\n"
+                "# TYPE ember_teacher_log_errors_total counter\nember_teacher_log_errors_total %llu\n",
+            (unsigned long long)atomic_load(&m->log_errors));
+    }
     return b.len;
 }

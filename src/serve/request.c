@@ -11,6 +11,12 @@
  *
  * Binary requests are copied field by field with memcpy (the records are not
  * aligned) and checked: magic, version, feature counts, size, finite dense values.
+ *
+ * Example ids (teacher mode, docs/SERVING.md): JSON "ids" (one per example: an
+ * integer in [0, 2^63) or a string of decimal digits up to 2^64 - 1) and "vertical"
+ * (an integer in [0, 2^32)); binary version 2 puts a uint64 id in front of each
+ * record and the vertical in the header's reserved field. A server that logs
+ * predictions refuses requests without ids.
  */
 #include <jansson.h>
 #include <math.h>
@@ -31,7 +37,9 @@ int em__req_reserve(em_server *s, em__req *r, int cap) {
     if (miss) r->miss = miss;
     float *p = em_realloc(r->prob, (size_t)c * sizeof(float));
     if (p) r->prob = p;
-    if (!d || !ids || !miss || !p) return -1;
+    uint64_t *ex = em_realloc(r->exid, (size_t)c * sizeof(uint64_t));
+    if (ex) r->exid = ex;
+    if (!d || !ids || !miss || !p || !ex) return -1;
     r->cap = c;
     return 0;
 }
@@ -110,19 +118,52 @@ static int parse_object(em_server *s, em__req *r, int i, json_t *o, char *msg, s
         } else if (!json_is_string(v)) {
             return FAIL("examples[%d]: sparse[%d] (C%d): expected a hex string, \"\" or null", i, f, f + 1);
         } else if (parse_hex(json_string_value(v), json_string_length(v), &ids[f])) {
-            size_t n = json_string_length(v);
+            size_t n = json_string_length(v), k = n > 40 ? 40 : n;
+            const char *t = json_string_value(v);
+            while (k < n && ((unsigned char)t[k] & 0xC0) == 0x80) k--; /* quote whole UTF-8 characters */
             return FAIL("examples[%d]: sparse[%d] (C%d): invalid hex '%.*s%s' (1 to 16 hex digits)", i, f, f + 1,
-                        n > 40 ? 40 : (int)n, json_string_value(v), n > 40 ? "..." : "");
+                        (int)k, t, k < n ? "..." : "");
         }
     }
     r->miss[i] = miss;
     return 0;
 }
 
+/* "ids": one example id per example, into r->exid. */
+static int parse_ids(em__req *r, json_t *ids, size_t n, char *msg, size_t cap) {
+    if (!json_is_array(ids)) return FAIL("\"ids\" must be an array of example ids");
+    if (json_array_size(ids) != n) return FAIL("\"ids\" has %zu values for %zu examples", json_array_size(ids), n);
+    for (size_t i = 0; i < n; i++) {
+        json_t *v = json_array_get(ids, i);
+        if (json_is_integer(v) && json_integer_value(v) >= 0) {
+            r->exid[i] = (uint64_t)json_integer_value(v);
+            continue;
+        }
+        const char *p = json_is_string(v) ? json_string_value(v) : NULL;
+        size_t len = p ? json_string_length(v) : 0;
+        uint64_t x = 0;
+        int ok = p && len > 0 && len <= 20;
+        for (size_t k = 0; ok && k < len; k++) {
+            unsigned d = (unsigned)((unsigned char)p[k] - '0');
+            if (d > 9 || x > (UINT64_MAX - d) / 10) ok = 0;
+            else x = x * 10 + d;
+        }
+        if (!ok) return FAIL("ids[%zu]: expected an integer in [0, 2^63) or a decimal string up to 18446744073709551615", i);
+        r->exid[i] = x;
+    }
+    r->has_exid = 1;
+    return 0;
+}
+
 int em__parse_json(em_server *s, em__req *r, char *msg, size_t cap) {
+    r->has_exid = 0, r->vertical = 0;
     json_error_t err;
     json_t *root = json_loadb(r->body, r->body_len, 0, &err);
-    if (!root) return FAIL("malformed JSON at line %d column %d: %s", err.line, err.column, err.text);
+    if (!root) {
+        for (char *t = err.text; *t; t++)
+            if ((unsigned char)*t >= 0x80) *t = '?'; /* jansson may quote part of a UTF-8 character */
+        return FAIL("malformed JSON at line %d column %d: %s", err.line, err.column, err.text);
+    }
     int rc = 0;
     json_t *ex = json_is_object(root) ? json_object_get(root, "examples") : NULL;
     if (!json_is_array(ex)) {
@@ -138,6 +179,19 @@ int em__parse_json(em_server *s, em__req *r, char *msg, size_t cap) {
         rc = (snprintf(msg, cap, "out of memory"), 500);
         goto done;
     }
+    json_t *ids = json_object_get(root, "ids"), *vert = json_object_get(root, "vertical");
+    if (ids && (rc = parse_ids(r, ids, n, msg, cap))) goto done;
+    if (vert) {
+        if (!json_is_integer(vert) || json_integer_value(vert) < 0 || json_integer_value(vert) > 0xffffffffLL) {
+            rc = FAIL("\"vertical\" must be an integer in [0, 4294967295]");
+            goto done;
+        }
+        r->vertical = (uint32_t)json_integer_value(vert);
+    }
+    if (s->das && !r->has_exid) {
+        rc = FAIL("this server logs its predictions (teacher mode): every request needs \"ids\", one example id per example");
+        goto done;
+    }
     for (size_t i = 0; i < n && !rc; i++) {
         json_t *e = json_array_get(ex, i);
         if (json_is_string(e)) rc = parse_line(s, r, (int)i, json_string_value(e), json_string_length(e), msg, cap);
@@ -151,7 +205,7 @@ done:
 }
 
 #define BIN_MAGIC "EMRQ"
-#define BIN_VERSION 1
+#define BIN_VERSION_MAX 2 /* 1: no ids; 2: a uint64 example id before each record */
 #define BIN_HEADER 16
 
 static uint16_t rd16(const char *p) {
@@ -168,14 +222,19 @@ static uint32_t rd32(const char *p) {
 int em__parse_bin(em_server *s, em__req *r, char *msg, size_t cap) {
     const char *p = r->body;
     size_t len = r->body_len;
+    r->has_exid = 0, r->vertical = 0;
     if (len < BIN_HEADER) return FAIL("binary request: %zu bytes, shorter than the %d-byte header", len, BIN_HEADER);
     if (memcmp(p, BIN_MAGIC, 4) != 0) return FAIL("binary request: bad magic (expected \"" BIN_MAGIC "\")");
-    if (rd16(p + 4) != BIN_VERSION) return FAIL("binary request: version %u, expected %d", rd16(p + 4), BIN_VERSION);
+    const unsigned ver = rd16(p + 4);
+    if (ver < 1 || ver > BIN_VERSION_MAX) return FAIL("binary request: version %u, expected 1 or 2", ver);
+    if (ver == 1 && s->das)
+        return FAIL("binary request: this server logs its predictions (teacher mode): send version 2, with example ids");
     int nd = rd16(p + 6), ns = rd16(p + 8);
     if (nd != s->nd || ns != s->ns)
         return FAIL("binary request: %d dense / %d sparse features, the model expects %d / %d", nd, ns, s->nd, s->ns);
     uint32_t n = rd32(p + 12);
-    size_t rec = 8 + 4 * (size_t)nd + 8 * (size_t)ns;
+    const size_t idb = ver == 2 ? 8 : 0; /* bytes of example id in front of each record */
+    size_t rec = idb + 8 + 4 * (size_t)nd + 8 * (size_t)ns;
     if (n == 0) return FAIL("binary request: count is 0");
     if ((len - BIN_HEADER) / rec != n || (len - BIN_HEADER) % rec != 0)
         return FAIL("binary request: %zu bytes, expected %zu for %u examples", len, BIN_HEADER + rec * n, n);
@@ -183,6 +242,7 @@ int em__parse_bin(em_server *s, em__req *r, char *msg, size_t cap) {
     const uint64_t valid = ns == 64 ? ~0ull : (1ull << ns) - 1;
     for (uint32_t i = 0; i < n; i++) {
         const char *q = p + BIN_HEADER + rec * i;
+        if (idb) memcpy(&r->exid[i], q, 8), q += idb;
         uint64_t miss;
         memcpy(&miss, q, 8);
         if (miss & ~valid) return FAIL("binary request: example %u: missing mask has bits beyond %d", i, ns);
@@ -193,6 +253,7 @@ int em__parse_bin(em_server *s, em__req *r, char *msg, size_t cap) {
             if (!isfinite(d[j])) return FAIL("binary request: example %u: dense[%d] is not finite", i, j);
         memcpy(r->ids + (size_t)i * ns, q + 8 + 4 * (size_t)nd, 8 * (size_t)ns);
     }
+    if (ver == 2) r->has_exid = 1, r->vertical = rd16(p + 10);
     r->n = (int)n;
     return 0;
 }

@@ -12,6 +12,7 @@
 #include <pthread.h>
 #include <stdatomic.h>
 
+#include "ember/das.h"
 #include "ember/serve.h"
 
 typedef struct em__req {
@@ -28,6 +29,9 @@ typedef struct em__req {
     uint64_t *ids;        /* (cap, num_sparse) raw ids */
     uint64_t *miss;       /* (cap) bit f: categorical f missing */
     float *prob;          /* (cap) answers */
+    uint64_t *exid;       /* (cap) example ids, when has_exid (teacher mode logs them) */
+    int has_exid;         /* the request carried example ids */
+    uint32_t vertical;    /* the request's vertical (JSON "vertical", binary v2 header), 0 if none */
 
     char *line;           /* scratch: a TSV line with a label column prepended */
     size_t line_cap;
@@ -55,6 +59,7 @@ typedef struct {
     _Atomic uint64_t errors[7]; /* by code: 400, 403, 404, 405, 413, 500, 503 */
     _Atomic uint64_t reloads, reload_failures;
     _Atomic uint64_t examples, max_batch;
+    _Atomic uint64_t logged, log_errors; /* teacher mode */
     em__hist latency;           /* seconds */
     em__hist batch;             /* examples per forward pass */
 } em__metrics;
@@ -100,6 +105,13 @@ struct em_server {
     em__req **taken;            /* requests in the current batch */
 
     em__metrics m;
+
+    /* teacher mode: the prediction log, the batcher's record buffer (max_batch), the flusher */
+    em_das_writer *das;
+    em_das_rec *logrecs;
+    pthread_t flusher;
+    int flusher_running, flusher_stop; /* flusher_stop under mu, signalled on flush_cv */
+    pthread_cond_t flush_cv;
 };
 
 /* metrics.c */

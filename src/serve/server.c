@@ -23,6 +23,7 @@
  * (the forward pass or a reload failed), 503.
  */
 #include <arpa/inet.h>
+#include <errno.h>
 #include <jansson.h>
 #include <microhttpd.h>
 #include <netinet/in.h>
@@ -30,12 +31,14 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <time.h>
 
 #include "serve/serve_internal.h"
 
 em_serve_cfg em_serve_default(void) {
     em_serve_cfg c = {.bind = NULL, .port = 8080, .threads = 4, .max_batch = 256, .max_wait_us = 200,
-                      .max_body = (size_t)1 << 20, .max_conns = 64, .tables = EM_QT_FP32, .model_path = NULL};
+                      .max_body = (size_t)1 << 20, .max_conns = 64, .tables = EM_QT_FP32, .model_path = NULL,
+                      .log_path = NULL, .log_flush_ms = 1000};
     return c;
 }
 
@@ -261,7 +264,7 @@ static void free_slots(em_server *s) {
     if (!s->slots) return;
     for (int i = 0; i < s->cfg.max_conns; i++) {
         em__req *r = &s->slots[i];
-        em_free(r->body), em_free(r->dense), em_free(r->ids), em_free(r->miss), em_free(r->prob);
+        em_free(r->body), em_free(r->dense), em_free(r->ids), em_free(r->miss), em_free(r->prob), em_free(r->exid);
         em_free(r->line), em_free(r->out);
         pthread_cond_destroy(&r->cv);
     }
@@ -282,6 +285,8 @@ em_status em_serve_create(em_server **out, em_dlrm *model, em_pool *pool, const 
     else if (cfg->max_conns < cfg->threads || cfg->max_conns > 65536)
         st = em_errorf(EM_ERR_INVALID, "serve: max_conns %d not in [threads = %d, 65536]", cfg->max_conns, cfg->threads);
     else if (cfg->port < 0 || cfg->port > 65535) st = em_errorf(EM_ERR_INVALID, "serve: port %d not in [0, 65535]", cfg->port);
+    else if (cfg->log_path && cfg->log_flush_ms < 1)
+        st = em_errorf(EM_ERR_INVALID, "serve: log_flush_ms %d must be at least 1", cfg->log_flush_ms);
     else if (em_dlrm_config(model)->num_tables > 64)
         st = em_errorf(EM_ERR_UNSUPPORTED, "serve: %d tables; at most 64 are supported", em_dlrm_config(model)->num_tables);
     struct in_addr a;
@@ -296,12 +301,14 @@ em_status em_serve_create(em_server **out, em_dlrm *model, em_pool *pool, const 
     }
     s->cfg = *cfg;
     s->cfg.model_path = NULL;
+    s->cfg.log_path = NULL; /* not kept: s->das says whether predictions are logged */
     s->pool = pool;
     s->nd = em_dlrm_config(model)->num_dense, s->ns = em_dlrm_config(model)->num_tables;
     pthread_mutex_init(&s->mu, NULL);
     pthread_cond_init(&s->queue_cv, NULL);
     pthread_mutex_init(&s->reload_mu, NULL);
     pthread_cond_init(&s->reload_cv, NULL);
+    pthread_cond_init(&s->flush_cv, NULL);
     em__metrics_init(&s->m, cfg->max_batch);
     if (cfg->model_path) {
         size_t n = strlen(cfg->model_path) + 1;
@@ -312,6 +319,12 @@ em_status em_serve_create(em_server **out, em_dlrm *model, em_pool *pool, const 
         }
         memcpy(s->model_path, cfg->model_path, n);
         s->cfg.model_path = s->model_path;
+    }
+    if (cfg->log_path) {
+        if ((st = em_das_writer_open(&s->das, cfg->log_path))) {
+            em_dlrm_free(model);
+            goto fail;
+        }
     }
     if ((st = em__model_make(s, model, pool, &s->cur))) goto fail; /* frees model on failure */
     snprintf(s->cur->version, sizeof s->cur->version, "%lld", (long long)s->cur->step);
@@ -339,8 +352,32 @@ fail:
     return st;
 }
 
+/* Teacher mode: write the prediction log out and fsync it every log_flush_ms. */
+static void *flusher_main(void *arg) {
+    em_server *s = arg;
+    pthread_mutex_lock(&s->mu);
+    while (!s->flusher_stop) {
+        struct timespec dl;
+        clock_gettime(CLOCK_REALTIME, &dl);
+        long long ns = dl.tv_nsec + (long long)s->cfg.log_flush_ms * 1000000;
+        dl.tv_sec += (time_t)(ns / 1000000000), dl.tv_nsec = (long)(ns % 1000000000);
+        while (!s->flusher_stop && pthread_cond_timedwait(&s->flush_cv, &s->mu, &dl) != ETIMEDOUT) {}
+        pthread_mutex_unlock(&s->mu);
+        em_das_flush(s->das); /* a failure is sticky in the writer: later appends fail and are counted */
+        pthread_mutex_lock(&s->mu);
+    }
+    pthread_mutex_unlock(&s->mu);
+    return NULL;
+}
+
 em_status em_serve_start(em_server *s) {
     if (s->daemon) return EM_OK;
+    if (s->das && !s->flusher_running) {
+        s->flusher_stop = 0;
+        if (pthread_create(&s->flusher, NULL, flusher_main, s) != 0)
+            return em_errorf(EM_ERR_THREAD, "serve: cannot start the prediction log's flusher thread");
+        s->flusher_running = 1;
+    }
     pthread_mutex_lock(&s->mu);
     s->stop = 0;
     s->batcher_live = 1;
@@ -391,11 +428,22 @@ void em_serve_stop(em_server *s) {
         pthread_join(s->batcher, NULL);
         s->batcher_running = 0;
     }
+    if (s->flusher_running) { /* after the batcher: no more appends */
+        pthread_mutex_lock(&s->mu);
+        s->flusher_stop = 1;
+        pthread_cond_broadcast(&s->flush_cv);
+        pthread_mutex_unlock(&s->mu);
+        pthread_join(s->flusher, NULL);
+        s->flusher_running = 0;
+    }
+    if (s->das) em_das_flush(s->das);
 }
 
 void em_serve_free(em_server *s) {
     if (!s) return;
     em_serve_stop(s);
+    em_das_writer_close(s->das); /* flushed by em_serve_stop; NULL is a no-op */
+    s->das = NULL;
     free_slots(s);
     em__batch_free(s);
     em__model_free(s->cur);
@@ -405,6 +453,7 @@ void em_serve_free(em_server *s) {
     pthread_mutex_destroy(&s->mu);
     pthread_cond_destroy(&s->reload_cv);
     pthread_mutex_destroy(&s->reload_mu);
+    pthread_cond_destroy(&s->flush_cv);
     em_free(s);
 }
 
