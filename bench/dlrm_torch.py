@@ -25,6 +25,12 @@ kernels; the sparse group uses the per-tensor path, the only one that takes spar
 Sub-commands:
   speed    synthetic data preloaded as tensors; times only the training loop (forward,
            loss, backward, optimizer steps) after warmup; prints one JSON line.
+  infer    inference only (model.eval(), torch.inference_mode()) on synthetic batches
+           preloaded as tensors, the same shapes as `speed`; each forward call is timed
+           alone: examples/s over the timed calls, ms per batch and per-call latency
+           percentiles (the figure that matters at --batch 1). Small batches cycle
+           through more distinct batches (about 64k ids per table, 8 to 4096 batches,
+           as `ember bench --infer`) so the embedding rows read are not all cache-hot.
   quality  trains one epoch on a Criteo TSV in file order, evaluates on another TSV;
            prints one JSON line with AUC, logloss and normalised entropy. Parsing is
            vectorised numpy over whole blocks of lines and not timed (parse_s);
@@ -38,6 +44,7 @@ process's other threads.
 
 Examples:
   /usr/bin/python3 bench/dlrm_torch.py speed --config kaggle --batch 2048 --opt sgd
+  /usr/bin/python3 bench/dlrm_torch.py infer --config kaggle --batch 1 --steps 5000
   /usr/bin/python3 bench/dlrm_torch.py quality --train train.tsv --test test.tsv \
       --batch 128 --lr 0.1 --opt sgd --rows-cap 1000000
 """
@@ -227,6 +234,45 @@ def cmd_speed(args):
                       "ms_per_step": 1000.0 * dt / args.steps, "steps": args.steps}), flush=True)
 
 
+def _pct(xs, q):
+    """Nearest-rank percentile q in [0, 1] of the sorted list xs."""
+    k = max(0, min(len(xs) - 1, math.ceil(q * len(xs)) - 1))
+    return xs[k]
+
+
+def cmd_infer(args):
+    cfg = CONFIGS[args.config]
+    B = args.batch
+    steps = args.steps if args.steps is not None else (50 if B >= 2000 else 20000 if B <= 5 else 100000 // B)
+    warmup = args.warmup if args.warmup is not None else (5 if steps < 100 else steps // 20)
+    ids = B * cfg["bag"]
+    distinct = args.distinct if args.distinct is not None else (8 if ids >= 8192 else min(4096, 65536 // ids))
+    torch.manual_seed(args.seed)
+    model = DLRM(cfg["rows"], cfg["dim"], cfg["bot"], cfg["top"])
+    model.eval()
+    gen = torch.Generator().manual_seed(args.seed + 1)
+    batches = synthetic_batches(cfg, B, min(steps + warmup, distinct), gen)
+    times = []
+    check = 0.0
+    with torch.inference_mode():
+        for k in range(warmup + steps):
+            dense, _, idx, offs = batches[k % len(batches)]
+            t0 = time.perf_counter()
+            out = model(dense, idx, offs)
+            t1 = time.perf_counter()
+            if k >= warmup:
+                times.append(t1 - t0)
+            check += float(out[0])
+    total = sum(times)
+    times.sort()
+    print(json.dumps({"config": args.config, "mode": "infer", "batch": B, "threads": args.threads,
+                      "steps": steps, "distinct_batches": len(batches),
+                      "examples_per_s": B * steps / total, "ms_per_batch": 1000.0 * total / steps,
+                      "us_p50": 1e6 * _pct(times, 0.5), "us_p90": 1e6 * _pct(times, 0.9),
+                      "us_p99": 1e6 * _pct(times, 0.99), "us_min": 1e6 * times[0],
+                      "us_max": 1e6 * times[-1], "checksum": check}), flush=True)
+
+
 # -------------------------------------------------------------------- quality
 
 _DIGIT = np.full(256, 255, dtype=np.uint8)
@@ -413,6 +459,15 @@ def main(argv=None):
     sp.add_argument("--distinct", type=int, default=32,
                     help="distinct preloaded batches, cycled (default 32)")
 
+    ip = sub.add_parser("infer", help="inference throughput and per-call latency on synthetic data")
+    common(ip)
+    ip.add_argument("--config", choices=sorted(CONFIGS), required=True)
+    ip.add_argument("--steps", type=int, default=None,
+                    help="timed calls (default: 100k examples' worth, 50..20000)")
+    ip.add_argument("--warmup", type=int, default=None, help="untimed calls first (default steps/20, >= 5)")
+    ip.add_argument("--distinct", type=int, default=None,
+                    help="distinct preloaded batches, cycled (default 65536/(batch*bag), 8..4096)")
+
     qp = sub.add_parser("quality", help="one epoch on a Criteo TSV, then AUC/logloss/NE")
     common(qp)
     qp.add_argument("--train", required=True)
@@ -435,6 +490,11 @@ def main(argv=None):
         if args.steps < 1 or args.warmup < 0 or args.distinct < 1:
             raise SystemExit("--steps >= 1, --warmup >= 0, --distinct >= 1")
         cmd_speed(args)
+    elif args.cmd == "infer":
+        if (args.steps is not None and args.steps < 1) or (args.warmup is not None and args.warmup < 0) \
+                or (args.distinct is not None and args.distinct < 1):
+            raise SystemExit("--steps >= 1, --warmup >= 0, --distinct >= 1")
+        cmd_infer(args)
     else:
         cmd_quality(args)
     return 0

@@ -9,6 +9,17 @@
  * Ids are uniform random, dense features uniform in [0, 1), labels Bernoulli(0.5);
  * 8 distinct batches are generated up front and cycled, so only training is timed.
  *
+ * --infer: inference only (em_dlrm_forward, no backward, no update) on the same kind of
+ * batches, timed call by call: examples/s over the whole timed loop, ms per batch,
+ * per-call latency percentiles (the figure that matters at --batch 1), and GFLOP/s on
+ * the forward FLOPs per example (2 per multiply-add): the MLP GEMMs
+ * 2 * sum(in * out) plus the dot interaction's (T+1)T/2 dot products of length D
+ * (Kaggle: 948,736 + 11,232 = 959,968; bias adds, ReLU and pooling adds, ~2k, not
+ * counted). Small batches cycle through more distinct batches (about 64k ids per
+ * table in all, 8 to 4096 batches) so that embedding rows are not all cache-hot. A second
+ * loop of the same length times the two halves of the forward apart: pooling
+ * (em_embbag_forward) and the dense part (em_dlrm_forward_with on the pooled rows).
+ *
  * Sequence attention (issue 4), self attention forward + backward on one batch:
  *   jattn        Jagged Flash Attention (ember/jattn.h) on jagged Q/K/V
  *   attn_padded  ember's padded dense path (ember/attn_padded.h): inputs already
@@ -33,7 +44,7 @@
 
 typedef struct {
     const char *config, *opt, *dump;
-    int batch, threads, heads, head_dim, max_len, causal;
+    int batch, threads, heads, head_dim, max_len, causal, infer;
     long long steps, warmup, seed;
     double lr, mean_len;
 } bench_ctx;
@@ -43,8 +54,10 @@ static const cli_opt bench_opts[] = {
     OPT_INT("batch", "N", "examples per step (default 2048; attention: 256)", bench_ctx, batch, 1, 1 << 20),
     OPT_STR("opt", "NAME", "sgd (dense and sparse SGD) | adagrad | rowwise_adagrad (dense AdaGrad) (default sgd)", bench_ctx,
             opt),
-    OPT_INT("steps", "N", "timed steps (default 50; jattn 20, attn_padded 3)", bench_ctx, steps, 1, 1LL << 40),
-    OPT_INT("warmup", "N", "untimed steps first (default 5; jattn 3, attn_padded 1)", bench_ctx, warmup, 0, 1LL << 40),
+    OPT_FLAG("infer", "kaggle / embheavy: time inference only (forward, no backward)", bench_ctx, infer),
+    OPT_INT("steps", "N", "timed steps (default 50; jattn 20, attn_padded 3; --infer 100k examples, 50..20000 steps)",
+            bench_ctx, steps, 1, 1LL << 40),
+    OPT_INT("warmup", "N", "untimed steps first (default 5; jattn 3, attn_padded 1; --infer steps/20)", bench_ctx, warmup, 0, 1LL << 40),
     OPT_INT("threads", "N", "worker threads (default 2)", bench_ctx, threads, 1, 256),
     OPT_DOUBLE("lr", "F", "learning rate (default 0.01)", bench_ctx, lr),
     OPT_INT("heads", "N", "attention heads (default 2)", bench_ctx, heads, 1, 1024),
@@ -187,6 +200,73 @@ static int bench_attn(bench_ctx *c) {
     return 0;
 }
 
+/* Percentile q in [0, 1] of sorted x[0..n) (nearest rank). */
+static double pct(const double *x, long long n, double q) {
+    long long k = (long long)ceil(q * (double)n) - 1;
+    return x[k < 0 ? 0 : k >= n ? n - 1 : k];
+}
+
+/* `ember bench --workload kaggle|embheavy --infer`: forward passes only (see the file
+ * comment). batches[NB] are the preloaded inputs. */
+static int bench_infer(const bench_ctx *c, const em_dlrm_cfg *m, em_dlrm *model, em_batch *batches, int NB,
+                       em_pool *pool) {
+    const int B = c->batch, T = m->num_tables, D = m->dim;
+    double mlp = 0;
+    for (int i = 0; i + 1 < m->n_bot; i++) mlp += 2.0 * m->bot[i] * m->bot[i + 1];
+    for (int i = 0; i + 1 < m->n_top; i++) mlp += 2.0 * m->top[i] * m->top[i + 1];
+    const double inter = 2.0 * D * (double)T * (T + 1) / 2, flop = mlp + inter;
+    float *logits = em_malloc(sizeof(float) * (size_t)B);
+    float *pooled = em_malloc(sizeof(float) * (size_t)B * (size_t)T * (size_t)D);
+    double *ms = malloc(sizeof(double) * (size_t)c->steps);
+    if (!logits || !pooled || !ms) {
+        fprintf(stderr, "ember bench: out of memory\n");
+        return 1;
+    }
+    em_status st = EM_OK;
+    double check = 0, secs = 0;
+    for (long long s = 0; !st && s < c->warmup + c->steps; s++) {
+        const double t0 = em_now();
+        st = em_dlrm_forward(model, &batches[s % NB], logits, pool);
+        const double t1 = em_now();
+        if (s >= c->warmup) ms[s - c->warmup] = 1e3 * (t1 - t0), secs += t1 - t0;
+        check += logits[0];
+    }
+    /* the same calls again, pooling and dense part timed apart */
+    double emb_s = 0, dense_s = 0;
+    em_embbag *bag = em_dlrm_embbag(model);
+    for (long long s = 0; !st && s < c->steps; s++) {
+        const em_batch *b = &batches[(c->warmup + s) % NB];
+        const double t0 = em_now();
+        st = em_embbag_forward(bag, pooled, b->indices, b->offsets, b->per_id_w, B, pool);
+        const double t1 = em_now();
+        if (!st) st = em_dlrm_forward_with(model, b, pooled, logits, pool);
+        const double t2 = em_now();
+        emb_s += t1 - t0, dense_s += t2 - t1;
+        check += logits[0];
+    }
+    if (st) {
+        cli_fail("bench", st);
+        return 1;
+    }
+    qsort(ms, (size_t)c->steps, sizeof(double), cmp_double);
+    const double n = (double)c->steps, per = secs / n;
+    struct rusage ru;
+    getrusage(RUSAGE_SELF, &ru);
+    printf("{\"config\":\"%s\",\"mode\":\"infer\",\"batch\":%d,\"threads\":%d,\"steps\":%lld,\"distinct_batches\":%d,"
+           "\"examples_per_s\":%.1f,\"ms_per_batch\":%.4f,\"gflops\":%.2f,"
+           "\"us_p50\":%.2f,\"us_p90\":%.2f,\"us_p99\":%.2f,\"us_min\":%.2f,\"us_max\":%.2f,"
+           "\"ms_embed\":%.4f,\"ms_dense\":%.4f,\"dense_gflops\":%.2f,"
+           "\"fwd_flop_per_example\":%.0f,\"mlp_flop\":%.0f,\"interaction_flop\":%.0f,"
+           "\"peak_rss_mb\":%.1f,\"checksum\":%.6g}\n",
+           c->config, B, c->threads, c->steps, NB, (double)B / per, 1e3 * per, flop * B / per / 1e9,
+           1e3 * pct(ms, c->steps, 0.5), 1e3 * pct(ms, c->steps, 0.9), 1e3 * pct(ms, c->steps, 0.99), 1e3 * ms[0],
+           1e3 * ms[c->steps - 1], 1e3 * emb_s / n, 1e3 * dense_s / n, flop * B / (dense_s / n) / 1e9, flop, mlp, inter,
+           (double)ru.ru_maxrss / 1024.0, check);
+    em_free(logits), em_free(pooled);
+    free(ms);
+    return 0;
+}
+
 int cmd_bench(int argc, char **argv) {
     bench_ctx c = {.config = "kaggle", .opt = "sgd", .batch = -1, .threads = 2, .steps = -1, .warmup = -1, .lr = 0.01,
                    .heads = 2, .head_dim = 32, .max_len = 1024, .mean_len = 64, .seed = 1};
@@ -200,8 +280,8 @@ int cmd_bench(int argc, char **argv) {
         return bench_attn(&c);
     }
     if (c.batch < 0) c.batch = 2048;
-    if (c.steps < 0) c.steps = 50;
-    if (c.warmup < 0) c.warmup = 5;
+    if (c.steps < 0) c.steps = c.infer ? (c.batch >= 2000 ? 50 : c.batch <= 5 ? 20000 : 100000 / c.batch) : 50;
+    if (c.warmup < 0) c.warmup = c.infer ? (c.steps < 100 ? 5 : c.steps / 20) : 5;
     em_dlrm_cfg m = em_dlrm_kaggle(0);
     int per_bag = 1;
     if (strcmp(c.config, "embheavy") == 0) {
@@ -232,14 +312,19 @@ int cmd_bench(int argc, char **argv) {
         em_pool_free(pool);
         return 1;
     }
-    enum { NB = 8 };
     const int B = c.batch, T = m.num_tables;
-    em_batch batches[NB];
+    /* training: 8 batches; inference: about 64k ids per table, 8 to 4096 batches */
+    int NB = 8;
+    if (c.infer && (long long)B * per_bag < 8192) NB = 65536 / (B * per_bag) > 4096 ? 4096 : 65536 / (B * per_bag);
+    em_batch *batches = calloc((size_t)NB, sizeof *batches);
+    if (!batches) {
+        fprintf(stderr, "ember bench: out of memory\n");
+        return 1;
+    }
     em_rng r;
     em_rng_seed(&r, 12345);
     for (int k = 0; k < NB; k++) {
         em_batch *b = &batches[k];
-        memset(b, 0, sizeof *b);
         b->B = B, b->num_dense = m.num_dense, b->num_sparse = T;
         b->dense = em_malloc((size_t)B * (size_t)m.num_dense * sizeof(float));
         b->label = em_malloc((size_t)B * sizeof(float));
@@ -259,24 +344,30 @@ int cmd_bench(int argc, char **argv) {
                 b->offsets[(size_t)t * (size_t)B + (size_t)i + 1] = n;
             }
     }
-    double loss = 0, t0 = 0;
-    for (long long s = 0; s < c.warmup + c.steps; s++) {
-        if (s == c.warmup) t0 = em_now();
-        if ((st = em_dlrm_train_step(model, &batches[s % NB], &loss, pool))) {
-            cli_fail("bench", st);
-            return 1;
+    int ret = 0;
+    if (c.infer) {
+        ret = bench_infer(&c, &m, model, batches, NB, pool);
+    } else {
+        double loss = 0, t0 = 0;
+        for (long long s = 0; s < c.warmup + c.steps; s++) {
+            if (s == c.warmup) t0 = em_now();
+            if ((st = em_dlrm_train_step(model, &batches[s % NB], &loss, pool))) {
+                cli_fail("bench", st);
+                return 1;
+            }
         }
+        double secs = em_now() - t0;
+        struct rusage ru;
+        getrusage(RUSAGE_SELF, &ru);
+        printf("{\"config\":\"%s\",\"batch\":%d,\"opt\":\"%s\",\"threads\":%d,\"examples_per_s\":%.1f,\"ms_per_step\":%.3f,"
+               "\"steps\":%lld,\"final_loss\":%.5f,\"state_mb\":%.1f,\"peak_rss_mb\":%.1f}\n",
+               c.config, B, c.opt, c.threads, (double)B * (double)c.steps / secs, 1e3 * secs / (double)c.steps, c.steps,
+               loss, (double)em_dlrm_state_bytes(model) / 1048576.0, (double)ru.ru_maxrss / 1024.0);
     }
-    double secs = em_now() - t0;
-    struct rusage ru;
-    getrusage(RUSAGE_SELF, &ru);
-    printf("{\"config\":\"%s\",\"batch\":%d,\"opt\":\"%s\",\"threads\":%d,\"examples_per_s\":%.1f,\"ms_per_step\":%.3f,"
-           "\"steps\":%lld,\"final_loss\":%.5f,\"state_mb\":%.1f,\"peak_rss_mb\":%.1f}\n",
-           c.config, B, c.opt, c.threads, (double)B * (double)c.steps / secs, 1e3 * secs / (double)c.steps, c.steps, loss,
-           (double)em_dlrm_state_bytes(model) / 1048576.0, (double)ru.ru_maxrss / 1024.0);
     for (int k = 0; k < NB; k++)
         em_free(batches[k].dense), em_free(batches[k].label), em_free(batches[k].indices), em_free(batches[k].offsets);
+    free(batches);
     em_dlrm_free(model);
     em_pool_free(pool);
-    return 0;
+    return ret;
 }
