@@ -63,12 +63,12 @@ static em_status field_error(const char *line, size_t len, int want, int f, cons
     }
     const char *end = line + len, *e = memchr(s, '\t', (size_t)(end - s));
     if (!e) e = end;
-    int n = (int)(e - s);
+    int n = (int)(e - s), k = n > 40 ? 40 : n;
+    for (int b = 0; b < 3 && k < n && ((unsigned char)s[k] & 0xC0) == 0x80; b++) k--; /* whole UTF-8 characters */
     char name[16];
     em__field_name(f, num_dense, name, sizeof name);
     *bad_field = f;
-    return em_errorf(EM_ERR_PARSE, "field %d (%s): %s '%.*s%s'", f, name, why, n > 40 ? 40 : n, s,
-                     n > 40 ? "..." : "");
+    return em_errorf(EM_ERR_PARSE, "field %d (%s): %s '%.*s%s'", f, name, why, k, s, k < n ? "..." : "");
 }
 
 em_status em_criteo_parse_line(const char *line, size_t len, int num_dense, int num_sparse,
