@@ -25,6 +25,12 @@ if [[ ${#need[@]} -gt 0 ]]; then
   $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
 fi
 scripts/build.sh build
+# OpenBLAS picks its kernels from a table of CPU models and falls back to its SSE3
+# ("Prescott") ones on a newer CPU; ember re-runs itself with the right OPENBLAS_CORETYPE
+# (src/core/blas.c). Give the same kernels to the PyTorch peer and to sgemm_peak.
+OPENBLAS_CORETYPE=${OPENBLAS_CORETYPE:-$(build/ember version | sed -n 's/^blas_core=//p')}
+export OPENBLAS_CORETYPE
+echo "OpenBLAS kernels: $OPENBLAS_CORETYPE" >&2
 EMBER=build/ember
 log() { echo "[$(date +%H:%M:%S)] $*" >&2; }
 

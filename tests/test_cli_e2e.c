@@ -286,6 +286,22 @@ static void test_serve(void) {
     CHECK(WIFEXITED(status) && WEXITSTATUS(status) == 0);
 }
 
+/* ember re-runs itself with the OpenBLAS kernels the CPU supports when OpenBLAS's own
+ * pick is weaker (src/core/blas.c): left alone it reports a kernel set and no advice;
+ * a user's OPENBLAS_CORETYPE is kept as given. */
+static void test_blas_kernels(void) {
+    setup();
+    CHECK(run("env -u OPENBLAS_CORETYPE %s version > %s/v1.txt 2>&1", bin, dir) == 0);
+    CHECK(run("OPENBLAS_CORETYPE=Prescott %s version > %s/v2.txt 2>&1", bin, dir) == 0);
+    char p1[300], p2[300];
+    snprintf(p1, sizeof p1, "%s/v1.txt", dir), snprintf(p2, sizeof p2, "%s/v2.txt", dir);
+    char *v1 = slurp(p1), *v2 = slurp(p2);
+    CHECK(v1 && strstr(v1, "blas_core=") && !strstr(v1, "note:"));
+    CHECK(v2 && strstr(v2, "blas_core=Prescott\n"));
+    if (v1) fprintf(stderr, "  %s", strstr(v1, "blas_core=") ? strstr(v1, "blas_core=") : v1);
+    free(v1), free(v2);
+}
+
 static void cleanup(void) {
     if (dir[0] && t_failures == 0) run("rm -rf %s", dir);
 }
@@ -294,4 +310,5 @@ static void test_cleanup(void) { cleanup(); }
 
 TEST_MAIN({"train_reaches_optimum", test_train_reaches_optimum}, {"resume_bitwise", test_resume_bitwise},
           {"malformed_and_corrupt", test_malformed_and_corrupt},
-          {"binary_format_and_numpy_reader", test_binary_format_and_numpy_reader}, {"serve", test_serve}, {"cleanup", test_cleanup})
+          {"binary_format_and_numpy_reader", test_binary_format_and_numpy_reader}, {"serve", test_serve},
+          {"blas_kernels", test_blas_kernels}, {"cleanup", test_cleanup})

@@ -3,9 +3,12 @@
  * work failed, 2 bad usage (unknown verb or option, bad value).
  */
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "cli/cli.h"
+#include "core/blas.h"
 
 static const struct {
     const char *name, *help;
@@ -24,9 +27,30 @@ static const struct {
 static void usage(FILE *f) {
     fprintf(f, "usage: ember <verb> [options]      (ember <verb> --help for a verb's options)\n\nverbs:\n");
     for (size_t i = 0; i < sizeof verbs / sizeof verbs[0]; i++) fprintf(f, "  %-9s %s\n", verbs[i].name, verbs[i].help);
+    fprintf(f, "  %-9s %s\n", "version", "the build and the BLAS kernels in use (blas_core=...)");
+}
+
+/* Re-execute with OPENBLAS_CORETYPE set when OpenBLAS chose weaker kernels; returns
+ * only if nothing needs doing or the exec failed (then the run goes on as it is). */
+static void blas_kernels(char **argv) {
+    if (getenv("OPENBLAS_CORETYPE")) return;
+    const char *c = em_blas_better_coretype();
+    if (!c || setenv("OPENBLAS_CORETYPE", c, 1) != 0) return;
+    execv("/proc/self/exe", argv);
+    unsetenv("OPENBLAS_CORETYPE");
+}
+
+static int cmd_version(int argc, char **argv) {
+    (void)argc, (void)argv;
+    const char *better = em_blas_better_coretype();
+    printf("ember (built %s)\nblas_core=%s\n", __DATE__, em_blas_corename());
+    if (better) printf("note: this CPU supports OpenBLAS's %s kernels; run with OPENBLAS_CORETYPE=%s\n", better, better);
+    return 0;
 }
 
 int main(int argc, char **argv) {
+    blas_kernels(argv);
+    if (argc >= 2 && (strcmp(argv[1], "version") == 0 || strcmp(argv[1], "--version") == 0)) return cmd_version(argc, argv);
     if (argc < 2 || strcmp(argv[1], "--help") == 0 || strcmp(argv[1], "-h") == 0 || strcmp(argv[1], "help") == 0) {
         usage(argc < 2 ? stderr : stdout);
         return argc < 2 ? 2 : 0;

@@ -12,4 +12,12 @@
 /* Call once before any cblas_* use (cheap after the first call; thread-safe). */
 void em_blas_init(void);
 
+/* OpenBLAS's kernel set in use ("SkylakeX", "Haswell", "Prescott", ...). */
+const char *em_blas_corename(void);
+/* The OPENBLAS_CORETYPE value this CPU should run ("SkylakeX" or "Haswell") when
+ * OpenBLAS picked a weaker kernel set at load (a CPU model newer than its table), or
+ * NULL when its pick is right. Takes effect only in a process started with the
+ * variable set (see blas.c). */
+const char *em_blas_better_coretype(void);
+
 #endif
