@@ -5,8 +5,8 @@
  * Layers, bottom up (each uses only those beneath it; see docs/ARCHITECTURE.md):
  *   core        status codes, counting allocator, thread pool, RNG, safetensors I/O
  *   nn          linear, ReLU, sigmoid, DLRM dot interaction, BCE with logits;
- *               jagged ops, Jagged Flash Attention, Kunlun's GDPA and sliding-window
- *               attention for variable-length sequences
+ *               jagged ops, Jagged Flash Attention, Kunlun's GDPA, sliding-window
+ *               attention and hierarchical seed pooling for variable-length sequences
  *   optim       SGD, AdaGrad, Adam, AdamW on flat parameter blocks
  *   sparse      table-batched embedding bags with the optimizer fused into backward;
  *               dynamic collisionless tables (64-bit ids, admission, eviction);
@@ -47,6 +47,7 @@
 #include "ember/jagged.h"
 #include "ember/jattn.h"
 #include "ember/kunlun.h"
+#include "ember/hsp.h"
 #include "ember/attn_padded.h"
 #include "ember/data.h"
 #include "ember/das.h"
