@@ -680,6 +680,10 @@ static void test_bad_config(void) {
     cfg = em_serve_default();
     cfg.max_batch = 0;
     CHECK(em_serve_create(&s, m, NULL, &cfg) == EM_ERR_INVALID);
+    CHECK_OK(em_dlrm_load(&m, g_ckpt, NULL, NULL));
+    cfg = em_serve_default();
+    cfg.max_body = ((size_t)1 << 31) + 1;
+    CHECK(em_serve_create(&s, m, NULL, &cfg) == EM_ERR_INVALID && strstr(em_last_error(), "max_body"));
     /* a port in use */
     em_server *a = start_server(8, 0, 1 << 20);
     CHECK(a);

@@ -63,7 +63,7 @@ typedef struct {
     int threads;        /* HTTP worker threads (libmicrohttpd thread pool), >= 1 */
     int max_batch;      /* examples per forward pass, >= 1 */
     int max_wait_us;    /* longest wait for more requests once one is queued, >= 0 */
-    size_t max_body;    /* request bodies larger than this get 413 */
+    size_t max_body;    /* request bodies larger than this get 413; 16 bytes .. 2 GiB */
     int max_conns;      /* open connections at most (request slots), >= threads */
     em_qtype tables;    /* EM_QT_FP32 (the model's own tables), EM_QT_FP16 or EM_QT_INT8 */
     const char *model_path; /* the model's checkpoint (copied): what a reload with no

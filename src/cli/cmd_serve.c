@@ -38,8 +38,8 @@ static const cli_opt serve_opts[] = {
     OPT_INT("max-batch", "N", "examples per forward pass (default 256)", serve_ctx, max_batch, 1, 1 << 20),
     OPT_INT("max-wait-us", "N", "longest wait for more requests to batch (default 200)", serve_ctx, max_wait_us, 0,
             10000000),
-    OPT_INT("max-body", "BYTES", "larger request bodies get 413 (default 1048576)", serve_ctx, max_body, 16,
-            1LL << 34),
+    OPT_INT("max-body", "BYTES", "larger request bodies get 413 (default 1048576, at most 2 GiB)", serve_ctx, max_body, 16,
+            1LL << 31),
     OPT_INT("max-conns", "N", "open connections at most (default 64)", serve_ctx, max_conns, 1, 65536),
     OPT_STR("log-predictions", "FILE",
             "teacher mode: append every prediction (example id, vertical, logit, step) to this DAS log for "

@@ -64,6 +64,13 @@ static enum MHD_Result send_text(em_server *s, struct MHD_Connection *c, int end
 static enum MHD_Result send_error(em_server *s, struct MHD_Connection *c, int endpoint, double t0, int status,
                                   const char *msg, const char *allow) {
     json_t *o = json_pack("{s:s}", "error", msg);
+    if (!o) { /* not valid UTF-8 (a quoted client byte): send it with those bytes as '?' */
+        char safe[1024];
+        size_t n = 0;
+        for (; msg[n] && n < sizeof safe - 1; n++) safe[n] = (unsigned char)msg[n] >= 0x80 ? '?' : msg[n];
+        safe[n] = 0;
+        o = json_pack("{s:s}", "error", safe);
+    }
     char *txt = o ? json_dumps(o, JSON_COMPACT) : NULL;
     json_decref(o);
     struct MHD_Response *r;
@@ -281,7 +288,8 @@ em_status em_serve_create(em_server **out, em_dlrm *model, em_pool *pool, const 
         st = em_errorf(EM_ERR_INVALID, "serve: max_batch %d not in [1, 2^20]", cfg->max_batch);
     else if (cfg->max_wait_us < 0 || cfg->max_wait_us > 10000000)
         st = em_errorf(EM_ERR_INVALID, "serve: max_wait_us %d not in [0, 10^7]", cfg->max_wait_us);
-    else if (cfg->max_body < 16) st = em_errorf(EM_ERR_INVALID, "serve: max_body %zu below 16 bytes", cfg->max_body);
+    else if (cfg->max_body < 16 || cfg->max_body > ((size_t)1 << 31))
+        st = em_errorf(EM_ERR_INVALID, "serve: max_body %zu not in [16 bytes, 2 GiB]", cfg->max_body);
     else if (cfg->max_conns < cfg->threads || cfg->max_conns > 65536)
         st = em_errorf(EM_ERR_INVALID, "serve: max_conns %d not in [threads = %d, 65536]", cfg->max_conns, cfg->threads);
     else if (cfg->port < 0 || cfg->port > 65535) st = em_errorf(EM_ERR_INVALID, "serve: port %d not in [0, 65535]", cfg->port);
