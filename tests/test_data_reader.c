@@ -433,7 +433,8 @@ static void test_binary_corrupt(void) {
     CHECK(em_reader_open(&r, &c) == EM_ERR_CORRUPT && strstr(em_last_error(), "header"));
     /* bad magic through the codec; in the reader a file without our magic is TSV */
     unsigned char hdr[EM__BIN_HDR];
-    em__bin_header h = {EM__BIN_VERSION, ND, NS, EM__BIN_FLAG_LOG1P, (uint32_t)rec, 0};
+    em__bin_header h = {.version = EM__BIN_VERSION, .num_dense = ND, .num_sparse = NS, .flags = EM__BIN_FLAG_LOG1P,
+                        .record_size = (uint32_t)rec, .count = 0};
     em__bin_put_header(hdr, &h);
     CHECK_OK(em__bin_get_header(hdr, &h, "x.bin"));
     hdr[3] ^= 1;

@@ -3,6 +3,10 @@
  * `ember convert` (Criteo TSV -> ember binary).
  * `ember gen --drift` writes a time-ordered multi-vertical stream whose ground truth
  * drifts (em_gen_drift_write): stream.tsv, stream.side, stream.summary in --out.
+ * `ember gen --seq-len-mean F` adds a history column and a planted history term;
+ * `ember convert --seq N` converts lines with N sequence columns (binary version 2);
+ * `ember convert --otto` turns OTTO session JSON lines into (history, candidate,
+ * label) examples (em_otto_convert). docs/FORMATS.md describes every output.
  */
 #include <errno.h>
 #include <stdlib.h>
@@ -21,6 +25,7 @@ typedef struct {
     em_drift_cfg d;     /* its options (d.base is filled from g at the end) */
     double shares[EM_DRIFT_MAX_VERTICALS];
     int nshares;
+    int seq_field;      /* --seq-field, 1-based (C<k>) */
 } gen_ctx;
 
 /* --shares 0.5,0.3,0.2: comma-separated non-negative numbers. */
@@ -84,6 +89,17 @@ static const cli_opt gen_opts[] = {
                d.vertical_bias),
     OPT_INT("churn-min-card", "N", "--drift: fields with fewer ids never churn (default 100)", gen_ctx,
             d.churn_min_card, 1, 1LL << 62),
+    OPT_DOUBLE("seq-len-mean", "F", "add a history column (item:age:type events after the categoricals) with this mean "
+               "length; the candidate item is categorical --seq-field and the planted truth gains a history term "
+               "(default 0: no history, output as before)", gen_ctx, g.seq_len_mean),
+    OPT_INT("seq-max", "N", "cap on the history length (default 256)", gen_ctx, g.seq_max, 1, 16384),
+    OPT_DOUBLE("seq-len-sigma", "F", "lognormal sigma of the history lengths (default 1)", gen_ctx, g.seq_len_sigma),
+    OPT_INT("seq-field", "K", "categorical C<K> holds the candidate item (default 10)", gen_ctx, seq_field, 1, 64),
+    OPT_DOUBLE("seq-scale", "F", "weight of the history term in the logit (default 1)", gen_ctx, g.seq_scale),
+    OPT_DOUBLE_POS("seq-decay", "SEC", "recency time constant of the history term, seconds (default 86400)", gen_ctx,
+                   g.seq_decay),
+    OPT_DOUBLE("seq-repeat", "P", "probability that the candidate is one of the history's items (default 0.2)", gen_ctx,
+               g.seq_repeat),
 };
 
 static int run_drift(gen_ctx *c) {
@@ -140,6 +156,11 @@ int cmd_gen(int argc, char **argv) {
         }
         c.g.cardinality = c.card;
     }
+    if (c.seq_field) c.g.seq_field = c.seq_field - 1;
+    if (c.drift_on && c.g.seq_len_mean > 0) {
+        fprintf(stderr, "ember gen: --seq-len-mean does not combine with --drift\n");
+        return 2;
+    }
     if (mkdir(c.out, 0755) != 0 && errno != EEXIST) {
         fprintf(stderr, "ember gen: %s: %s\n", c.out, strerror(errno));
         return 1;
@@ -158,6 +179,9 @@ int cmd_gen(int argc, char **argv) {
         if (st == EM_OK) {
             printf("wrote %s (%llu rows), %s (%llu rows), %s in %.1f s\n", tr, (unsigned long long)c.g.train_rows, te,
                    (unsigned long long)c.g.test_rows, pr, em_now() - t0);
+            if (c.g.seq_len_mean > 0)
+                printf("each line has a history column after C%d (read with num_seq 1); the candidate item is C%d\n",
+                       c.g.num_sparse, c.g.seq_field + 1);
             return 0;
         }
     }
@@ -167,31 +191,94 @@ int cmd_gen(int argc, char **argv) {
 
 typedef struct {
     int strict;
+    int dense, sparse, seq, seq_max;
+    int otto;
+    const char *labels;
+    int negatives;
+    uint64_t seed;
 } conv_ctx;
 static const cli_opt conv_opts[] = {
     OPT_FLAG("strict", "stop at the first malformed line instead of counting and skipping it", conv_ctx, strict),
+    OPT_INT("dense", "N", "integer fields per line (default 13)", conv_ctx, dense, 0, 4096),
+    OPT_INT("sparse", "N", "categorical fields per line (default 26)", conv_ctx, sparse, 0, 64),
+    OPT_INT("seq", "N", "sequence columns after the categoricals (item:age:type,...); N > 0 writes binary version 2 "
+            "(default 0)", conv_ctx, seq, 0, EM_SEQ_MAX_FEATURES),
+    OPT_INT("seq-max", "N", "keep the most recent N events of each sequence (default 0: as many as the format holds)",
+            conv_ctx, seq_max, 0, EM_SEQ_MAX_LEN),
+    OPT_FLAG("otto", "IN is OTTO session JSON lines: write (history, candidate, label) examples, TSV or (OUT ending in "
+             ".bin) binary; lines are label, C1 candidate aid, C2 predicted type (0 clicks, 1 carts, 2 orders), S1 history",
+             conv_ctx, otto),
+    OPT_STR("labels", "FILE", "--otto: positives from this OTTO labels file (against whole sessions) instead of each "
+            "session's own events", conv_ctx, labels),
+    OPT_INT("negatives", "K", "--otto: negatives per positive, drawn by popularity from items outside the session "
+            "(default 4)", conv_ctx, negatives, 0, 1000),
+    OPT_UINT("seed", "N", "--otto: seed of the negative sampling (default 1)", conv_ctx, seed, 0, 1LL << 62),
 };
 
+static int ends_with(const char *s, const char *suffix) {
+    size_t n = strlen(s), k = strlen(suffix);
+    return n >= k && strcmp(s + n - k, suffix) == 0;
+}
+
+static int convert_otto(const conv_ctx *c, char **pos) {
+    em_otto_cfg oc = em_otto_default();
+    oc.labels_path = c->labels;
+    oc.negatives = c->negatives;
+    oc.seed = c->seed;
+    oc.seq_max_len = c->seq_max;
+    oc.binary = ends_with(pos[1], ".bin");
+    oc.strict = c->strict;
+    em_otto_stats os;
+    double t0 = em_now();
+    em_status st = em_otto_convert(pos[0], pos[1], &oc, &os);
+    if (st) {
+        cli_fail("convert --otto", st);
+        return 1;
+    }
+    printf("converted %llu sessions (%llu events, %llu items) from %s to %s (%s) in %.1f s: %llu examples, %llu positives, "
+           "%llu negatives",
+           (unsigned long long)os.sessions, (unsigned long long)os.events, (unsigned long long)os.items, pos[0], pos[1],
+           oc.binary ? "binary" : "TSV", em_now() - t0, (unsigned long long)os.examples,
+           (unsigned long long)os.positives, (unsigned long long)os.negatives);
+    if (os.short_negatives) printf("; %llu positives with fewer negatives", (unsigned long long)os.short_negatives);
+    if (os.unmatched_labels) printf("; %llu labels without a session", (unsigned long long)os.unmatched_labels);
+    if (os.malformed) printf("; %llu malformed lines skipped (first: %s)", (unsigned long long)os.malformed, os.first_error);
+    printf("\nread it with num_dense 0, num_sparse 2, num_seq 1\n");
+    return 0;
+}
+
 int cmd_convert(int argc, char **argv) {
-    conv_ctx c = {0};
+    conv_ctx c = {.dense = EM_CRITEO_DENSE, .sparse = EM_CRITEO_SPARSE, .negatives = 4, .seed = 1};
     char *pos[2];
     int npos;
-    int rc = cli_parse("convert", "IN.tsv OUT.bin [--strict]", conv_opts, CLI_NOPTS(conv_opts), &c, argc, argv, pos, &npos, 2);
+    int rc = cli_parse("convert", "IN.tsv OUT.bin [--seq N] [--strict] | --otto SESSIONS.jsonl OUT.tsv|OUT.bin [options]",
+                       conv_opts, CLI_NOPTS(conv_opts), &c, argc, argv, pos, &npos, 2);
     if (rc) return rc < 0 ? 2 : 0;
     if (npos != 2) {
-        fprintf(stderr, "ember convert: need IN.tsv and OUT.bin (see ember convert --help)\n");
+        fprintf(stderr, "ember convert: need IN and OUT (see ember convert --help)\n");
+        return 2;
+    }
+    if (c.otto) return convert_otto(&c, pos);
+    if (c.labels) {
+        fprintf(stderr, "ember convert: --labels needs --otto\n");
         return 2;
     }
     em_reader_stats rs;
     memset(&rs, 0, sizeof rs);
     double t0 = em_now();
-    em_status st = em_convert_tsv_to_bin(pos[0], pos[1], EM_CRITEO_DENSE, EM_CRITEO_SPARSE, c.strict, &rs);
+    em_convert_cfg cc = {.num_dense = c.dense, .num_sparse = c.sparse, .num_seq = c.seq, .seq_max_len = c.seq_max,
+                         .strict = c.strict};
+    em_status st = em_convert_tsv(pos[0], pos[1], &cc, &rs);
     if (st) {
         cli_fail("convert", st);
         return 1;
     }
     printf("converted %llu examples from %s to %s in %.1f s", (unsigned long long)rs.examples, pos[0], pos[1],
            em_now() - t0);
+    if (c.seq) {
+        printf("; %llu sequence events", (unsigned long long)rs.seq_events);
+        if (rs.seq_dropped) printf(" (%llu older ones beyond --seq-max left out)", (unsigned long long)rs.seq_dropped);
+    }
     if (rs.malformed) printf("; %llu malformed lines skipped (first: %s)", (unsigned long long)rs.malformed, rs.first_error);
     printf("\n");
     return 0;

@@ -11,6 +11,7 @@
 #include <stdint.h>
 
 #include "ember/core.h"
+#include "ember/data.h"
 
 /* Size of the fixed read buffer of readers and the converter. A line must be shorter
  * than this (a Criteo line is ~200-700 bytes); a longer one is malformed. */
@@ -46,20 +47,29 @@ long em__read_full(int fd, void *buf, size_t n);
 
 /* ------------------------------------------------------------ binary format */
 #define EM__BIN_MAGIC "EMBRDAT1"
-#define EM__BIN_VERSION 1u
+#define EM__BIN_VERSION 1u                 /* fixed-size records, no sequences */
+#define EM__BIN_VERSION_SEQ 2u             /* blocks of variable-size records with sequences */
 #define EM__BIN_HDR 64u
 #define EM__BIN_FLAG_LOG1P 1u              /* dense values are log(1 + max(x, 0)) */
 #define EM__BIN_COUNT_INCOMPLETE UINT64_MAX /* written first; patched when complete */
+#define EM__BIN_BLOCK_MAGIC "EMBK"
+#define EM__BIN_BLOCK_HDR 16u
+#define EM__BIN_BLOCK_RECORDS 4096u        /* records per block (all blocks but the last) */
+#define EM__BIN_MAX_RECORD (1u << 20)      /* a version-2 record fits the read buffer */
+#define EM__BIN_EVENT_BYTES 17u            /* item u64 + age i64 + type u8 */
 
 typedef struct {
-    uint32_t version, num_dense, num_sparse, flags, record_size;
+    uint32_t version, num_dense, num_sparse, flags, record_size; /* record_size: the fixed part */
     uint64_t count;
+    /* version 2 only (0 in version 1) */
+    uint32_t num_seq, max_events, block_records;
+    uint64_t data_size; /* bytes after the header: blocks (headers + records) */
 } em__bin_header;
 
 size_t em__bin_record_size(int num_dense, int num_sparse);
 void em__bin_put_header(unsigned char out[EM__BIN_HDR], const em__bin_header *h);
-/* Validates magic, version, header size, flags, shapes and record size. EM_ERR_CORRUPT
- * with a detail naming `path` on failure. */
+/* Validates magic, version, header size, flags, shapes and record size (and, in
+ * version 2, the sequence fields). EM_ERR_CORRUPT with a detail naming `path`. */
 em_status em__bin_get_header(const unsigned char in[EM__BIN_HDR], em__bin_header *h,
                              const char *path);
 void em__bin_put_record(unsigned char *out, int num_dense, int num_sparse, float label,
@@ -67,6 +77,33 @@ void em__bin_put_record(unsigned char *out, int num_dense, int num_sparse, float
 /* Returns 0 on success, or a static reason when the record is invalid. */
 const char *em__bin_get_record(const unsigned char *in, int num_dense, int num_sparse,
                                float *label, float *dense, uint64_t *missing, uint64_t *ids);
+
+/* Version 2: the sequence part of a record (after the fixed part) is num_seq u32
+ * event counts, then per feature its items (u64), ages (i64) and types (u8).
+ * em__bin_seq_size reads the counts at `in` (4 * num_seq bytes) and gives the part's
+ * size; it fails (static reason) when a count exceeds max_events. em__bin_get_seq
+ * decodes the part into seq[] (the most recent seq[s].cap events of each) and checks
+ * ages (>= 0, non-increasing). em__bin_put_seq writes seq[s].len events of each. */
+const char *em__bin_seq_size(const unsigned char *in, int num_seq, uint32_t max_events,
+                             size_t *size);
+const char *em__bin_get_seq(const unsigned char *in, int num_seq, em_seq_events *seq);
+size_t em__bin_put_seq(unsigned char *out, int num_seq, const em_seq_events *seq);
+void em__bin_get_block(const unsigned char in[EM__BIN_BLOCK_HDR], int *magic_ok, uint32_t *nrec,
+                       uint64_t *payload);
+
+/* Streaming writer of an ember binary dataset: version 1 when num_seq = 0, else
+ * version 2. The header goes first with the "incomplete" count; em__binw_close(w,
+ * EM_OK) flushes and patches it (so the output must be seekable, checked at open);
+ * em__binw_close(w, error) removes a partly written regular file. Memory: one 1 MiB
+ * buffer. "-" writes to stdout (which must then be a seekable file). */
+typedef struct em__binw em__binw;
+em_status em__binw_open(em__binw **out, const char *path, int num_dense, int num_sparse,
+                        int num_seq);
+/* seq: [num_seq] with len events each (len <= em_seq_bin_max_events); NULL if num_seq = 0. */
+em_status em__binw_put(em__binw *w, float label, const float *dense, uint64_t missing,
+                       const uint64_t *ids, const em_seq_events *seq);
+/* Finishes (s = EM_OK) or abandons the file, frees w (NULL is a no-op returning s). */
+em_status em__binw_close(em__binw *w, em_status s);
 
 /* ------------------------------------------------------------ misc */
 /* "label", "I<k>" (dense k, 1-based) or "C<k>" (categorical k, 1-based). */

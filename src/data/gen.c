@@ -39,6 +39,33 @@
  *    200k test rows; tests/test_data_gen.c checks 40k). 1M train + 200k test rows
  *    take ~2.4 s on 2 threads.
  *
+ * Sequences (seq_len_mean > 0; docs/FORMATS.md section 3). Categorical seq_field (C10 by
+ * default) holds a candidate item and a sequence column after the categoricals holds
+ * the example's history of items from the same id space, so that a model reading the
+ * history can beat one that does not:
+ *  - Length L = min(seq_max, floor(exp(mu + sigma z))), mu = log(seq_len_mean) -
+ *    sigma^2 / 2 (lognormal, long-tailed, capped). Items Zipf like the field's ids;
+ *    types 0/1/2 (click/cart/order) with probabilities 0.85/0.10/0.05; ages built
+ *    backwards from the example's time with lognormal gaps (median 600 s, sigma 2:
+ *    bursts of activity minutes apart, sessions days apart), written oldest first.
+ *  - Candidate: with probability seq_repeat (and L > 0) a uniformly chosen history
+ *    item (people return to what they looked at), else a fresh Zipf draw.
+ *  - Planted term: item vectors v(id) with k = latent_dim components of std k^-1/4
+ *    (so <v_a, v_b> has variance 1 and <v_a, v_a> ~ sqrt(k)), hashed from (seed, id)
+ *    and centered; per event a_i = w(type_i) exp(-age_i / seq_decay) with w = 1, 2, 3;
+ *    s = sum_i a_i <v(cand), v(item_i)> / sqrt(1 + sum_i a_i^2) (0 for no history;
+ *    variance between 0 and 1, growing with the weight of recent history); logit +=
+ *    seq_scale * (s - E[s]), E[s] estimated once by simulation (10k examples; a
+ *    repeated item matches itself, so s leans positive) to keep the base CTR at the
+ *    bias's. The candidate also keeps its field's per-id weight and pairwise terms.
+ *  - Streams. The history and the candidate come from a second RNG stream per block;
+ *    the main stream makes exactly the draws it makes without sequences (the
+ *    candidate field's own draw is made and discarded), so with the same seed the
+ *    dense fields and the other categoricals are the same as without sequences and
+ *    only the candidate, the history and the labels differ; and seq_scale changes
+ *    only the labels and probabilities.
+ *  Without sequences none of this runs and the output is unchanged.
+ *
  * Parallelism. Rows are generated in blocks of BLOCK_ROWS; block i of the train (test)
  * split draws from its own RNG stream seeded from (seed, split, i), train and test
  * streams being disjoint. A round of blocks is generated over the pool (contiguous
@@ -59,6 +86,11 @@
 #define MAX_LATENT 64
 #define PAIR_PROB 0.3
 #define DENSE_SCALE 0.3
+#define SEQ_MAX_LIMIT 16384  /* keeps a line under the reader's 1 MiB */
+#define SEQ_GAP_MU 6.3969    /* log(600): median gap between events, seconds */
+#define SEQ_GAP_SIGMA 2.0
+#define SEQ_AGE_MAX 1e12     /* ages are clamped (12 digits) */
+#define SEQ_EV_MAX 35        /* longest written event: 16 hex + ':' + 13 + ':' + 3 + ',' */
 
 static const int64_t KAGGLE_CARD[26] = {
     1460,  583,     10131227, 2202608, 305,   24, 12517,   633,    3,  93145, 5683, 8351593, 3194,
@@ -78,6 +110,13 @@ em_gen_cfg em_gen_default(void) {
         .interaction_scale = 0.15,
         .id_scale = 0.22,
         .bias = -1.45,
+        .seq_len_mean = 0,
+        .seq_len_sigma = 1.0,
+        .seq_max = 256,
+        .seq_field = 9,
+        .seq_scale = 1.0,
+        .seq_decay = 86400,
+        .seq_repeat = 0.2,
     };
 }
 
@@ -163,6 +202,11 @@ typedef struct {
     int npairs;
     unsigned char pf[MAX_SPARSE * (MAX_SPARSE - 1) / 2], pg[MAX_SPARSE * (MAX_SPARSE - 1) / 2];
     double pc[MAX_SPARSE * (MAX_SPARSE - 1) / 2];
+    /* sequences (seq = 0: off) */
+    int seq, sf, seq_max;
+    double seq_mu, seq_sigma, seq_scale, seq_inv_decay, seq_repeat, v_scale, seq_mean;
+    uint64_t vkey;
+    double vmean[MAX_LATENT];
 } gen_model;
 
 /* The raw per-id parameters (before centering) of id `id` of field f. */
@@ -171,6 +215,17 @@ static inline double id_params(const gen_model *m, int f, uint64_t id, double *u
     for (int c = 0; c < m->k; c++) u[c] = m->u_scale * hash_normal(em_mix64(h + 1 + (uint64_t)c));
     return m->id_scale * hash_normal(h);
 }
+
+/* The item vector v(id) of the sequence term (centered). */
+static inline void item_vec(const gen_model *m, uint64_t id, double *v) {
+    uint64_t h = em_mix64(m->vkey ^ em_mix64(id));
+    for (int c = 0; c < m->k; c++) v[c] = m->v_scale * hash_normal(em_mix64(h + 1 + (uint64_t)c)) - m->vmean[c];
+}
+
+static int gen_history(const gen_model *m, em_rng *q, uint64_t *items, int64_t *age, int *type,
+                       uint64_t *cand);
+static double history_term(const gen_model *m, uint64_t cand, const uint64_t *items,
+                           const int64_t *age, const int *type, int L);
 
 /* Planted dense effect of field j given the value the model sees. */
 static inline double dense_effect(const gen_model *m, int j, double t) {
@@ -225,6 +280,7 @@ static void model_center(gen_model *m) {
 }
 
 static void model_init(gen_model *m, const em_gen_cfg *cfg) {
+    memset(m, 0, sizeof *m); /* em_malloc does not clear; the sequence part is off unless set */
     m->nd = cfg->num_dense, m->ns = cfg->num_sparse, m->k = cfg->latent_dim;
     m->seed = cfg->seed;
     m->bias = cfg->bias, m->id_scale = cfg->id_scale, m->u_scale = 1.0 / sqrt((double)m->k);
@@ -258,6 +314,45 @@ static void model_init(gen_model *m, const em_gen_cfg *cfg) {
             }
         }
     model_center(m);
+    if (!(cfg->seq_len_mean > 0)) return;
+    /* sequences: their own parameter stream, so nothing above changes */
+    m->seq = 1;
+    m->sf = cfg->seq_field;
+    m->seq_max = cfg->seq_max;
+    m->seq_sigma = cfg->seq_len_sigma;
+    m->seq_mu = log(cfg->seq_len_mean) - 0.5 * cfg->seq_len_sigma * cfg->seq_len_sigma;
+    m->seq_scale = cfg->seq_scale;
+    m->seq_inv_decay = 1.0 / cfg->seq_decay;
+    m->seq_repeat = cfg->seq_repeat;
+    m->v_scale = pow((double)m->k, -0.25);
+    m->vkey = em_mix64(cfg->seed ^ 0x7365716974656d73ull); /* "seqitems" */
+    const em__zipf *z = &m->zipf[m->sf];
+    uint64_t head = m->card[m->sf] < CENTER_HEAD ? m->card[m->sf] : CENTER_HEAD;
+    double norm = 0, v[MAX_LATENT], vm[MAX_LATENT] = {0};
+    for (uint64_t i = 0; i < head; i++) {
+        double p = zipf_h(z->s, (double)(i + 1));
+        norm += p;
+        item_vec(m, i, v); /* vmean is still 0 */
+        for (int c = 0; c < m->k; c++) vm[c] += p * v[c];
+    }
+    if (m->card[m->sf] > head) norm += zipf_H(z->s, z->n + 0.5) - zipf_H(z->s, (double)head + 0.5);
+    for (int c = 0; c < m->k; c++) m->vmean[c] = vm[c] / norm;
+}
+
+/* Sequences: the mean of the history term over CENTER_MC_SEQ simulated examples (a
+ * repeated item matches itself, so the term's mean is positive), subtracted so that
+ * the base CTR stays set by the bias. Scratch: `items` etc. of seq_max entries. */
+#define CENTER_MC_SEQ 10000
+static void seq_center(gen_model *m, uint64_t *items, int64_t *age, int *type) {
+    em_rng q;
+    em_rng_seed(&q, em_mix64(m->seed ^ 0x73657163656e7472ull)); /* "seqcentr" */
+    double acc = 0;
+    for (int i = 0; i < CENTER_MC_SEQ; i++) {
+        uint64_t cand;
+        int L = gen_history(m, &q, items, age, type, &cand);
+        acc += history_term(m, cand, items, age, type, L);
+    }
+    m->seq_mean = acc / CENTER_MC_SEQ;
 }
 
 /* Bijective mixes: distinct ids of a field stay distinct strings. */
@@ -312,19 +407,79 @@ static size_t row_max(const gen_model *m) { return 2 + 13 * (size_t)m->nd + 17 *
 typedef struct {
     char *text, *prob;
     size_t tlen, plen;
+    size_t tcap;   /* bytes of text (sequences: grown as needed) */
+    int failed;    /* sequences: growing text failed */
+    uint64_t *hist; /* sequences: [seq_max] scratch for one history */
+    int64_t *hage;
+    int *htype;
 } block_buf;
+
+/* Sequences: make room for `need` more bytes of text at *o (doubling); 0 on failure. */
+static int text_room(block_buf *bb, char **o, size_t need) {
+    size_t used = (size_t)(*o - bb->text);
+    if (used + need <= bb->tcap) return 1;
+    size_t cap = bb->tcap * 2 > used + need ? bb->tcap * 2 : used + need;
+    char *t = em_realloc(bb->text, cap);
+    if (!t) return 0;
+    bb->text = t, bb->tcap = cap, *o = t + used;
+    return 1;
+}
+
+/* Sequences: one example's history into the arrays (oldest first) and its candidate,
+ * from the sequence stream q. Returns the length. */
+static int gen_history(const gen_model *m, em_rng *q, uint64_t *items, int64_t *age, int *type,
+                       uint64_t *cand) {
+    double x = exp(m->seq_mu + m->seq_sigma * rng_normal(q));
+    int L = x >= (double)m->seq_max ? m->seq_max : (int)floor(x);
+    double t = 0;
+    for (int i = L - 1; i >= 0; i--) { /* backwards from the example's time */
+        t += floor(exp(SEQ_GAP_MU + SEQ_GAP_SIGMA * rng_normal(q)));
+        if (t > SEQ_AGE_MAX) t = SEQ_AGE_MAX;
+        age[i] = (int64_t)t;
+        items[i] = em__zipf_sample(&m->zipf[m->sf], q);
+        double u = em_rng_uniform(q);
+        type[i] = u < 0.85 ? 0 : u < 0.95 ? 1 : 2;
+    }
+    double u = em_rng_uniform(q);
+    *cand = L > 0 && u < m->seq_repeat ? items[em_rng_below(q, (uint64_t)L)]
+                                       : em__zipf_sample(&m->zipf[m->sf], q);
+    return L;
+}
+
+/* Sequences: the planted history term s (before seq_scale). */
+static double history_term(const gen_model *m, uint64_t cand, const uint64_t *items,
+                           const int64_t *age, const int *type, int L) {
+    static const double WT[3] = {1.0, 2.0, 3.0};
+    double vc[MAX_LATENT], v[MAX_LATENT], S = 0, A = 0;
+    item_vec(m, cand, vc);
+    for (int i = 0; i < L; i++) {
+        double r = (double)age[i] * m->seq_inv_decay;
+        if (r > 40) continue; /* weight < 4e-18: nothing */
+        double a = WT[type[i]] * exp(-r), dot = 0;
+        item_vec(m, items[i], v);
+        for (int c = 0; c < m->k; c++) dot += vc[c] * v[c];
+        S += a * dot;
+        A += a * a;
+    }
+    return S / sqrt(1 + A);
+}
 
 /* Generate rows [0, n) of block `blk` of split `tag` (0 train, 1 test) into bb. */
 static void gen_block(const gen_model *m, int tag, uint64_t blk, uint64_t n, int with_prob,
                       block_buf *bb) {
-    em_rng r;
+    em_rng r, q;
     em_rng_seed(&r, em_mix64(m->seed ^ em_mix64(((uint64_t)(tag + 1) << 56) ^ blk)));
+    if (m->seq) em_rng_seed(&q, em_mix64(m->seed ^ em_mix64(((uint64_t)(tag + 1) << 56) ^ blk) ^ 0x7365717374726d73ull));
     const int nd = m->nd, ns = m->ns, k = m->k;
     double u[MAX_SPARSE * MAX_LATENT];
     uint64_t ids[MAX_SPARSE];
     int present[MAX_SPARSE];
     int64_t x[MAX_DENSE];
     char *o = bb->text, *po = with_prob ? bb->prob : NULL;
+    uint64_t *hist = bb->hist;
+    int64_t *hage = bb->hage;
+    int *htype = bb->htype, L = 0;
+    bb->failed = 0;
     for (uint64_t row = 0; row < n; row++) {
         double logit = m->bias;
         /* dense counts */
@@ -334,10 +489,22 @@ static void gen_block(const gen_model *m, int tag, uint64_t blk, uint64_t n, int
             present[f] = !(m->miss_c[f] > 0 && em_rng_uniform(&r) < m->miss_c[f]);
             if (!present[f]) continue;
             uint64_t id = em__zipf_sample(&m->zipf[f], &r);
+            if (m->seq && f == m->sf) continue; /* the candidate comes from the history stream */
             ids[f] = id;
             double *uf = u + f * k;
             logit += id_params(m, f, id, uf) - m->wmean[f];
             for (int c = 0; c < k; c++) uf[c] -= m->umean[f][c];
+        }
+        if (m->seq) { /* history, candidate, and their terms */
+            uint64_t cand;
+            L = gen_history(m, &q, hist, hage, htype, &cand);
+            const int f = m->sf;
+            present[f] = 1;
+            ids[f] = cand;
+            double *uf = u + f * k;
+            logit += id_params(m, f, cand, uf) - m->wmean[f];
+            for (int c = 0; c < k; c++) uf[c] -= m->umean[f][c];
+            logit += m->seq_scale * (history_term(m, cand, hist, hage, htype, L) - m->seq_mean);
         }
         for (int p = 0; p < m->npairs; p++) {
             int f = m->pf[p], g = m->pg[p];
@@ -349,6 +516,10 @@ static void gen_block(const gen_model *m, int tag, uint64_t blk, uint64_t n, int
         }
         double prob = 1.0 / (1.0 + exp(-logit));
         int label = em_rng_uniform(&r) < prob;
+        if (m->seq && !text_room(bb, &o, row_max(m) + (size_t)L * SEQ_EV_MAX)) {
+            bb->failed = 1;
+            break;
+        }
 
         *o++ = (char)('0' + label);
         for (int j = 0; j < nd; j++) {
@@ -360,6 +531,19 @@ static void gen_block(const gen_model *m, int tag, uint64_t blk, uint64_t n, int
             if (!present[f]) continue;
             if (m->wide[f]) o = put_hex(o, em_mix64(ids[f] ^ m->fkey[f]), 16);
             else o = put_hex(o, written_id(ids[f], (uint64_t)m->card[f], (uint32_t)m->fkey[f]), 8);
+        }
+        if (m->seq) { /* item:age:type, oldest first, items spelled as the candidate field */
+            const int f = m->sf;
+            *o++ = '\t';
+            for (int i = 0; i < L; i++) {
+                if (i) *o++ = ',';
+                if (m->wide[f]) o = put_hex(o, em_mix64(hist[i] ^ m->fkey[f]), 16);
+                else o = put_hex(o, written_id(hist[i], (uint64_t)m->card[f], (uint32_t)m->fkey[f]), 8);
+                *o++ = ':';
+                o = put_int(o, hage[i]);
+                *o++ = ':';
+                *o++ = (char)('0' + htype[i]);
+            }
         }
         *o++ = '\n';
         if (po) po += snprintf(po, 32, "%.9g\n", prob);
@@ -397,6 +581,7 @@ static em_status write_split(const gen_model *m, int tag, uint64_t rows, FILE *o
                         pout != NULL, bufs};
         em_pool_run(pool, round_task, &ra);
         for (int i = 0; i < ra.nblocks; i++) {
+            if (bufs[i].failed) return em_errorf(EM_ERR_NOMEM, "gen: out of memory (sequence text)");
             if (fwrite(bufs[i].text, 1, bufs[i].tlen, out) != bufs[i].tlen)
                 return em_errorf(EM_ERR_IO, "write '%s': %s", path, strerror(errno));
             if (pout && fwrite(bufs[i].prob, 1, bufs[i].plen, pout) != bufs[i].plen)
@@ -427,6 +612,13 @@ em_status em_gen_write(const em_gen_cfg *cfg, const char *train_path, const char
                                  (long long)cfg->cardinality[f]);
     if (test_prob_path && !test_path)
         return em_errorf(EM_ERR_INVALID, "gen: test probabilities need a test file");
+    if (cfg->seq_len_mean > 0 &&
+        (!(cfg->seq_len_mean <= 1e6) || !(cfg->seq_len_sigma >= 0 && cfg->seq_len_sigma <= 10) ||
+         cfg->seq_max < 1 || cfg->seq_max > SEQ_MAX_LIMIT || cfg->seq_field < 0 ||
+         cfg->seq_field >= cfg->num_sparse || !isfinite(cfg->seq_scale) || !(cfg->seq_decay > 0) ||
+         !(cfg->seq_repeat >= 0 && cfg->seq_repeat <= 1)))
+        return em_errorf(EM_ERR_INVALID, "gen: bad sequence config (seq_len_mean <= 1e6, 0 <= seq_len_sigma <= 10, 1 <= seq_max <= %d, 0 <= seq_field < num_sparse, seq_decay > 0, 0 <= seq_repeat <= 1)",
+                         SEQ_MAX_LIMIT);
 
     const int nth = em_pool_nth(pool), maxblocks = 4 * nth;
     gen_model *m = em_malloc(sizeof *m);
@@ -436,10 +628,20 @@ em_status em_gen_write(const em_gen_cfg *cfg, const char *train_path, const char
     if (!m || !bufs) goto nomem;
     model_init(m, cfg);
     for (int i = 0; i < maxblocks; i++) {
-        bufs[i].text = em_malloc(BLOCK_ROWS * row_max(m));
+        /* without sequences a block never needs more; with them gen_block grows it (the
+         * buffers are kept for all rounds, so that happens a few times per buffer) */
+        bufs[i].tcap = BLOCK_ROWS * row_max(m);
+        bufs[i].text = em_malloc(bufs[i].tcap);
         bufs[i].prob = em_malloc(BLOCK_ROWS * 32);
         if (!bufs[i].text || !bufs[i].prob) goto nomem;
+        if (m->seq) {
+            bufs[i].hist = em_malloc(sizeof(uint64_t) * (size_t)m->seq_max);
+            bufs[i].hage = em_malloc(sizeof(int64_t) * (size_t)m->seq_max);
+            bufs[i].htype = em_malloc(sizeof(int) * (size_t)m->seq_max);
+            if (!bufs[i].hist || !bufs[i].hage || !bufs[i].htype) goto nomem;
+        }
     }
+    if (m->seq) seq_center(m, bufs[0].hist, bufs[0].hage, bufs[0].htype);
     struct {
         const char *path;
         FILE **f;
@@ -466,7 +668,10 @@ done:
     s = close_file(fte, test_path, s);
     s = close_file(fpr, test_prob_path, s);
     if (bufs)
-        for (int i = 0; i < maxblocks; i++) em_free(bufs[i].text), em_free(bufs[i].prob);
+        for (int i = 0; i < maxblocks; i++) {
+            em_free(bufs[i].text), em_free(bufs[i].prob);
+            em_free(bufs[i].hist), em_free(bufs[i].hage), em_free(bufs[i].htype);
+        }
     em_free(bufs), em_free(m);
     return s;
 }

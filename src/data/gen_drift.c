@@ -371,6 +371,8 @@ static em_status check_cfg(const em_drift_cfg *cfg, const char *data_path, const
             if (b->cardinality[f] < 1)
                 return em_errorf(EM_ERR_INVALID, "gen --drift: cardinality[%d] = %lld must be >= 1", f,
                                  (long long)b->cardinality[f]);
+    if (b->seq_len_mean > 0)
+        return em_errorf(EM_ERR_INVALID, "gen --drift: sequences (seq_len_mean) are not supported in the drifting stream");
     if (cfg->rows < 1 || cfg->windows < 1 || (uint64_t)cfg->windows > cfg->rows)
         return em_errorf(EM_ERR_INVALID, "gen --drift: need 1 <= windows (%d) <= rows (%llu)", cfg->windows,
                          (unsigned long long)cfg->rows);

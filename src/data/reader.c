@@ -30,6 +30,16 @@
  * returns them again.
  * em_reader_free() stops the producer between batches and joins it (a producer
  * blocked reading a pipe that never delivers data cannot be interrupted).
+ *
+ * Sequences. With num_seq > 0 each slot also holds, per feature, item/age/type arrays
+ * of batch_size * seq_max_len events and offsets[B+1]: an example's events are parsed
+ * (TSV) or decoded (binary version 2) straight into the arrays at the running offset,
+ * the items reduced modulo seq_rows[s] once the example is known to be good, so a
+ * malformed line leaves nothing behind and nothing is copied at batch assembly.
+ * Version-2 binary files are read block by block through the same read buffer (a
+ * record is at most 1 MiB, the buffer's size); skip walks the block headers to the
+ * block holding the target record (one pread each) and reads from there, discarding
+ * the records before it on the producer, as TSV skip does with lines.
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -129,8 +139,10 @@ typedef struct {
     em_batch batch;
     uint64_t *raw;     /* (batch_size, num_sparse) raw ids of the examples */
     uint64_t *missing; /* (batch_size) */
+    em_batch_seq seq[EM_SEQ_MAX_FEATURES]; /* batch.seq points here */
     em_status status;  /* EM_OK, EM_ERR_EOF, or the error that ended the stream */
     uint64_t malformed;
+    uint64_t seq_events, seq_dropped;
     char first_error[sizeof(((em_reader_stats *)0)->first_error)];
     char err[512];     /* detail of `status` */
 } slot;
@@ -143,9 +155,18 @@ struct em_reader {
     int fd, binary, skipped;
     char *buf;          /* the read buffer */
     em__lines lines;    /* TSV */
-    size_t rec;         /* binary record size */
+    size_t rec;         /* binary record size (version 2: its fixed part) */
     uint64_t nrec;      /* binary record count */
     size_t bhead, btail;
+    int nseq, seq_cap;
+    int64_t *seq_rows;
+    /* binary version 2 */
+    int v2;
+    uint32_t max_events, block_records;
+    uint64_t data_end;  /* file offset where the blocks end */
+    uint64_t rd_off;    /* file offset of buf[btail] */
+    uint32_t blk_left;  /* records left in the current block */
+    uint64_t blk_bytes; /* payload bytes left in the current block */
     uint64_t pos;       /* position of the next line/record; owned by the producer */
 
     slot *slots;
@@ -174,6 +195,30 @@ static int malformed(em_reader *r, slot *s, uint64_t lineno, const char *why) {
     return 1;
 }
 
+/* Where example b's events go: each feature's arrays at its running offset. Items
+ * are parsed as raw u64 into the int64 array (the same object, signed/unsigned
+ * variants may alias) and reduced by seq_commit. */
+static void seq_targets(const em_reader *r, slot *s, int b, em_seq_events *ev) {
+    for (int f = 0; f < r->nseq; f++) {
+        em_batch_seq *q = &s->seq[f];
+        int64_t at = q->offsets[b];
+        ev[f] = (em_seq_events){(uint64_t *)(q->items + at), q->age + at, q->type + at, r->seq_cap, 0, 0};
+    }
+}
+
+/* Example b was good: reduce its items, close its offsets, count its events. */
+static void seq_commit(const em_reader *r, slot *s, int b, const em_seq_events *ev) {
+    for (int f = 0; f < r->nseq; f++) {
+        em_batch_seq *q = &s->seq[f];
+        const uint64_t rows = (uint64_t)r->seq_rows[f];
+        int64_t at = q->offsets[b];
+        for (int i = 0; i < ev[f].len; i++) q->items[at + i] = (int64_t)(ev[f].item[i] % rows);
+        q->offsets[b + 1] = at + ev[f].len;
+        s->seq_events += (uint64_t)ev[f].len;
+        s->seq_dropped += (uint64_t)(ev[f].total - ev[f].len);
+    }
+}
+
 /* Next TSV example into slot position b. Returns EM_OK (example stored), EM_ERR_EOF,
  * or an error; malformed lines are handled here (counted, or fatal when strict). */
 static em_status tsv_example(em_reader *r, slot *s, int b) {
@@ -193,12 +238,109 @@ static em_status tsv_example(em_reader *r, slot *s, int b) {
         }
         int bad;
         em_batch *bt = &s->batch;
-        st = em_criteo_parse_line(line, len, r->nd, r->ns, &bt->label[b],
-                                  bt->dense + (size_t)b * r->nd, s->raw + (size_t)b * r->ns,
-                                  &s->missing[b], &bad);
-        if (st == EM_OK) return EM_OK;
+        if (!r->nseq) {
+            st = em_criteo_parse_line(line, len, r->nd, r->ns, &bt->label[b],
+                                      bt->dense + (size_t)b * r->nd, s->raw + (size_t)b * r->ns,
+                                      &s->missing[b], &bad);
+            if (st == EM_OK) return EM_OK;
+        } else {
+            em_seq_events ev[EM_SEQ_MAX_FEATURES];
+            seq_targets(r, s, b, ev);
+            st = em_seq_parse_line(line, len, r->nd, r->ns, r->nseq, &bt->label[b],
+                                   bt->dense + (size_t)b * r->nd, s->raw + (size_t)b * r->ns,
+                                   &s->missing[b], ev, &bad);
+            if (st == EM_OK) {
+                seq_commit(r, s, b, ev);
+                return EM_OK;
+            }
+        }
         if (malformed(r, s, lineno, em_last_error())) return EM_ERR_PARSE;
     }
+}
+
+/* ------------------------------------------------------------ binary version 2 */
+
+/* At least n (<= EM__IO_BUF) bytes at buf[bhead..btail), reading no further than the
+ * end of the blocks; EM_ERR_CORRUPT if the file ends first. */
+static em_status bin2_ensure(em_reader *r, size_t n, const char *what) {
+    size_t avail = r->btail - r->bhead;
+    if (avail >= n) return EM_OK;
+    if (r->bhead) {
+        memmove(r->buf, r->buf + r->bhead, avail);
+        r->bhead = 0, r->btail = avail;
+    }
+    uint64_t left = r->data_end - r->rd_off, room = EM__IO_BUF - r->btail;
+    size_t want = (size_t)(left < room ? left : room);
+    long got = em__read_full(r->fd, r->buf + r->btail, want);
+    if (got < 0) return em_errorf(EM_ERR_IO, "read '%s': %s", r->path, strerror(errno));
+    r->btail += (size_t)got, r->rd_off += (uint64_t)got;
+    if ((size_t)got < want || r->btail - r->bhead < n)
+        return em_errorf(EM_ERR_CORRUPT, "%s: record %llu: %s runs past the end of the data",
+                         r->path, (unsigned long long)r->pos, what);
+    return EM_OK;
+}
+
+/* The next record's bytes (entering a new block if needed): *rec points into the
+ * buffer, *size is its length; the caller consumes it with bin2_consume. */
+static em_status bin2_record(em_reader *r, const unsigned char **rec, size_t *size) {
+    em_status st;
+    if (r->blk_left == 0) {
+        if ((st = bin2_ensure(r, EM__BIN_BLOCK_HDR, "block header")) != EM_OK) return st;
+        int ok;
+        uint32_t n;
+        uint64_t bytes;
+        em__bin_get_block((unsigned char *)r->buf + r->bhead, &ok, &n, &bytes);
+        uint64_t at = r->rd_off - (r->btail - r->bhead);
+        if (!ok || n < 1 || n > r->block_records || n > r->nrec - r->pos ||
+            bytes > r->data_end - at - EM__BIN_BLOCK_HDR)
+            return em_errorf(EM_ERR_CORRUPT, "%s: record %llu: bad block header at offset %llu", r->path,
+                             (unsigned long long)r->pos, (unsigned long long)at);
+        r->bhead += EM__BIN_BLOCK_HDR;
+        r->blk_left = n, r->blk_bytes = bytes;
+    }
+    const size_t head = r->rec + 4 * (size_t)r->nseq;
+    if ((st = bin2_ensure(r, head, "record")) != EM_OK) return st;
+    size_t sz;
+    const char *why = em__bin_seq_size((unsigned char *)r->buf + r->bhead + r->rec, r->nseq,
+                                       r->max_events, &sz);
+    if (!why && r->rec + sz > r->blk_bytes) why = "record runs past the end of its block";
+    if (why)
+        return em_errorf(EM_ERR_CORRUPT, "%s: record %llu: %s", r->path, (unsigned long long)r->pos, why);
+    if ((st = bin2_ensure(r, r->rec + sz, "record")) != EM_OK) return st;
+    *rec = (unsigned char *)r->buf + r->bhead;
+    *size = r->rec + sz;
+    return EM_OK;
+}
+
+static em_status bin2_consume(em_reader *r, size_t size) {
+    r->bhead += size;
+    r->blk_bytes -= size;
+    r->pos++;
+    if (--r->blk_left == 0 && r->blk_bytes != 0)
+        return em_errorf(EM_ERR_CORRUPT, "%s: record %llu: %llu unused bytes at the end of its block", r->path,
+                         (unsigned long long)(r->pos - 1), (unsigned long long)r->blk_bytes);
+    if (r->pos == r->nrec && r->rd_off - (r->btail - r->bhead) != r->data_end)
+        return em_errorf(EM_ERR_CORRUPT, "%s: %llu bytes after the last record", r->path,
+                         (unsigned long long)(r->data_end - (r->rd_off - (r->btail - r->bhead))));
+    return EM_OK;
+}
+
+static em_status bin2_example(em_reader *r, slot *s, int b) {
+    if (r->pos >= r->end) return EM_ERR_EOF;
+    const unsigned char *rec;
+    size_t size;
+    em_status st = bin2_record(r, &rec, &size);
+    if (st != EM_OK) return st;
+    em_batch *bt = &s->batch;
+    em_seq_events ev[EM_SEQ_MAX_FEATURES];
+    seq_targets(r, s, b, ev);
+    const char *why = em__bin_get_record(rec, r->nd, r->ns, &bt->label[b], bt->dense + (size_t)b * r->nd,
+                                         &s->missing[b], s->raw + (size_t)b * r->ns);
+    if (!why) why = em__bin_get_seq(rec + r->rec, r->nseq, ev);
+    if (why)
+        return em_errorf(EM_ERR_CORRUPT, "%s: record %llu: %s", r->path, (unsigned long long)r->pos, why);
+    seq_commit(r, s, b, ev);
+    return bin2_consume(r, size);
 }
 
 static em_status bin_example(em_reader *r, slot *s, int b) {
@@ -233,10 +375,18 @@ static void produce(em_reader *r, slot *s) {
     s->first_error[0] = 0;
     s->err[0] = 0;
     em_batch *bt = &s->batch;
+    s->seq_events = s->seq_dropped = 0;
+    for (int f = 0; f < r->nseq; f++) s->seq[f].offsets[0] = 0;
     em_status st = EM_OK;
-    if (!r->skipped) { /* TSV: skip lines here, on the producer, not in open */
+    if (!r->skipped) { /* TSV and binary v2: skip here, on the producer, not in open */
         r->skipped = 1;
         while (r->pos < r->skip && r->pos < r->end) {
+            if (r->v2) {
+                const unsigned char *rec;
+                size_t size;
+                if ((st = bin2_record(r, &rec, &size)) != EM_OK || (st = bin2_consume(r, size)) != EM_OK) break;
+                continue;
+            }
             const char *line;
             size_t len;
             int too_long;
@@ -249,7 +399,7 @@ static void produce(em_reader *r, slot *s) {
     bt->first_pos = r->pos;
     int b = 0;
     while (st == EM_OK && b < r->B) {
-        st = r->binary ? bin_example(r, s, b) : tsv_example(r, s, b);
+        st = r->v2 ? bin2_example(r, s, b) : r->binary ? bin_example(r, s, b) : tsv_example(r, s, b);
         if (st == EM_OK) b++;
     }
     bt->end_pos = r->pos;
@@ -303,6 +453,50 @@ static void *producer_main(void *arg) {
 
 /* ------------------------------------------------------------ public API */
 
+/* Version 2: check the size, then walk the block headers to the block holding record
+ * `skip` and start there (the producer discards the records before `skip`). */
+static em_status open_v2(em_reader *r, const em__bin_header *h, uint64_t size) {
+    r->v2 = 1;
+    r->max_events = h->max_events;
+    r->block_records = h->block_records;
+    if (size != EM__BIN_HDR + h->data_size)
+        return em_errorf(EM_ERR_CORRUPT, "%s: %s: the header says %llu data bytes, the file has %llu",
+                         r->path, size < EM__BIN_HDR + h->data_size ? "truncated" : "unexpected bytes at the end",
+                         (unsigned long long)h->data_size, (unsigned long long)(size - EM__BIN_HDR));
+    r->data_end = size;
+    if (r->end > r->nrec) r->end = r->nrec;
+    uint64_t off = EM__BIN_HDR, first = 0, target = r->skip < r->nrec ? r->skip : r->nrec;
+    while (first < r->nrec) {
+        unsigned char bh[EM__BIN_BLOCK_HDR];
+        if (off + EM__BIN_BLOCK_HDR > r->data_end ||
+            pread(r->fd, bh, sizeof bh, (off_t)off) != (ssize_t)sizeof bh)
+            return em_errorf(EM_ERR_CORRUPT, "%s: block header at offset %llu is missing", r->path,
+                             (unsigned long long)off);
+        int ok;
+        uint32_t n;
+        uint64_t bytes;
+        em__bin_get_block(bh, &ok, &n, &bytes);
+        if (!ok || n < 1 || n > r->block_records || n > r->nrec - first ||
+            bytes > r->data_end - off - EM__BIN_BLOCK_HDR)
+            return em_errorf(EM_ERR_CORRUPT, "%s: record %llu: bad block header at offset %llu", r->path,
+                             (unsigned long long)first, (unsigned long long)off);
+        if (first + n > target) break; /* this block holds the target */
+        first += n;
+        off += EM__BIN_BLOCK_HDR + bytes;
+    }
+    if (first == r->nrec && off != r->data_end)
+        return em_errorf(EM_ERR_CORRUPT, "%s: %llu bytes after the last record", r->path,
+                         (unsigned long long)(r->data_end - off));
+    if (lseek(r->fd, (off_t)off, SEEK_SET) < 0)
+        return em_errorf(EM_ERR_IO, "seek '%s': %s", r->path, strerror(errno));
+    r->rd_off = off;
+    r->bhead = r->btail = 0;
+    r->pos = first;
+    r->skip = target;
+    r->skipped = first == target;
+    return EM_OK;
+}
+
 static em_status open_source(em_reader *r) {
     em_status s = em__open_read(r->path, &r->fd);
     if (s != EM_OK) return s;
@@ -321,13 +515,14 @@ static em_status open_source(em_reader *r) {
         return em_errorf(EM_ERR_CORRUPT, "%s: truncated header (%ld bytes)", r->path, n);
     em__bin_header h;
     if ((s = em__bin_get_header((unsigned char *)r->buf, &h, r->path)) != EM_OK) return s;
-    if ((int)h.num_dense != r->nd || (int)h.num_sparse != r->ns)
-        return em_errorf(EM_ERR_INVALID, "%s: has %u dense and %u sparse features, the reader expects %d and %d",
-                         r->path, h.num_dense, h.num_sparse, r->nd, r->ns);
+    if ((int)h.num_dense != r->nd || (int)h.num_sparse != r->ns || (int)h.num_seq != r->nseq)
+        return em_errorf(EM_ERR_INVALID, "%s: has %u dense, %u sparse and %u sequence features, the reader expects %d, %d and %d",
+                         r->path, h.num_dense, h.num_sparse, h.num_seq, r->nd, r->ns, r->nseq);
     r->rec = h.record_size;
     r->nrec = h.count;
     struct stat sb;
     if (fstat(r->fd, &sb) != 0) return em_errorf(EM_ERR_IO, "stat '%s': %s", r->path, strerror(errno));
+    if (h.version == EM__BIN_VERSION_SEQ) return open_v2(r, &h, (uint64_t)sb.st_size);
     uint64_t size = (uint64_t)sb.st_size, body = size - EM__BIN_HDR, whole = body / r->rec;
     if (h.count > (UINT64_MAX - EM__BIN_HDR) / r->rec || whole < h.count)
         return em_errorf(EM_ERR_CORRUPT, "%s: truncated: the header says %llu records but record %llu is incomplete (file is %llu bytes)",
@@ -357,6 +552,18 @@ em_status em_reader_open(em_reader **out, const em_reader_cfg *cfg) {
                              (long long)cfg->table_rows[f]);
     if ((size_t)cfg->batch_size > ((size_t)1 << 40) / (8 * ((size_t)cfg->num_sparse + cfg->num_dense + 4)))
         return em_errorf(EM_ERR_INVALID, "reader: batch_size %d too large", cfg->batch_size);
+    if (cfg->num_seq < 0 || cfg->num_seq > EM_SEQ_MAX_FEATURES ||
+        (cfg->num_seq && (!cfg->seq_rows || cfg->seq_max_len < 1 || cfg->seq_max_len > EM_SEQ_MAX_LEN)))
+        return em_errorf(EM_ERR_INVALID, "reader: bad sequence config (num_seq %d <= %d, seq_rows, 1 <= seq_max_len %d <= %d)",
+                         cfg->num_seq, EM_SEQ_MAX_FEATURES, cfg->seq_max_len, EM_SEQ_MAX_LEN);
+    for (int f = 0; f < cfg->num_seq; f++)
+        if (cfg->seq_rows[f] < 1)
+            return em_errorf(EM_ERR_INVALID, "reader: seq_rows[%d] = %lld must be >= 1", f,
+                             (long long)cfg->seq_rows[f]);
+    if (cfg->num_seq && (uint64_t)cfg->batch_size * (uint64_t)cfg->seq_max_len * (uint64_t)cfg->num_seq >
+                            ((uint64_t)1 << 36))
+        return em_errorf(EM_ERR_INVALID, "reader: batch_size %d x seq_max_len %d x %d sequences is too large",
+                         cfg->batch_size, cfg->seq_max_len, cfg->num_seq);
 
     em_reader *r = em_calloc(1, sizeof *r);
     if (!r) return em_errorf(EM_ERR_NOMEM, "reader: out of memory");
@@ -369,13 +576,17 @@ em_status em_reader_open(em_reader **out, const em_reader_cfg *cfg) {
     r->skipped = cfg->skip == 0;
     r->nslots = cfg->prefetch + 1;
     em_status s = EM_OK;
+    r->nseq = cfg->num_seq, r->seq_cap = cfg->seq_max_len;
     r->path = em_strdup(cfg->path);
     r->rows = em_malloc(sizeof(int64_t) * (size_t)(r->ns ? r->ns : 1));
+    r->seq_rows = em_malloc(sizeof(int64_t) * (size_t)(r->nseq ? r->nseq : 1));
     r->buf = em_malloc(EM__IO_BUF);
     r->slots = em_calloc((size_t)r->nslots, sizeof(slot));
-    if (!r->path || !r->rows || !r->buf || !r->slots) goto nomem;
+    if (!r->path || !r->rows || !r->seq_rows || !r->buf || !r->slots) goto nomem;
     if (r->ns) memcpy(r->rows, cfg->table_rows, sizeof(int64_t) * (size_t)r->ns);
+    if (r->nseq) memcpy(r->seq_rows, cfg->seq_rows, sizeof(int64_t) * (size_t)r->nseq);
     const size_t B = (size_t)r->B, nd = (size_t)r->nd, ns = (size_t)r->ns;
+    const size_t ev = B * (size_t)r->seq_cap;
     for (int i = 0; i < r->nslots; i++) {
         slot *sl = &r->slots[i];
         em_batch *bt = &sl->batch;
@@ -388,6 +599,17 @@ em_status em_reader_open(em_reader **out, const em_reader_cfg *cfg) {
         sl->missing = em_malloc(sizeof(uint64_t) * B);
         if (!bt->label || !bt->dense || !bt->indices || !bt->offsets || !sl->raw || !sl->missing)
             goto nomem;
+        bt->num_seq = r->nseq;
+        bt->seq = r->nseq ? sl->seq : NULL;
+        for (int f = 0; f < r->nseq; f++) {
+            em_batch_seq *q = &sl->seq[f];
+            q->items = em_malloc(sizeof(int64_t) * ev);
+            q->age = em_malloc(sizeof(int64_t) * ev);
+            q->type = em_malloc(sizeof(int32_t) * ev);
+            q->offsets = em_malloc(sizeof(int64_t) * (B + 1));
+            if (!q->items || !q->age || !q->type || !q->offsets) goto nomem;
+            q->offsets[0] = 0;
+        }
     }
     if ((s = open_source(r)) != EM_OK) goto fail;
     if (r->prefetch > 0) {
@@ -437,6 +659,8 @@ em_status em_reader_next(em_reader *r, const em_batch **out) {
     em_reader_stats *st = &r->stats;
     st->lines += s->batch.end_pos - s->batch.first_pos;
     st->examples += (uint64_t)s->batch.B;
+    st->seq_events += s->seq_events;
+    st->seq_dropped += s->seq_dropped;
     if (s->malformed && !st->malformed) memcpy(st->first_error, s->first_error, sizeof st->first_error);
     st->malformed += s->malformed;
     if (s->status != EM_OK) {
@@ -472,8 +696,12 @@ void em_reader_free(em_reader *r) {
             slot *sl = &r->slots[i];
             em_free(sl->batch.label), em_free(sl->batch.dense), em_free(sl->batch.indices);
             em_free(sl->batch.offsets), em_free(sl->raw), em_free(sl->missing);
+            for (int f = 0; f < EM_SEQ_MAX_FEATURES; f++) {
+                em_free(sl->seq[f].items), em_free(sl->seq[f].age);
+                em_free(sl->seq[f].type), em_free(sl->seq[f].offsets);
+            }
         }
     }
-    em_free(r->slots), em_free(r->buf), em_free(r->rows), em_free(r->path);
+    em_free(r->slots), em_free(r->buf), em_free(r->rows), em_free(r->seq_rows), em_free(r->path);
     em_free(r);
 }
