@@ -226,7 +226,7 @@ static em_status parse_seq(const char *line, size_t len, int want, int field, in
         if (p == fend || *p != ':') EV_FAIL("expected item:age:type");
         const char *t0 = ++p;
         unsigned type = 0;
-        while (p < fend && (unsigned)(*p - '0') < 10u && p - t0 < 4) type = type * 10 + (unsigned)(*p++ - '0');
+        while (p < fend && (unsigned)(*p - '0') < 10u && p - t0 < 3) type = type * 10 + (unsigned)(*p++ - '0');
         if (p == t0 || (p < fend && *p != ',')) EV_FAIL("type must be an integer 0..255");
         if (type > EM_SEQ_MAX_TYPE) EV_FAIL("type must be an integer 0..255");
         if ((int64_t)age > prev_age) EV_FAIL("events out of time order (age grows)");
