@@ -14,7 +14,8 @@
  *               fp16 / int8 row-quantized tables for inference
  *   data        Criteo TSV / binary readers with prefetch, the synthetic generator,
  *               the teacher-prediction log (ExFM's data augmentation store) and its join
- *   model       the DLRM (bottom MLP, embeddings, interaction, top MLP)
+ *   model       the DLRM (bottom MLP, embeddings, interaction, top MLP) and its
+ *               sequence tower (history -> attention blocks -> target attention)
  *   train       trainer loop, metrics, checkpoints
  *   serve       HTTP inference server with dynamic batching (libmicrohttpd)
  *   dist        the sharding planner (cost model, greedy / Karmarkar-Karp placement)
@@ -52,6 +53,7 @@
 #include "ember/data.h"
 #include "ember/das.h"
 #include "ember/metrics.h"
+#include "ember/seqtower.h"
 #include "ember/dlrm.h"
 #include "ember/train.h"
 #include "ember/serve.h"

@@ -643,7 +643,57 @@ static void test_radix(void) {
     free(hist);
 }
 
-TEST_MAIN({"forward", test_forward}, {"backward_sgd", test_backward_sgd}, {"backward_adagrad", test_backward_adagrad},
+/* em_embbag_update_rows is the fused backward of bags of one id each: bitwise the same
+ * tables and state, for any thread count; bad rows are refused before any write. */
+static void test_update_rows(void) {
+    const int64_t rows[2] = {40, 300};
+    const int D = 13, n = 700;
+    em_rng r;
+    em_rng_seed(&r, 17);
+    int64_t *ids = malloc((size_t)n * sizeof(int64_t)), *off = malloc(((size_t)2 * n + 1) * sizeof(int64_t));
+    float *g = malloc((size_t)n * D * sizeof(float)), *dout = calloc((size_t)n * 2 * D, sizeof(float));
+    for (int j = 0; j < n; j++) {
+        ids[j] = (int64_t)em_rng_below(&r, 60); /* many duplicates in table 1 */
+        for (int d = 0; d < D; d++) g[(size_t)j * D + d] = dout[((size_t)j * 2 + 1) * D + d] = (float)(em_rng_uniform(&r) - 0.5);
+    }
+    for (int u = 0; u <= 2 * n; u++) off[u] = u <= n ? 0 : u - n; /* table 0 empty, table 1 one id per bag */
+    em_optim_kind kinds[3] = {EM_OPT_SGD, EM_OPT_ADAGRAD, EM_OPT_ROWWISE_ADAGRAD};
+    for (int k = 0; k < 3; k++) {
+        em_optim_cfg o = opt_cfg(kinds[k], 0.05f);
+        o.weight_decay = 0.01f;
+        em_embbag *a = make_bag(2, rows, D, EM_POOL_SUM, o), *b = make_bag(2, rows, D, EM_POOL_SUM, o);
+        em_embbag_init_uniform(a, 3, NULL);
+        em_embbag_init_uniform(b, 3, NULL);
+        CHECK_OK(em_embbag_backward_update(a, dout, ids, off, NULL, NULL, n, NULL));
+        for (int nth = 1; nth <= 3; nth++) {
+            em_embbag *c = make_bag(2, rows, D, EM_POOL_SUM, o);
+            em_embbag_init_uniform(c, 3, NULL);
+            em_pool *pool;
+            CHECK_OK(em_pool_create(&pool, nth));
+            CHECK_OK(em_embbag_update_rows(c, 1, ids, g, (size_t)n, pool));
+            size_t sa, sc;
+            CHECK(memcmp(em_embbag_weights(a, 1), em_embbag_weights(c, 1), (size_t)rows[1] * D * sizeof(float)) == 0);
+            const float *xa = em_embbag_state(a, 1, &sa), *xc = em_embbag_state(c, 1, &sc);
+            CHECK(sa == sc && (!sa || memcmp(xa, xc, sa * sizeof(float)) == 0));
+            em_pool_free(pool);
+            em_embbag_free(c);
+        }
+        /* a bad row: refused, naming the pair; nothing written */
+        float *before = malloc((size_t)rows[1] * D * sizeof(float));
+        memcpy(before, em_embbag_weights(b, 1), (size_t)rows[1] * D * sizeof(float));
+        ids[5] = 300;
+        CHECK(em_embbag_update_rows(b, 1, ids, g, (size_t)n, NULL) == EM_ERR_INVALID && strstr(em_last_error(), "pair 5"));
+        ids[5] = 1;
+        CHECK(memcmp(before, em_embbag_weights(b, 1), (size_t)rows[1] * D * sizeof(float)) == 0);
+        CHECK(em_embbag_update_rows(b, 2, ids, g, (size_t)n, NULL) == EM_ERR_INVALID);
+        CHECK_OK(em_embbag_update_rows(b, 0, NULL, NULL, 0, NULL));
+        free(before);
+        em_embbag_free(a), em_embbag_free(b);
+    }
+    free(ids), free(off), free(g), free(dout);
+}
+
+TEST_MAIN({"forward", test_forward}, {"update_rows", test_update_rows}, {"backward_sgd", test_backward_sgd}, {"backward_adagrad", test_backward_adagrad},
           {"backward_rowwise", test_backward_rowwise}, {"dper_id_w", test_dper_id_w},
           {"determinism", test_determinism}, {"init_uniform", test_init_uniform}, {"invalid", test_invalid},
           {"bad_config", test_bad_config}, {"alloc_failure", test_alloc_failure}, {"large_table", test_large_table},

@@ -13,6 +13,15 @@
  *
  * Parameter names (checkpoints, golden files): "bot.{i}.weight" (out, in),
  * "bot.{i}.bias", "top.{i}.weight", "top.{i}.bias", "emb.{t}.weight" (rows, D).
+ *
+ * Sequence features (cfg.seq.num_seq = 1): a sequence tower (ember/seqtower.h) turns
+ * each example's history (em_batch.seq[0]) into E = em_seq_extra(&cfg.seq) more
+ * D-vectors, queried by the pooled embedding of categorical cfg.seq.cand; they join
+ * the interaction after the T pooled embeddings, so top[0] = D + (T+E)(T+E+1)/2.
+ * The tower's dense parameters ("seq.*", see em_seq_param) follow the MLPs' in the flat
+ * blocks; its item table is "seq.items.weight" (rows, D), with the sparse optimizer,
+ * or, with cfg.seq.share, the candidate's own table "emb.{cand}.weight". Without a
+ * sequence configured, everything (layout, results, checkpoints) is the plain DLRM's.
  */
 #ifndef EMBER_DLRM_H
 #define EMBER_DLRM_H
@@ -22,6 +31,7 @@
 #include "embbag.h"
 #include "optim.h"
 #include "safetensors.h"
+#include "seqtower.h"
 
 #ifdef __cplusplus
 extern "C" {
@@ -43,6 +53,8 @@ typedef struct {
     em_optim_cfg dense_opt;         /* SGD, AdaGrad, Adam, AdamW */
     em_optim_cfg sparse_opt;        /* SGD, AdaGrad, row-wise AdaGrad */
     uint64_t seed;                  /* initialisation */
+    em_seq_cfg seq;                 /* the sequence tower (ember/seqtower.h); num_seq = 0
+                                       (all zero): none, the plain DLRM */
 } em_dlrm_cfg;
 
 /* The Criteo Kaggle reference: D=16, bottom 13-512-256-64-16, top 367-512-256-1,
@@ -77,8 +89,9 @@ em_status em_dlrm_train_step(em_dlrm *m, const em_batch *b, double *loss, em_poo
  * gradient block (see em_dlrm_param) and the embedding gradient is not computed. */
 em_status em_dlrm_forward_backward(em_dlrm *m, const em_batch *b, double *loss, em_pool *pool);
 
-/* Named access to dense parameters ("bot.0.weight", ...), their gradients
- * (grad = 1) and tables ("emb.3.weight"). Returns NULL for unknown names. */
+/* Named access to dense parameters ("bot.0.weight", "seq.0.q.weight", ...), their
+ * gradients (grad = 1) and tables ("emb.3.weight", "seq.items.weight"). Returns NULL
+ * for unknown names. */
 float *em_dlrm_param(em_dlrm *m, const char *name, int grad, size_t *numel);
 /* The interaction output of the last forward (B, top[0]). */
 const float *em_dlrm_interaction(const em_dlrm *m);
@@ -87,6 +100,8 @@ em_embbag *em_dlrm_embbag(em_dlrm *m); /* NULL once released */
  * (ember/quant.h via em_dlrm_forward_with): afterwards em_dlrm_forward, training and
  * em_dlrm_save fail with EM_ERR_INVALID and table parameters are NULL. */
 void em_dlrm_release_tables(em_dlrm *m);
+/* The sequence tower (NULL without one): FLOPs statistics (em_seqtower_stats). */
+em_seqtower *em_dlrm_seqtower(em_dlrm *m);
 /* Bytes held by parameters, dense gradients and all optimizer state (no activations). */
 size_t em_dlrm_state_bytes(const em_dlrm *m);
 void em_dlrm_set_lr(em_dlrm *m, float dense_lr, float sparse_lr);

@@ -69,6 +69,17 @@ em_status em_embbag_backward_update(em_embbag *e, const float *dout, const int64
                                     const int64_t *offsets, const float *per_id_w,
                                     float *dper_id_w, int B, em_pool *pool);
 
+/* The sparse optimizer applied to table t from n (row, gradient) pairs: grads (n, D),
+ * pair j = (rows[j], grads[j*D .. j*D+D)). The gradients of equal rows are summed in
+ * the order given and each touched row is updated once, exactly as the fused backward
+ * does for bags (the same optimizer step, weight decay included). For gradients that
+ * do not come from bags: the sequence tower's history items, which may share a table
+ * with a categorical feature (src/model/seqtower.c). Rows are validated first
+ * (EM_ERR_INVALID naming the pair; nothing is written); n must be < 2^32. Bitwise
+ * identical for any thread count. */
+em_status em_embbag_update_rows(em_embbag *e, int t, const int64_t *rows, const float *grads, size_t n,
+                                em_pool *pool);
+
 /* Change the learning rate (schedules). */
 void em_embbag_set_lr(em_embbag *e, float lr);
 

@@ -79,6 +79,11 @@ em_status em_train_run(const em_train_cfg *cfg, em_pool *pool, em_train_result *
 em_status em_evaluate(em_dlrm *m, const char *path, int batch, uint64_t limit, em_pool *pool, em_metrics *out,
                       float **probs, float **labels, size_t *n);
 
+/* Set a reader configuration's sequence fields (num_seq, seq_rows, seq_max_len) from
+ * a model's: a sequence model reads its history column(s); others leave rc as it is.
+ * rc->seq_rows points into mc, which must outlive the reader. */
+void em_model_reader_seq(const em_dlrm_cfg *mc, em_reader_cfg *rc);
+
 /* Read one probability per line (the generator's test truth). */
 em_status em_read_probs(const char *path, float **probs, size_t *n);
 

@@ -9,6 +9,12 @@
  * eval --tables fp16|int8|int8c measures serving accuracy with quantized tables: it pools
  * from an em_qbag (ember/quant.h) and runs em_dlrm_forward_with, exactly the forward
  * `ember serve --tables` runs, and reports the tables' bytes next to fp32's.
+ *
+ * A sequence model (ember/seqtower.h) reads its history column(s) after the
+ * categoricals in both verbs (eval through em_evaluate's reader; predict parses each
+ * line with em_seq_parse_line and keeps the most recent seq.max_len events, as the
+ * reader does). Its quantized evaluation needs the history's own item table: a history
+ * that shares the candidate's table would lose its fp32 rows.
  */
 #include <errno.h>
 #include <math.h>
@@ -41,7 +47,8 @@ static const cli_opt eval_opts[] = {
 
 static const cli_opt predict_opts[] = {
     OPT_MODEL,
-    OPT_STR("input", "PATH", "Criteo TSV lines, with or without the label column ('-' = stdin)", eval_ctx, input),
+    OPT_STR("input", "PATH", "Criteo TSV lines, with or without the label column, and a sequence model's history "
+            "column after the categoricals ('-' = stdin)", eval_ctx, input),
     OPT_STR("output", "PATH", "where to write one probability per line (default stdout)", eval_ctx, output),
     OPT_FLAG("strict", "stop at the first malformed line (default: write nan for it and go on)", eval_ctx, strict),
     OPT_BATCH,
@@ -67,12 +74,16 @@ static em_status eval_quant(em_dlrm *m, em_qtype qt, const eval_ctx *c, em_pool 
                             size_t *bytes) {
     const em_dlrm_cfg *mc = em_dlrm_config(m);
     em_qbag *q = NULL;
+    if (mc->seq.num_seq && mc->seq.share)
+        return em_errorf(EM_ERR_UNSUPPORTED, "--tables %s: the history shares table C%d, whose fp32 rows quantization frees "
+                         "(evaluate with fp32 tables)", em_qtype_name(qt), mc->seq.cand + 1);
     em_status st = em_qbag_create(&q, em_dlrm_embbag(m), qt, mc->pooling, pool);
     if (st) return st;
     *bytes = em_qbag_bytes(q);
     em_dlrm_release_tables(m);
     em_reader_cfg rc = {.path = c->test, .batch_size = c->batch, .num_dense = mc->num_dense,
                         .num_sparse = mc->num_tables, .table_rows = mc->rows, .prefetch = 2, .limit = (uint64_t)c->limit};
+    em_model_reader_seq(mc, &rc);
     em_reader *r = NULL;
     size_t cap = 1 << 16, n = 0;
     float *p = em_malloc(cap * sizeof(float)), *y = em_malloc(cap * sizeof(float));
@@ -157,11 +168,20 @@ typedef struct {
     const int64_t *rows;
     int64_t nidx;
     uint64_t *ids, *miss;
+    /* the history of a sequence model: line i's events in slots [i*smax, i*smax + slen[i]) */
+    int nseq, smax;
+    int64_t srows;
+    uint64_t *sitem;
+    int64_t *sage, *soff;
+    int32_t *stype;
+    int *slen;
+    em_batch_seq seq;
 } pbatch;
 
-static int pb_init(pbatch *p, int cap, int ND, int T, const int64_t *rows) {
+static int pb_init(pbatch *p, int cap, const em_dlrm_cfg *mc) {
+    const int T = mc->num_tables, ND = mc->num_dense;
     memset(p, 0, sizeof *p);
-    p->cap = cap, p->T = T, p->ND = ND, p->rows = rows;
+    p->cap = cap, p->T = T, p->ND = ND, p->rows = mc->rows;
     p->b.num_dense = ND, p->b.num_sparse = T;
     p->b.label = em_malloc((size_t)cap * sizeof(float));
     p->b.dense = em_malloc((size_t)cap * (size_t)ND * sizeof(float));
@@ -169,12 +189,23 @@ static int pb_init(pbatch *p, int cap, int ND, int T, const int64_t *rows) {
     p->b.offsets = em_malloc(((size_t)cap * (size_t)T + 1) * sizeof(int64_t));
     p->ids = em_malloc((size_t)cap * (size_t)T * sizeof(uint64_t));
     p->miss = em_malloc((size_t)cap * sizeof(uint64_t));
-    return p->b.label && p->b.dense && p->b.indices && p->b.offsets && p->ids && p->miss ? 0 : -1;
+    if (!p->b.label || !p->b.dense || !p->b.indices || !p->b.offsets || !p->ids || !p->miss) return -1;
+    if (!mc->seq.num_seq) return 0;
+    p->nseq = 1, p->smax = mc->seq.max_len, p->srows = mc->seq.rows;
+    size_t ev = (size_t)cap * (size_t)p->smax;
+    p->sitem = em_malloc(ev * sizeof(uint64_t));
+    p->sage = em_malloc(ev * sizeof(int64_t));
+    p->stype = em_malloc(ev * sizeof(int32_t));
+    p->soff = em_malloc(((size_t)cap + 1) * sizeof(int64_t));
+    p->slen = em_malloc((size_t)cap * sizeof(int));
+    p->b.num_seq = 1, p->b.seq = &p->seq;
+    return p->sitem && p->sage && p->stype && p->soff && p->slen ? 0 : -1;
 }
 
 static void pb_free(pbatch *p) {
     em_free(p->b.label), em_free(p->b.dense), em_free(p->b.indices), em_free(p->b.offsets), em_free(p->ids),
         em_free(p->miss);
+    em_free(p->sitem), em_free(p->sage), em_free(p->stype), em_free(p->soff), em_free(p->slen);
 }
 
 /* Lay the parsed ids out table-major with modulo, as the reader does. */
@@ -187,6 +218,21 @@ static void pb_finish(pbatch *p) {
             if (!(p->miss[i] >> t & 1)) p->b.indices[k++] = (int64_t)(p->ids[(size_t)i * (size_t)p->T + (size_t)t] % (uint64_t)p->rows[t]);
             p->b.offsets[(size_t)t * (size_t)B + (size_t)i + 1] = k;
         }
+    if (!p->nseq) return;
+    /* pack the histories jagged (moving events down: slot i*smax >= soff[i]); items
+     * reduced modulo the item table's rows in place */
+    int64_t *items = (int64_t *)p->sitem;
+    p->soff[0] = 0;
+    for (int i = 0; i < B; i++) {
+        size_t src = (size_t)i * (size_t)p->smax, dst = (size_t)p->soff[i], n = (size_t)p->slen[i];
+        for (size_t j = 0; j < n; j++) {
+            items[dst + j] = (int64_t)(p->sitem[src + j] % (uint64_t)p->srows);
+            p->sage[dst + j] = p->sage[src + j];
+            p->stype[dst + j] = p->stype[src + j];
+        }
+        p->soff[i + 1] = (int64_t)(dst + n);
+    }
+    p->seq = (em_batch_seq){items, p->sage, p->stype, p->soff};
 }
 
 static int flush(pbatch *p, em_dlrm *m, em_pool *pool, FILE *out, const char *status, float *logits) {
@@ -248,7 +294,7 @@ int cmd_predict(int argc, char **argv) {
     size_t cap = 0, fixed_cap = 0, ns = 0;
     unsigned long long lineno = 0, bad = 0;
     rc = 0;
-    if (pb_init(&p, c.batch, mc->num_dense, mc->num_tables, mc->rows) != 0 || !logits || !status) {
+    if (pb_init(&p, c.batch, mc) != 0 || !logits || !status) {
         fprintf(stderr, "ember predict: out of memory\n");
         rc = 1;
         goto done;
@@ -259,7 +305,7 @@ int cmd_predict(int argc, char **argv) {
         const char *l = line;
         size_t n = (size_t)len, tabs = 0;
         for (size_t i = 0; i < n; i++) tabs += line[i] == '\t';
-        if (tabs == (size_t)(mc->num_dense + mc->num_tables - 1)) { /* no label column: add one */
+        if (tabs == (size_t)(mc->num_dense + mc->num_tables + mc->seq.num_seq - 1)) { /* no label column: add one */
             if (fixed_cap < n + 3) {
                 fixed_cap = 2 * n + 3;
                 char *f2 = realloc(fixed, fixed_cap);
@@ -271,9 +317,15 @@ int cmd_predict(int argc, char **argv) {
             l = fixed, n += 2;
         }
         int i = p.b.B, bad_field;
-        em_status st = em_criteo_parse_line(l, n, mc->num_dense, mc->num_tables, &p.b.label[i],
-                                            &p.b.dense[(size_t)i * (size_t)mc->num_dense],
-                                            &p.ids[(size_t)i * (size_t)mc->num_tables], &p.miss[i], &bad_field);
+        em_seq_events ev = {0};
+        if (p.nseq) {
+            size_t o = (size_t)i * (size_t)p.smax;
+            ev = (em_seq_events){p.sitem + o, p.sage + o, p.stype + o, p.smax, 0, 0};
+        }
+        em_status st = em_seq_parse_line(l, n, mc->num_dense, mc->num_tables, p.nseq, &p.b.label[i],
+                                         &p.b.dense[(size_t)i * (size_t)mc->num_dense],
+                                         &p.ids[(size_t)i * (size_t)mc->num_tables], &p.miss[i], &ev, &bad_field);
+        if (st == EM_OK && p.nseq) p.slen[i] = ev.len;
         if (st) {
             bad++;
             if (c.strict || bad == 1) fprintf(stderr, "ember predict: %s:%llu: %s\n", c.input, lineno, em_last_error());

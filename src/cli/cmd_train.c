@@ -27,6 +27,12 @@ typedef struct {
     int rows_given, bot_given, top_given;
     int quiet;
     int64_t gen_rows, gen_test_rows;
+    /* sequence tower (seqtower.h); seq = -1: not given */
+    int seq, seq_max, seq_heads, seq_window, seq_age_buckets, seq_types, seq_share, seq_cand;
+    int64_t seq_rows;
+    const char *seq_blocks, *seq_act;
+    int hsp[3], hsp_given;
+    double seq_flops, seq_events; /* forward FLOPs and events per example, for the report */
     char out_buf[1024], train_buf[1200], test_buf[1200], prob_buf[1200];
     /* curves for report.html: (examples, value) points, thinned 2:1 when full */
     int n_loss, n_auc;
@@ -84,6 +90,27 @@ static int set_pooling(void *c, const cli_opt *o, const char *v) {
     return 0;
 }
 
+/* "C10" or "10": the 1-based categorical field. */
+static int set_field(void *c, const cli_opt *o, const char *v) {
+    const char *p = (v[0] == 'C' || v[0] == 'c') ? v + 1 : v;
+    long long k;
+    if (cli_int(o->name, p, 1, EM_DLRM_MAX_TABLES, &k)) return -1;
+    memcpy((char *)c + o->off, &(int){(int)k}, sizeof(int));
+    return 0;
+}
+static int set_hsp(void *c, const cli_opt *o, const char *v) {
+    int64_t x[3];
+    int n = 0;
+    if (cli_int_list("train", o->name, "sizes (seeds,tokens,terms)", v, x, 3, &n)) return -1;
+    if (n != 3 || x[0] > 1024 || x[1] > 1024 || x[2] > 64) {
+        fprintf(stderr, "ember train: --%s: expected SEEDS,TOKENS,TERMS (<= 1024, 1024, 64), got '%s'\n", o->name, v);
+        return -1;
+    }
+    for (int i = 0; i < 3; i++) CTX->hsp[i] = (int)x[i];
+    CTX->hsp_given = 1;
+    return 0;
+}
+
 #define BIG (1LL << 60)
 static const cli_opt opts[] = {
     OPT_CONFIG("JSON object of these options (keys with - or _); later flags override it"),
@@ -124,7 +151,74 @@ static const cli_opt opts[] = {
     OPT_INT("gen-rows", "N", "default dataset: training rows (default 1000000)", train_ctx, gen_rows, 1, 1LL << 40),
     OPT_INT("gen-test-rows", "N", "default dataset: test rows (default 100000)", train_ctx, gen_test_rows, 1, 1LL << 40),
     OPT_FLAG("quiet", "no progress bar", train_ctx, quiet),
+    OPT_INT("seq", "N", "sequence features: 1 = read a history column after the categoricals and add the sequence "
+            "tower (default 0; on when --seq-share or --seq-cand is given)", train_ctx, seq, 0, 1),
+    OPT_FN("seq-share", "CK", "the history's items are ids of categorical C<K> (e.g. C10) and share its table; its "
+           "pooled embedding queries the history", set_field, offsetof(train_ctx, seq_share)),
+    OPT_FN("seq-cand", "CK", "like --seq-share, but the history gets its own item table (--seq-rows)", set_field,
+           offsetof(train_ctx, seq_cand)),
+    OPT_INT("seq-rows", "N", "rows of the history's own item table (default: the candidate table's)", train_ctx, seq_rows,
+            1, 1LL << 32),
+    OPT_INT("seq-max", "L", "keep the most recent L events of each history (default 64)", train_ctx, seq_max, 1,
+            EM_SEQ_MAX_LEN),
+    OPT_STR("seq-blocks", "LIST", "blocks over the history, in order: jattn[:causal], gdpa[:ACT][:causal], "
+            "swa[:W][:causal], hsp; or compskip:N (Kunlun CompSkip, N layers: even gdpa+hsp, odd swa) or full:N "
+            "(N x gdpa+hsp) or none (default compskip:2)", train_ctx, seq_blocks),
+    OPT_INT("seq-heads", "H", "attention heads, dividing D (default 2)", train_ctx, seq_heads, 1, 4096),
+    OPT_INT("seq-window", "W", "sliding-window half width of swa blocks (default 8)", train_ctx, seq_window, 0, 1 << 20),
+    OPT_STR("seq-act", "NAME", "GDPA activation: identity relu relu2 silu gelu tanh (default silu)", train_ctx, seq_act),
+    OPT_FN("seq-hsp", "M,M2,K", "hierarchical seed pooling: seeds, output tokens (each one more vector in the "
+           "interaction), Kronecker terms (default 4,2,2)", set_hsp, 0),
+    OPT_INT("seq-age-buckets", "N", "log2 age buckets of the history events (default 32)", train_ctx, seq_age_buckets, 1, 64),
+    OPT_INT("seq-types", "N", "event types embedded; larger types share the last row (default 4)", train_ctx, seq_types, 1,
+            EM_SEQ_MAX_TYPE + 1),
 };
+
+/* The sequence tower's configuration from the --seq-* options (num_seq stays 0 when
+ * none is on); needs the tables' rows. */
+static int seq_config(train_ctx *c, em_dlrm_cfg *m) {
+    int on = c->seq > 0 || (c->seq < 0 && (c->seq_share || c->seq_cand));
+    if (!on) {
+        if (c->seq_share || c->seq_cand || c->seq_blocks)
+            fprintf(stderr, "ember train: --seq 0: the --seq-* options are ignored\n");
+        return 0;
+    }
+    if (c->seq_share && c->seq_cand) {
+        fprintf(stderr, "ember train: give --seq-share or --seq-cand, not both\n");
+        return -1;
+    }
+    int field = c->seq_share ? c->seq_share : c->seq_cand;
+    if (!field) {
+        fprintf(stderr, "ember train: --seq needs the candidate field: --seq-share CK (shared item table) or --seq-cand CK\n");
+        return -1;
+    }
+    if (field > m->num_tables) {
+        fprintf(stderr, "ember train: candidate field C%d, but there are %d categoricals\n", field, m->num_tables);
+        return -1;
+    }
+    em_seq_cfg q = em_seq_default();
+    q.max_len = c->seq_max ? c->seq_max : 64;
+    q.cand = field - 1;
+    q.share = c->seq_share != 0;
+    q.rows = q.share || !c->seq_rows ? m->rows[q.cand] : c->seq_rows;
+    if (q.share && c->seq_rows && c->seq_rows != q.rows)
+        fprintf(stderr, "ember train: --seq-rows is ignored: the shared table C%d has %lld rows\n", field, (long long)q.rows);
+    if (c->seq_heads) q.heads = c->seq_heads;
+    if (c->seq_age_buckets) q.age_buckets = c->seq_age_buckets;
+    if (c->seq_types) q.num_types = c->seq_types;
+    if (c->hsp_given) q.hsp_m = c->hsp[0], q.hsp_m2 = c->hsp[1], q.hsp_k = c->hsp[2];
+    em_gdpa_act act = EM_GDPA_SILU;
+    if (c->seq_act && em_gdpa_act_parse(c->seq_act, &act)) {
+        fprintf(stderr, "ember train: --seq-act: %s\n", em_last_error());
+        return -1;
+    }
+    if (em_seq_parse_blocks(&q, c->seq_blocks ? c->seq_blocks : "compskip:2", act, c->seq_window >= 0 ? c->seq_window : 8)) {
+        fprintf(stderr, "ember train: --seq-blocks: %s\n", em_last_error());
+        return -1;
+    }
+    m->seq = q;
+    return 0;
+}
 
 static void fmt_count(char *buf, size_t cap, double x) {
     if (x >= 1e6) snprintf(buf, cap, "%.2fM", x / 1e6);
@@ -342,6 +436,8 @@ static void write_report(const train_ctx *c, const em_dlrm_cfg *mc, const em_tra
                "\"examples_per_s\":%.1f,\"malformed_lines\":%llu,\"peak_rss_mb\":%.1f,\"state_mb\":%.1f},\n",
             c->tc.batch, c->tc.epochs, threads, (long long)r->steps, (unsigned long long)r->examples, r->train_s,
             r->examples_per_s, (unsigned long long)r->reader.malformed, rss_mb, state_mb);
+    if (mc->seq.num_seq)
+        fprintf(f, " \"seq\":{\"forward_flops_per_example\":%.1f,\"events_per_example\":%.3f},\n", c->seq_flops, c->seq_events);
     em_metrics_json(&r->test, buf, sizeof buf);
     fprintf(f, " \"test\":%s,\n", r->test.n ? buf : "null");
     if (opt) em_metrics_json(opt, buf, sizeof buf);
@@ -361,6 +457,7 @@ int cmd_train(int argc, char **argv) {
     c.lr = c.dense_lr = c.sparse_lr = NAN;
     c.dense_kind = c.sparse_kind = EM_OPT_SGD;
     c.gen_rows = 1000000, c.gen_test_rows = 100000;
+    c.seq = -1, c.seq_window = -1;
     c.out = "runs/default";
     char *pos[1];
     int npos;
@@ -377,7 +474,8 @@ int cmd_train(int argc, char **argv) {
     for (int t = 0; t < m->num_tables; t++)
         if (c.rows_cap > 0 && m->rows[t] > c.rows_cap) m->rows[t] = c.rows_cap;
     if (!c.bot_given) m->bot[0] = m->num_dense, m->bot[m->n_bot - 1] = m->dim;
-    if (!c.top_given) m->top[0] = em_dot_interact_out_dim(m->num_tables, m->dim);
+    if (seq_config(&c, m)) return 2;
+    if (!c.top_given) m->top[0] = em_dot_interact_out_dim(m->num_tables + em_seq_extra(&m->seq), m->dim);
     double dlr = !isnan(c.dense_lr) ? c.dense_lr : !isnan(c.lr) ? c.lr : 0.1;
     double slr = !isnan(c.sparse_lr) ? c.sparse_lr : !isnan(c.lr) ? c.lr : 0.1;
     m->dense_opt = em_optim_default(c.dense_kind, (float)dlr);
@@ -405,6 +503,13 @@ int cmd_train(int argc, char **argv) {
     fprintf(stderr, "training %s: %d tables, D=%d, bottom %d layers, top %d layers, batch %d, %s/%s, %d threads\n",
             c.tc.train_path, m->num_tables, m->dim, m->n_bot - 1, m->n_top - 1, c.tc.batch,
             em_optim_name(m->dense_opt.kind), em_optim_name(m->sparse_opt.kind), c.threads);
+    if (m->seq.num_seq) {
+        char blocks[512];
+        em_seq_format_blocks(&m->seq, blocks, sizeof blocks);
+        fprintf(stderr, "sequence tower: history of C%d (%s item table, %lld rows), last %d events, %d heads, blocks %s, "
+                "%d vectors into the interaction\n", m->seq.cand + 1, m->seq.share ? "shared" : "own", (long long)m->seq.rows,
+                m->seq.max_len, m->seq.heads, blocks, em_seq_extra(&m->seq));
+    }
     em_train_result res;
     em_dlrm *model = NULL;
     st = em_train_run(&c.tc, pool, &res, &model);
@@ -440,6 +545,14 @@ int cmd_train(int argc, char **argv) {
             }
             em_free(tp), em_free(p), em_free(y);
         }
+    }
+    if (em_dlrm_seqtower(model)) {
+        em_seq_stats ss;
+        em_seqtower_stats(em_dlrm_seqtower(model), &ss);
+        c.seq_flops = ss.examples > 0 ? ss.total_flops / ss.examples : 0;
+        c.seq_events = ss.examples > 0 ? ss.events / ss.examples : 0;
+        printf("sequence tower: %.3f MFLOP per example forward, %.1f history events per example\n", c.seq_flops / 1e6,
+               c.seq_events);
     }
     struct rusage ru;
     getrusage(RUSAGE_SELF, &ru);

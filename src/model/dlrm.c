@@ -72,7 +72,17 @@ em_status em_dlrm_cfg_validate(const em_dlrm_cfg *c) {
     if (c->bot[c->n_bot - 1] != c->dim)
         return em_errorf(EM_ERR_INVALID, "model: bottom MLP ends at %d but the embedding dim is %d (the dot interaction needs them equal)",
                          c->bot[c->n_bot - 1], c->dim);
-    int want = em_dot_interact_out_dim(c->num_tables, c->dim);
+    em_status st = em_seq_cfg_validate(&c->seq, c->dim, c->num_tables);
+    if (st) return st;
+    if (c->seq.num_seq && c->seq.share && c->seq.rows != c->rows[c->seq.cand])
+        return em_errorf(EM_ERR_INVALID, "model: the history shares table C%d (%lld rows) but says %lld rows", c->seq.cand + 1,
+                         (long long)c->rows[c->seq.cand], (long long)c->seq.rows);
+    const int E = em_seq_extra(&c->seq);
+    int want = em_dot_interact_out_dim(c->num_tables + E, c->dim);
+    if (c->top[0] != want && E)
+        return em_errorf(EM_ERR_INVALID,
+                         "model: top MLP starts at %d but the interaction of %d tables and %d sequence vectors with dim %d gives %d",
+                         c->top[0], c->num_tables, E, c->dim, want);
     if (c->top[0] != want)
         return em_errorf(EM_ERR_INVALID, "model: top MLP starts at %d but the interaction of %d tables with dim %d gives %d",
                          c->top[0], c->num_tables, c->dim, want);
@@ -94,6 +104,9 @@ static void free_acts(em_dlrm *m) {
     }
     em_free(m->inter), em_free(m->dinter), em_free(m->emb_out), em_free(m->demb);
     m->inter = m->dinter = m->emb_out = m->demb = NULL;
+    em_free(m->embx), em_free(m->dembx), em_free(m->extra), em_free(m->dextra), em_free(m->coff);
+    m->embx = m->dembx = m->extra = m->dextra = NULL;
+    m->coff = NULL;
     m->cap = 0;
 }
 
@@ -104,6 +117,9 @@ void em_dlrm_free(em_dlrm *m) {
     em_free(m->grads);
     em_free(m->state);
     em_embbag_free(m->emb);
+    em_seqtower_free(m->seq);
+    em_embbag_free(m->seq_emb);
+    em_free(m->cidx), em_free(m->cpw), em_free(m->prow), em_free(m->pgrad);
     em_free(m);
 }
 
@@ -120,6 +136,15 @@ static em_status ensure_cap(em_dlrm *m, int B) {
         !(m->emb_out = em_malloc((size_t)B * TD * sizeof(float))) ||
         !(m->demb = em_malloc((size_t)B * TD * sizeof(float))))
         goto nomem;
+    if (m->seq) {
+        size_t FD = (size_t)m->F * (size_t)m->cfg.dim, ED = FD - TD;
+        if (!(m->embx = em_malloc((size_t)B * FD * sizeof(float))) ||
+            !(m->dembx = em_malloc((size_t)B * FD * sizeof(float))) ||
+            !(m->extra = em_malloc((size_t)B * ED * sizeof(float))) ||
+            !(m->dextra = em_malloc((size_t)B * ED * sizeof(float))) ||
+            !(m->coff = em_malloc(((size_t)B * (size_t)m->cfg.num_tables + 1) * sizeof(int64_t))))
+            goto nomem;
+    }
     m->cap = B;
     return EM_OK;
 nomem:
@@ -146,7 +171,10 @@ em_status em__dlrm_create_raw(em_dlrm **out, const em_dlrm_cfg *cfg) {
         m->L[l].b = off;
         off += (size_t)m->L[l].out;
     }
+    m->n_mlp = off;
+    off += em_seq_num_params(&cfg->seq, cfg->dim);
     m->n_params = off;
+    m->F = cfg->num_tables + em_seq_extra(&cfg->seq);
     int spp = em_optim_state_per_param(cfg->dense_opt.kind);
     m->params = em_calloc(off, sizeof(float));
     m->grads = em_calloc(off, sizeof(float));
@@ -161,6 +189,17 @@ em_status em__dlrm_create_raw(em_dlrm **out, const em_dlrm_cfg *cfg) {
     if ((st = em_embbag_create(&m->emb, &ec))) {
         em_dlrm_free(m);
         return st;
+    }
+    if (cfg->seq.num_seq) {
+        if ((st = em_seqtower_create(&m->seq, &cfg->seq, cfg->dim, m->params + m->n_mlp, m->grads + m->n_mlp))) {
+            em_dlrm_free(m);
+            return st;
+        }
+        em_embbag_cfg hc = {1, &cfg->seq.rows, cfg->dim, EM_POOL_SUM, cfg->sparse_opt};
+        if (!cfg->seq.share && (st = em_embbag_create(&m->seq_emb, &hc))) {
+            em_dlrm_free(m);
+            return st;
+        }
     }
     *out = m;
     return EM_OK;
@@ -180,12 +219,15 @@ em_status em_dlrm_create(em_dlrm **out, const em_dlrm_cfg *cfg, em_pool *pool) {
         for (int i = 0; i < m->L[l].out; i++) m->params[m->L[l].b + i] = (float)(sb * em_rng_normal(&r));
     }
     em_embbag_init_uniform(m->emb, cfg->seed, pool);
+    if (m->seq) em_seqtower_init(m->seq, cfg->seed);
+    if (m->seq_emb) em_embbag_init_uniform(m->seq_emb, em_mix64(cfg->seed ^ 0x5e9717e5u), pool);
     return EM_OK;
 }
 
 const em_dlrm_cfg *em_dlrm_config(const em_dlrm *m) { return &m->cfg; }
 int64_t em_dlrm_step_count(const em_dlrm *m) { return m->step; }
 em_embbag *em_dlrm_embbag(em_dlrm *m) { return m->emb; }
+em_seqtower *em_dlrm_seqtower(em_dlrm *m) { return m->seq; }
 
 void em_dlrm_release_tables(em_dlrm *m) {
     em_embbag_free(m->emb);
@@ -199,6 +241,11 @@ size_t em_dlrm_state_bytes(const em_dlrm *m) {
         em_embbag_state(m->emb, t, &cnt);
         n += (size_t)m->cfg.rows[t] * (size_t)m->cfg.dim + cnt;
     }
+    if (m->seq_emb) {
+        size_t cnt = 0;
+        em_embbag_state(m->seq_emb, 0, &cnt);
+        n += (size_t)m->cfg.seq.rows * (size_t)m->cfg.dim + cnt;
+    }
     return n * sizeof(float);
 }
 const float *em_dlrm_interaction(const em_dlrm *m) { return m->inter; }
@@ -207,6 +254,7 @@ void em_dlrm_set_lr(em_dlrm *m, float dense_lr, float sparse_lr) {
     m->cfg.dense_opt.lr = dense_lr;
     m->cfg.sparse_opt.lr = sparse_lr;
     if (m->emb) em_embbag_set_lr(m->emb, sparse_lr);
+    if (m->seq_emb) em_embbag_set_lr(m->seq_emb, sparse_lr);
 }
 
 static em_status check_batch(const em_dlrm *m, const em_batch *b) {
@@ -214,6 +262,8 @@ static em_status check_batch(const em_dlrm *m, const em_batch *b) {
     if (b->num_dense != m->cfg.num_dense || b->num_sparse != m->cfg.num_tables)
         return em_errorf(EM_ERR_INVALID, "model: batch has %d dense / %d sparse features, the model expects %d / %d",
                          b->num_dense, b->num_sparse, m->cfg.num_dense, m->cfg.num_tables);
+    if (m->seq && (b->num_seq < 1 || !b->seq))
+        return em_errorf(EM_ERR_INVALID, "model: the model reads a sequence feature (a history column) the batch does not have");
     return EM_OK;
 }
 
@@ -221,6 +271,30 @@ static const float *layer_in(const em_dlrm *m, int l) {
     return l == 0 ? m->dense_in : l == m->n_botl ? m->inter : m->x[l - 1];
 }
 static float *layer_din(em_dlrm *m, int l) { return l == 0 ? NULL : l == m->n_botl ? m->dinter : m->dx[l - 1]; }
+
+/* The sequence tower's forward: the history of b, queried by the candidate's pooled
+ * embedding (a column of emb), gives extra (B, E, D); embx = [emb, extra] per example,
+ * the F = T + E vectors of the interaction. */
+static em_status seq_forward(em_dlrm *m, const em_batch *b, const float *emb, em_pool *pool) {
+    const em_seq_cfg *sc = &m->cfg.seq;
+    const size_t D = (size_t)m->cfg.dim, TD = (size_t)m->cfg.num_tables * D, ED = (size_t)(m->F - m->cfg.num_tables) * D;
+    const float *items;
+    int64_t rows;
+    if (sc->share) {
+        if (!m->emb)
+            return em_errorf(EM_ERR_INVALID, "model: the history shares table C%d, whose fp32 rows were released", sc->cand + 1);
+        items = em_embbag_weights(m->emb, sc->cand), rows = m->cfg.rows[sc->cand];
+    } else {
+        items = em_embbag_weights(m->seq_emb, 0), rows = sc->rows;
+    }
+    em_status st = em_seqtower_forward(m->seq, &b->seq[0], b->B, items, rows, emb + (size_t)sc->cand * D, TD, m->extra, pool);
+    if (st) return st;
+    for (size_t i = 0; i < (size_t)b->B; i++) {
+        memcpy(m->embx + i * (TD + ED), emb + i * TD, TD * sizeof(float));
+        memcpy(m->embx + i * (TD + ED) + TD, m->extra + i * ED, ED * sizeof(float));
+    }
+    return EM_OK;
+}
 
 /* pooled: the (B, T, D) embeddings computed by the caller (inference with other
  * tables), or NULL to pool the model's own tables into emb_out. */
@@ -232,9 +306,14 @@ static em_status forward(em_dlrm *m, const em_batch *b, const float *pooled, em_
     if (!pooled && !m->emb) return em_errorf(EM_ERR_INVALID, "model: the embedding tables were released (inference only)");
     if (!pooled && (st = em_embbag_forward(m->emb, m->emb_out, b->indices, b->offsets, b->per_id_w, B, pool))) return st;
     const float *emb = pooled ? pooled : m->emb_out;
+    int F = m->cfg.num_tables;
+    if (m->seq) {
+        if ((st = seq_forward(m, b, emb, pool))) return st;
+        emb = m->embx, F = m->F;
+    }
     for (int l = 0; l < m->n_layers; l++) {
         const layer *L = &m->L[l];
-        if (l == m->n_botl) em_dot_interact_forward(m->inter, m->x[l - 1], emb, B, m->cfg.num_tables, m->cfg.dim, pool);
+        if (l == m->n_botl) em_dot_interact_forward(m->inter, m->x[l - 1], emb, B, F, m->cfg.dim, pool);
         if (l != m->n_layers - 1) /* ReLU after every layer but the last */
             em_linear_relu_forward(m->x[l], layer_in(m, l), m->params + L->w, m->params + L->b, B, L->in, L->out, pool);
         else
@@ -273,8 +352,9 @@ static void relu_mask(float *d, const float *out, size_t n, em_pool *pool) {
     em_pool_run(n >= 65536 ? pool : NULL, ew_task, &a);
 }
 
-/* Backward of the dense part; leaves the pooled-embedding gradient in demb. */
-static void backward(em_dlrm *m, const em_batch *b, em_pool *pool) {
+/* Backward of the dense part (and the sequence tower's); leaves the pooled-embedding
+ * gradient in demb. */
+static em_status backward(em_dlrm *m, const em_batch *b, em_pool *pool) {
     const int B = b->B, n = m->n_layers;
     const size_t TD = (size_t)m->cfg.num_tables * (size_t)m->cfg.dim;
     /* Every dense gradient, dinter and each dx[l] but two is written exactly once per
@@ -283,17 +363,28 @@ static void backward(em_dlrm *m, const em_batch *b, em_pool *pool) {
      * the embeddings' (dot interaction). */
     zero_par(m->dx[n - 1], (size_t)B, pool);
     zero_par(m->dx[m->n_botl - 1], (size_t)B * (size_t)m->cfg.dim, pool);
-    zero_par(m->demb, (size_t)B * TD, pool);
+    if (m->seq) zero_par(m->dembx, (size_t)B * (size_t)m->F * (size_t)m->cfg.dim, pool);
+    else zero_par(m->demb, (size_t)B * TD, pool);
     em_bce_logits_backward(m->dx[n - 1], m->x[n - 1], b->label, (size_t)B, 1.0f / (float)B);
     for (int l = n - 1; l >= 0; l--) {
         const layer *L = &m->L[l];
         if (l != n - 1) relu_mask(m->dx[l], m->x[l], (size_t)B * (size_t)L->out, pool);
         em_linear_backward_set(layer_din(m, l), m->grads + L->w, m->grads + L->b, m->dx[l], layer_in(m, l),
                                m->params + L->w, B, L->in, L->out, pool);
-        if (l == m->n_botl)
+        if (l == m->n_botl && !m->seq)
             em_dot_interact_backward(m->dx[l - 1], m->demb, m->dinter, m->x[l - 1], m->emb_out, B, m->cfg.num_tables,
                                      m->cfg.dim, pool);
+        else if (l == m->n_botl)
+            em_dot_interact_backward(m->dx[l - 1], m->dembx, m->dinter, m->x[l - 1], m->embx, B, m->F, m->cfg.dim, pool);
     }
+    if (!m->seq) return EM_OK;
+    /* split [demb, dextra]; the tower adds the query's gradient to the candidate's */
+    const size_t ED = (size_t)(m->F - m->cfg.num_tables) * (size_t)m->cfg.dim;
+    for (size_t i = 0; i < (size_t)B; i++) {
+        memcpy(m->demb + i * TD, m->dembx + i * (TD + ED), TD * sizeof(float));
+        memcpy(m->dextra + i * ED, m->dembx + i * (TD + ED) + TD, ED * sizeof(float));
+    }
+    return em_seqtower_backward(m->seq, m->dextra, m->demb + (size_t)m->cfg.seq.cand * (size_t)m->cfg.dim, TD, pool);
 }
 
 em_status em_dlrm_forward(em_dlrm *m, const em_batch *b, float *logits, em_pool *pool) {
@@ -315,15 +406,78 @@ em_status em_dlrm_forward_backward(em_dlrm *m, const em_batch *b, double *loss, 
     em_status st = forward(m, b, NULL, pool);
     if (st) return st;
     if (loss) *loss = em_bce_logits_forward(m->x[m->n_layers - 1], b->label, (size_t)b->B);
-    backward(m, b, pool);
+    return backward(m, b, pool);
+}
+
+/* Grow an array of `size`-byte elements to hold n (by half again). */
+static em_status grow(void **p, size_t *cap, size_t n, size_t size) {
+    if (n <= *cap && *p) return EM_OK;
+    size_t c = n + n / 2 + 64;
+    void *q = em_malloc(c * size);
+    if (!q) return em_errorf(EM_ERR_NOMEM, "model: no memory for %zu sparse gradient entries", c);
+    em_free(*p);
+    *p = q, *cap = c;
     return EM_OK;
+}
+
+/* The sparse step when the history shares the candidate's table c: every other table
+ * through the fused embedding backward (the batch with table c's bags taken out), then
+ * table c from its (row, gradient) pairs, the candidate bags' first in batch order,
+ * the history's events after them, each touched row updated once (as one parameter
+ * with the summed gradient, which is what PyTorch does with a shared table). */
+static em_status shared_update(em_dlrm *m, const em_batch *b, em_pool *pool) {
+    const int T = m->cfg.num_tables, B = b->B, c = m->cfg.seq.cand;
+    const size_t D = (size_t)m->cfg.dim, TB = (size_t)T * (size_t)B;
+    const int64_t *off = b->offsets;
+    const size_t nnz = (size_t)off[TB], lo = (size_t)off[(size_t)c * B], hi = (size_t)off[(size_t)(c + 1) * B],
+                 nc = hi - lo;
+    const int64_t *items;
+    const float *hgrad;
+    const size_t nh = em_seqtower_item_grads(m->seq, &items, &hgrad);
+    em_status st;
+    if ((st = grow((void **)&m->cidx, &m->cap_cidx, nnz - nc, sizeof(int64_t))) ||
+        (b->per_id_w && (st = grow((void **)&m->cpw, &m->cap_cpw, nnz - nc, sizeof(float)))) ||
+        (st = grow((void **)&m->prow, &m->cap_pairs, nc + nh, sizeof(int64_t))) ||
+        (st = grow((void **)&m->pgrad, &m->cap_pgrad, (nc + nh) * D, sizeof(float))))
+        return st;
+    memcpy(m->cidx, b->indices, lo * sizeof(int64_t));
+    memcpy(m->cidx + lo, b->indices + hi, (nnz - hi) * sizeof(int64_t));
+    if (b->per_id_w) {
+        memcpy(m->cpw, b->per_id_w, lo * sizeof(float));
+        memcpy(m->cpw + lo, b->per_id_w + hi, (nnz - hi) * sizeof(float));
+    }
+    for (size_t u = 0; u <= TB; u++)
+        m->coff[u] = u <= (size_t)c * B ? off[u] : u <= (size_t)(c + 1) * B ? (int64_t)lo : off[u] - (int64_t)nc;
+    if ((st = em_embbag_backward_update(m->emb, m->demb, m->cidx, m->coff, b->per_id_w ? m->cpw : NULL, NULL, B, pool)))
+        return st;
+    size_t j = 0;
+    for (int e = 0; e < B; e++) {
+        const int64_t k0 = off[(size_t)c * B + e], k1 = off[(size_t)c * B + e + 1];
+        const float *g = m->demb + ((size_t)e * (size_t)T + (size_t)c) * D;
+        const float inv = m->cfg.pooling == EM_POOL_MEAN && k1 > k0 ? 1.0f / (float)(k1 - k0) : 1.0f;
+        for (int64_t k = k0; k < k1; k++, j++) {
+            const float sc = b->per_id_w ? inv * b->per_id_w[k] : inv;
+            m->prow[j] = b->indices[k];
+            for (size_t d = 0; d < D; d++) m->pgrad[j * D + d] = sc * g[d];
+        }
+    }
+    memcpy(m->prow + nc, items, nh * sizeof(int64_t));
+    memcpy(m->pgrad + nc * D, hgrad, nh * D * sizeof(float));
+    return em_embbag_update_rows(m->emb, c, m->prow, m->pgrad, nc + nh, pool);
 }
 
 em_status em_dlrm_train_step(em_dlrm *m, const em_batch *b, double *loss, em_pool *pool) {
     em_status st = em_dlrm_forward_backward(m, b, loss, pool);
     if (st) return st;
-    if ((st = em_embbag_backward_update(m->emb, m->demb, b->indices, b->offsets, b->per_id_w, NULL, b->B, pool)))
-        return st;
+    if (m->seq && m->cfg.seq.share) st = shared_update(m, b, pool);
+    else st = em_embbag_backward_update(m->emb, m->demb, b->indices, b->offsets, b->per_id_w, NULL, b->B, pool);
+    if (st) return st;
+    if (m->seq_emb) {
+        const int64_t *items;
+        const float *g;
+        size_t n = em_seqtower_item_grads(m->seq, &items, &g);
+        if ((st = em_embbag_update_rows(m->seq_emb, 0, items, g, n, pool))) return st;
+    }
     m->step++;
     return em_optim_dense_step(&m->cfg.dense_opt, m->params, m->grads, m->state, m->n_params, m->step, pool);
 }
@@ -353,8 +507,26 @@ static int parse_param_name(const em_dlrm *m, const char *name, int *layer_out, 
     return 1;
 }
 
+/* "seq.items.weight" (the tower's own item table) and the tower's dense tensors. */
+static float *seq_param(em_dlrm *m, const char *name, int grad, size_t *numel) {
+    if (strcmp(name, "seq.items.weight") == 0) {
+        if (grad || !m->seq_emb) return NULL;
+        if (numel) *numel = (size_t)m->cfg.seq.rows * (size_t)m->cfg.dim;
+        return em_embbag_weights(m->seq_emb, 0);
+    }
+    const em_seq_param *p;
+    int n = em_seqtower_params(m->seq, &p);
+    for (int i = 0; i < n; i++)
+        if (strcmp(p[i].name, name) == 0) {
+            if (numel) *numel = (size_t)p[i].shape[0] * (size_t)p[i].shape[1] * (size_t)(p[i].ndim == 3 ? p[i].shape[2] : 1);
+            return (grad ? m->grads : m->params) + m->n_mlp + p[i].off;
+        }
+    return NULL;
+}
+
 float *em_dlrm_param(em_dlrm *m, const char *name, int grad, size_t *numel) {
     int l = 0, bias = 0, t;
+    if (m->seq && strncmp(name, "seq.", 4) == 0) return seq_param(m, name, grad, numel);
     if (!parse_param_name(m, name, &l, &bias, &t)) return NULL;
     if (t >= 0) {
         if (grad || !m->emb) return NULL; /* never materialised, or released */

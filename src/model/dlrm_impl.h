@@ -29,6 +29,20 @@ struct em_dlrm {
     float *inter, *dinter;             /* (B, top[0]) */
     float *emb_out, *demb;             /* (B, T, D) */
     const float *dense_in;             /* the batch's dense input of the last forward */
+
+    /* sequence tower (NULL/0 without one; seqtower.h) */
+    em_seqtower *seq;
+    em_embbag *seq_emb;                /* its own item table (NULL when shared) */
+    size_t n_mlp;                      /* MLP parameters; the tower's follow in the blocks */
+    int F;                             /* vectors into the interaction: T + E */
+    float *embx, *dembx;               /* (B, F, D): [pooled embeddings, tower output] */
+    float *extra, *dextra;             /* (B, E, D) */
+    /* shared item table: the batch without the candidate's table, and its row pairs */
+    int64_t *cidx, *coff;              /* (nnz), (T*B + 1) */
+    float *cpw;                        /* (nnz) per-id weights when the batch has them */
+    int64_t *prow;                     /* (pairs) */
+    float *pgrad;                      /* (pairs, D) */
+    size_t cap_cidx, cap_cpw, cap_pairs, cap_pgrad;
 };
 
 

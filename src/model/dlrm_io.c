@@ -8,7 +8,11 @@
  *                                                slot "sum" (AdaGrad), "m" and "v" (Adam/AdamW)
  *   optim.emb.{t}                                table optimizer state: (rows, D) AdaGrad,
  *                                                (rows) row-wise AdaGrad
- * and metadata "ember.model" (the configuration JSON), "ember.step" (optimizer steps),
+ *   seq.*, optim.{slot}.seq.*                    the sequence tower's dense tensors (seqtower.h)
+ *                                                and their optimizer state, when configured
+ *   seq.items.weight, optim.seq.items            its own item table and state (unless shared)
+ * and metadata "ember.model" (the configuration JSON, with a "seq" object for a
+ * sequence model and none otherwise), "ember.step" (optimizer steps),
  * "ember.format" = "dlrm/1", plus whatever the caller adds (data position, epoch).
  * Loading validates every tensor's dtype and size against the configuration, so a
  * checkpoint of another model is refused with a message naming the tensor.
@@ -40,6 +44,19 @@ char *em_dlrm_cfg_to_json(const em_dlrm_cfg *c) {
                           c->pooling == EM_POOL_MEAN ? "mean" : "sum", "dense_opt", opt_to_json(&c->dense_opt),
                           "sparse_opt", opt_to_json(&c->sparse_opt), "seed", (json_int_t)c->seed);
     if (!j) return NULL;
+    if (c->seq.num_seq) {
+        char blocks[1024];
+        em_seq_format_blocks(&c->seq, blocks, sizeof blocks);
+        int hsp[3] = {c->seq.hsp_m, c->seq.hsp_m2, c->seq.hsp_k};
+        json_t *q = json_pack("{s:i, s:i, s:i, s:i, s:I, s:i, s:i, s:i, s:o, s:s}", "num_seq", c->seq.num_seq, "max_len",
+                              c->seq.max_len, "cand", c->seq.cand, "share", c->seq.share, "rows", (json_int_t)c->seq.rows,
+                              "heads", c->seq.heads, "age_buckets", c->seq.age_buckets, "num_types", c->seq.num_types,
+                              "hsp", int_array(hsp, 3), "blocks", blocks);
+        if (!q || json_object_set_new(j, "seq", q)) {
+            json_decref(j);
+            return NULL;
+        }
+    }
     char *s = json_dumps(j, JSON_COMPACT);
     json_decref(j);
     if (!s) return NULL;
@@ -108,6 +125,32 @@ em_status em_dlrm_cfg_from_json(const char *text, em_dlrm_cfg *c) {
     }
     if ((st = opt_from_json(dopt, "dense_opt", &c->dense_opt)) || (st = opt_from_json(sopt, "sparse_opt", &c->sparse_opt)))
         goto done;
+    json_t *seq = json_object_get(j, "seq");
+    if (seq) {
+        em_seq_cfg *q = &c->seq;
+        json_t *hsp = NULL;
+        const char *blocks = NULL;
+        json_int_t srows = 0;
+        int h[3];
+        if (json_unpack_ex(seq, &err, 0, "{s:i, s:i, s:i, s:i, s:I, s:i, s:i, s:i, s:o, s:s}", "num_seq", &q->num_seq,
+                           "max_len", &q->max_len, "cand", &q->cand, "share", &q->share, "rows", &srows, "heads", &q->heads,
+                           "age_buckets", &q->age_buckets, "num_types", &q->num_types, "hsp", &hsp, "blocks", &blocks)) {
+            st = em_errorf(EM_ERR_CORRUPT, "model config: seq: %s", err.text);
+            goto done;
+        }
+        q->rows = srows;
+        if (ints_from_json(hsp, h, 3) != 3) {
+            st = em_errorf(EM_ERR_CORRUPT, "model config: seq: 'hsp' must be [seeds, tokens, terms]");
+            goto done;
+        }
+        q->hsp_m = h[0], q->hsp_m2 = h[1], q->hsp_k = h[2];
+        if (em_seq_parse_blocks(q, blocks, EM_GDPA_SILU, 8)) {
+            char msg[300];
+            snprintf(msg, sizeof msg, "%s", em_last_error());
+            st = em_errorf(EM_ERR_CORRUPT, "model config: seq: %s", msg);
+            goto done;
+        }
+    }
     st = em_dlrm_cfg_validate(c);
 done:
     json_decref(j);
@@ -143,12 +186,20 @@ static void add(tensor_list *tl, const char *name, const void *data, int ndim, i
     tl->n++;
 }
 
+static void add3(tensor_list *tl, const char *name, const void *data, const em_seq_param *p) {
+    add(tl, name, data, p->ndim, p->shape[0], p->shape[1]);
+    tl->t[tl->n - 1].shape[2] = p->shape[2];
+}
+
 static void layer_name(const em_dlrm *m, int l, int bias, char *buf, size_t cap) {
     int top = l >= m->n_botl;
     snprintf(buf, cap, "%s.%d.%s", top ? "top" : "bot", top ? l - m->n_botl : l, bias ? "bias" : "weight");
 }
 
-static int max_tensors(const em_dlrm *m) { return m->n_layers * 2 * 3 + m->cfg.num_tables * 2; }
+static int max_tensors(const em_dlrm *m) {
+    const em_seq_param *p;
+    return m->n_layers * 2 * 3 + m->cfg.num_tables * 2 + (m->seq ? em_seqtower_params(m->seq, &p) * 3 + 2 : 0);
+}
 
 /* Fill tl with the model's tensors (pointers into the model). */
 static void list_tensors(em_dlrm *m, tensor_list *tl) {
@@ -168,6 +219,25 @@ static void list_tensors(em_dlrm *m, tensor_list *tl) {
                 if (bias) add(tl, full, p, 1, L->out, 0);
                 else add(tl, full, p, 2, L->out, L->in);
             }
+        }
+    }
+    if (m->seq) {
+        const em_seq_param *p;
+        int np = em_seqtower_params(m->seq, &p);
+        for (int i = 0; i < np; i++) {
+            size_t off = m->n_mlp + p[i].off;
+            add3(tl, p[i].name, m->params + off, &p[i]);
+            for (int s = 0; s < ns; s++) {
+                snprintf(full, sizeof full, "optim.%s.%s", slots[s], p[i].name);
+                add3(tl, full, m->state + (size_t)s * m->n_params + off, &p[i]);
+            }
+        }
+        if (m->seq_emb) {
+            add(tl, "seq.items.weight", em_embbag_weights(m->seq_emb, 0), 2, m->cfg.seq.rows, m->cfg.dim);
+            size_t cnt = 0;
+            float *st = em_embbag_state(m->seq_emb, 0, &cnt);
+            if (st && cnt == (size_t)m->cfg.seq.rows) add(tl, "optim.seq.items", st, 1, m->cfg.seq.rows, 0);
+            else if (st) add(tl, "optim.seq.items", st, 2, m->cfg.seq.rows, m->cfg.dim);
         }
     }
     for (int t = 0; t < m->cfg.num_tables; t++) {
@@ -238,7 +308,8 @@ em_status em_dlrm_load(em_dlrm **out, const char *path, em_st **st_out, em_pool 
     }
     list_tensors(m, &tl);
     for (int i = 0; i < tl.n; i++) {
-        int64_t numel = tl.t[i].shape[0] * (tl.t[i].ndim == 2 ? tl.t[i].shape[1] : 1);
+        int64_t numel = 1;
+        for (int d = 0; d < tl.t[i].ndim; d++) numel *= tl.t[i].shape[d];
         const void *src = em_st_expect(f, tl.t[i].name, EM_F32, numel);
         if (!src) { /* em_st_expect's message names the file and the tensor */
             st = EM_ERR_CORRUPT;

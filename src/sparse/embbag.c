@@ -670,3 +670,78 @@ em_status em_embbag_backward_update(em_embbag *e, const float *dout, const int64
     em_pool_run(pool, pipe_task, &a);
     return EM_OK;
 }
+
+/* ------------------------------------------------------- row-gradient update */
+
+/* em_embbag_update_rows: pairs are packed (row << 32) | pair, sorted stably by row on
+ * one worker (a sequence batch has tens of thousands of pairs: one radix sort is
+ * cheap), then the unique rows are split over the workers by em_split; each row's
+ * gradient is summed over its pairs in the given order and the optimizer applied once,
+ * so a row's result does not depend on the thread count. */
+typedef struct {
+    em_embbag *e;
+    int t;
+    const float *grads;
+    const uint64_t *sorted;
+    size_t n, nuniq;
+} rows_arg;
+
+static void rows_task(void *p, int ith, int nth) {
+    const rows_arg *a = p;
+    em_embbag *e = a->e;
+    const tbl *tb = &e->tabs[a->t];
+    const size_t D = (size_t)e->D, spr = e->state_per_row;
+    float *W = e->w + tb->woff, *S = e->state ? e->state + tb->soff : NULL;
+    float *g = e->gbuf + (size_t)ith * e->gstride;
+    const float lr = e->opt.lr, eps = e->opt.eps, wd = e->opt.weight_decay;
+    size_t lo, hi;
+    em_split(a->nuniq, ith, nth, &lo, &hi);
+    for (size_t j = lo; j < hi; j++) {
+        const size_t p0 = e->segs[j], p1 = j + 1 < a->nuniq ? e->segs[j + 1] : a->n;
+        const uint64_t r = a->sorted[p0] >> 32;
+        float *wr = W + r * D;
+        memset(g, 0, D * sizeof(float));
+        for (size_t q = p0; q < p1; q++) em_vadd(g, a->grads + (size_t)(uint32_t)a->sorted[q] * D, D);
+        if (wd != 0.f) em_vaxpy(g, wd, wr, D);
+        switch (e->opt.kind) {
+        case EM_OPT_SGD: em_vaxpy(wr, -lr, g, D); break;
+        case EM_OPT_ADAGRAD: em__adagrad_row(wr, S + r * D, g, D, lr, eps); break;
+        default: { /* EM_OPT_ROWWISE_ADAGRAD */
+            float m = S[r * spr] + em_vsumsq(g, D) / (float)D;
+            S[r * spr] = m;
+            em_vaxpy(wr, -(lr / (sqrtf(m) + eps)), g, D);
+            break;
+        }
+        }
+    }
+}
+
+em_status em_embbag_update_rows(em_embbag *e, int t, const int64_t *rows, const float *grads, size_t n,
+                                em_pool *pool) {
+    if (!e) return em_errorf(EM_ERR_INVALID, "embbag update_rows: NULL object");
+    if (t < 0 || t >= e->T) return em_errorf(EM_ERR_INVALID, "embbag update_rows: table %d of %d", t, e->T);
+    if (n == 0) return EM_OK;
+    if (!rows || !grads) return em_errorf(EM_ERR_INVALID, "embbag update_rows: NULL rows or gradients");
+    if (n >= UINT32_MAX) return em_errorf(EM_ERR_INVALID, "embbag update_rows: %zu pairs (at most 2^32 - 2)", n);
+    const tbl *tb = &e->tabs[t];
+    for (size_t j = 0; j < n; j++)
+        if ((uint64_t)rows[j] >= (uint64_t)tb->rows)
+            return em_errorf(EM_ERR_INVALID, "embbag update_rows: table %d, pair %zu: row %lld out of range [0, %lld)", t,
+                             j, (long long)rows[j], (long long)tb->rows);
+    int nth = em_pool_nth(pool);
+    em_status st;
+    if ((st = ensure_workers(e, nth)) || (st = ensure_nnz(e, n))) return st;
+    for (size_t j = 0; j < n; j++) e->items[j] = (uint64_t)rows[j] << 32 | (uint64_t)j;
+    const uint64_t *s = em__radix_sort(e->items, e->tmp, n, 32, tb->key_bits, e->hist);
+    size_t u = 0;
+    uint64_t prev = ~0ull;
+    for (size_t p = 0; p < n; p++) {
+        uint64_t r = s[p] >> 32;
+        e->segs[u] = (uint32_t)p;
+        u += r != prev;
+        prev = r;
+    }
+    rows_arg a = {e, t, grads, s, n, u};
+    em_pool_run(u >= 64 ? pool : NULL, rows_task, &a);
+    return EM_OK;
+}

@@ -41,6 +41,13 @@ static em_status mkdir_p(const char *dir) {
     return EM_OK;
 }
 
+void em_model_reader_seq(const em_dlrm_cfg *mc, em_reader_cfg *rc) {
+    if (!mc->seq.num_seq) return;
+    rc->num_seq = mc->seq.num_seq;
+    rc->seq_rows = &mc->seq.rows;
+    rc->seq_max_len = mc->seq.max_len;
+}
+
 static float sigmoidf_(float z) { return z >= 0 ? 1.f / (1.f + expf(-z)) : expf(z) / (1.f + expf(z)); }
 
 em_status em_evaluate(em_dlrm *m, const char *path, int batch, uint64_t limit, em_pool *pool, em_metrics *out,
@@ -48,6 +55,7 @@ em_status em_evaluate(em_dlrm *m, const char *path, int batch, uint64_t limit, e
     const em_dlrm_cfg *mc = em_dlrm_config(m);
     em_reader_cfg rc = {.path = path, .batch_size = batch, .num_dense = mc->num_dense, .num_sparse = mc->num_tables,
                         .table_rows = mc->rows, .prefetch = 2, .limit = limit};
+    em_model_reader_seq(mc, &rc);
     em_reader *r = NULL;
     em_status st = em_reader_open(&r, &rc);
     if (st) return st;
@@ -217,6 +225,7 @@ em_status em_train_run(const em_train_cfg *cfg, em_pool *pool, em_train_result *
         em_reader_cfg rc = {.path = cfg->train_path, .batch_size = cfg->batch, .num_dense = mc->num_dense,
                             .num_sparse = mc->num_tables, .table_rows = mc->rows, .strict = cfg->strict,
                             .prefetch = cfg->prefetch, .skip = s.pos, .limit = cfg->train_limit};
+        em_model_reader_seq(mc, &rc);
         if ((st = em_reader_open(&r, &rc))) goto done;
         const em_batch *b;
         double ts = em_now();
