@@ -788,7 +788,23 @@ typedef struct {
     int sent, failed, wrong;
     char seen[16][32];       /* distinct model versions, in order of first sight */
     int nseen;
+    pthread_mutex_t mu;      /* guards last */
+    char last[32];           /* the version of the latest answer */
 } load_arg;
+
+/* Wait (up to 10 s) until the client has been answered by model version `ver`: the
+ * main thread paces the reloads on what the client saw, not on sleeps, so a loaded
+ * machine cannot make a version go unseen. */
+static int wait_seen(load_arg *a, const char *ver) {
+    for (int i = 0; i < 10000; i++) {
+        pthread_mutex_lock(&a->mu);
+        int ok = strcmp(a->last, ver) == 0;
+        pthread_mutex_unlock(&a->mu);
+        if (ok) return 1;
+        usleep(1000);
+    }
+    return 0;
+}
 
 static void *load_client(void *p) {
     load_arg *a = p;
@@ -817,6 +833,9 @@ static void *load_client(void *p) {
         int k = 0;
         while (k < a->nseen && strcmp(a->seen[k], ver)) k++;
         if (k == a->nseen && k < 16) snprintf(a->seen[a->nseen++], 32, "%s", ver);
+        pthread_mutex_lock(&a->mu);
+        snprintf(a->last, sizeof a->last, "%s", ver);
+        pthread_mutex_unlock(&a->mu);
         free(r.body);
     }
     free(j);
@@ -883,9 +902,10 @@ static void check_reload_under_load(em_qtype qt) {
     int port = em_serve_port(s);
     load_arg la = {.port = port, .pa = pa, .pb = pb, .step_a = step_a, .step_b = step_b};
     atomic_init(&la.stop, 0);
+    pthread_mutex_init(&la.mu, NULL);
     pthread_t th;
     CHECK(pthread_create(&th, NULL, load_client, &la) == 0);
-    usleep(20000);
+    CHECK(wait_seen(&la, step_a));
     http_resp r;
     int ok_reloads = 0;
     for (int k = 0; k < 5; k++) {
@@ -922,14 +942,16 @@ static void check_reload_under_load(em_qtype qt) {
             em_serve_model_version(s, ver, sizeof ver);
             CHECK(strcmp(ver, want) == 0);
         }
-        usleep(40000); /* let the client see this version */
+        CHECK(wait_seen(&la, want)); /* the client saw this version */
+        usleep(20000);                /* and keeps the server busy a while on it */
     }
     atomic_store(&la.stop, 1);
     pthread_join(th, NULL);
+    pthread_mutex_destroy(&la.mu);
     printf("  %s tables: %d requests during 5 reloads, %d failed, %d wrong, %d versions seen\n", em_qtype_name(qt),
            la.sent, la.failed, la.wrong, la.nseen);
     CHECK(ok_reloads == 5);
-    CHECK(la.sent > 50 && la.failed == 0 && la.wrong == 0);
+    CHECK(la.sent >= 6 && la.failed == 0 && la.wrong == 0);
     CHECK(la.nseen == 6); /* "3", then every reload's version */
     CHECK(strcmp(la.seen[0], step_a) == 0);
     em_serve_stats st;
