@@ -1126,7 +1126,7 @@ static void test_teacher_mode(void) {
     em_das_index *ix;
     CHECK_OK(em_das_index_create(&ix, 0));
     uint64_t off = 0, got = 0;
-    for (int tries = 0; tries < 200 && got < 24; tries++) {
+    for (int tries = 0; tries < 1000 && got < 24; tries++) { /* up to 10 s */
         uint64_t add = 0;
         CHECK_OK(em_das_index_follow(ix, logp, &off, EM_DAS_STRICT, &add));
         got += add;
