@@ -34,9 +34,12 @@
 # RATE (latency test requests/s, default 1000), RELOADS (default 4), SKIP_TORCH=1,
 # SERVE_PEAK / SERVE_LAT (';'-separated lists of `ember serve` option sets), QUIET_WAIT
 # (seconds to wait before each measurement for a second with the CPUs < 10% busy,
-# default 0). Every measurement records "busy_before": % of the CPUs busy in the second
-# before it started (after the server, if any, was up and idle).
-set -euo pipefail
+# default 0), RETRY (repeat a measurement up to N more times while others and steal
+# took more than OTHERS_MAX % of the CPUs, default 0 and 10), RESUME=1 (keep $OUT's
+# results and checkpoints, run only the measurements not recorded yet). Every measurement
+# records busy_before (% of the CPUs busy in the second before it started, the server up
+# and idle), others_cpu_pct and steal_pct (see cpu_mark below).
+set -Eeuo pipefail
 cd "$(dirname "$0")/.."
 REPS=${REPS:-3}
 OUT=${OUT:-bench/out/serving}
@@ -46,6 +49,7 @@ SWEEP_DUR=${SWEEP_DUR:-10}
 RATE=${RATE:-1000}
 RELOADS=${RELOADS:-4}
 QUIET_WAIT=${QUIET_WAIT:-0}
+RESUME=${RESUME:-}
 RETRY=${RETRY:-0}
 OTHERS_MAX=${OTHERS_MAX:-10}
 SERVE_PEAK=${SERVE_PEAK:-"--max-batch 2048 --threads 4;--max-batch 4096 --threads 8 --max-body 4194304;--max-batch 1024 --threads 4"}
@@ -64,6 +68,7 @@ fi
 scripts/build.sh "$BUILD" >&2
 EMBER=$BUILD/ember
 log() { echo "[$(date +%H:%M:%S)] $*" >&2; }
+trap 'echo "bench/serving.sh: line $LINENO: \"$BASH_COMMAND\" failed" >&2' ERR
 # busy: percent of all CPUs busy over the last second (/proc/stat). load: with
 # QUIET_WAIT=S, first wait up to S seconds for a second under 10% busy (other people's
 # jobs share the machine); echoes the last busy figure.
@@ -122,7 +127,8 @@ fi
 core_used=$(OPENBLAS_VERBOSE=2 OPENBLAS_NUM_THREADS=1 "$OUT/sgemm_peak" 2>&1 >/dev/null | sed -n 's/^Core: *//p' | head -n1)
 printf '{"detected":"%s","coretype_env":"%s","set_by_script":"%s","used":"%s"}\n' \
   "$core" "${OPENBLAS_CORETYPE:-}" "$coretype_set" "$core_used" > "$OUT/openblas.json"
-: > "$OUT/sgemm.jsonl"
+if [[ -z "$RESUME" ]]; then : > "$OUT/sgemm.jsonl"; : > "$OUT/wrk.jsonl"; : > "$OUT/inproc.jsonl"; fi
+touch "$OUT/sgemm.jsonl" "$OUT/wrk.jsonl" "$OUT/inproc.jsonl"
 # one sgemm measurement (median of 7 inside), retried as the others are
 sgemm_run() {
   local a
@@ -132,7 +138,7 @@ sgemm_run() {
     OPENBLAS_NUM_THREADS=2 "$OUT/sgemm_peak" > "$OUT/.sgemm"
     others
     echo "{\"attempt\":$a,\"others_cpu_pct\":$OTHERS,\"steal_pct\":$STEAL,\"r\":$(cat "$OUT/.sgemm")}" >> "$OUT/sgemm.jsonl"
-    calm && break
+    if calm; then break; fi
   done
 }
 for r in $(seq "$REPS"); do sgemm_run; done
@@ -140,19 +146,21 @@ log "sgemm ($core_used kernels): $(tail -n1 "$OUT/sgemm.jsonl")"
 
 # 2. checkpoints (Kaggle model, full cardinalities)
 CK=$OUT/ckpt
-rm -rf "$CK"
-mkdir -p "$CK"
-$EMBER gen --out "$CK/data" --rows 20000 --test-rows 1000 --seed 1 > /dev/null
-$EMBER train --train "$CK/data/train.tsv" --train-limit 4096 --batch 128 --out "$CK/a" --quiet > /dev/null
-$EMBER train --train "$CK/data/train.tsv" --train-limit 2048 --batch 128 --seed 2 --out "$CK/b" --quiet > /dev/null
 MODEL=$CK/a/checkpoint.safetensors
 MODEL_B=$CK/b/checkpoint.safetensors
+if [[ -z "$RESUME" || ! -f "$MODEL" || ! -f "$MODEL_B" ]]; then
+  rm -rf "$CK"
+  mkdir -p "$CK"
+  $EMBER gen --out "$CK/data" --rows 20000 --test-rows 1000 --seed 1 > /dev/null
+  $EMBER train --train "$CK/data/train.tsv" --train-limit 4096 --batch 128 --out "$CK/a" --quiet > /dev/null
+  $EMBER train --train "$CK/data/train.tsv" --train-limit 2048 --batch 128 --seed 2 --out "$CK/b" --quiet > /dev/null
+fi
 log "checkpoints: $(du -h "$MODEL" | cut -f1) each"
 
 # request bodies
 B=$OUT/bodies
 mkdir -p "$B"
-mk() { $PY bench/wrk/make_bodies.py --mode "$1" --per-request "$2" --requests "$3" --seed "$4" --out "$5" > /dev/null; }
+mk() { [[ -n "$RESUME" && -s "$5" ]] && return 0; $PY bench/wrk/make_bodies.py --mode "$1" --per-request "$2" --requests "$3" --seed "$4" --out "$5" > /dev/null; }
 mk bin 1 4096 1 "$B/bin1"
 mk json 1 1024 2 "$B/json1"
 mk bin 256 64 3 "$B/bin256"
@@ -219,6 +227,10 @@ wrk_result() {
 run_wrk() {
   local name=$1 rate=$2 t=$3 c=$4 d=$5 file=$6 mode=$7 k=$8; shift 8
   local l0 a line
+  if [[ -n "$RESUME" ]] && grep -q "^{\"name\":\"$name\"," "$OUT/wrk.jsonl"; then
+    grep "^{\"name\":\"$name\"," "$OUT/wrk.jsonl" | tail -n1
+    return 0
+  fi
   for a in $(seq 0 "$RETRY"); do
     l0=$(load)
     cpu_mark
@@ -226,7 +238,7 @@ run_wrk() {
     wait "$WPID"
     others
     line=$(wrk_result "$name" "$mode" "$k" "$t" "$c" "$rate" "$l0" "$OTHERS" "$STEAL" "$@" "attempt=$a")
-    calm && break
+    if calm; then break; fi
     if [[ $a -lt $RETRY ]]; then log "  ($name disturbed: others $OTHERS%, steal $STEAL% of the CPUs; again)"; fi
   done
   echo "$line"
@@ -235,23 +247,32 @@ run_wrk() {
 # last line is its JSON), retried as run_wrk does; sets LAST to the last attempt's JSON
 inproc() {
   local side=$1 r=$2 b=$3 th=$4; shift 4
-  local l0 a
+  local l0 a key="{\"side\":\"$side\",\"run\":$r,\"batch\":$b,\"threads\":$th,"
+  if [[ -n "$RESUME" ]] && grep -qF "$key" "$OUT/inproc.jsonl"; then
+    LAST=$(grep -F "$key" "$OUT/inproc.jsonl" | tail -n1 | sed 's/.*,"r"://; s/}$//')
+    OTHERS=- STEAL=-
+    return 0
+  fi
   for a in $(seq 0 "$RETRY"); do
     l0=$(load)
     cpu_mark
     LAST=$("$@" | tail -n1)
     others
     echo "{\"side\":\"$side\",\"run\":$r,\"batch\":$b,\"threads\":$th,\"attempt\":$a,\"busy_before\":$l0,\"others_cpu_pct\":$OTHERS,\"steal_pct\":$STEAL,\"r\":$LAST}" >> "$OUT/inproc.jsonl"
-    calm && break
+    if calm; then break; fi
     if [[ $a -lt $RETRY ]]; then log "  ($side b$b run $r disturbed: others $OTHERS%, steal $STEAL% of the CPUs; again)"; fi
   done
+}
+# recorded NAME...: RESUME is set and every named wrk measurement is in wrk.jsonl
+recorded() {
+  [[ -n "$RESUME" ]] || return 1
+  local n
+  for n in "$@"; do grep -q "^{\"name\":\"$n\"," "$OUT/wrk.jsonl" || return 1; done
 }
 rps() { echo "$1" | grep -o '"requests_per_s":[0-9.]*' | cut -d: -f2; }
 p99() { echo "$1" | grep -o '"p99":[0-9]*' | cut -d: -f2; }
 oth() { echo "$1" | grep -o '"others_cpu_pct":[0-9.]*,"steal_pct":[0-9.]*' | sed 's/"others_cpu_pct":\([0-9.]*\),"steal_pct":\([0-9.]*\)/\1%, steal \2/'; }
 
-: > "$OUT/wrk.jsonl"
-: > "$OUT/inproc.jsonl"
 
 # 3. peak-throughput sweep
 IFS=';' read -r -a peak_cfgs <<< "$SERVE_PEAK"
@@ -259,7 +280,8 @@ IFS=';' read -r -a lat_cfgs <<< "$SERVE_LAT"
 best_eps=0 best_cfg=0 best_k=0
 for i in "${!peak_cfgs[@]}"; do
   # shellcheck disable=SC2086
-  start_server "peak$i" ${peak_cfgs[$i]}
+  recorded "sweep_c${i}_bin256" "sweep_c${i}_bin1024" "sweep_c${i}_bin2048" "sweep_c${i}_json256" ||
+    start_server "peak$i" ${peak_cfgs[$i]}
   for k in 256 1024 2048; do
     j=$(run_wrk "sweep_c${i}_bin$k" 0 2 4 "$SWEEP_DUR" "$B/bin$k" bin "$k" "cfg=$i" "phase=\"sweep\"")
     eps=$(awk -v r="$(rps "$j")" -v k="$k" 'BEGIN { printf "%.0f", r * k }')
@@ -289,13 +311,15 @@ for r in $(seq "$REPS"); do
     done
   fi
   # shellcheck disable=SC2086
-  start_server "peak_best" ${peak_cfgs[$best_cfg]}
+  recorded "peak_r$r" || start_server "peak_best" ${peak_cfgs[$best_cfg]}
   j=$(run_wrk "peak_r$r" 0 2 4 "$DUR" "$B/bin$best_k" bin "$best_k" "cfg=$best_cfg" "phase=\"peak\"" "run=$r")
   log "round $r HTTP peak: $(awk -v r="$(rps "$j")" -v k="$best_k" 'BEGIN { printf "%.0f", r * k }') examples/s, others $(oth "$j")%"
   stop_server
   for i in "${!lat_cfgs[@]}"; do
+    need=("lat_c${i}_r$r")
+    [[ $r == 1 && $i == 0 ]] && need+=("lat_json_c$i")
     # shellcheck disable=SC2086
-    start_server "lat$i" ${lat_cfgs[$i]}
+    recorded "${need[@]}" || start_server "lat$i" ${lat_cfgs[$i]}
     j=$(run_wrk "lat_c${i}_r$r" "$RATE" 1 8 "$DUR" "$B/bin1" bin 1 "cfg=$i" "phase=\"latency\"" "run=$r")
     log "round $r latency [${lat_cfgs[$i]}]: $(rps "$j") req/s, p99 $(p99 "$j") us, others $(oth "$j")%"
     if [[ $r == 1 && $i == 0 ]]; then
