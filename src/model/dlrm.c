@@ -11,6 +11,15 @@
  *
  * Determinism: every kernel used is bitwise independent of the thread count, and
  * data order is the caller's, so a step is a pure function of (state, batch).
+ *
+ * Sequence tower (seqtower.c, when cfg.seq.num_seq = 1): between the embedding lookup
+ * and the interaction, the tower reads the batch's history, queried by the candidate's
+ * pooled embedding (a column of emb_out), and its E output vectors are appended to
+ * each example's T pooled ones (embx, B x (T+E) x D); the interaction's backward is
+ * split back into demb and the tower's gradient, the tower adds the query's gradient
+ * to demb's candidate column, and the sparse step updates the history's item table
+ * (its own, or the candidate's: shared_update). Without a tower none of this runs and
+ * the buffers, parameter layout and arithmetic are the plain DLRM's.
  */
 #include <math.h>
 #include <stdio.h>
