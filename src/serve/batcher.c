@@ -85,6 +85,11 @@ em_status em__model_make(em_server *s, em_dlrm *m, em_pool *pool, em__model **ou
     *out = NULL;
     const em_dlrm_cfg *c = em_dlrm_config(m);
     const size_t B = (size_t)s->cfg.max_batch, T = (size_t)c->num_tables, D = (size_t)c->dim;
+    if (c->seq.num_seq) { /* requests carry no history yet */
+        em_dlrm_free(m);
+        return em_errorf(EM_ERR_UNSUPPORTED, "the checkpoint is a sequence model (it reads a user history); "
+                                             "ember serve answers plain DLRMs only for now");
+    }
     if (c->num_dense != s->nd || c->num_tables != s->ns) {
         em_status st = em_errorf(EM_ERR_INVALID, "serve: the checkpoint has %d dense / %d sparse features, the server %d / %d",
                                  c->num_dense, c->num_tables, s->nd, s->ns);
