@@ -15,44 +15,11 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include "cli_util.h"
 #include "test.h"
 
 static char dir[256], bin[1024];
 static const char *CARD = "9,12,30,5,40,3,8,25,4,60,7,11,20,6,15,50,3,9,13,4,35,6,10,18,5,22";
-
-static int run(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
-static int run(const char *fmt, ...) {
-    char cmd[4096];
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(cmd, sizeof cmd, fmt, ap);
-    va_end(ap);
-    int rc = system(cmd);
-    return WIFEXITED(rc) ? WEXITSTATUS(rc) : -1;
-}
-
-static char *slurp(const char *path) {
-    FILE *f = fopen(path, "rb");
-    if (!f) return NULL;
-    fseek(f, 0, SEEK_END);
-    long n = ftell(f);
-    fseek(f, 0, SEEK_SET);
-    char *s = malloc((size_t)n + 1);
-    size_t got = fread(s, 1, (size_t)n, f);
-    s[got] = 0;
-    fclose(f);
-    return s;
-}
-
-/* The number after "key": inside section `sect` of report.json (crude but enough). */
-static double report_num(const char *report, const char *sect, const char *key) {
-    const char *s = strstr(report, sect);
-    if (!s) return NAN;
-    char k[64];
-    snprintf(k, sizeof k, "\"%s\":", key);
-    const char *p = strstr(s, k);
-    return p ? atof(p + strlen(k)) : NAN;
-}
 
 static const char *small_model =
     "--rows 9,12,30,5,40,3,8,25,4,60,7,11,20,6,15,50,3,9,13,4,35,6,10,18,5,22 --dim 16 --bot 13-64-16 --top 367-64-1";
@@ -74,7 +41,7 @@ static void test_train_reaches_optimum(void) {
               bin, dir, dir, dir, dir, small_model, dir) == 0);
     char p[512];
     snprintf(p, sizeof p, "%s/run/report.json", dir);
-    char *rep = slurp(p);
+    char *rep = slurp("%s", p);
     CHECK(rep != NULL);
     if (!rep) return;
     double auc = report_num(rep, "\"test\"", "auc"), best = report_num(rep, "\"optimum\"", "auc");
@@ -91,7 +58,7 @@ static void test_train_reaches_optimum(void) {
     CHECK(run("head -n 100 %s/data/test.tsv | cut -f2- > %s/nolabel.tsv", dir, dir) == 0);
     CHECK(run("%s predict --model %s --input %s/nolabel.tsv --output %s/pred.txt", bin, p, dir, dir) == 0);
     snprintf(p, sizeof p, "%s/pred.txt", dir);
-    char *pred = slurp(p);
+    char *pred = slurp("%s", p);
     int lines = 0;
     for (char *q = pred; q && *q; q++) lines += *q == '\n';
     CHECK(lines == 100);
@@ -169,14 +136,14 @@ static void test_malformed_and_corrupt(void) {
     CHECK(run("head -n 500 %s/data/train.tsv > %s && sed -i '3s/^./7/; 10s/\\t[^\\t]*$/\\tzz9/' %s", dir, p, p) == 0);
     CHECK(run("%s train --train %s %s --quiet --out %s/badrun > %s/bad.log 2>&1", bin, p, small_model, dir, dir) == 0);
     snprintf(p, sizeof p, "%s/bad.log", dir);
-    char *log = slurp(p);
+    char *log = slurp("%s", p);
     CHECK(log && strstr(log, "2 malformed") && strstr(log, "bad.tsv:3"));
     free(log);
     snprintf(p, sizeof p, "%s/bad.tsv", dir);
     CHECK(run("%s train --train %s %s --quiet --strict --out %s/badrun2 > %s/strict.log 2>&1", bin, p, small_model, dir,
               dir) != 0);
     snprintf(p, sizeof p, "%s/strict.log", dir);
-    log = slurp(p);
+    log = slurp("%s", p);
     CHECK(log && strstr(log, "bad.tsv:3"));
     free(log);
     /* a corrupt checkpoint is refused with a clear error, not a crash */
@@ -184,7 +151,7 @@ static void test_malformed_and_corrupt(void) {
               "conv=notrunc 2>/dev/null", dir, dir, dir) == 0);
     CHECK(run("%s eval --model %s/c.st --test %s/data/test.tsv > %s/c.log 2>&1", bin, dir, dir, dir) == 1);
     snprintf(p, sizeof p, "%s/c.log", dir);
-    log = slurp(p);
+    log = slurp("%s", p);
     CHECK(log && strstr(log, "c.st"));
     free(log);
     CHECK(run("%s train --bogus 1 > /dev/null 2>&1", bin) == 2);
@@ -212,7 +179,7 @@ static void test_binary_format_and_numpy_reader(void) {
     }
     CHECK(run("/usr/bin/python3 %s/tools/read_checkpoint.py %s > %s/reader.txt 2>&1", src ? src : "..", a, dir) == 0);
     snprintf(b, sizeof b, "%s/reader.txt", dir);
-    char *out = slurp(b);
+    char *out = slurp("%s", b);
     CHECK(out && strstr(out, "emb.25.weight") && strstr(out, "top.1.bias") && strstr(out, "ember.model"));
     free(out);
 }
@@ -236,7 +203,7 @@ static void test_serve(void) {
     int port = 0;
     for (int waited = 0; waited < 1000 && !port; waited++) {
         usleep(10000);
-        char *out = slurp(log);
+        char *out = slurp("%s", log);
         const char *p = out ? strstr(out, "127.0.0.1:") : NULL;
         if (p) port = atoi(p + 10);
         free(out);
@@ -249,7 +216,7 @@ static void test_serve(void) {
                   dir) == 0);
         char p[600];
         snprintf(p, sizeof p, "%s/one.tsv", dir);
-        char *line = slurp(p), body[4096];
+        char *line = slurp("%s", p), body[4096];
         size_t k = (size_t)snprintf(body, sizeof body, "{\"examples\":[\"");
         for (const char *q = line; q && *q && *q != '\n' && k < sizeof body - 8; q++) {
             if (*q == '\t') body[k++] = '\\', body[k++] = 't';
@@ -267,16 +234,16 @@ static void test_serve(void) {
         CHECK(run("bash -c 'exec 3<>/dev/tcp/127.0.0.1/%d; printf \"GET /healthz HTTP/1.0\\r\\n\\r\\n\" >&3; cat <&3' "
                   "> %s/health.txt", port, dir) == 0);
         snprintf(p, sizeof p, "%s/http.txt", dir);
-        char *resp = slurp(p);
+        char *resp = slurp("%s", p);
         snprintf(p, sizeof p, "%s/one.pred", dir);
-        char *pred = slurp(p);
+        char *pred = slurp("%s", p);
         const char *arr = resp ? strstr(resp, "\"probabilities\"") : NULL;
         if (arr) arr = strchr(arr, '[');
         CHECK(resp && strstr(resp, " 200 ") && arr && pred);
         if (arr && pred) CHECK_NEAR(atof(arr + 1), atof(pred), 2e-6);
         free(resp), free(pred);
         snprintf(p, sizeof p, "%s/health.txt", dir);
-        resp = slurp(p);
+        resp = slurp("%s", p);
         CHECK(resp && strstr(resp, " 200 ") && strstr(resp, "ok"));
         free(resp);
     }
@@ -295,7 +262,7 @@ static void test_blas_kernels(void) {
     CHECK(run("OPENBLAS_CORETYPE=Prescott %s version > %s/v2.txt 2>&1", bin, dir) == 0);
     char p1[300], p2[300];
     snprintf(p1, sizeof p1, "%s/v1.txt", dir), snprintf(p2, sizeof p2, "%s/v2.txt", dir);
-    char *v1 = slurp(p1), *v2 = slurp(p2);
+    char *v1 = slurp("%s", p1), *v2 = slurp("%s", p2);
     CHECK(v1 && strstr(v1, "blas_core=") && !strstr(v1, "note:"));
     CHECK(v2 && strstr(v2, "blas_core=Prescott\n"));
     if (v1) fprintf(stderr, "  %s", strstr(v1, "blas_core=") ? strstr(v1, "blas_core=") : v1);
