@@ -19,6 +19,10 @@
  * table in all, 8 to 4096 batches) so that embedding rows are not all cache-hot. A second
  * loop of the same length times the two halves of the forward apart: pooling
  * (em_embbag_forward) and the dense part (em_dlrm_forward_with on the pooled rows).
+ * --stages adds a third loop that runs the forward's stages one call at a time on the
+ * model's own weights, in the model's order (pooling, bottom layers, interaction, top
+ * layers, the same ember/nn.h calls em_dlrm_forward makes), timing each: the median ms
+ * and GFLOP/s of every stage, to see where a forward pass spends its time.
  *
  * Sequence attention (issue 4), self attention forward + backward on one batch:
  *   jattn        Jagged Flash Attention (ember/jattn.h) on jagged Q/K/V
@@ -44,7 +48,7 @@
 
 typedef struct {
     const char *config, *opt, *dump;
-    int batch, threads, heads, head_dim, max_len, causal, infer;
+    int batch, threads, heads, head_dim, max_len, causal, infer, stages;
     long long steps, warmup, seed;
     double lr, mean_len;
 } bench_ctx;
@@ -55,6 +59,7 @@ static const cli_opt bench_opts[] = {
     OPT_STR("opt", "NAME", "sgd (dense and sparse SGD) | adagrad | rowwise_adagrad (dense AdaGrad) (default sgd)", bench_ctx,
             opt),
     OPT_FLAG("infer", "kaggle / embheavy: time inference only (forward, no backward)", bench_ctx, infer),
+    OPT_FLAG("stages", "--infer: also time each stage of the forward (pooling, every layer, interaction)", bench_ctx, stages),
     OPT_INT("steps", "N", "timed steps (default 50; jattn 20, attn_padded 3; --infer 100k examples, 50..20000 steps)",
             bench_ctx, steps, 1, 1LL << 40),
     OPT_INT("warmup", "N", "untimed steps first (default 5; jattn 3, attn_padded 1; --infer steps/20)", bench_ctx, warmup, 0, 1LL << 40),
@@ -206,6 +211,89 @@ static double pct(const double *x, long long n, double q) {
     return x[k < 0 ? 0 : k >= n ? n - 1 : k];
 }
 
+/* --stages: the forward's stages one call at a time (see the file comment). Returns the
+ * JSON fields "stages":[...],"ms_stages_sum":... (malloc'd), or NULL after an error. */
+static char *bench_stages(const bench_ctx *c, const em_dlrm_cfg *m, em_dlrm *model, const em_batch *batches, int NB,
+                          float *pooled, em_pool *pool) {
+    const int B = c->batch, T = m->num_tables, D = m->dim, nl = m->n_bot - 1 + m->n_top - 1, ns = nl + 2;
+    const int inter_w = em_dot_interact_out_dim(T, D);
+    float *act[2 * EM_DLRM_MAX_LAYERS + 1], *inter = em_malloc(sizeof(float) * (size_t)B * (size_t)inter_w);
+    double *t = malloc(sizeof(double) * (size_t)c->steps * (size_t)ns);
+    const float *W[2 * EM_DLRM_MAX_LAYERS], *bias[2 * EM_DLRM_MAX_LAYERS];
+    int in[2 * EM_DLRM_MAX_LAYERS], out[2 * EM_DLRM_MAX_LAYERS];
+    char name[2 * EM_DLRM_MAX_LAYERS + 2][16];
+    int oom = !inter || !t;
+    for (int l = 0; l < nl; l++) {
+        const int top = l >= m->n_bot - 1, i = top ? l - (m->n_bot - 1) : l;
+        in[l] = top ? m->top[i] : m->bot[i], out[l] = top ? m->top[i + 1] : m->bot[i + 1];
+        char wn[32], bn[32];
+        snprintf(wn, sizeof wn, "%s.%d.weight", top ? "top" : "bot", i);
+        snprintf(bn, sizeof bn, "%s.%d.bias", top ? "top" : "bot", i);
+        snprintf(name[l + 1 + top], sizeof name[0], "%s.%d", top ? "top" : "bot", i);
+        W[l] = em_dlrm_param(model, wn, 0, NULL), bias[l] = em_dlrm_param(model, bn, 0, NULL);
+        oom |= !(act[l] = em_malloc(sizeof(float) * (size_t)B * (size_t)out[l]));
+    }
+    snprintf(name[0], sizeof name[0], "pooling");
+    snprintf(name[m->n_bot], sizeof name[0], "interaction");
+    if (oom) {
+        fprintf(stderr, "ember bench: out of memory\n");
+        return NULL;
+    }
+    em_embbag *bag = em_dlrm_embbag(model);
+    em_status st = EM_OK;
+    double check = 0;
+    for (long long s = 0; !st && s < c->steps; s++) {
+        const em_batch *b = &batches[(c->warmup + s) % NB];
+        double *ts = t + (size_t)s * (size_t)ns, t0 = em_now();
+        st = em_embbag_forward(bag, pooled, b->indices, b->offsets, b->per_id_w, B, pool);
+        double t1 = em_now();
+        ts[0] = t1 - t0;
+        for (int l = 0, k = 1; l < nl; l++, k++) {
+            const float *x = l == 0 ? b->dense : l == m->n_bot - 1 ? inter : act[l - 1];
+            if (l == m->n_bot - 1) { /* the interaction before the first top layer */
+                t0 = em_now();
+                em_dot_interact_forward(inter, act[l - 1], pooled, B, T, D, pool);
+                t1 = em_now();
+                ts[k++] = t1 - t0;
+            }
+            t0 = em_now();
+            if (l == nl - 1) em_linear_forward(act[l], x, W[l], bias[l], B, in[l], out[l], pool);
+            else em_linear_relu_forward(act[l], x, W[l], bias[l], B, in[l], out[l], pool);
+            t1 = em_now();
+            ts[k] = t1 - t0;
+        }
+        check += act[nl - 1][0];
+    }
+    if (st) {
+        cli_fail("bench", st);
+        return NULL;
+    }
+    size_t cap = 256 + (size_t)ns * 160, len = 0;
+    char *js = malloc(cap);
+    double *col = malloc(sizeof(double) * (size_t)c->steps), sum = 0;
+    if (!js || !col) {
+        fprintf(stderr, "ember bench: out of memory\n");
+        return NULL;
+    }
+    len += (size_t)snprintf(js + len, cap - len, "\"stages\":[");
+    for (int k = 0; k < ns; k++) {
+        for (long long s = 0; s < c->steps; s++) col[s] = t[(size_t)s * (size_t)ns + (size_t)k];
+        qsort(col, (size_t)c->steps, sizeof(double), cmp_double);
+        const double med = pct(col, c->steps, 0.5);
+        const int l = k == 0 || k == m->n_bot ? -1 : k < m->n_bot ? k - 1 : k - 2;
+        const double fl = k == 0 ? 0 : l < 0 ? 2.0 * D * (double)T * (T + 1) / 2 : 2.0 * in[l] * out[l];
+        sum += med;
+        len += (size_t)snprintf(js + len, cap - len, "%s{\"name\":\"%s\",\"in\":%d,\"out\":%d,\"ms\":%.4f,\"gflops\":%.2f}",
+                                k ? "," : "", name[k], l >= 0 ? in[l] : k == 0 ? T : T + 1,
+                                l >= 0 ? out[l] : k == 0 ? T * D : inter_w, 1e3 * med, fl * B / med / 1e9);
+    }
+    snprintf(js + len, cap - len, "],\"ms_stages_sum\":%.4f,\"stages_checksum\":%.6g", 1e3 * sum, check);
+    for (int l = 0; l < nl; l++) em_free(act[l]);
+    em_free(inter);
+    free(t), free(col);
+    return js;
+}
+
 /* `ember bench --workload kaggle|embheavy --infer`: forward passes only (see the file
  * comment). batches[NB] are the preloaded inputs. */
 static int bench_infer(const bench_ctx *c, const em_dlrm_cfg *m, em_dlrm *model, em_batch *batches, int NB,
@@ -248,6 +336,8 @@ static int bench_infer(const bench_ctx *c, const em_dlrm_cfg *m, em_dlrm *model,
         cli_fail("bench", st);
         return 1;
     }
+    char *stages = c->stages ? bench_stages(c, m, model, batches, NB, pooled, pool) : NULL;
+    if (c->stages && !stages) return 1;
     qsort(ms, (size_t)c->steps, sizeof(double), cmp_double);
     const double n = (double)c->steps, per = secs / n;
     struct rusage ru;
@@ -257,11 +347,12 @@ static int bench_infer(const bench_ctx *c, const em_dlrm_cfg *m, em_dlrm *model,
            "\"us_p50\":%.2f,\"us_p90\":%.2f,\"us_p99\":%.2f,\"us_min\":%.2f,\"us_max\":%.2f,"
            "\"ms_embed\":%.4f,\"ms_dense\":%.4f,\"dense_gflops\":%.2f,"
            "\"fwd_flop_per_example\":%.0f,\"mlp_flop\":%.0f,\"interaction_flop\":%.0f,"
-           "\"peak_rss_mb\":%.1f,\"checksum\":%.6g}\n",
+           "\"peak_rss_mb\":%.1f,\"checksum\":%.6g%s%s}\n",
            c->config, B, c->threads, c->steps, NB, (double)B / per, 1e3 * per, flop * B / per / 1e9,
            1e3 * pct(ms, c->steps, 0.5), 1e3 * pct(ms, c->steps, 0.9), 1e3 * pct(ms, c->steps, 0.99), 1e3 * ms[0],
            1e3 * ms[c->steps - 1], 1e3 * emb_s / n, 1e3 * dense_s / n, flop * B / (dense_s / n) / 1e9, flop, mlp, inter,
-           (double)ru.ru_maxrss / 1024.0, check);
+           (double)ru.ru_maxrss / 1024.0, check, stages ? "," : "", stages ? stages : "");
+    free(stages);
     em_free(logits), em_free(pooled);
     free(ms);
     return 0;
