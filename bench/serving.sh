@@ -23,11 +23,11 @@
 # wrk's latency is its own measurement (first byte written to last byte read, on
 # loopback), pacing waits excluded.
 # OpenBLAS: a DYNAMIC_ARCH OpenBLAS that does not know the CPU model falls back to
-# generic (Prescott, SSE3) kernels, ~10x slower than the AVX-512 ones (OpenBLAS 0.3.21 on
-# Emerald Rapids does). If OPENBLAS_CORETYPE is unset and OpenBLAS reports Prescott on a
-# CPU with AVX-512 (AVX2), the script sets OPENBLAS_CORETYPE=SkylakeX (Haswell) for every
-# process it starts, ember and PyTorch alike, and says so in the summary.
-# Takes ~15-20 minutes; not part of the test suite. Last line of stdout: one JSON object;
+# generic (Prescott, SSE3) kernels, ~10x slower than the AVX-512 ones (OpenBLAS 0.3.21
+# on Emerald Rapids does); ember switches itself to better ones, and the script gives
+# the same OPENBLAS_CORETYPE (`ember version`'s blas_core) to PyTorch and sgemm_peak.
+# Takes 20-60 minutes (more with QUIET_WAIT and RETRY on a busy machine); not part of the
+# test suite. Last line of stdout: one JSON object;
 # raw results in $OUT (*.jsonl, wrk_*.txt, server logs).
 # Env: REPS (default 3), OUT (default bench/out/serving), BUILD (build dir, default
 # build-serving), DUR (seconds per timed wrk run, default 20), SWEEP_DUR (default 10),
@@ -36,7 +36,9 @@
 # (seconds to wait before each measurement for a second with the CPUs < 10% busy,
 # default 0), RETRY (repeat a measurement up to N more times while others and steal
 # took more than OTHERS_MAX % of the CPUs, default 0 and 10), RESUME=1 (keep $OUT's
-# results and checkpoints, run only the measurements not recorded yet). Every measurement
+# results and checkpoints, run only the measurements not recorded yet), KEEP_CKPT=1 (keep
+# the two 2.2 GB checkpoints in $OUT/ckpt; by default they are deleted at the end; ~6 GB
+# free are needed while the script runs). Every measurement
 # records busy_before (% of the CPUs busy in the second before it started, the server up
 # and idle), others_cpu_pct and steal_pct (see cpu_mark below).
 set -Eeuo pipefail
@@ -113,23 +115,22 @@ others() {
 SPID="" MARK="" OTHERS=0 STEAL=0 LAST=""
 calm() { awk -v o="$OTHERS" -v s="$STEAL" -v m="$OTHERS_MAX" 'BEGIN { exit !(o + s <= m) }'; }
 
-# 1. sgemm rate, and OpenBLAS's kernels
+# 1. sgemm rate, and OpenBLAS's kernels: OpenBLAS picks them from a table of CPU models
+# and falls back to its SSE3 ("Prescott") ones on a newer CPU; ember re-runs itself with
+# the right OPENBLAS_CORETYPE (src/core/blas.c). The PyTorch peer and sgemm_peak get the
+# same kernels.
 cc -O2 bench/sgemm_peak.c -I/usr/include/x86_64-linux-gnu/openblas-pthread -lopenblas -o "$OUT/sgemm_peak"
-core=$(OPENBLAS_VERBOSE=2 OPENBLAS_NUM_THREADS=1 "$OUT/sgemm_peak" 2>&1 >/dev/null | sed -n 's/^Core: *//p' | head -n1)
-coretype_set=""
-if [[ -z "${OPENBLAS_CORETYPE:-}" && "$core" == "Prescott" ]]; then
-  if grep -qw avx512f /proc/cpuinfo; then coretype_set=SkylakeX; elif grep -qw avx2 /proc/cpuinfo; then coretype_set=Haswell; fi
-  if [[ -n "$coretype_set" ]]; then
-    export OPENBLAS_CORETYPE=$coretype_set
-    log "OpenBLAS detected core '$core' (generic kernels) on a CPU with $( [[ $coretype_set == SkylakeX ]] && echo AVX-512 || echo AVX2 ): OPENBLAS_CORETYPE=$coretype_set for every run"
-  fi
-fi
+core=$(env -u OPENBLAS_CORETYPE OPENBLAS_VERBOSE=2 OPENBLAS_NUM_THREADS=1 "$OUT/sgemm_peak" 2>&1 >/dev/null |
+  sed -n 's/^Core: *//p' | head -n1)
+OPENBLAS_CORETYPE=${OPENBLAS_CORETYPE:-$("$EMBER" version | sed -n 's/^blas_core=//p')}
+export OPENBLAS_CORETYPE
 core_used=$(OPENBLAS_VERBOSE=2 OPENBLAS_NUM_THREADS=1 "$OUT/sgemm_peak" 2>&1 >/dev/null | sed -n 's/^Core: *//p' | head -n1)
-printf '{"detected":"%s","coretype_env":"%s","set_by_script":"%s","used":"%s"}\n' \
-  "$core" "${OPENBLAS_CORETYPE:-}" "$coretype_set" "$core_used" > "$OUT/openblas.json"
+log "OpenBLAS kernels: $core_used (OpenBLAS alone picks $core)"
+printf '{"detected":"%s","coretype_env":"%s","used":"%s"}\n' "$core" "$OPENBLAS_CORETYPE" "$core_used" > "$OUT/openblas.json"
 if [[ -z "$RESUME" ]]; then : > "$OUT/sgemm.jsonl"; : > "$OUT/wrk.jsonl"; : > "$OUT/inproc.jsonl"; fi
 touch "$OUT/sgemm.jsonl" "$OUT/wrk.jsonl" "$OUT/inproc.jsonl"
-# one sgemm measurement (median of 7 inside), retried as the others are
+# sgemm_run ROUND: one sgemm measurement (median of 7 inside), retried as the others are;
+# round 0 = before the rounds
 sgemm_run() {
   local a
   for a in $(seq 0 "$RETRY"); do
@@ -137,11 +138,11 @@ sgemm_run() {
     cpu_mark
     OPENBLAS_NUM_THREADS=2 "$OUT/sgemm_peak" > "$OUT/.sgemm"
     others
-    echo "{\"attempt\":$a,\"others_cpu_pct\":$OTHERS,\"steal_pct\":$STEAL,\"r\":$(cat "$OUT/.sgemm")}" >> "$OUT/sgemm.jsonl"
+    echo "{\"round\":$1,\"attempt\":$a,\"others_cpu_pct\":$OTHERS,\"steal_pct\":$STEAL,\"r\":$(cat "$OUT/.sgemm")}" >> "$OUT/sgemm.jsonl"
     if calm; then break; fi
   done
 }
-for r in $(seq "$REPS"); do sgemm_run; done
+for r in $(seq "$REPS"); do sgemm_run 0; done
 log "sgemm ($core_used kernels): $(tail -n1 "$OUT/sgemm.jsonl")"
 
 # 2. checkpoints (Kaggle model, full cardinalities)
@@ -149,6 +150,11 @@ CK=$OUT/ckpt
 MODEL=$CK/a/checkpoint.safetensors
 MODEL_B=$CK/b/checkpoint.safetensors
 if [[ -z "$RESUME" || ! -f "$MODEL" || ! -f "$MODEL_B" ]]; then
+  free_kb=$(df -Pk "$OUT" | awk 'NR == 2 { print $4 }')
+  if (( free_kb < 6 * 1024 * 1024 )); then
+    echo "bench/serving.sh: need ~6 GB free under $OUT for two 2.2 GB checkpoints, have $((free_kb / 1024)) MB" >&2
+    exit 1
+  fi
   rm -rf "$CK"
   mkdir -p "$CK"
   $EMBER gen --out "$CK/data" --rows 20000 --test-rows 1000 --seed 1 > /dev/null
@@ -296,10 +302,12 @@ log "best peak setting: [${peak_cfgs[$best_cfg]}] with $best_k examples per requ
 
 # 4. alternating rounds
 for r in $(seq "$REPS"); do
-  sgemm_run
+  sgemm_run "$r"
   for bt in 2048:2 1:2 1:1; do
     b=${bt%%:*} th=${bt#*:}
-    inproc ember "$r" "$b" "$th" "$EMBER" bench --workload kaggle --infer --batch "$b" --threads "$th"
+    stages=()
+    [[ $b == 2048 ]] && stages=(--stages)
+    inproc ember "$r" "$b" "$th" "$EMBER" bench --workload kaggle --infer --batch "$b" --threads "$th" "${stages[@]}"
     log "round $r ember in-process b$b ${th}t: $(echo "$LAST" | grep -o '"examples_per_s":[0-9.]*\|"us_p99":[0-9.]*' | tr '\n' ' ')others $OTHERS%, steal $STEAL%"
   done
   if [[ -z "${SKIP_TORCH:-}" ]]; then
@@ -373,6 +381,7 @@ for how in POST SIGHUP; do
 done
 curl -s "http://127.0.0.1:$PORT/metrics" > "$OUT/reload_metrics.txt"
 stop_server
+[[ -n "${KEEP_CKPT:-}" ]] || rm -rf "$CK" # 4.4 GB; RESUME makes them again
 
 # 7. summary
 $PY - "$OUT" "$SERVE_PEAK" "$SERVE_LAT" "$RATE" "$OTHERS_MAX" <<'PYEOF'
@@ -439,6 +448,22 @@ eb = ip["ember_b2048"]
 eb["fraction_of_sgemm"] = round(eb["gflops"] / res["sgemm_gflops"], 4)
 if sgc:
     eb["fraction_of_sgemm_undisturbed_median"] = round(eb["gflops"] / med(sgc), 4)
+# the machine's speed drifts: each round's in-process figure against the sgemm rate
+# measured just before it in the same round
+fr = []
+for x in side("ember", 2048):
+    rs = [y["r"]["sgemm_gflops"] for y in sgx if y.get("round") == x["run"]]
+    if rs:
+        fr.append(round(x["r"]["gflops"] / max(rs), 4))
+if fr:
+    eb["fraction_of_same_round_sgemm_runs"] = fr
+    eb["fraction_of_same_round_sgemm"] = round(med(fr), 4)
+st = [x["r"]["stages"] for x in side("ember", 2048) if "stages" in x["r"]]
+if st:
+    tot = [sum(y["ms"] for y in z) for z in st]
+    eb["stages"] = [{"name": z["name"], "in": z["in"], "out": z["out"], "ms": g(med(q[k]["ms"] for q in st)),
+                     "gflops": g(med(q[k]["gflops"] for q in st)),
+                     "share": round(med(q[k]["ms"] / t for q, t in zip(st, tot)), 4)} for k, z in enumerate(st[0])]
 eb["dense_fraction_of_sgemm"] = round(eb["dense_gflops"] / res["sgemm_gflops"], 4)
 torch_best, torch_best_b = 0, None
 for b in (1, 256, 2048):
