@@ -21,11 +21,13 @@
 #include <arpa/inet.h>
 #include <ifaddrs.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/time.h>
 #include <unistd.h>
 
@@ -1011,6 +1013,90 @@ static void test_reload_loopback_only(void) {
     em_serve_free(s);
 }
 
+/* A POST /admin/reload that takes long must not stall the other connections of the
+ * HTTP worker that received it (one worker here, so every connection is its). The
+ * checkpoint is a FIFO: the load blocks in open() until this test opens the writing
+ * end, so the reload is provably in progress (ember_model_reloading = 1) while the
+ * predictions are sent; then the FIFO is closed empty, the reload fails with a 500
+ * naming the file, and the old model keeps serving. */
+static void test_reload_does_not_block_worker(void) {
+    CHECK(setup() == 0);
+    char fifo[256];
+    snprintf(fifo, sizeof fifo, "/tmp/ember_test_reload_fifo_%d", (int)getpid());
+    unlink(fifo);
+    CHECK(mkfifo(fifo, 0600) == 0);
+    em_pool *pool;
+    em_dlrm *m;
+    CHECK_OK(em_pool_create(&pool, 1));
+    CHECK_OK(em_dlrm_load(&m, g_ckpt, NULL, pool));
+    em_serve_cfg cfg = em_serve_default();
+    cfg.port = 0, cfg.threads = 1, cfg.max_conns = 8, cfg.model_path = g_ckpt;
+    em_server *s;
+    CHECK_OK(em_serve_create(&s, m, pool, &cfg));
+    CHECK_OK(em_serve_start(s));
+    int port = em_serve_port(s);
+
+    /* the reload request, on a connection of its own, answer read later */
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    struct timeval tv = {5, 0};
+    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+    struct sockaddr_in sa = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port)};
+    sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    CHECK(connect(fd, (struct sockaddr *)&sa, sizeof sa) == 0);
+    char body[300], req[600];
+    int bn = snprintf(body, sizeof body, "{\"model\": \"%s\"}", fifo);
+    int rn = snprintf(req, sizeof req,
+                      "POST /admin/reload HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
+                      "Content-Length: %d\r\n\r\n%s", bn, body);
+    CHECK(send(fd, req, (size_t)rn, MSG_NOSIGNAL) == rn);
+    em_serve_stats st;
+    for (int i = 0; i < 5000; i++) { /* the reloader reaches open(fifo) */
+        em_serve_stats_get(s, &st);
+        if (st.reloading) break;
+        usleep(1000);
+    }
+    CHECK(st.reloading == 1);
+
+    http_resp r;
+    char *j = examples_json(0, 4);
+    for (int k = 0; k < 3; k++) { /* served by the same worker, during the reload */
+        CHECK(post_json(port, j, &r) == 0 && r.status == 200);
+        CHECK(strstr(r.headers, "X-Model-Version: 3") != NULL);
+        free(r.body);
+    }
+    free(j);
+    CHECK(http(port, "GET", "/metrics", NULL, NULL, -1, &r) == 0 && r.status == 200);
+    CHECK(strstr(r.body, "ember_model_reloading 1\n") != NULL);
+    free(r.body);
+    em_serve_stats_get(s, &st);
+    CHECK(st.reloading == 1 && st.reloads == 0);
+
+    int w = open(fifo, O_WRONLY); /* lets the load go on: it reads an empty file */
+    CHECK(w >= 0);
+    if (w >= 0) close(w);
+    char buf[4096];
+    size_t len = 0;
+    for (;;) {
+        ssize_t k = recv(fd, buf + len, sizeof buf - 1 - len, 0);
+        if (k < 0 && errno == EINTR) continue;
+        if (k <= 0) break;
+        len += (size_t)k;
+    }
+    buf[len] = 0;
+    close(fd);
+    int status = 0;
+    CHECK(sscanf(buf, "HTTP/1.%*d %d", &status) == 1 && status == 500);
+    CHECK(strstr(buf, "reload failed (still serving model_version 3)") != NULL);
+    CHECK(strstr(buf, fifo) != NULL);
+    em_serve_stats_get(s, &st);
+    CHECK(st.reloading == 0 && st.reloads == 0 && st.reload_failures == 1);
+    CHECK(http(port, "POST", "/admin/reload", NULL, "", 0, &r) == 0 && r.status == 200); /* and a good one */
+    CHECK(strstr(r.body, "\"model_version\":\"3-r1\"") != NULL);
+    free(r.body);
+    em_serve_free(s);
+    unlink(fifo);
+}
+
 static void test_reload_under_load(void) {
     check_reload_under_load(EM_QT_FP32);
     check_reload_under_load(EM_QT_INT8);
@@ -1187,4 +1273,5 @@ TEST_MAIN({"predict_json", test_predict_json}, {"concurrent_batching", test_conc
           {"no_alloc_no_leak", test_no_alloc_no_leak}, {"bad_config", test_bad_config},
           {"forward_with", test_forward_with}, {"quant_tables", test_quant_tables},
           {"reload_under_load", test_reload_under_load}, {"reload_loopback_only", test_reload_loopback_only},
+          {"reload_does_not_block_worker", test_reload_does_not_block_worker},
           {"teacher_mode", test_teacher_mode})

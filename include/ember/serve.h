@@ -116,6 +116,7 @@ typedef struct {
     uint64_t max_batch_seen;               /* largest forward pass so far */
     int64_t model_step;                    /* the model's optimizer step count */
     uint64_t reloads, reload_failures;     /* em_serve_reload calls that swapped / failed */
+    uint64_t reloading;                    /* reloads loading a checkpoint right now (0 or 1) */
     size_t table_bytes;                    /* the served embedding tables (as quantized) */
     uint64_t logged, log_errors;           /* teacher mode: predictions appended / failed appends */
 } em_serve_stats;

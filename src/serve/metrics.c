@@ -60,6 +60,7 @@ void em_serve_stats_get(const em_server *s, em_serve_stats *out) {
     out->model_step = atomic_load(&((em_server *)s)->step);
     out->reloads = atomic_load(&m->reloads);
     out->reload_failures = atomic_load(&m->reload_failures);
+    out->reloading = atomic_load(&m->reloading);
     out->table_bytes = atomic_load(&((em_server *)s)->table_bytes);
     out->logged = atomic_load(&m->logged);
     out->log_errors = atomic_load(&m->log_errors);
@@ -117,6 +118,8 @@ size_t em_serve_metrics_text(const em_server *s, char *buf, size_t cap) {
     put(&b, "# HELP ember_model_reload_failures_total Reloads that failed (the old model kept serving).\n"
             "# TYPE ember_model_reload_failures_total counter\n"
             "ember_model_reload_failures_total %llu\n", (unsigned long long)atomic_load(&m->reload_failures));
+    put(&b, "# HELP ember_model_reloading A reload is loading a checkpoint now (1) or not (0).\n"
+            "# TYPE ember_model_reloading gauge\nember_model_reloading %llu\n", (unsigned long long)atomic_load(&m->reloading));
     put(&b, "# HELP ember_embedding_table_bytes Bytes of the served embedding tables (%s rows).\n"
             "# TYPE ember_embedding_table_bytes gauge\nember_embedding_table_bytes %zu\n",
         em_qtype_name(s->cfg.tables), atomic_load(&((em_server *)s)->table_bytes));

@@ -13,6 +13,7 @@
 #include <stdatomic.h>
 
 #include "ember/das.h"
+struct MHD_Connection;
 #include "ember/serve.h"
 
 typedef struct em__req {
@@ -38,6 +39,11 @@ typedef struct em__req {
     char *out;            /* formatted response body */
     size_t out_len, out_cap;
 
+    struct MHD_Connection *conn; /* reload: the suspended connection to resume */
+    int reload_done;      /* reload: the reloader thread has answered (code, out) */
+    int reload_code;      /* reload: HTTP status of the answer */
+    const char *reload_path; /* reload: the checkpoint named in the body (in line), or NULL */
+
     int done;             /* set by the batcher under s->mu */
     em_status st;         /* the forward pass's status */
     char version[32];     /* model_version of the model that answered (set with done) */
@@ -57,7 +63,7 @@ typedef struct {
 typedef struct {
     _Atomic uint64_t requests[EM_SERVE_EP__COUNT];
     _Atomic uint64_t errors[7]; /* by code: 400, 403, 404, 405, 413, 500, 503 */
-    _Atomic uint64_t reloads, reload_failures;
+    _Atomic uint64_t reloads, reload_failures, reloading;
     _Atomic uint64_t examples, max_batch;
     _Atomic uint64_t logged, log_errors; /* teacher mode */
     em__hist latency;           /* seconds */
@@ -105,6 +111,15 @@ struct em_server {
     em__req **taken;            /* requests in the current batch */
 
     em__metrics m;
+
+    /* POST /admin/reload: the HTTP worker suspends the connection and queues the slot;
+     * the reloader thread loads, answers and resumes it, so a worker's other
+     * connections never wait on a multi-second load */
+    em__req *rl_head, *rl_tail; /* under mu */
+    int stopping;               /* under mu: no more reloads are queued */
+    int reloader_running, reloader_stop;
+    pthread_cond_t reloader_cv;
+    pthread_t reloader;
 
     /* teacher mode: the prediction log, the batcher's record buffer (max_batch), the flusher */
     em_das_writer *das;

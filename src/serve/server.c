@@ -13,9 +13,11 @@
  * without a copy. The number of slots equals the connection limit, and a connection
  * carries one request at a time, so a slot is always free (503 otherwise, as a guard).
  *
- * POST /admin/reload takes a slot the same way (for its optional JSON body) and runs
- * em_serve_reload on the HTTP worker's thread: loading never blocks the batcher, and
- * the answer says whether the new model is in. Only loopback clients may call it:
+ * POST /admin/reload takes a slot the same way (for its optional JSON body), suspends
+ * its connection and queues the slot for the reloader thread, which runs
+ * em_serve_reload and resumes the connection with the answer: loading blocks neither
+ * the batcher nor the HTTP worker's other connections (a worker polls many), and the
+ * answer says whether the new model is in. Only loopback clients may call it:
  * the server may listen on a public address, reloading is an operator's action.
  *
  * Status codes: 200, 400 (bad request body, with {"error": "..."} naming what is
@@ -94,7 +96,7 @@ static em__req *slot_get(em_server *s) {
     em__req *r = s->free_list;
     if (r) s->free_list = r->next;
     pthread_mutex_unlock(&s->mu);
-    if (r) r->next = NULL, r->body_len = 0, r->too_big = 0, r->n = 0;
+    if (r) r->next = NULL, r->body_len = 0, r->too_big = 0, r->n = 0, r->reload_done = 0, r->conn = NULL;
     return r;
 }
 
@@ -146,10 +148,76 @@ static int is_loopback(struct MHD_Connection *c) {
     return 0;
 }
 
-/* Body: empty, or {"model": "path"}. */
+/* Set r's answer: HTTP code and body text (JSON) in r->out; -1 when out of memory. */
+static int set_answer(em__req *r, int code, const char *txt) {
+    size_t n = strlen(txt);
+    if (n + 1 > r->out_cap) {
+        char *o = em_realloc(r->out, n + 1);
+        if (!o) return -1;
+        r->out = o, r->out_cap = n + 1;
+    }
+    memcpy(r->out, txt, n + 1);
+    r->out_len = n;
+    r->reload_code = code;
+    return 0;
+}
+
+/* On the reloader thread: load r->reload_path (NULL: the server's own checkpoint) and
+ * write the answer into r. A 500 answer's body is the bare message (sent through
+ * send_error, which quotes it). */
+static void run_reload(em_server *s, em__req *r) {
+    char msg[700];
+    em_status st = em_serve_reload(s, r->reload_path);
+    char ver[32];
+    em_serve_model_version(s, ver, sizeof ver);
+    if (st) {
+        const char *d = em_last_error();
+        snprintf(msg, sizeof msg, "reload failed (still serving model_version %s): %.500s", ver,
+                 d && *d ? d : em_status_str(st));
+        if (set_answer(r, 500, msg)) r->reload_code = 500, r->out_len = 0;
+        return;
+    }
+    json_t *o = json_pack("{s:s,s:s,s:I,s:s}", "model_version", ver, "model",
+                          r->reload_path ? r->reload_path : s->model_path, "step",
+                          (json_int_t)atomic_load(&s->step), "tables", em_qtype_name(s->cfg.tables));
+    char *txt = o ? json_dumps(o, JSON_COMPACT) : NULL;
+    json_decref(o);
+    if (!txt || set_answer(r, 200, txt)) r->reload_code = 500, r->out_len = 0; /* out of memory */
+    free(txt);
+}
+
+static void *reloader_main(void *arg) {
+    em_server *s = arg;
+    pthread_mutex_lock(&s->mu);
+    for (;;) {
+        while (!s->rl_head && !s->reloader_stop) pthread_cond_wait(&s->reloader_cv, &s->mu);
+        em__req *r = s->rl_head;
+        if (!r) break; /* stopping, and every queued reload answered */
+        s->rl_head = r->next;
+        if (!s->rl_head) s->rl_tail = NULL;
+        r->next = NULL;
+        pthread_mutex_unlock(&s->mu);
+        run_reload(s, r);
+        r->reload_done = 1; /* published by MHD_resume_connection's lock */
+        MHD_resume_connection(r->conn);
+        pthread_mutex_lock(&s->mu);
+    }
+    pthread_mutex_unlock(&s->mu);
+    return NULL;
+}
+
+/* Body: empty, or {"model": "path"}. The load itself runs on the reloader thread:
+ * the connection is suspended meanwhile and its worker keeps serving the others;
+ * when the answer is in, the connection is resumed and this is called again. */
 static enum MHD_Result finish_reload(em_server *s, struct MHD_Connection *c, em__req *r) {
     const int ep = EM_SERVE_EP_RELOAD;
-    char msg[700];
+    if (r->reload_done) {
+        if (r->reload_code != 200)
+            return send_error(s, c, ep, r->t0, r->reload_code, r->out_len ? r->out : "out of memory", NULL);
+        struct MHD_Response *resp = MHD_create_response_from_buffer(r->out_len, r->out, MHD_RESPMEM_PERSISTENT);
+        return send_resp(s, c, ep, r->t0, 200, resp, "application/json");
+    }
+    char msg[160];
     if (r->too_big) {
         snprintf(msg, sizeof msg, "request body over the limit of %zu bytes", s->cfg.max_body);
         return send_error(s, c, ep, r->t0, 413, msg, NULL);
@@ -172,25 +240,35 @@ static enum MHD_Result finish_reload(em_server *s, struct MHD_Connection *c, em_
         json_decref(root);
         return send_error(s, c, ep, r->t0, 400, "no checkpoint: name one with {\"model\": \"path\"}", NULL);
     }
-    em_status st = em_serve_reload(s, path);
-    char ver[32];
-    em_serve_model_version(s, ver, sizeof ver);
-    if (st) {
-        const char *d = em_last_error();
-        snprintf(msg, sizeof msg, "reload failed (still serving model_version %s): %.500s", ver,
-                 d && *d ? d : em_status_str(st));
-        json_decref(root);
-        return send_error(s, c, ep, r->t0, 500, msg, NULL);
+    r->reload_path = NULL;
+    if (path) { /* keep a copy: root goes now */
+        size_t n = strlen(path) + 1;
+        if (n > r->line_cap) {
+            char *l = em_realloc(r->line, n);
+            if (!l) {
+                json_decref(root);
+                return send_error(s, c, ep, r->t0, 500, "out of memory", NULL);
+            }
+            r->line = l, r->line_cap = n;
+        }
+        memcpy(r->line, path, n);
+        r->reload_path = r->line;
     }
-    json_t *o = json_pack("{s:s,s:s,s:I,s:s}", "model_version", ver, "model", path ? path : s->model_path, "step",
-                          (json_int_t)atomic_load(&s->step), "tables", em_qtype_name(s->cfg.tables));
     json_decref(root);
-    char *txt = o ? json_dumps(o, JSON_COMPACT) : NULL;
-    json_decref(o);
-    if (!txt) return send_error(s, c, ep, r->t0, 500, "out of memory", NULL);
-    struct MHD_Response *resp = MHD_create_response_from_buffer(strlen(txt), txt, MHD_RESPMEM_MUST_COPY);
-    free(txt);
-    return send_resp(s, c, ep, r->t0, 200, resp, "application/json");
+    r->conn = c;
+    pthread_mutex_lock(&s->mu);
+    if (s->stopping) {
+        pthread_mutex_unlock(&s->mu);
+        return send_error(s, c, ep, r->t0, MHD_HTTP_SERVICE_UNAVAILABLE, "server stopping", NULL);
+    }
+    /* suspend before queueing, so the reloader's resume always follows it */
+    MHD_suspend_connection(c);
+    if (s->rl_tail) s->rl_tail->next = r;
+    else s->rl_head = r;
+    s->rl_tail = r;
+    pthread_cond_signal(&s->reloader_cv);
+    pthread_mutex_unlock(&s->mu);
+    return MHD_YES;
 }
 
 static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const char *url, const char *method,
@@ -317,6 +395,7 @@ em_status em_serve_create(em_server **out, em_dlrm *model, em_pool *pool, const 
     pthread_mutex_init(&s->reload_mu, NULL);
     pthread_cond_init(&s->reload_cv, NULL);
     pthread_cond_init(&s->flush_cv, NULL);
+    pthread_cond_init(&s->reloader_cv, NULL);
     em__metrics_init(&s->m, cfg->max_batch);
     if (cfg->model_path) {
         size_t n = strlen(cfg->model_path) + 1;
@@ -396,12 +475,20 @@ em_status em_serve_start(em_server *s) {
     }
     pthread_mutex_unlock(&s->mu);
     s->batcher_running = 1;
+    pthread_mutex_lock(&s->mu);
+    s->stopping = 0, s->reloader_stop = 0;
+    pthread_mutex_unlock(&s->mu);
+    if (pthread_create(&s->reloader, NULL, reloader_main, s) != 0) {
+        em_serve_stop(s);
+        return em_errorf(EM_ERR_THREAD, "serve: cannot start the reloader thread");
+    }
+    s->reloader_running = 1;
     struct sockaddr_in sa;
     memset(&sa, 0, sizeof sa);
     sa.sin_family = AF_INET;
     sa.sin_port = htons((uint16_t)s->cfg.port);
     inet_pton(AF_INET, s->cfg.bind ? s->cfg.bind : "127.0.0.1", &sa.sin_addr);
-    unsigned flags = MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_AUTO;
+    unsigned flags = MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_AUTO | MHD_ALLOW_SUSPEND_RESUME;
     s->daemon = MHD_start_daemon(flags, 0, NULL, NULL, on_request, s,
                                  MHD_OPTION_SOCK_ADDR, (struct sockaddr *)&sa,
                                  MHD_OPTION_THREAD_POOL_SIZE, (unsigned)s->cfg.threads,
@@ -423,7 +510,17 @@ int em_serve_port(const em_server *s) { return s && s->daemon ? s->port : 0; }
 
 void em_serve_stop(em_server *s) {
     if (!s) return;
-    /* the HTTP side first: its workers finish the requests in flight, which needs the
+    /* queued reloads first: they finish and resume their connections (no reload is
+     * queued after stopping is set), so no connection is left suspended */
+    if (s->reloader_running) {
+        pthread_mutex_lock(&s->mu);
+        s->stopping = 1, s->reloader_stop = 1;
+        pthread_cond_broadcast(&s->reloader_cv);
+        pthread_mutex_unlock(&s->mu);
+        pthread_join(s->reloader, NULL);
+        s->reloader_running = 0;
+    }
+    /* then the HTTP side: its workers finish the requests in flight, which needs the
      * batcher still running */
     if (s->daemon) MHD_stop_daemon(s->daemon);
     s->daemon = NULL;
@@ -462,6 +559,7 @@ void em_serve_free(em_server *s) {
     pthread_cond_destroy(&s->reload_cv);
     pthread_mutex_destroy(&s->reload_mu);
     pthread_cond_destroy(&s->flush_cv);
+    pthread_cond_destroy(&s->reloader_cv);
     em_free(s);
 }
 
@@ -475,8 +573,10 @@ em_status em_serve_reload(em_server *s, const char *path) {
     /* load and quantize without the batcher's pool: serving keeps its cores */
     em_dlrm *m = NULL;
     em__model *mm = NULL;
+    atomic_store(&s->m.reloading, 1);
     em_status st = em_dlrm_load(&m, path, NULL, NULL);
     if (!st) st = em__model_make(s, m, NULL, &mm);
+    atomic_store(&s->m.reloading, 0);
     if (st) {
         atomic_fetch_add(&s->m.reload_failures, 1);
         pthread_mutex_unlock(&s->reload_mu);
