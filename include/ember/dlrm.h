@@ -85,6 +85,22 @@ em_status em_dlrm_forward_with(em_dlrm *m, const em_batch *b, const float *poole
  * *loss (nullable) receives the mean loss of the batch before the update. */
 em_status em_dlrm_train_step(em_dlrm *m, const em_batch *b, double *loss, em_pool *pool);
 
+/* A training step with extra heads on the top MLP's last hidden activation (ExFM's
+ * student, ember/student.h). After the forward and the label loss's gradient, and before
+ * the backward, fn receives h (B, H), the input of the last top layer (post-ReLU; the
+ * interaction output when the top MLP has one layer), the logits (B) and dlogit (B),
+ * which holds the mean BCE's gradient and to which fn may add; it may set *dh to a
+ * (B, H) gradient that is added to dL/dh (else leave it NULL). Pointers are valid for
+ * the call only. A non-OK status aborts the step before any update. */
+typedef struct {
+    em_status (*fn)(void *ud, const em_batch *b, const float *h, int H, const float *logits, float *dlogit,
+                    const float **dh, em_pool *pool);
+    void *ud;
+} em_dlrm_head_hook;
+/* em_dlrm_train_step with a head hook (NULL: exactly em_dlrm_train_step). */
+em_status em_dlrm_train_step_hook(em_dlrm *m, const em_batch *b, const em_dlrm_head_hook *hook, double *loss,
+                                  em_pool *pool);
+
 /* For tests: forward + backward without any update; dense gradients are left in the
  * gradient block (see em_dlrm_param) and the embedding gradient is not computed. */
 em_status em_dlrm_forward_backward(em_dlrm *m, const em_batch *b, double *loss, em_pool *pool);

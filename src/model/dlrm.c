@@ -363,7 +363,7 @@ static void relu_mask(float *d, const float *out, size_t n, em_pool *pool) {
 
 /* Backward of the dense part (and the sequence tower's); leaves the pooled-embedding
  * gradient in demb. */
-static em_status backward(em_dlrm *m, const em_batch *b, em_pool *pool) {
+static em_status backward(em_dlrm *m, const em_batch *b, const em_dlrm_head_hook *hook, em_pool *pool) {
     const int B = b->B, n = m->n_layers;
     const size_t TD = (size_t)m->cfg.num_tables * (size_t)m->cfg.dim;
     /* Every dense gradient, dinter and each dx[l] but two is written exactly once per
@@ -375,11 +375,20 @@ static em_status backward(em_dlrm *m, const em_batch *b, em_pool *pool) {
     if (m->seq) zero_par(m->dembx, (size_t)B * (size_t)m->F * (size_t)m->cfg.dim, pool);
     else zero_par(m->demb, (size_t)B * TD, pool);
     em_bce_logits_backward(m->dx[n - 1], m->x[n - 1], b->label, (size_t)B, 1.0f / (float)B);
+    const float *dh = NULL; /* a head hook's gradient into the last layer's input (ember/dlrm.h) */
+    if (hook) {
+        em_status hs = hook->fn(hook->ud, b, layer_in(m, n - 1), m->L[n - 1].in, m->x[n - 1], m->dx[n - 1], &dh, pool);
+        if (hs) return hs;
+    }
     for (int l = n - 1; l >= 0; l--) {
         const layer *L = &m->L[l];
         if (l != n - 1) relu_mask(m->dx[l], m->x[l], (size_t)B * (size_t)L->out, pool);
         em_linear_backward_set(layer_din(m, l), m->grads + L->w, m->grads + L->b, m->dx[l], layer_in(m, l),
                                m->params + L->w, B, L->in, L->out, pool);
+        if (l == n - 1 && dh) {
+            float *din = layer_din(m, l);
+            for (size_t i = 0; i < (size_t)B * (size_t)L->in; i++) din[i] += dh[i];
+        }
         if (l == m->n_botl && !m->seq)
             em_dot_interact_backward(m->dx[l - 1], m->demb, m->dinter, m->x[l - 1], m->emb_out, B, m->cfg.num_tables,
                                      m->cfg.dim, pool);
@@ -411,11 +420,19 @@ em_status em_dlrm_forward_with(em_dlrm *m, const em_batch *b, const float *poole
     return EM_OK;
 }
 
+static em_status forward_backward(em_dlrm *m, const em_batch *b, const em_dlrm_head_hook *hook, double *loss,
+                                  em_pool *pool);
+
 em_status em_dlrm_forward_backward(em_dlrm *m, const em_batch *b, double *loss, em_pool *pool) {
+    return forward_backward(m, b, NULL, loss, pool);
+}
+
+static em_status forward_backward(em_dlrm *m, const em_batch *b, const em_dlrm_head_hook *hook, double *loss,
+                                  em_pool *pool) {
     em_status st = forward(m, b, NULL, pool);
     if (st) return st;
     if (loss) *loss = em_bce_logits_forward(m->x[m->n_layers - 1], b->label, (size_t)b->B);
-    return backward(m, b, pool);
+    return backward(m, b, hook, pool);
 }
 
 /* Grow an array of `size`-byte elements to hold n (by half again). */
@@ -476,7 +493,12 @@ static em_status shared_update(em_dlrm *m, const em_batch *b, em_pool *pool) {
 }
 
 em_status em_dlrm_train_step(em_dlrm *m, const em_batch *b, double *loss, em_pool *pool) {
-    em_status st = em_dlrm_forward_backward(m, b, loss, pool);
+    return em_dlrm_train_step_hook(m, b, NULL, loss, pool);
+}
+
+em_status em_dlrm_train_step_hook(em_dlrm *m, const em_batch *b, const em_dlrm_head_hook *hook, double *loss,
+                                  em_pool *pool) {
+    em_status st = forward_backward(m, b, hook, loss, pool);
     if (st) return st;
     if (m->seq && m->cfg.seq.share) st = shared_update(m, b, pool);
     else st = em_embbag_backward_update(m->emb, m->demb, b->indices, b->offsets, b->per_id_w, NULL, b->B, pool);
