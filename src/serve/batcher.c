@@ -24,6 +24,13 @@
  * With quantized tables the batcher pools from the em_qbag into the model's pooled
  * buffer and runs em_dlrm_forward_with; otherwise em_dlrm_forward.
  *
+ * Tiny batches (at most INLINE_BATCH examples: single-example traffic at low load) run
+ * on the batcher thread alone, without the pool: a forward pass is ~10 pool launches,
+ * and for one example each launch's wake-up of the other worker costs more than its
+ * share of the work (ember bench --infer --batch 1, 2 threads: p50 54-876 us against
+ * 41-48 us on one thread, on the shared machine). The layers' tiles do not depend on
+ * the thread count, so the answers are the same bits either way.
+ *
  * Teacher mode: after each forward pass the batcher appends one DAS record per
  * example that came with an id (the raw logit, the request's vertical, the served
  * model's step as version) to the log's in-memory buffer; the flusher thread
@@ -35,6 +42,8 @@
 #include <time.h>
 
 #include "serve/serve_internal.h"
+
+#define INLINE_BATCH 4
 
 float em__sigmoid(float z) {
     double e = (double)z;
@@ -161,7 +170,7 @@ static em_status run_batch(em_server *s, em__req **reqs, int k, int lo, int cnt)
                 s->b.offsets[o++] = nnz;
             }
         }
-    em_status st = model_forward(s->cur, &s->b, s->logits, s->pool);
+    em_status st = model_forward(s->cur, &s->b, s->logits, B <= INLINE_BATCH ? NULL : s->pool);
     if (st) return st;
     em__hist_observe(&s->m.batch, (double)B);
     uint64_t mb = atomic_load(&s->m.max_batch);
