@@ -90,11 +90,17 @@ em_status em_seq_parse_line(const char *line, size_t len, int num_dense, int num
                             float *label, float *dense, uint64_t *ids, uint64_t *missing,
                             em_seq_events *seq, int *bad_field);
 
+/* A table_rows value meaning "no modulo": the field's raw 64-bit ids are delivered
+ * bit-cast into em_batch.indices (read them as uint64_t), for tables keyed by the id
+ * itself (dynamic tables, ember/dyntable.h). Any other value reduces modulo it. */
+#define EM_ROWS_RAW INT64_MAX
+
 typedef struct {
     const char *path;          /* TSV or ember binary (detected by magic); "-" = stdin (TSV) */
     int batch_size;
     int num_dense, num_sparse; /* 13, 26 for Criteo */
-    const int64_t *table_rows; /* [num_sparse]: ids are reduced modulo these (required) */
+    const int64_t *table_rows; /* [num_sparse]: ids are reduced modulo these (required);
+                                  EM_ROWS_RAW: that field's ids are delivered raw */
     int strict;                /* 1: the first malformed line fails with EM_ERR_PARSE */
     int prefetch;              /* batches read ahead by a background thread; 0 = inline */
     uint64_t skip;             /* start after this many records/lines (resume) */

@@ -14,6 +14,12 @@
  * Parameter names (checkpoints, golden files): "bot.{i}.weight" (out, in),
  * "bot.{i}.bias", "top.{i}.weight", "top.{i}.bias", "emb.{t}.weight" (rows, D).
  *
+ * Embedding backends (cfg.tables, em_table_kind below): dense tables (the default, all
+ * of the above), dynamic tables keyed by raw 64-bit ids, or FIITED tables with per-row
+ * pruned dimensions. A checkpoint of a dynamic model holds "dyn.{t}.*" tensors (ids,
+ * rows, count, last, state; ember/dyntable.h) instead of "emb.{t}.weight", a FIITED
+ * model "fiited.{t}.*" (live counts, utilities, live chunks, state; ember/fiited.h).
+ *
  * Sequence features (cfg.seq.num_seq = 1): a sequence tower (ember/seqtower.h) turns
  * each example's history (em_batch.seq[0]) into E = em_seq_extra(&cfg.seq) more
  * D-vectors, queried by the pooled embedding of categorical cfg.seq.cand; they join
@@ -28,7 +34,9 @@
 
 #include "core.h"
 #include "data.h"
+#include "dyntable.h"
 #include "embbag.h"
+#include "fiited.h"
 #include "optim.h"
 #include "safetensors.h"
 #include "seqtower.h"
@@ -39,6 +47,48 @@ extern "C" {
 
 #define EM_DLRM_MAX_LAYERS 16
 #define EM_DLRM_MAX_TABLES 1024
+
+/* The embedding backend of the T categorical tables (one kind for all of them):
+ *   EM_TABLES_DENSE    em_embbag (ember/embbag.h): rows[t] x D, ids reduced modulo
+ *                      rows[t] by the reader; the default, and what a configuration
+ *                      without a "tables" key means.
+ *   EM_TABLES_DYNAMIC  em_dyn (ember/dyntable.h): raw 64-bit ids, no modulo, rows
+ *                      created on first sight in training (an evaluation forward
+ *                      creates none; absent ids read as zeros), evicted under a
+ *                      per-table budget. rows[t] must be EM_ROWS_RAW (ember/data.h),
+ *                      which tells the reader to deliver raw ids.
+ *   EM_TABLES_FIITED   em_fiited (ember/fiited.h): rows[t] x D with per-row pruned
+ *                      dimensions; every prune_every steps the chunks are pruned to
+ *                      the budget (em_fiited_prune) and the pool compacted.
+ * Dynamic and FIITED tables take no per-id weights and no sequence tower, and draw
+ * their initial values U(-init_scale, init_scale) from (seed, table, id/row, chunk). */
+typedef enum { EM_TABLES_DENSE = 0, EM_TABLES_DYNAMIC, EM_TABLES_FIITED } em_table_kind;
+
+typedef struct {
+    em_table_kind kind;
+    float init_scale;         /* DYNAMIC, FIITED: > 0 */
+    /* DYNAMIC */
+    em_dyn_admit admit;
+    uint32_t admit_min_count; /* EM_DYN_ADMIT_COUNT: >= 1 */
+    float admit_prob;         /* EM_DYN_ADMIT_PROB: in [0, 1] */
+    em_dyn_evict evict;
+    int64_t max_rows;         /* per table; 0 = no limit */
+    int64_t max_bytes;        /* per table (em_dyn_row_bytes per row); 0 = no limit */
+    float evict_slack;        /* 0 .. 0.5 */
+    /* FIITED */
+    int chunks;               /* k, divides D */
+    int64_t budget_bytes;     /* chunk slots over all tables; 0 = none */
+    double budget_frac;       /* of the full size sum_t rows[t] * k chunks; <= 0 = none */
+    int64_t prune_every;      /* steps between prunes; 0 = never */
+    float util_decay;         /* utility EMA decay per step, [0, 1) */
+} em_tables_cfg;
+
+const char *em_table_kind_name(em_table_kind k); /* "dense", "dynamic", "fiited" */
+em_status em_table_kind_parse(const char *s, em_table_kind *k);
+/* Dynamic and FIITED defaults: init_scale 0.01, ALWAYS admission, AGE eviction, no
+ * budget; k = 4 chunks (or 1 when 4 does not divide D), prune every 1000 steps,
+ * decay 0.9. The caller sets a budget. */
+em_tables_cfg em_tables_default(em_table_kind kind, int dim);
 
 typedef struct {
     int num_dense;
@@ -55,6 +105,7 @@ typedef struct {
     uint64_t seed;                  /* initialisation */
     em_seq_cfg seq;                 /* the sequence tower (ember/seqtower.h); num_seq = 0
                                        (all zero): none, the plain DLRM */
+    em_tables_cfg tables;           /* the embedding backend; all zero: dense */
 } em_dlrm_cfg;
 
 /* The Criteo Kaggle reference: D=16, bottom 13-512-256-64-16, top 367-512-256-1,
@@ -118,8 +169,33 @@ em_embbag *em_dlrm_embbag(em_dlrm *m); /* NULL once released */
 void em_dlrm_release_tables(em_dlrm *m);
 /* The sequence tower (NULL without one): FLOPs statistics (em_seqtower_stats). */
 em_seqtower *em_dlrm_seqtower(em_dlrm *m);
-/* Bytes held by parameters, dense gradients and all optimizer state (no activations). */
+/* Bytes held by parameters, dense gradients and all optimizer state (no activations);
+ * dynamic and FIITED tables count what they hold now (their stats' bytes). */
 size_t em_dlrm_state_bytes(const em_dlrm *m);
+
+/* What one embedding table holds (t = -1: all tables together). */
+typedef struct {
+    em_table_kind kind;
+    int dim;
+    int64_t rows;          /* rows held: dense rows[t]; dynamic live rows; FIITED rows
+                              with at least one live chunk */
+    int64_t max_rows;      /* dense and FIITED rows[t]; dynamic its row budget (0 = none) */
+    int64_t live_chunks;   /* FIITED: live chunks (D/k dims each); others 0 */
+    int64_t chunks;        /* FIITED: rows[t] * k; others 0 */
+    size_t bytes;          /* held in memory: weights, optimizer state, per-row metadata,
+                              hash (FIITED per table: its share of the shared pool's hash
+                              and metadata; the total is exact) */
+    size_t state_bytes;    /* of which optimizer state */
+    uint64_t inserts, evictions, rejections; /* dynamic; others 0 */
+    double hit_rate;       /* a cached tier's hit rate (lookups served from memory);
+                              -1 where the kind has no cache (dense, dynamic, FIITED) */
+} em_dlrm_table_stats;
+
+/* EM_ERR_INVALID for t out of range or released tables. */
+em_status em_dlrm_table_stats_get(const em_dlrm *m, int t, em_dlrm_table_stats *out);
+/* The backend objects (NULL unless the model has that kind): for tests and tools. */
+em_dyn *em_dlrm_dyn(em_dlrm *m);
+em_fiited *em_dlrm_fiited(em_dlrm *m);
 void em_dlrm_set_lr(em_dlrm *m, float dense_lr, float sparse_lr);
 
 /* Checkpoint: every parameter, all optimizer state, the step count, the model

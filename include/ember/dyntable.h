@@ -71,6 +71,7 @@
 #include "core.h"
 #include "embbag.h"
 #include "optim.h"
+#include "safetensors.h"
 
 #ifdef __cplusplus
 extern "C" {
@@ -175,6 +176,12 @@ em_dyn_stats em_dyn_get_stats(const em_dyn *d, int t);
  * duplicate ids or bad counts, errors of em_st_open). */
 em_status em_dyn_save(const em_dyn *d, const char *path);
 em_status em_dyn_load(em_dyn *d, const char *path);
+/* The same inside a caller's file (e.g. a model checkpoint): save_ex writes the
+ * caller's tensors and metadata beside the table's (names must not start with "dyn.");
+ * load_st reads the table's tensors from an opened file (path names it in errors). */
+em_status em_dyn_save_ex(const em_dyn *d, const char *path, const em_st_tensor *extra, int n_extra,
+                         const em_st_meta *meta, int n_meta);
+em_status em_dyn_load_st(em_dyn *d, const em_st *f, const char *path);
 
 #ifdef __cplusplus
 }

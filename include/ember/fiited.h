@@ -61,6 +61,7 @@
 #include "core.h"
 #include "embbag.h"
 #include "optim.h"
+#include "safetensors.h"
 
 #ifdef __cplusplus
 extern "C" {
@@ -161,6 +162,13 @@ em_fiited_stats em_fiited_get_stats(const em_fiited *f, int t);
  * content exactly (slots renumbered in file order); on error the object is unchanged. */
 em_status em_fiited_save(const em_fiited *f, const char *path);
 em_status em_fiited_load(em_fiited *f, const char *path);
+/* The same inside a caller's file (e.g. a model checkpoint): save_ex writes the
+ * caller's tensors and metadata beside the table's (names must not start with
+ * "fiited."); load_st reads the table's tensors from an opened file (path names it in
+ * errors). */
+em_status em_fiited_save_ex(const em_fiited *f, const char *path, const em_st_tensor *extra, int n_extra,
+                            const em_st_meta *meta, int n_meta);
+em_status em_fiited_load_st(em_fiited *f, const em_st *st, const char *path);
 
 #ifdef __cplusplus
 }

@@ -95,6 +95,45 @@ int cli_float(const char *opt, const char *v, double *out);
  * error prints "ember <verb>: --<opt>: expected a comma-separated list of <what>". */
 int cli_int_list(const char *verb, const char *opt, const char *what, const char *v, int64_t *out, int max, int *n);
 
+/* The embedding-backend options of a verb that builds a model (cli_tables.c): put a
+ * cli_tables_opts field in the verb's context, CLI_TABLES_OPTS(ctx type, field) in its
+ * table, and call cli_tables_apply once the tables' rows are known. Zero = not given. */
+typedef struct {
+    const char *kind, *evict, *max_bytes, *budget;
+    int64_t max_rows, admit_count, prune_every;
+    double admit_prob, slack, decay, init_scale;
+    int chunks;
+} cli_tables_opts;
+#define CLI_TABLES_OPTS(T, f)                                                                                          \
+    OPT_STR("tables", "KIND", "embedding tables: dense (ids modulo rows; default) | dynamic (raw 64-bit ids, rows "    \
+            "created on first sight, evicted under a budget) | fiited (per-row pruned dimensions)", T, f.kind),        \
+        OPT_INT("dyn-rows", "N", "dynamic: row budget per table (0 = none)", T, f.max_rows, 0, 1LL << 40),             \
+        OPT_STR("dyn-bytes", "B", "dynamic: byte budget per table, e.g. 64M (0 = none)", T, f.max_bytes),              \
+        OPT_STR("dyn-evict", "age|lfu", "dynamic: evict the least recently (default) or least often used rows", T,     \
+                f.evict),                                                                                              \
+        OPT_INT("dyn-admit-count", "N", "dynamic: admit an id at its N-th sighting (count-min sketch)", T,             \
+                f.admit_count, 1, 1LL << 31),                                                                          \
+        OPT_DOUBLE_POS("dyn-admit-prob", "P", "dynamic: admit a fixed fraction P of the ids (hashed)", T, f.admit_prob), \
+        OPT_DOUBLE_POS("dyn-slack", "F", "dynamic: evict to budget x (1 - F) at once (default 0.05)", T, f.slack),      \
+        OPT_INT("fiited-chunks", "K", "fiited: chunks per row, dividing D (default 4)", T, f.chunks, 1, 255),          \
+        OPT_STR("fiited-budget", "B|F", "fiited: memory budget of the live chunks: bytes (e.g. 200M) or a fraction "   \
+                "<= 1 of the full tables (e.g. 0.25)", T, f.budget),                                                   \
+        OPT_INT("fiited-prune-every", "N", "fiited: steps between prunes (default 1000)", T, f.prune_every, 1,         \
+                1LL << 40),                                                                                            \
+        OPT_DOUBLE_POS("fiited-decay", "F", "fiited: utility moving-average decay per step, < 1 (default 0.9)", T,     \
+                       f.decay),                                                                                       \
+        OPT_DOUBLE_POS("table-init-scale", "S", "dynamic/fiited: initial values U(-S, S) (default 0.01)", T,           \
+                       f.init_scale)
+/* Fill m->tables from o (and rows = EM_ROWS_RAW for dynamic tables); prints what is
+ * wrong and returns -1. */
+int cli_tables_apply(const char *verb, const cli_tables_opts *o, em_dlrm_cfg *m);
+/* "123", "64K", "200M", "2G" (powers of 1024) -> bytes; -1 if malformed. */
+int64_t cli_bytes(const char *s);
+/* One line on what dynamic / FIITED tables hold (nothing for dense ones). */
+void cli_tables_report(FILE *f, em_dlrm *m);
+/* The process's resident memory now (/proc/self/statm), MB; -1 if unknown. */
+double cli_rss_now_mb(void);
+
 int cmd_train(int argc, char **argv);
 int cmd_gen(int argc, char **argv);
 int cmd_convert(int argc, char **argv);
@@ -103,5 +142,6 @@ int cmd_predict(int argc, char **argv);
 int cmd_bench(int argc, char **argv);
 int cmd_serve(int argc, char **argv);
 int cmd_plan(int argc, char **argv);
+int cmd_inspect(int argc, char **argv);
 
 #endif

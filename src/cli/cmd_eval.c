@@ -142,8 +142,15 @@ int cmd_eval(int argc, char **argv) {
     em_metrics mt;
     em_status st;
     size_t fp32_bytes = 0, q_bytes = 0;
-    for (int t = 0; t < em_dlrm_config(m)->num_tables; t++)
-        fp32_bytes += (size_t)em_dlrm_config(m)->rows[t] * (size_t)em_dlrm_config(m)->dim * sizeof(float);
+    em_dlrm_table_stats ts;
+    if (em_dlrm_table_stats_get(m, -1, &ts) == EM_OK) fp32_bytes = ts.bytes - ts.state_bytes;
+    if (qt != EM_QT_FP32 && em_dlrm_config(m)->tables.kind != EM_TABLES_DENSE) {
+        fprintf(stderr, "ember eval: --tables %s: quantization needs dense tables, %s has %s tables\n", c.tables, c.model,
+                em_table_kind_name(em_dlrm_config(m)->tables.kind));
+        em_dlrm_free(m);
+        em_pool_free(pool);
+        return 2;
+    }
     if (qt == EM_QT_FP32) st = em_evaluate(m, c.test, c.batch, (uint64_t)c.limit, pool, &mt, NULL, NULL, NULL);
     else st = eval_quant(m, qt, &c, pool, &mt, &q_bytes);
     if (st == EM_OK) {
@@ -215,7 +222,12 @@ static void pb_finish(pbatch *p) {
     p->b.offsets[0] = 0;
     for (int t = 0; t < p->T; t++)
         for (int i = 0; i < B; i++) {
-            if (!(p->miss[i] >> t & 1)) p->b.indices[k++] = (int64_t)(p->ids[(size_t)i * (size_t)p->T + (size_t)t] % (uint64_t)p->rows[t]);
+            if (p->miss[i] >> t & 1) { /* missing: an empty bag */
+            } else if (p->rows[t] == EM_ROWS_RAW) { /* dynamic tables take the raw id */
+                p->b.indices[k++] = (int64_t)p->ids[(size_t)i * (size_t)p->T + (size_t)t];
+            } else {
+                p->b.indices[k++] = (int64_t)(p->ids[(size_t)i * (size_t)p->T + (size_t)t] % (uint64_t)p->rows[t]);
+            }
             p->b.offsets[(size_t)t * (size_t)B + (size_t)i + 1] = k;
         }
     if (!p->nseq) return;

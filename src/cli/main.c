@@ -21,6 +21,7 @@ static const struct {
     {"convert", "convert Criteo TSV to ember's binary format (streaming)", cmd_convert},
     {"serve", "answer predictions over HTTP (JSON and binary) with dynamic batching", cmd_serve},
     {"bench", "training throughput on synthetic in-memory batches (compare with bench/dlrm_torch.py)", cmd_bench},
+    {"inspect", "what a checkpoint holds: per table rows, live chunks (FIITED), bytes, optimizer state (--json)", cmd_inspect},
     {"plan", "shard embedding tables over N ranks (1D or 2D groups) and predict per-rank load; --simulate 8..4096 ranks", cmd_plan},
 };
 

@@ -413,16 +413,20 @@ static void produce(em_reader *r, slot *s) {
         bt->B = 0;
         return;
     }
-    /* table-major bags: table f holds examples 0..b-1, ids reduced mod rows[f] */
+    /* table-major bags: table f holds examples 0..b-1, ids reduced mod rows[f]
+     * (EM_ROWS_RAW: the raw id, bit-cast) */
     bt->B = b;
     int64_t k = 0;
     for (int f = 0; f < r->ns; f++) {
         const uint64_t rows = (uint64_t)r->rows[f], bit = 1ull << f;
+        const int keep = r->rows[f] == EM_ROWS_RAW;
         int64_t *off = bt->offsets + (size_t)f * b;
         const uint64_t *raw = s->raw + f;
         for (int i = 0; i < b; i++) {
             off[i] = k;
-            if (!(s->missing[i] & bit)) bt->indices[k++] = (int64_t)(raw[(size_t)i * r->ns] % rows);
+            if (s->missing[i] & bit) continue;
+            const uint64_t id = raw[(size_t)i * r->ns];
+            bt->indices[k++] = (int64_t)(keep ? id : id % rows);
         }
     }
     bt->offsets[(size_t)r->ns * b] = k;

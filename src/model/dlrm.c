@@ -102,7 +102,7 @@ em_status em_dlrm_cfg_validate(const em_dlrm_cfg *c) {
         return em_errorf(EM_ERR_INVALID, "model: row-wise AdaGrad is for embeddings; pick sgd, adagrad, adam or adamw for dense");
     if (c->sparse_opt.kind == EM_OPT_ADAM || c->sparse_opt.kind == EM_OPT_ADAMW)
         return em_errorf(EM_ERR_INVALID, "model: sparse optimizer must be sgd, adagrad or rowwise_adagrad");
-    return EM_OK;
+    return em__tables_validate(c);
 }
 
 static void free_acts(em_dlrm *m) {
@@ -125,7 +125,7 @@ void em_dlrm_free(em_dlrm *m) {
     em_free(m->params);
     em_free(m->grads);
     em_free(m->state);
-    em_embbag_free(m->emb);
+    if (m->tab) m->tab->destroy(m);
     em_seqtower_free(m->seq);
     em_embbag_free(m->seq_emb);
     em_free(m->cidx), em_free(m->cpw), em_free(m->prow), em_free(m->pgrad);
@@ -161,7 +161,7 @@ nomem:
     return em_errorf(EM_ERR_NOMEM, "model: no memory for the activations of a batch of %d", B);
 }
 
-em_status em__dlrm_create_raw(em_dlrm **out, const em_dlrm_cfg *cfg) {
+em_status em__dlrm_create_raw(em_dlrm **out, const em_dlrm_cfg *cfg, int fresh, em_pool *pool) {
     *out = NULL;
     em_status st = em_dlrm_cfg_validate(cfg);
     if (st) return st;
@@ -194,8 +194,8 @@ em_status em__dlrm_create_raw(em_dlrm **out, const em_dlrm_cfg *cfg) {
     }
     for (size_t i = 0; i < off * (size_t)spp; i++)
         m->state[i] = cfg->dense_opt.kind == EM_OPT_ADAGRAD ? cfg->dense_opt.init_accum : 0.f;
-    em_embbag_cfg ec = {cfg->num_tables, cfg->rows, cfg->dim, cfg->pooling, cfg->sparse_opt};
-    if ((st = em_embbag_create(&m->emb, &ec))) {
+    m->tab = em__tables_ops_for(cfg->tables.kind);
+    if ((st = m->tab->create(m, fresh, pool))) {
         em_dlrm_free(m);
         return st;
     }
@@ -215,7 +215,7 @@ em_status em__dlrm_create_raw(em_dlrm **out, const em_dlrm_cfg *cfg) {
 }
 
 em_status em_dlrm_create(em_dlrm **out, const em_dlrm_cfg *cfg, em_pool *pool) {
-    em_status st = em__dlrm_create_raw(out, cfg);
+    em_status st = em__dlrm_create_raw(out, cfg, 1, pool); /* tables initialised there */
     if (st) return st;
     em_dlrm *m = *out;
     /* DLRM reference init; each layer draws from its own stream. */
@@ -227,7 +227,6 @@ em_status em_dlrm_create(em_dlrm **out, const em_dlrm_cfg *cfg, em_pool *pool) {
         for (size_t i = 0; i < nw; i++) m->params[m->L[l].w + i] = (float)(sw * em_rng_normal(&r));
         for (int i = 0; i < m->L[l].out; i++) m->params[m->L[l].b + i] = (float)(sb * em_rng_normal(&r));
     }
-    em_embbag_init_uniform(m->emb, cfg->seed, pool);
     if (m->seq) em_seqtower_init(m->seq, cfg->seed);
     if (m->seq_emb) em_embbag_init_uniform(m->seq_emb, em_mix64(cfg->seed ^ 0x5e9717e5u), pool);
     return EM_OK;
@@ -255,14 +254,20 @@ size_t em_dlrm_state_bytes(const em_dlrm *m) {
         em_embbag_state(m->seq_emb, 0, &cnt);
         n += (size_t)m->cfg.seq.rows * (size_t)m->cfg.dim + cnt;
     }
-    return n * sizeof(float);
+    size_t other = 0;
+    if (m->cfg.tables.kind != EM_TABLES_DENSE) {
+        em_dlrm_table_stats ts;
+        m->tab->stats(m, -1, &ts);
+        other = ts.bytes;
+    }
+    return n * sizeof(float) + other;
 }
 const float *em_dlrm_interaction(const em_dlrm *m) { return m->inter; }
 
 void em_dlrm_set_lr(em_dlrm *m, float dense_lr, float sparse_lr) {
     m->cfg.dense_opt.lr = dense_lr;
     m->cfg.sparse_opt.lr = sparse_lr;
-    if (m->emb) em_embbag_set_lr(m->emb, sparse_lr);
+    m->tab->set_lr(m, sparse_lr);
     if (m->seq_emb) em_embbag_set_lr(m->seq_emb, sparse_lr);
 }
 
@@ -306,14 +311,15 @@ static em_status seq_forward(em_dlrm *m, const em_batch *b, const float *emb, em
 }
 
 /* pooled: the (B, T, D) embeddings computed by the caller (inference with other
- * tables), or NULL to pool the model's own tables into emb_out. */
-static em_status forward(em_dlrm *m, const em_batch *b, const float *pooled, em_pool *pool) {
+ * tables), or NULL to pool the model's own tables into emb_out; train: a training
+ * forward (dynamic tables insert the batch's new ids), else nothing in the tables
+ * changes. */
+static em_status forward(em_dlrm *m, const em_batch *b, const float *pooled, int train, em_pool *pool) {
     em_status st = check_batch(m, b);
     if (st || (st = ensure_cap(m, b->B))) return st;
     const int B = b->B;
     m->dense_in = b->dense;
-    if (!pooled && !m->emb) return em_errorf(EM_ERR_INVALID, "model: the embedding tables were released (inference only)");
-    if (!pooled && (st = em_embbag_forward(m->emb, m->emb_out, b->indices, b->offsets, b->per_id_w, B, pool))) return st;
+    if (!pooled && (st = m->tab->forward(m, b, m->emb_out, train, pool))) return st;
     const float *emb = pooled ? pooled : m->emb_out;
     int F = m->cfg.num_tables;
     if (m->seq) {
@@ -406,7 +412,7 @@ static em_status backward(em_dlrm *m, const em_batch *b, const em_dlrm_head_hook
 }
 
 em_status em_dlrm_forward(em_dlrm *m, const em_batch *b, float *logits, em_pool *pool) {
-    em_status st = forward(m, b, NULL, pool);
+    em_status st = forward(m, b, NULL, 0, pool);
     if (st) return st;
     memcpy(logits, m->x[m->n_layers - 1], (size_t)b->B * sizeof(float));
     return EM_OK;
@@ -414,7 +420,7 @@ em_status em_dlrm_forward(em_dlrm *m, const em_batch *b, float *logits, em_pool 
 
 em_status em_dlrm_forward_with(em_dlrm *m, const em_batch *b, const float *pooled, float *logits, em_pool *pool) {
     if (!pooled) return em_errorf(EM_ERR_INVALID, "model: forward_with needs the pooled embeddings");
-    em_status st = forward(m, b, pooled, pool);
+    em_status st = forward(m, b, pooled, 0, pool);
     if (st) return st;
     memcpy(logits, m->x[m->n_layers - 1], (size_t)b->B * sizeof(float));
     return EM_OK;
@@ -429,7 +435,7 @@ em_status em_dlrm_forward_backward(em_dlrm *m, const em_batch *b, double *loss, 
 
 static em_status forward_backward(em_dlrm *m, const em_batch *b, const em_dlrm_head_hook *hook, double *loss,
                                   em_pool *pool) {
-    em_status st = forward(m, b, NULL, pool);
+    em_status st = forward(m, b, NULL, 1, pool);
     if (st) return st;
     if (loss) *loss = em_bce_logits_forward(m->x[m->n_layers - 1], b->label, (size_t)b->B);
     return backward(m, b, hook, pool);
@@ -501,7 +507,7 @@ em_status em_dlrm_train_step_hook(em_dlrm *m, const em_batch *b, const em_dlrm_h
     em_status st = forward_backward(m, b, hook, loss, pool);
     if (st) return st;
     if (m->seq && m->cfg.seq.share) st = shared_update(m, b, pool);
-    else st = em_embbag_backward_update(m->emb, m->demb, b->indices, b->offsets, b->per_id_w, NULL, b->B, pool);
+    else st = m->tab->backward_update(m, b, m->demb, pool);
     if (st) return st;
     if (m->seq_emb) {
         const int64_t *items;
@@ -510,7 +516,9 @@ em_status em_dlrm_train_step_hook(em_dlrm *m, const em_batch *b, const em_dlrm_h
         if ((st = em_embbag_update_rows(m->seq_emb, 0, items, g, n, pool))) return st;
     }
     m->step++;
-    return em_optim_dense_step(&m->cfg.dense_opt, m->params, m->grads, m->state, m->n_params, m->step, pool);
+    if ((st = em_optim_dense_step(&m->cfg.dense_opt, m->params, m->grads, m->state, m->n_params, m->step, pool)))
+        return st;
+    return m->tab->end_step(m, pool);
 }
 
 /* ------------------------------------------------------------ named access */

@@ -12,6 +12,34 @@ typedef struct {
     int in, out;
 } layer;
 
+/* The embedding backend of the categorical tables (dlrm_tables.c): the model calls
+ * only these for them, so another kind (e.g. an SSD tier with the forward /
+ * backward_update / end_step shape of em_dyn) is one more ops table there and one
+ * more em_table_kind. */
+typedef struct {
+    const char *name;
+    /* allocate the tables for m->cfg; fresh: initialise them (else a checkpoint will
+     * fill them: a FIITED pool then starts empty) */
+    em_status (*create)(em_dlrm *m, int fresh, em_pool *pool);
+    void (*destroy)(em_dlrm *m);
+    /* out(B, T, D) pooled; train = 0 (evaluation) must not change the tables */
+    em_status (*forward)(em_dlrm *m, const em_batch *b, float *out, int train, em_pool *pool);
+    /* the fused sparse update for dout(B, T, D) after a train forward of b */
+    em_status (*backward_update)(em_dlrm *m, const em_batch *b, const float *dout, em_pool *pool);
+    /* after the step counter advanced (m->step): scheduled work such as pruning */
+    em_status (*end_step)(em_dlrm *m, em_pool *pool);
+    void (*set_lr)(em_dlrm *m, float lr);
+    void (*stats)(const em_dlrm *m, int t, em_dlrm_table_stats *s);
+    /* write the model's other tensors ts[n] and metadata beside the tables in one file */
+    em_status (*save)(const em_dlrm *m, const char *path, const em_st_tensor *ts, int n, const em_st_meta *meta,
+                      int n_meta);
+    /* read the tables from an opened checkpoint (the dense kind's come with ts above) */
+    em_status (*load)(em_dlrm *m, const em_st *f, const char *path);
+} em__tables_ops;
+
+const em__tables_ops *em__tables_ops_for(em_table_kind kind);
+em_status em__tables_validate(const em_dlrm_cfg *cfg);
+
 struct em_dlrm {
     em_dlrm_cfg cfg;
     int n_layers;                 /* (n_bot-1) bottom layers, then (n_top-1) top layers */
@@ -19,7 +47,10 @@ struct em_dlrm {
     layer L[2 * EM_DLRM_MAX_LAYERS];
     size_t n_params;
     float *params, *grads, *state; /* flat blocks; state is NULL for SGD */
-    em_embbag *emb;
+    const em__tables_ops *tab;    /* the backend of cfg.tables.kind */
+    em_embbag *emb;               /* dense tables (NULL for other kinds, or released) */
+    em_dyn *dyn;                  /* dynamic tables */
+    em_fiited *fit;               /* FIITED tables */
     int64_t step;
 
     /* activations for up to `cap` examples */
@@ -46,6 +77,8 @@ struct em_dlrm {
 };
 
 
-em_status em__dlrm_create_raw(em_dlrm **out, const em_dlrm_cfg *cfg);
+/* Allocate a model for cfg; fresh: initialise the tables (em_dlrm_create), else leave
+ * them for a checkpoint to fill (em_dlrm_load). The MLPs are left zero either way. */
+em_status em__dlrm_create_raw(em_dlrm **out, const em_dlrm_cfg *cfg, int fresh, em_pool *pool);
 
 #endif

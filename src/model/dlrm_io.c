@@ -11,8 +11,13 @@
  *   seq.*, optim.{slot}.seq.*                    the sequence tower's dense tensors (seqtower.h)
  *                                                and their optimizer state, when configured
  *   seq.items.weight, optim.seq.items            its own item table and state (unless shared)
+ * Dynamic and FIITED models hold their tables' own tensors and metadata instead of
+ * emb.{t}.weight / optim.emb.{t}: "dyn.{t}.*" and "dyn.*" (ember/dyntable.h: ids, rows,
+ * count, last, state, counters), "fiited.{t}.*" and "fiited.*" (ember/fiited.h: live
+ * counts, utilities, stamps, live chunks, state).
  * and metadata "ember.model" (the configuration JSON, with a "seq" object for a
- * sequence model and none otherwise), "ember.step" (optimizer steps),
+ * sequence model, a "tables" object for dynamic or FIITED tables, and neither for the
+ * plain dense DLRM), "ember.step" (optimizer steps),
  * "ember.format" = "dlrm/1", plus whatever the caller adds (data position, epoch).
  * Loading validates every tensor's dtype and size against the configuration, so a
  * checkpoint of another model is refused with a message naming the tensor.
@@ -44,6 +49,21 @@ char *em_dlrm_cfg_to_json(const em_dlrm_cfg *c) {
                           c->pooling == EM_POOL_MEAN ? "mean" : "sum", "dense_opt", opt_to_json(&c->dense_opt),
                           "sparse_opt", opt_to_json(&c->sparse_opt), "seed", (json_int_t)c->seed);
     if (!j) return NULL;
+    if (c->tables.kind != EM_TABLES_DENSE) {
+        const em_tables_cfg *t = &c->tables;
+        static const char *admit[] = {"always", "count", "prob"}, *evict[] = {"age", "lfu"};
+        json_t *q = json_pack("{s:s, s:f, s:s, s:I, s:f, s:s, s:I, s:I, s:f, s:i, s:I, s:f, s:I, s:f}", "kind",
+                              em_table_kind_name(t->kind), "init_scale", (double)t->init_scale, "admit",
+                              admit[t->admit], "admit_min_count", (json_int_t)t->admit_min_count, "admit_prob",
+                              (double)t->admit_prob, "evict", evict[t->evict], "max_rows", (json_int_t)t->max_rows,
+                              "max_bytes", (json_int_t)t->max_bytes, "evict_slack", (double)t->evict_slack, "chunks",
+                              t->chunks, "budget_bytes", (json_int_t)t->budget_bytes, "budget_frac", t->budget_frac,
+                              "prune_every", (json_int_t)t->prune_every, "util_decay", (double)t->util_decay);
+        if (!q || json_object_set_new(j, "tables", q)) {
+            json_decref(j);
+            return NULL;
+        }
+    }
     if (c->seq.num_seq) {
         char blocks[1024];
         em_seq_format_blocks(&c->seq, blocks, sizeof blocks);
@@ -52,6 +72,12 @@ char *em_dlrm_cfg_to_json(const em_dlrm_cfg *c) {
                               c->seq.max_len, "cand", c->seq.cand, "share", c->seq.share, "rows", (json_int_t)c->seq.rows,
                               "heads", c->seq.heads, "age_buckets", c->seq.age_buckets, "num_types", c->seq.num_types,
                               "hsp", int_array(hsp, 3), "blocks", blocks);
+        char events[8192]; /* event-level personalization (seqtower.h), absent without groups */
+        if (q && c->seq.n_groups && (em_seq_format_events(&c->seq, events, sizeof events) >= (int)sizeof events ||
+                                     json_object_set_new(q, "events", json_string(events)))) {
+            json_decref(q);
+            q = NULL;
+        }
         if (!q || json_object_set_new(j, "seq", q)) {
             json_decref(j);
             return NULL;
@@ -87,6 +113,31 @@ static int ints_from_json(json_t *a, int *out, int max) {
         out[i] = (int)json_integer_value(v);
     }
     return (int)json_array_size(a);
+}
+
+static em_status tables_from_json(json_t *q, em_tables_cfg *t) {
+    const char *kind = NULL, *admit = NULL, *evict = NULL;
+    json_int_t amin = 0, mrows = 0, mbytes = 0, bbytes = 0, every = 0;
+    double scale = 0, aprob = 0, slack = 0, frac = 0, decay = 0;
+    json_error_t err;
+    if (json_unpack_ex(q, &err, 0, "{s:s, s:F, s:s, s:I, s:F, s:s, s:I, s:I, s:F, s:i, s:I, s:F, s:I, s:F}", "kind", &kind,
+                       "init_scale", &scale, "admit", &admit, "admit_min_count", &amin, "admit_prob", &aprob, "evict",
+                       &evict, "max_rows", &mrows, "max_bytes", &mbytes, "evict_slack", &slack, "chunks", &t->chunks,
+                       "budget_bytes", &bbytes, "budget_frac", &frac, "prune_every", &every, "util_decay", &decay))
+        return em_errorf(EM_ERR_CORRUPT, "model config: tables: %s", err.text);
+    if (em_table_kind_parse(kind, &t->kind)) return em_errorf(EM_ERR_CORRUPT, "model config: tables: unknown kind '%s'", kind);
+    if (strcmp(admit, "always") == 0) t->admit = EM_DYN_ADMIT_ALWAYS;
+    else if (strcmp(admit, "count") == 0) t->admit = EM_DYN_ADMIT_COUNT;
+    else if (strcmp(admit, "prob") == 0) t->admit = EM_DYN_ADMIT_PROB;
+    else return em_errorf(EM_ERR_CORRUPT, "model config: tables: unknown admit '%s'", admit);
+    if (strcmp(evict, "age") == 0) t->evict = EM_DYN_EVICT_AGE;
+    else if (strcmp(evict, "lfu") == 0) t->evict = EM_DYN_EVICT_LFU;
+    else return em_errorf(EM_ERR_CORRUPT, "model config: tables: unknown evict '%s'", evict);
+    if (amin < 0 || amin > UINT32_MAX) return em_errorf(EM_ERR_CORRUPT, "model config: tables: admit_min_count %lld", (long long)amin);
+    t->init_scale = (float)scale, t->admit_min_count = (uint32_t)amin, t->admit_prob = (float)aprob;
+    t->max_rows = mrows, t->max_bytes = mbytes, t->evict_slack = (float)slack;
+    t->budget_bytes = bbytes, t->budget_frac = frac, t->prune_every = every, t->util_decay = (float)decay;
+    return EM_OK;
 }
 
 em_status em_dlrm_cfg_from_json(const char *text, em_dlrm_cfg *c) {
@@ -125,6 +176,8 @@ em_status em_dlrm_cfg_from_json(const char *text, em_dlrm_cfg *c) {
     }
     if ((st = opt_from_json(dopt, "dense_opt", &c->dense_opt)) || (st = opt_from_json(sopt, "sparse_opt", &c->sparse_opt)))
         goto done;
+    json_t *tab = json_object_get(j, "tables");
+    if (tab && (st = tables_from_json(tab, &c->tables))) goto done;
     json_t *seq = json_object_get(j, "seq");
     if (seq) {
         em_seq_cfg *q = &c->seq;
@@ -147,6 +200,13 @@ em_status em_dlrm_cfg_from_json(const char *text, em_dlrm_cfg *c) {
         if (em_seq_parse_blocks(q, blocks, EM_GDPA_SILU, 8)) {
             char msg[300];
             snprintf(msg, sizeof msg, "%s", em_last_error());
+            st = em_errorf(EM_ERR_CORRUPT, "model config: seq: %s", msg);
+            goto done;
+        }
+        json_t *ev = json_object_get(seq, "events");
+        if (ev && (!json_is_string(ev) || em_seq_parse_events(q, json_string_value(ev), EM_GDPA_SILU, 8))) {
+            char msg[300];
+            snprintf(msg, sizeof msg, "%s", ev && json_is_string(ev) ? em_last_error() : "'events' must be a string");
             st = em_errorf(EM_ERR_CORRUPT, "model config: seq: %s", msg);
             goto done;
         }
@@ -240,7 +300,7 @@ static void list_tensors(em_dlrm *m, tensor_list *tl) {
             else if (st) add(tl, "optim.seq.items", st, 2, m->cfg.seq.rows, m->cfg.dim);
         }
     }
-    for (int t = 0; t < m->cfg.num_tables; t++) {
+    for (int t = 0; m->emb && t < m->cfg.num_tables; t++) { /* dense tables; others: m->tab->save */
         snprintf(name, sizeof name, "emb.%d.weight", t);
         add(tl, name, em_embbag_weights(m->emb, t), 2, m->cfg.rows[t], m->cfg.dim);
         size_t cnt = 0;
@@ -255,7 +315,7 @@ static void list_tensors(em_dlrm *m, tensor_list *tl) {
 
 em_status em_dlrm_save(const em_dlrm *mc, const char *path, const em_st_meta *extra, int n_extra) {
     em_dlrm *m = (em_dlrm *)mc; /* only read */
-    if (!m->emb) return em_errorf(EM_ERR_INVALID, "model: cannot save %s: the embedding tables were released", path);
+    if (m->cfg.tables.kind == EM_TABLES_DENSE && !m->emb) return em_errorf(EM_ERR_INVALID, "model: cannot save %s: the embedding tables were released", path);
     int cap = max_tensors(m);
     tensor_list tl = {em_calloc((size_t)cap, sizeof(em_st_tensor)), em_calloc((size_t)cap, 96), 0};
     em_st_meta *meta = em_calloc((size_t)n_extra + 3, sizeof *meta);
@@ -269,14 +329,13 @@ em_status em_dlrm_save(const em_dlrm *mc, const char *path, const em_st_meta *ex
         meta[1] = (em_st_meta){"ember.model", cfg_json};
         meta[2] = (em_st_meta){"ember.step", step};
         for (int i = 0; i < n_extra; i++) meta[3 + i] = extra[i];
-        st = em_st_write(path, tl.t, tl.n, meta, n_extra + 3);
+        st = m->tab->save(m, path, tl.t, tl.n, meta, n_extra + 3);
     }
     em_free(tl.t), em_free(tl.names), em_free(meta), em_free(cfg_json);
     return st;
 }
 
 em_status em_dlrm_load(em_dlrm **out, const char *path, em_st **st_out, em_pool *pool) {
-    (void)pool;
     *out = NULL;
     if (st_out) *st_out = NULL;
     em_st *f = NULL;
@@ -297,7 +356,7 @@ em_status em_dlrm_load(em_dlrm **out, const char *path, em_st **st_out, em_pool 
         st = em_errorf(EM_ERR_CORRUPT, "%s: %s", path, msg);
         goto fail;
     }
-    if ((st = em__dlrm_create_raw(&m, &cfg))) goto fail;
+    if ((st = em__dlrm_create_raw(&m, &cfg, 0, pool))) goto fail;
     m->step = strtoll(step, NULL, 10);
     int cap = max_tensors(m);
     tl.t = em_calloc((size_t)cap, sizeof(em_st_tensor));
@@ -317,6 +376,7 @@ em_status em_dlrm_load(em_dlrm **out, const char *path, em_st **st_out, em_pool 
         }
         memcpy((void *)tl.t[i].data, src, (size_t)numel * sizeof(float));
     }
+    if ((st = m->tab->load(m, f, path))) goto fail;
     em_free(tl.t), em_free(tl.names);
     *out = m;
     if (st_out) *st_out = f;

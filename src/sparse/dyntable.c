@@ -942,17 +942,23 @@ em_dyn_stats em_dyn_get_stats(const em_dyn *d, int t) {
 
 #define NPT 7 /* tensors per table at most */
 
-em_status em_dyn_save(const em_dyn *d, const char *path) {
+em_status em_dyn_save(const em_dyn *d, const char *path) { return em_dyn_save_ex(d, path, NULL, 0, NULL, 0); }
+
+em_status em_dyn_save_ex(const em_dyn *d, const char *path, const em_st_tensor *extra, int n_extra,
+                         const em_st_meta *xmeta, int n_xmeta) {
     if (!d || !path) return em_errorf(EM_ERR_INVALID, "dyntable save: NULL object or path");
+    if (n_extra < 0 || n_xmeta < 0 || (n_extra && !extra) || (n_xmeta && !xmeta))
+        return em_errorf(EM_ERR_INVALID, "dyntable save: bad extra tensors or metadata");
     const int T = d->T;
     const size_t D = (size_t)d->D, S = d->S;
-    em_st_tensor *ts = em_calloc((size_t)T * NPT, sizeof *ts);
+    em_st_tensor *ts = em_calloc((size_t)T * NPT + (size_t)n_extra, sizeof *ts);
+    em_st_meta *meta = em_calloc(5 + (size_t)n_xmeta, sizeof *meta);
     char *names = em_calloc((size_t)T * NPT, 48);
     void **bufs = em_calloc((size_t)T * 5, sizeof(void *));
     int64_t *stats = em_calloc((size_t)T * 3, sizeof(int64_t));
     em_status st = EM_OK;
     int nt = 0;
-    if (!ts || !names || !bufs || !stats) {
+    if (!ts || !meta || !names || !bufs || !stats) {
         st = em_errorf(EM_ERR_NOMEM, "dyntable save: no memory");
         goto done;
     }
@@ -1000,14 +1006,17 @@ em_status em_dyn_save(const em_dyn *d, const char *path) {
         snprintf(sT, sizeof sT, "%d", T);
         snprintf(sD, sizeof sD, "%d", d->D);
         snprintf(sS, sizeof sS, "%lld", (long long)d->step);
-        em_st_meta meta[5] = {{"dyn.version", "1"}, {"dyn.tables", sT}, {"dyn.dim", sD},
-                              {"dyn.opt", em_optim_name(d->cfg.opt.kind)}, {"dyn.step", sS}};
-        st = em_st_write(path, ts, nt, meta, 5);
+        const em_st_meta own[5] = {{"dyn.version", "1"}, {"dyn.tables", sT}, {"dyn.dim", sD},
+                                   {"dyn.opt", em_optim_name(d->cfg.opt.kind)}, {"dyn.step", sS}};
+        memcpy(meta, own, sizeof own);
+        if (n_xmeta) memcpy(meta + 5, xmeta, (size_t)n_xmeta * sizeof *meta);
+        if (n_extra) memcpy(ts + nt, extra, (size_t)n_extra * sizeof *ts);
+        st = em_st_write(path, ts, nt + n_extra, meta, 5 + n_xmeta);
     }
 done:
     if (bufs)
         for (int i = 0; i < T * 5; i++) em_free(bufs[i]);
-    em_free(bufs), em_free(ts), em_free(names), em_free(stats);
+    em_free(bufs), em_free(ts), em_free(meta), em_free(names), em_free(stats);
     return st;
 }
 
@@ -1025,6 +1034,14 @@ em_status em_dyn_load(em_dyn *d, const char *path) {
     em_st *f = NULL;
     em_status st = em_st_open(&f, path);
     if (st) return st;
+    st = em_dyn_load_st(d, f, path);
+    em_st_close(f);
+    return st;
+}
+
+em_status em_dyn_load_st(em_dyn *d, const em_st *f, const char *path) {
+    if (!d || !f || !path) return em_errorf(EM_ERR_INVALID, "dyntable load: NULL object, file or path");
+    em_status st = EM_OK;
     const int T = d->T;
     const size_t D = (size_t)d->D, S = d->S;
     dtab *nt = NULL;
@@ -1115,7 +1132,6 @@ em_status em_dyn_load(em_dyn *d, const char *path) {
     }
     em_free(nt);
     d->pending = 0;
-    em_st_close(f);
     return EM_OK;
 fail_step:
     d->step = save_step;
@@ -1124,6 +1140,5 @@ fail:
         for (int t = 0; t < T; t++) tab_free(&nt[t]);
         em_free(nt);
     }
-    em_st_close(f);
     return st;
 }

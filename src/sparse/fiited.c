@@ -749,14 +749,21 @@ done:
 
 #define NT_PER_TABLE 5
 
-em_status em_fiited_save(const em_fiited *f, const char *path) {
+em_status em_fiited_save(const em_fiited *f, const char *path) { return em_fiited_save_ex(f, path, NULL, 0, NULL, 0); }
+
+em_status em_fiited_save_ex(const em_fiited *f, const char *path, const em_st_tensor *extra, int n_extra,
+                            const em_st_meta *xmeta, int n_xmeta) {
+    if (!f || !path) return em_errorf(EM_ERR_INVALID, "fiited save: NULL object or path");
+    if (n_extra < 0 || n_xmeta < 0 || (n_extra && !extra) || (n_xmeta && !xmeta))
+        return em_errorf(EM_ERR_INVALID, "fiited save: bad extra tensors or metadata");
     const int T = f->T;
     const size_t Dc = (size_t)f->Dc, S = f->S;
-    em_st_tensor *ts = em_calloc((size_t)T * NT_PER_TABLE, sizeof *ts);
+    em_st_tensor *ts = em_calloc((size_t)T * NT_PER_TABLE + (size_t)n_extra, sizeof *ts);
+    em_st_meta *meta = em_calloc(6 + (size_t)n_xmeta, sizeof *meta);
     char *names = em_calloc((size_t)T * NT_PER_TABLE, 48);
     float **bufs = em_calloc((size_t)T * 2, sizeof(float *));
     em_status st = EM_OK;
-    if (!ts || !names || !bufs) {
+    if (!ts || !meta || !names || !bufs) {
         st = em_errorf(EM_ERR_NOMEM, "fiited: no memory to save");
         goto done;
     }
@@ -799,13 +806,16 @@ em_status em_fiited_save(const em_fiited *f, const char *path) {
     snprintf(sK, sizeof sK, "%d", f->K);
     snprintf(sO, sizeof sO, "%s", em_optim_name(f->cfg.opt.kind));
     snprintf(sS, sizeof sS, "%lld", (long long)f->step);
-    em_st_meta meta[6] = {{"fiited.version", "1"}, {"fiited.tables", sT}, {"fiited.dim", sD},
-                          {"fiited.chunks", sK}, {"fiited.opt", sO},   {"fiited.step", sS}};
-    st = em_st_write(path, ts, nt, meta, 6);
+    const em_st_meta own[6] = {{"fiited.version", "1"}, {"fiited.tables", sT}, {"fiited.dim", sD},
+                               {"fiited.chunks", sK}, {"fiited.opt", sO},   {"fiited.step", sS}};
+    memcpy(meta, own, sizeof own);
+    if (n_xmeta) memcpy(meta + 6, xmeta, (size_t)n_xmeta * sizeof *meta);
+    if (n_extra) memcpy(ts + nt, extra, (size_t)n_extra * sizeof *ts);
+    st = em_st_write(path, ts, nt + n_extra, meta, 6 + n_xmeta);
 done:
     if (bufs)
         for (int i = 0; i < 2 * T; i++) em_free(bufs[i]);
-    em_free(bufs), em_free(names), em_free(ts);
+    em_free(bufs), em_free(names), em_free(ts), em_free(meta);
     return st;
 }
 
@@ -818,6 +828,14 @@ em_status em_fiited_load(em_fiited *f, const char *path) {
     em_st *st = NULL;
     em_status rc = em_st_open(&st, path);
     if (rc != EM_OK) return rc;
+    rc = em_fiited_load_st(f, st, path);
+    em_st_close(st);
+    return rc;
+}
+
+em_status em_fiited_load_st(em_fiited *f, const em_st *st, const char *path) {
+    if (!f || !st || !path) return em_errorf(EM_ERR_INVALID, "fiited load: NULL object, file or path");
+    em_status rc = EM_OK;
     char buf[32];
     em_fiited *n = NULL;
     snprintf(buf, sizeof buf, "%d", f->T);
@@ -903,6 +921,5 @@ em_status em_fiited_load(em_fiited *f, const char *path) {
     }
 done:
     em_fiited_free(n);
-    em_st_close(st);
     return rc;
 }
