@@ -20,6 +20,18 @@
  *     table `cand`); an empty history gives t_b = 0.
  *   out (B, E, D) = [t, S_0 .. S_{m2-1}]:  E = 1 + m2 if any block is hsp, else 1.
  *
+ * Event-level personalization (Kunlun; n_groups > 0, em_seq_parse_events): the event
+ * types are split into groups, each with its own sub-tower of width W_g, H_g heads and
+ * its own block list (depth). Per example, the events of group g, in their order, form
+ * a jagged sub-sequence (possibly empty); with x0 as above (D wide, shared item / age /
+ * type tables),
+ *     X_g = x0[events of g] Win_g^T       (N_g, W_g)   Win_g (W_g, D); none if W_g = D
+ *     blocks of g over X_g and S_g (B, m2, W_g), as above with W_g and H_g
+ *     t_g = target attention with q = c Wq_g^T (Wq_g (W_g, D)), K, V (W_g, W_g)
+ *     out_g (B, E_g, D) = [t_g, S_g] Wout_g^T    Wout_g (D, W_g); none if W_g = D
+ *   and out = [out_0, out_1, ...] (E = sum E_g). Events whose type is in no group are
+ *   dropped (their items get no gradient).
+ *
  * Design choices (the "why" is in src/model/seqtower.c's header):
  *   - Item embeddings come from the tower's own table (`rows` rows, the sparse
  *     optimizer of the model) or, with share = 1, from the candidate's own table, so
@@ -64,6 +76,18 @@ typedef struct {
     int window;      /* swa: W >= 0 */
 } em_seq_block;
 
+#define EM_SEQ_MAX_GROUPS 8
+#define EM_SEQ_GROUP_TYPES 64 /* types a group can name: 0..63 */
+
+/* One group of event types with its own sub-tower (event-level personalization). */
+typedef struct {
+    uint64_t types; /* bit k: event type k (after the clamp to num_types - 1) */
+    int width;      /* W >= 1, or 0: the embedding dim D (no projections) */
+    int heads;      /* H >= 1, dividing W */
+    int n_blocks;   /* 0..EM_SEQ_MAX_BLOCKS */
+    em_seq_block blocks[EM_SEQ_MAX_BLOCKS];
+} em_seq_group;
+
 typedef struct {
     int num_seq;       /* 0: no tower (the plain DLRM); 1: the tower reads em_batch.seq[0] */
     int max_len;       /* the reader's per-example cap (seq_max_len), >= 1; GDPA's scale */
@@ -76,6 +100,9 @@ typedef struct {
     int hsp_m, hsp_m2, hsp_k; /* seeds, output tokens, Kronecker terms (default 4, 2, 2) */
     int n_blocks;      /* 0..EM_SEQ_MAX_BLOCKS (0: target attention over x0 only) */
     em_seq_block blocks[EM_SEQ_MAX_BLOCKS];
+    int n_groups;      /* 0: one tower over all events (heads, blocks above); else
+                          event-level personalization: heads and blocks above are unused */
+    em_seq_group groups[EM_SEQ_MAX_GROUPS];
 } em_seq_cfg;
 
 /* Defaults above with cand/share/rows/max_len left 0: num_seq = 1, heads 2, blocks
@@ -92,6 +119,19 @@ em_seq_cfg em_seq_default(void);
  * `act` and `window` are the defaults of gdpa and swa blocks. EM_ERR_INVALID with a
  * detail naming the bad token; c is unchanged then. */
 em_status em_seq_parse_blocks(em_seq_cfg *c, const char *spec, em_gdpa_act act, int window);
+/* Parse event-level personalization into c->groups / c->n_groups: groups separated by
+ * ';', each
+ *     TYPES[:wW][:hH][:BLOCKS]
+ *   TYPES   event types, ',' separated, ranges a-b allowed ("0", "1,2", "1-3"), < 64
+ *   wW      width W of the group's sub-tower (default: D, no projection)
+ *   hH      heads (default c->heads)
+ *   BLOCKS  its block list as em_seq_parse_blocks (default c->blocks; "none": none)
+ * e.g. "2:w32:h4:full:2;1:w16:h2:gdpa,hsp;0:w8:h1:swa:4". "" or "none": no groups.
+ * Types and widths are checked against the config by em_seq_cfg_validate. EM_ERR_INVALID
+ * with a detail naming the group and the bad token; c is unchanged then. */
+em_status em_seq_parse_events(em_seq_cfg *c, const char *spec, em_gdpa_act act, int window);
+/* The canonical form ("2:w32:h4:gdpa:silu,hsp,...;1:h2:...", "none" without groups). */
+int em_seq_format_events(const em_seq_cfg *c, char *buf, size_t cap);
 /* The canonical block list ("gdpa:silu,hsp,swa:8"), as parsed back by
  * em_seq_parse_blocks; returns snprintf's count. */
 int em_seq_format_blocks(const em_seq_cfg *c, char *buf, size_t cap);
@@ -102,7 +142,8 @@ em_status em_gdpa_act_parse(const char *name, em_gdpa_act *out);
 /* EM_ERR_INVALID with a detail unless the config is usable with embedding dim D and
  * num_tables categoricals (num_seq 0 is always valid). */
 em_status em_seq_cfg_validate(const em_seq_cfg *c, int D, int num_tables);
-/* Vectors the tower adds to the interaction: 0 when off, else 1 (+ m2 with hsp). */
+/* Vectors the tower adds to the interaction: 0 when off, else 1 (+ m2 with hsp), per
+ * group with event-level personalization. */
 int em_seq_extra(const em_seq_cfg *c);
 /* Dense parameters of the tower (floats in the model's flat block). */
 size_t em_seq_num_params(const em_seq_cfg *c, int D);
@@ -111,7 +152,10 @@ size_t em_seq_num_params(const em_seq_cfg *c, int D);
  * block, shape (PyTorch's (out, in) for projections). Names: "seq.age.weight" (NA, D),
  * "seq.type.weight" (NT, D), "seq.{i}.{q,k,v}.weight" (D, D) for block i,
  * "seq.{i}.seeds" (m, D), "seq.{i}.kron_a" (k, m, m2), "seq.{i}.kron_w" (k, D, D),
- * "seq.tgt.{q,k,v}.weight" (D, D). */
+ * "seq.tgt.{q,k,v}.weight" (D, D). With groups, after age and type, per group g:
+ * "seq.g{g}.in.weight" (W, D) unless W = D, its blocks "seq.g{g}.{i}.*" and target
+ * "seq.g{g}.tgt.*" as above in width W (tgt.q (W, D)), "seq.g{g}.out.weight" (D, W)
+ * unless W = D. */
 typedef struct {
     char name[32];
     size_t off;
@@ -157,12 +201,18 @@ size_t em_seqtower_item_grads(const em_seqtower *t, const int64_t **items, const
 typedef struct {
     double last_flops, total_flops;
     double examples, events;
-    double block_flops[EM_SEQ_MAX_BLOCKS + 1]; /* summed per block; [n_blocks] = target */
+    double block_flops[EM_SEQ_MAX_BLOCKS + 1]; /* summed per block; [n_blocks] = target
+                                                  (one tower; zero with groups) */
+    double group_flops[EM_SEQ_MAX_GROUPS];      /* with groups: summed per group */
+    double group_events[EM_SEQ_MAX_GROUPS];     /* with groups: events per group */
 } em_seq_stats;
 void em_seqtower_stats(const em_seqtower *t, em_seq_stats *out);
 void em_seqtower_stats_reset(em_seqtower *t);
-/* The forward FLOPs of the tower's config for one example with history length L. */
+/* The forward FLOPs of the tower's config for one example with history length L
+ * (without groups), and with groups: for one example whose history has L[g] events of
+ * group g (g < n_groups). */
 double em_seq_flops_example(const em_seq_cfg *c, int D, int64_t L);
+double em_seq_flops_groups(const em_seq_cfg *c, int D, const int64_t *L);
 
 #ifdef __cplusplus
 }

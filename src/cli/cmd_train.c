@@ -30,7 +30,7 @@ typedef struct {
     /* sequence tower (seqtower.h); seq = -1: not given */
     int seq, seq_max, seq_heads, seq_window, seq_age_buckets, seq_types, seq_share, seq_cand;
     int64_t seq_rows;
-    const char *seq_blocks, *seq_act;
+    const char *seq_blocks, *seq_act, *seq_groups;
     int hsp[3], hsp_given;
     double seq_flops, seq_events; /* forward FLOPs and events per example, for the report */
     cli_tables_opts tab;          /* --tables, --dyn-*, --fiited-* (cli_tables.c) */
@@ -174,6 +174,10 @@ static const cli_opt opts[] = {
     OPT_INT("seq-age-buckets", "N", "log2 age buckets of the history events (default 32)", train_ctx, seq_age_buckets, 1, 64),
     OPT_INT("seq-types", "N", "event types embedded; larger types share the last row (default 4)", train_ctx, seq_types, 1,
             EM_SEQ_MAX_TYPE + 1),
+    OPT_STR("seq-events", "SPEC", "event-level personalization (Kunlun): per group of event types its own sub-tower, "
+            "groups separated by ';', each TYPES[:wW][:hH][:BLOCKS]: types (0,2 or 1-3; < --seq-types), width W "
+            "(default D), H heads (default --seq-heads), blocks as --seq-blocks (default --seq-blocks); types in no "
+            "group are dropped. E.g. \"2:w32:h4:full:2;1:w16:h2:gdpa,hsp;0:w8:h1:swa:4\"", train_ctx, seq_groups),
 };
 
 /* The sequence tower's configuration from the --seq-* options (num_seq stays 0 when
@@ -216,6 +220,11 @@ static int seq_config(train_ctx *c, em_dlrm_cfg *m) {
     }
     if (em_seq_parse_blocks(&q, c->seq_blocks ? c->seq_blocks : "compskip:2", act, c->seq_window >= 0 ? c->seq_window : 8)) {
         fprintf(stderr, "ember train: --seq-blocks: %s\n", em_last_error());
+        return -1;
+    }
+    if (c->seq_groups && (em_seq_parse_events(&q, c->seq_groups, act, c->seq_window >= 0 ? c->seq_window : 8) ||
+                          em_seq_cfg_validate(&q, m->dim, m->num_tables))) {
+        fprintf(stderr, "ember train: --seq-events: %s\n", em_last_error());
         return -1;
     }
     m->seq = q;
@@ -507,11 +516,14 @@ int cmd_train(int argc, char **argv) {
             c.tc.train_path, m->num_tables, m->dim, m->n_bot - 1, m->n_top - 1, c.tc.batch,
             em_optim_name(m->dense_opt.kind), em_optim_name(m->sparse_opt.kind), c.threads);
     if (m->seq.num_seq) {
-        char blocks[512];
-        em_seq_format_blocks(&m->seq, blocks, sizeof blocks);
-        fprintf(stderr, "sequence tower: history of C%d (%s item table, %lld rows), last %d events, %d heads, blocks %s, "
+        char blocks[2048];
+        int n = m->seq.n_groups ? snprintf(blocks, sizeof blocks, "event groups ")
+                                : snprintf(blocks, sizeof blocks, "%d heads, blocks ", m->seq.heads);
+        if (m->seq.n_groups) em_seq_format_events(&m->seq, blocks + n, sizeof blocks - (size_t)n);
+        else em_seq_format_blocks(&m->seq, blocks + n, sizeof blocks - (size_t)n);
+        fprintf(stderr, "sequence tower: history of C%d (%s item table, %lld rows), last %d events, %s, "
                 "%d vectors into the interaction\n", m->seq.cand + 1, m->seq.share ? "shared" : "own", (long long)m->seq.rows,
-                m->seq.max_len, m->seq.heads, blocks, em_seq_extra(&m->seq));
+                m->seq.max_len, blocks, em_seq_extra(&m->seq));
     }
     em_train_result res;
     em_dlrm *model = NULL;
