@@ -156,6 +156,22 @@ em_status em_dlrm_train_step_hook(em_dlrm *m, const em_batch *b, const em_dlrm_h
  * gradient block (see em_dlrm_param) and the embedding gradient is not computed. */
 em_status em_dlrm_forward_backward(em_dlrm *m, const em_batch *b, double *loss, em_pool *pool);
 
+/* Distributed training (src/dist): the dense part on embeddings pooled elsewhere.
+ * Forward from pooled (B, T, D) instead of the model's tables, the mean BCE into *loss
+ * (nullable), backward: dense gradients in the gradient block (this batch's mean), and
+ * d loss / d pooled into dpooled (B, T, D). Nothing is updated; the tables are not
+ * read (they may be released). Not for sequence models (EM_ERR_UNSUPPORTED). */
+em_status em_dlrm_dense_backward_with(em_dlrm *m, const em_batch *b, const float *pooled, float *dpooled,
+                                      double *loss, em_pool *pool);
+/* The dense optimizer step over the gradient block as it stands (e.g. all-reduced);
+ * counts one step. */
+em_status em_dlrm_dense_step(em_dlrm *m, em_pool *pool);
+/* The flat dense blocks: which = 0 parameters, 1 gradients, 2 optimizer state (NULL
+ * and *n = 0 for SGD); *n elements. */
+float *em_dlrm_dense_block(em_dlrm *m, int which, size_t *n);
+/* Set the step count (a distributed checkpoint's). */
+void em_dlrm_set_step(em_dlrm *m, int64_t step);
+
 /* Named access to dense parameters ("bot.0.weight", "seq.0.q.weight", ...), their
  * gradients (grad = 1) and tables ("emb.3.weight", "seq.items.weight"). Returns NULL
  * for unknown names. */

@@ -521,6 +521,35 @@ em_status em_dlrm_train_step_hook(em_dlrm *m, const em_batch *b, const em_dlrm_h
     return m->tab->end_step(m, pool);
 }
 
+/* ------------------------------------------------------------ distributed (src/dist) */
+
+em_status em_dlrm_dense_backward_with(em_dlrm *m, const em_batch *b, const float *pooled, float *dpooled,
+                                      double *loss, em_pool *pool) {
+    if (m->seq) return em_errorf(EM_ERR_UNSUPPORTED, "model: distributed training of a sequence model is not supported");
+    if (!pooled || !dpooled) return em_errorf(EM_ERR_INVALID, "model: dense_backward_with needs pooled and dpooled");
+    em_status st = check_batch(m, b);
+    if (st || (st = ensure_cap(m, b->B))) return st;
+    const size_t n = (size_t)b->B * (size_t)m->cfg.num_tables * (size_t)m->cfg.dim;
+    memcpy(m->emb_out, pooled, n * sizeof(float)); /* the interaction's backward reads its input there */
+    if ((st = forward(m, b, m->emb_out, 1, pool))) return st;
+    if (loss) *loss = em_bce_logits_forward(m->x[m->n_layers - 1], b->label, (size_t)b->B);
+    if ((st = backward(m, b, NULL, pool))) return st;
+    memcpy(dpooled, m->demb, n * sizeof(float));
+    return EM_OK;
+}
+
+em_status em_dlrm_dense_step(em_dlrm *m, em_pool *pool) {
+    m->step++;
+    return em_optim_dense_step(&m->cfg.dense_opt, m->params, m->grads, m->state, m->n_params, m->step, pool);
+}
+
+float *em_dlrm_dense_block(em_dlrm *m, int which, size_t *n) {
+    if (n) *n = which == 2 ? (m->state ? m->n_params * (size_t)em_optim_state_per_param(m->cfg.dense_opt.kind) : 0) : m->n_params;
+    return which == 0 ? m->params : which == 1 ? m->grads : m->state;
+}
+
+void em_dlrm_set_step(em_dlrm *m, int64_t step) { m->step = step; }
+
 /* ------------------------------------------------------------ named access */
 
 static int parse_param_name(const em_dlrm *m, const char *name, int *layer_out, int *is_bias, int *table) {
