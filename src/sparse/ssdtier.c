@@ -363,9 +363,9 @@ em_status em_ssd_create(em_ssd **out, const em_ssd_cfg *cfg) {
         n = m < n ? m : n - 1;
     }
     if (n == 0) {
+        size_t rb = em_ssd_row_bytes(s);
         em_free(s);
-        return em_errorf(EM_ERR_INVALID, "ssdtier: cache_bytes %zu holds no row (one takes %zu bytes)", cfg->cache_bytes,
-                         em_ssd_row_bytes(s));
+        return em_errorf(EM_ERR_INVALID, "ssdtier: cache_bytes %zu holds no row (one takes %zu bytes)", cfg->cache_bytes, rb);
     }
     s->cap_rows = (int64_t)n;
     s->hmax = pow2_at_least(2 * n);
