@@ -187,6 +187,7 @@ static void roundtrip(em_optim_kind k, em_pooling pl, int D, int nth) {
     em_ssd_stats st = em_ssd_get_stats(s);
     CHECK(st.evictions > 0 && st.misses > 0 && st.hits > 0 && st.disk_rows > 0 && st.bytes_written > 0 && st.bytes_read > 0);
     CHECK(st.rows == em_dyn_get_stats(d, -1).rows);
+    for (int t = 0; t < 3; t++) CHECK(em_ssd_table_rows(s, t) == em_dyn_get_stats(d, t).rows);
     CHECK(em_ssd_step(s) == 30);
     CHECK(rows_equal(s, d, &c));
     /* eval: unseen ids read zeros, seen ones their rows; nothing is created */
@@ -409,6 +410,7 @@ static void test_restart_mid_training(void) {
     CHECK(rows_equal(b, d, &c) && rows_equal(u, d, &c));
     CHECK(em_ssd_step(b) == em_ssd_step(u));
     CHECK(em_ssd_get_stats(b).rows == em_ssd_get_stats(u).rows);
+    for (int t = 0; t < 2; t++) CHECK(em_ssd_table_rows(b, t) == em_dyn_get_stats(d, t).rows);
     /* loading again rewinds to step N */
     CHECK_OK(em_ssd_load(b, ck));
     CHECK(em_ssd_step(b) == N);

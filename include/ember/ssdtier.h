@@ -56,8 +56,9 @@
  *   DIR/db         a RocksDB checkpoint (hard links to the immutable table files where
  *                  the file system allows, copies otherwise) taken after every dirty row
  *                  was written back and the memtable flushed;
- *   DIR/ssd.meta   safetensors (ember/safetensors.h, checksummed): ssd.config I64 and
- *                  ssd.counts I64 (see ssdtier_db.c), with readable copies in the metadata.
+ *   DIR/ssd.meta   safetensors (ember/safetensors.h, checksummed): ssd.config I64,
+ *                  ssd.counts I64 and ssd.table_rows I64 (see ssdtier_db.c), with
+ *                  readable copies in the metadata.
  * DIR is built beside its final name and renamed into place, so a crash leaves the old
  * checkpoint or the new one.
  *
@@ -111,6 +112,7 @@ int em_ssd_dim(const em_ssd *s);
 int64_t em_ssd_step(const em_ssd *s);       /* steps ended so far */
 size_t em_ssd_row_bytes(const em_ssd *s);   /* cache bytes one cached row costs */
 int64_t em_ssd_capacity_rows(const em_ssd *s);
+int64_t em_ssd_table_rows(const em_ssd *s, int t); /* rows training created in table t */
 void em_ssd_set_lr(em_ssd *s, float lr);
 
 /* out(B, T, D): out[b][t] = pool_{k in bag(t,b)} row_t(ids[k]). EM_SSD_TRAIN creates

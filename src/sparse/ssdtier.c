@@ -409,6 +409,7 @@ int em_ssd_num_tables(const em_ssd *s) { return s->T; }
 int em_ssd_dim(const em_ssd *s) { return s->D; }
 int64_t em_ssd_step(const em_ssd *s) { return s->step; }
 int64_t em_ssd_capacity_rows(const em_ssd *s) { return s->cap_rows; }
+int64_t em_ssd_table_rows(const em_ssd *s, int t) { return t >= 0 && t < s->T ? s->tabs[t].rows : 0; }
 void em_ssd_set_lr(em_ssd *s, float lr) { s->cfg.opt.lr = lr; }
 
 /* ----------------------------------------------------------- batch scratch */
@@ -712,7 +713,7 @@ em_status em_ssd_forward(em_ssd *s, float *out, const uint64_t *ids, const int64
     /* D. metadata and pooling */
     atomic_store_explicit(&a.next, 0, memory_order_relaxed);
     if (B) em_pool_run(pool, finish_task, &a);
-    for (int t = 0; t < s->T; t++) s->rows += s->tabs[t].created;
+    for (int t = 0; t < s->T; t++) s->rows += s->tabs[t].created, s->tabs[t].rows += s->tabs[t].created;
     s->hits += hits, s->misses += M, s->prefetch_hits += pfh;
     for (int t = 0; t < s->T; t++) {
         const ssd_tab *tb = &s->tabs[t];

@@ -16,6 +16,7 @@
  *   ssd.counts I64[11]  0 step, 1 rows on disk, 2 rows created, 3 hits, 4 misses,
  *                       5 prefetch hits, 6 evictions, 7 writebacks, 8 prefetched,
  *                       9 bytes written, 10 bytes read
+ *   ssd.table_rows I64[num_tables]  rows created per table
  * with readable copies ssd.tables / ssd.dim / ssd.opt / ssd.step in the metadata.
  */
 #define _GNU_SOURCE /* nftw's FTW_DEPTH | FTW_PHYS */
@@ -479,14 +480,24 @@ em_status em_ssd_save(em_ssd *s, const char *dir) {
             (int64_t)s->evictions, (int64_t)s->writebacks, (int64_t)s->prefetched, (int64_t)s->bytes_written,
             (int64_t)s->bytes_read};
         fill_config(s, config);
-        em_st_tensor ts[2] = {{"ssd.config", EM_I64, 1, {CONFIG_N}, config}, {"ssd.counts", EM_I64, 1, {COUNTS_N}, counts}};
+        int64_t *trows = em_malloc((size_t)s->T * sizeof(int64_t));
+        if (!trows) {
+            st = em_errorf(EM_ERR_NOMEM, "ssdtier save: no memory");
+            goto done;
+        }
+        for (int t = 0; t < s->T; t++) trows[t] = s->tabs[t].rows;
+        em_st_tensor ts[3] = {{"ssd.config", EM_I64, 1, {CONFIG_N}, config},
+                              {"ssd.counts", EM_I64, 1, {COUNTS_N}, counts},
+                              {"ssd.table_rows", EM_I64, 1, {s->T}, trows}};
         char sT[24], sD[24], sS[24];
         snprintf(sT, sizeof sT, "%d", s->T);
         snprintf(sD, sizeof sD, "%d", s->D);
         snprintf(sS, sizeof sS, "%lld", (long long)s->step);
         em_st_meta mt[5] = {{"ssd.version", "1"}, {"ssd.tables", sT}, {"ssd.dim", sD},
                             {"ssd.opt", em_optim_name(s->cfg.opt.kind)}, {"ssd.step", sS}};
-        if ((st = em_st_write(meta, ts, 2, mt, 5)) || (st = fsync_dir(tmp))) goto done;
+        st = em_st_write(meta, ts, 3, mt, 5);
+        em_free(trows);
+        if (st || (st = fsync_dir(tmp))) goto done;
     }
     if (rmtree(old) != 0) {
         st = em_errorf(EM_ERR_IO, "ssdtier save: cannot remove %s: %s", old, strerror(errno));
@@ -552,9 +563,15 @@ em_status em_ssd_load(em_ssd *s, const char *dir) {
                            config_name(i), (long long)cfg[i], (long long)mine[i]);
             goto done;
         }
-    for (int i = 0; i < COUNTS_N; i++)
-        if (cnt[i] < 0) {
-            st = em_errorf(EM_ERR_CORRUPT, "ssdtier load: %s: count %d is negative (%lld)", meta, i, (long long)cnt[i]);
+    const int64_t *trows = em_st_expect(f, "ssd.table_rows", EM_I64, s->T);
+    if (!trows) {
+        snprintf(why, sizeof why, "%s", em_last_error());
+        st = em_errorf(EM_ERR_CORRUPT, "ssdtier load: %s", why);
+        goto done;
+    }
+    for (int i = 0; i < COUNTS_N + s->T; i++)
+        if ((i < COUNTS_N ? cnt[i] : trows[i - COUNTS_N]) < 0) {
+            st = em_errorf(EM_ERR_CORRUPT, "ssdtier load: %s: count %d is negative", meta, i);
             goto done;
         }
     /* stage a copy, check RocksDB opens it, then swap it in */
@@ -591,6 +608,7 @@ em_status em_ssd_load(em_ssd *s, const char *dir) {
     s->hits = (uint64_t)cnt[3], s->misses = (uint64_t)cnt[4], s->prefetch_hits = (uint64_t)cnt[5];
     s->evictions = (uint64_t)cnt[6], s->writebacks = (uint64_t)cnt[7], s->prefetched = (uint64_t)cnt[8];
     s->bytes_written = (uint64_t)cnt[9], s->bytes_read = (uint64_t)cnt[10];
+    for (int t = 0; t < s->T; t++) s->tabs[t].rows = trows[t];
 done:
     if (st && stage) (void)rmtree(stage);
     em_st_close(f);

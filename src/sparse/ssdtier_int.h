@@ -58,6 +58,7 @@ typedef struct {
     size_t mbeg, mcap;
     int nchunks;
     int64_t created;  /* rows this forward created */
+    int64_t rows;     /* rows created in this table so far */
     uint64_t salt;  /* hash salt of the table */
     uint64_t seed;  /* initial-row stream of the table (as em_dyn's) */
 } ssd_tab;
