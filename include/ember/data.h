@@ -235,6 +235,8 @@ typedef struct {
     double seq_scale;               /* weight of the history term (default 1) */
     double seq_decay;               /* recency time constant, seconds (default 86400) */
     double seq_repeat;              /* P(candidate = a history item) (default 0.2) */
+    double seq_type_w[3];           /* weight of event types 0, 1, 2 (click, cart, order) in
+                                       the history term (default 1, 2, 3) */
 } em_gen_cfg;
 
 em_gen_cfg em_gen_default(void);

@@ -55,6 +55,17 @@ static int set_shares(void *c, const cli_opt *o, const char *v) {
     return 0;
 }
 
+static int set_type_w(void *c, const cli_opt *o, const char *v) {
+    double *w = ((gen_ctx *)c)->g.seq_type_w;
+    char tail;
+    if (sscanf(v, "%lf,%lf,%lf%c", &w[0], &w[1], &w[2], &tail) != 3 || !(w[0] >= 0 && w[1] >= 0 && w[2] >= 0) ||
+        !(w[0] <= 1e6 && w[1] <= 1e6 && w[2] <= 1e6)) {
+        fprintf(stderr, "ember gen: --%s: expected three weights 0..1e6 like 1,2,3, got '%s'\n", o->name, v);
+        return -1;
+    }
+    return 0;
+}
+
 static int set_card(void *c, const cli_opt *o, const char *v) {
     gen_ctx *g = c;
     return cli_int_list("gen", o->name, "positive counts", v, g->card, EM_DLRM_MAX_TABLES, &g->ncard);
@@ -100,6 +111,8 @@ static const cli_opt gen_opts[] = {
                    g.seq_decay),
     OPT_DOUBLE("seq-repeat", "P", "probability that the candidate is one of the history's items (default 0.2)", gen_ctx,
                g.seq_repeat),
+    OPT_FN("seq-type-weights", "W0,W1,W2", "weights of event types 0, 1, 2 (click 85%, cart 10%, order 5%) in the "
+           "history term (default 1,2,3)", set_type_w, 0),
 };
 
 static int run_drift(gen_ctx *c) {

@@ -52,7 +52,9 @@
  *    item (people return to what they looked at), else a fresh Zipf draw.
  *  - Planted term: item vectors v(id) with k = latent_dim components of std k^-1/4
  *    (so <v_a, v_b> has variance 1 and <v_a, v_a> ~ sqrt(k)), hashed from (seed, id)
- *    and centered; per event a_i = w(type_i) exp(-age_i / seq_decay) with w = 1, 2, 3;
+ *    and centered; per event a_i = w(type_i) exp(-age_i / seq_decay) with w = seq_type_w
+ *    (default 1, 2, 3: an order says more than a click; `gen --seq-type-weights` makes
+ *    the types' signals differ more, e.g. 0.25,1,6, for event-level personalization);
  *    s = sum_i a_i <v(cand), v(item_i)> / sqrt(1 + sum_i a_i^2) (0 for no history;
  *    variance between 0 and 1, growing with the weight of recent history); logit +=
  *    seq_scale * (s - E[s]), E[s] estimated once by simulation (10k examples; a
@@ -117,6 +119,7 @@ em_gen_cfg em_gen_default(void) {
         .seq_scale = 1.0,
         .seq_decay = 86400,
         .seq_repeat = 0.2,
+        .seq_type_w = {1.0, 2.0, 3.0},
     };
 }
 
@@ -204,7 +207,7 @@ typedef struct {
     double pc[MAX_SPARSE * (MAX_SPARSE - 1) / 2];
     /* sequences (seq = 0: off) */
     int seq, sf, seq_max;
-    double seq_mu, seq_sigma, seq_scale, seq_inv_decay, seq_repeat, v_scale, seq_mean;
+    double seq_mu, seq_sigma, seq_scale, seq_inv_decay, seq_repeat, v_scale, seq_mean, seq_wt[3];
     uint64_t vkey;
     double vmean[MAX_LATENT];
 } gen_model;
@@ -324,6 +327,7 @@ static void model_init(gen_model *m, const em_gen_cfg *cfg) {
     m->seq_scale = cfg->seq_scale;
     m->seq_inv_decay = 1.0 / cfg->seq_decay;
     m->seq_repeat = cfg->seq_repeat;
+    for (int t = 0; t < 3; t++) m->seq_wt[t] = cfg->seq_type_w[t];
     m->v_scale = pow((double)m->k, -0.25);
     m->vkey = em_mix64(cfg->seed ^ 0x7365716974656d73ull); /* "seqitems" */
     const em__zipf *z = &m->zipf[m->sf];
@@ -449,13 +453,12 @@ static int gen_history(const gen_model *m, em_rng *q, uint64_t *items, int64_t *
 /* Sequences: the planted history term s (before seq_scale). */
 static double history_term(const gen_model *m, uint64_t cand, const uint64_t *items,
                            const int64_t *age, const int *type, int L) {
-    static const double WT[3] = {1.0, 2.0, 3.0};
     double vc[MAX_LATENT], v[MAX_LATENT], S = 0, A = 0;
     item_vec(m, cand, vc);
     for (int i = 0; i < L; i++) {
         double r = (double)age[i] * m->seq_inv_decay;
         if (r > 40) continue; /* weight < 4e-18: nothing */
-        double a = WT[type[i]] * exp(-r), dot = 0;
+        double a = m->seq_wt[type[i]] * exp(-r), dot = 0;
         item_vec(m, items[i], v);
         for (int c = 0; c < m->k; c++) dot += vc[c] * v[c];
         S += a * dot;
@@ -616,8 +619,9 @@ em_status em_gen_write(const em_gen_cfg *cfg, const char *train_path, const char
         (!(cfg->seq_len_mean <= 1e6) || !(cfg->seq_len_sigma >= 0 && cfg->seq_len_sigma <= 10) ||
          cfg->seq_max < 1 || cfg->seq_max > SEQ_MAX_LIMIT || cfg->seq_field < 0 ||
          cfg->seq_field >= cfg->num_sparse || !isfinite(cfg->seq_scale) || !(cfg->seq_decay > 0) ||
-         !(cfg->seq_repeat >= 0 && cfg->seq_repeat <= 1)))
-        return em_errorf(EM_ERR_INVALID, "gen: bad sequence config (seq_len_mean <= 1e6, 0 <= seq_len_sigma <= 10, 1 <= seq_max <= %d, 0 <= seq_field < num_sparse, seq_decay > 0, 0 <= seq_repeat <= 1)",
+         !(cfg->seq_repeat >= 0 && cfg->seq_repeat <= 1) || !(cfg->seq_type_w[0] >= 0 && cfg->seq_type_w[0] <= 1e6) ||
+         !(cfg->seq_type_w[1] >= 0 && cfg->seq_type_w[1] <= 1e6) || !(cfg->seq_type_w[2] >= 0 && cfg->seq_type_w[2] <= 1e6)))
+        return em_errorf(EM_ERR_INVALID, "gen: bad sequence config (seq_len_mean <= 1e6, 0 <= seq_len_sigma <= 10, 1 <= seq_max <= %d, 0 <= seq_field < num_sparse, seq_decay > 0, 0 <= seq_repeat <= 1, type weights in 0..1e6)",
                          SEQ_MAX_LIMIT);
 
     const int nth = em_pool_nth(pool), maxblocks = 4 * nth;
