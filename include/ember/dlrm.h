@@ -40,6 +40,7 @@
 #include "optim.h"
 #include "safetensors.h"
 #include "seqtower.h"
+#include "ssdtier.h"
 
 #ifdef __cplusplus
 extern "C" {
@@ -60,9 +61,16 @@ extern "C" {
  *   EM_TABLES_FIITED   em_fiited (ember/fiited.h): rows[t] x D with per-row pruned
  *                      dimensions; every prune_every steps the chunks are pruned to
  *                      the budget (em_fiited_prune) and the pool compacted.
- * Dynamic and FIITED tables take no per-id weights and no sequence tower, and draw
+ *   EM_TABLES_SSD      em_ssd (ember/ssdtier.h): tables larger than memory: raw 64-bit
+ *                      ids as for DYNAMIC (rows[t] = EM_ROWS_RAW, no budget), rows and
+ *                      optimizer state in RocksDB under a scratch directory in ssd_dir
+ *                      (one per model object, removed when it is freed), a cache of hot
+ *                      rows of ssd_cache_bytes. Values are those of DYNAMIC without a
+ *                      budget. A checkpoint PATH keeps the tables in the directory
+ *                      PATH.ssd (em_ssd_save), its step recorded in PATH.
+ * Dynamic, FIITED and SSD tables take no per-id weights and no sequence tower, and draw
  * their initial values U(-init_scale, init_scale) from (seed, table, id/row, chunk). */
-typedef enum { EM_TABLES_DENSE = 0, EM_TABLES_DYNAMIC, EM_TABLES_FIITED } em_table_kind;
+typedef enum { EM_TABLES_DENSE = 0, EM_TABLES_DYNAMIC, EM_TABLES_FIITED, EM_TABLES_SSD } em_table_kind;
 
 typedef struct {
     em_table_kind kind;
@@ -81,9 +89,13 @@ typedef struct {
     double budget_frac;       /* of the full size sum_t rows[t] * k chunks; <= 0 = none */
     int64_t prune_every;      /* steps between prunes; 0 = never */
     float util_decay;         /* utility EMA decay per step, [0, 1) */
+    /* SSD */
+    char ssd_dir[256];        /* where the live store's scratch directory goes (created if missing) */
+    int64_t ssd_cache_bytes;  /* memory limit of the row cache, all tables */
+    int ssd_policy;           /* em_ssd_policy: 0 LRU, 1 LFU */
 } em_tables_cfg;
 
-const char *em_table_kind_name(em_table_kind k); /* "dense", "dynamic", "fiited" */
+const char *em_table_kind_name(em_table_kind k); /* "dense", "dynamic", "fiited", "ssd" */
 em_status em_table_kind_parse(const char *s, em_table_kind *k);
 /* Dynamic and FIITED defaults: init_scale 0.01, ALWAYS admission, AGE eviction, no
  * budget; k = 4 chunks (or 1 when 4 does not divide D), prune every 1000 steps,
@@ -212,6 +224,11 @@ em_status em_dlrm_table_stats_get(const em_dlrm *m, int t, em_dlrm_table_stats *
 /* The backend objects (NULL unless the model has that kind): for tests and tools. */
 em_dyn *em_dlrm_dyn(em_dlrm *m);
 em_fiited *em_dlrm_fiited(em_dlrm *m);
+em_ssd *em_dlrm_ssd(em_dlrm *m);
+/* Start loading the next batch's rows in the background (SSD tables; a no-op for other
+ * kinds): call after the current batch's training step has begun, e.g. between two
+ * train steps with the batch that comes next. Only timing depends on it. */
+em_status em_dlrm_prefetch(em_dlrm *m, const em_batch *next);
 void em_dlrm_set_lr(em_dlrm *m, float dense_lr, float sparse_lr);
 
 /* Checkpoint: every parameter, all optimizer state, the step count, the model

@@ -103,10 +103,13 @@ typedef struct {
     int64_t max_rows, admit_count, prune_every;
     double admit_prob, slack, decay, init_scale;
     int chunks;
+    const char *ssd_dir, *ssd_policy;
+    int64_t ssd_cache_mb;
 } cli_tables_opts;
 #define CLI_TABLES_OPTS(T, f)                                                                                          \
     OPT_STR("tables", "KIND", "embedding tables: dense (ids modulo rows; default) | dynamic (raw 64-bit ids, rows "    \
-            "created on first sight, evicted under a budget) | fiited (per-row pruned dimensions)", T, f.kind),        \
+            "created on first sight, evicted under a budget) | fiited (per-row pruned dimensions) | ssd (dynamic "     \
+            "tables on disk in RocksDB behind a cache of hot rows)", T, f.kind),                                       \
         OPT_INT("dyn-rows", "N", "dynamic: row budget per table (0 = none)", T, f.max_rows, 0, 1LL << 40),             \
         OPT_STR("dyn-bytes", "B", "dynamic: byte budget per table, e.g. 64M (0 = none)", T, f.max_bytes),              \
         OPT_STR("dyn-evict", "age|lfu", "dynamic: evict the least recently (default) or least often used rows", T,     \
@@ -122,9 +125,15 @@ typedef struct {
                 1LL << 40),                                                                                            \
         OPT_DOUBLE_POS("fiited-decay", "F", "fiited: utility moving-average decay per step, < 1 (default 0.9)", T,     \
                        f.decay),                                                                                       \
-        OPT_DOUBLE_POS("table-init-scale", "S", "dynamic/fiited: initial values U(-S, S) (default 0.01)", T,           \
-                       f.init_scale)
-/* Fill m->tables from o (and rows = EM_ROWS_RAW for dynamic tables); prints what is
+        OPT_DOUBLE_POS("table-init-scale", "S", "dynamic/fiited/ssd: initial values U(-S, S) (default 0.01)", T,       \
+                       f.init_scale),                                                                                  \
+        OPT_STR("ssd-dir", "DIR", "ssd: directory for the on-disk tables (a scratch store per run inside it)", T,       \
+                f.ssd_dir),                                                                                            \
+        OPT_INT("ssd-cache-mb", "N", "ssd: memory limit of the cache of hot rows, MB (default 256)", T, f.ssd_cache_mb, \
+                1, 1LL << 30),                                                                                         \
+        OPT_STR("ssd-policy", "lru|lfu", "ssd: cache eviction: least recently (default) or least often used", T,       \
+                f.ssd_policy)
+/* Fill m->tables from o (and rows = EM_ROWS_RAW for dynamic and SSD tables); prints what is
  * wrong and returns -1. */
 int cli_tables_apply(const char *verb, const cli_tables_opts *o, em_dlrm_cfg *m);
 /* "123", "64K", "200M", "2G" (powers of 1024) -> bytes; -1 if malformed. */

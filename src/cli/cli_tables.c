@@ -24,7 +24,7 @@ int64_t cli_bytes(const char *s) {
 int cli_tables_apply(const char *verb, const cli_tables_opts *o, em_dlrm_cfg *m) {
     em_table_kind kind = EM_TABLES_DENSE;
     if (o->kind && em_table_kind_parse(o->kind, &kind)) {
-        fprintf(stderr, "ember %s: --tables: expected dense, dynamic or fiited, got '%s'\n", verb, o->kind);
+        fprintf(stderr, "ember %s: --tables: expected dense, dynamic, fiited or ssd, got '%s'\n", verb, o->kind);
         return -1;
     }
     const int dyn_given = o->max_rows || o->max_bytes || o->evict || o->admit_count || o->admit_prob > 0 || o->slack > 0;
@@ -34,12 +34,32 @@ int cli_tables_apply(const char *verb, const cli_tables_opts *o, em_dlrm_cfg *m)
                 dyn_given && kind != EM_TABLES_DYNAMIC ? "dynamic" : "fiited");
         return -1;
     }
+    if ((o->ssd_dir || o->ssd_cache_mb || o->ssd_policy) && kind != EM_TABLES_SSD) {
+        fprintf(stderr, "ember %s: the --ssd-* options need --tables ssd\n", verb);
+        return -1;
+    }
     em_tables_cfg t = em_tables_default(kind, m->dim);
     if (kind == EM_TABLES_DENSE) {
         m->tables = t;
         return 0;
     }
     if (o->init_scale > 0) t.init_scale = (float)o->init_scale;
+    if (kind == EM_TABLES_SSD) {
+        if (!o->ssd_dir || !*o->ssd_dir || strlen(o->ssd_dir) >= sizeof t.ssd_dir) {
+            fprintf(stderr, "ember %s: --tables ssd needs --ssd-dir DIR (a directory on the disk for the tables)\n", verb);
+            return -1;
+        }
+        if (o->ssd_policy && strcmp(o->ssd_policy, "lru") && strcmp(o->ssd_policy, "lfu")) {
+            fprintf(stderr, "ember %s: --ssd-policy: expected lru or lfu, got '%s'\n", verb, o->ssd_policy);
+            return -1;
+        }
+        snprintf(t.ssd_dir, sizeof t.ssd_dir, "%s", o->ssd_dir);
+        if (o->ssd_cache_mb) t.ssd_cache_bytes = o->ssd_cache_mb << 20;
+        t.ssd_policy = o->ssd_policy && !strcmp(o->ssd_policy, "lfu") ? EM_SSD_LFU : EM_SSD_LRU;
+        for (int i = 0; i < m->num_tables; i++) m->rows[i] = EM_ROWS_RAW;
+        m->tables = t;
+        return 0;
+    }
     if (kind == EM_TABLES_DYNAMIC) {
         t.max_rows = o->max_rows;
         if (o->max_bytes && (t.max_bytes = cli_bytes(o->max_bytes)) < 0) {
@@ -102,6 +122,9 @@ void cli_tables_report(FILE *f, em_dlrm *m) {
         fprintf(f, "tables: fiited, %lld of %lld chunks live (%.1f%%), %lld rows with any, %.1f MB held\n",
                 (long long)s.live_chunks, (long long)s.chunks, s.chunks ? 100.0 * (double)s.live_chunks / (double)s.chunks : 0,
                 (long long)s.rows, (double)s.bytes / 1048576.0);
+    else if (s.kind == EM_TABLES_SSD)
+        fprintf(f, "tables: ssd, %lld rows (on disk and cached), cache %.1f MB, hit rate %.4f, %llu evicted\n",
+                (long long)s.rows, (double)s.bytes / 1048576.0, s.hit_rate, (unsigned long long)s.evictions);
     else
         fprintf(f, "tables: dynamic, %lld rows, %.1f MB held; %llu inserted, %llu evicted, %llu rejected\n", (long long)s.rows,
                 (double)s.bytes / 1048576.0, (unsigned long long)s.inserts, (unsigned long long)s.evictions,

@@ -51,6 +51,7 @@ struct em_dlrm {
     em_embbag *emb;               /* dense tables (NULL for other kinds, or released) */
     em_dyn *dyn;                  /* dynamic tables */
     em_fiited *fit;               /* FIITED tables */
+    em_ssd *ssd;                  /* SSD-tier tables */
     int64_t step;
 
     /* activations for up to `cap` examples */

@@ -59,6 +59,13 @@ char *em_dlrm_cfg_to_json(const em_dlrm_cfg *c) {
                               "max_bytes", (json_int_t)t->max_bytes, "evict_slack", (double)t->evict_slack, "chunks",
                               t->chunks, "budget_bytes", (json_int_t)t->budget_bytes, "budget_frac", t->budget_frac,
                               "prune_every", (json_int_t)t->prune_every, "util_decay", (double)t->util_decay);
+        if (q && t->kind == EM_TABLES_SSD &&
+            (json_object_set_new(q, "ssd_dir", json_string(t->ssd_dir)) ||
+             json_object_set_new(q, "ssd_cache_bytes", json_integer((json_int_t)t->ssd_cache_bytes)) ||
+             json_object_set_new(q, "ssd_policy", json_string(t->ssd_policy == EM_SSD_LFU ? "lfu" : "lru")))) {
+            json_decref(q);
+            q = NULL;
+        }
         if (!q || json_object_set_new(j, "tables", q)) {
             json_decref(j);
             return NULL;
@@ -137,6 +144,17 @@ static em_status tables_from_json(json_t *q, em_tables_cfg *t) {
     t->init_scale = (float)scale, t->admit_min_count = (uint32_t)amin, t->admit_prob = (float)aprob;
     t->max_rows = mrows, t->max_bytes = mbytes, t->evict_slack = (float)slack;
     t->budget_bytes = bbytes, t->budget_frac = frac, t->prune_every = every, t->util_decay = (float)decay;
+    if (t->kind == EM_TABLES_SSD) { /* keys only SSD tables have */
+        const char *dir = NULL, *pol = NULL;
+        json_int_t cache = 0;
+        if (json_unpack_ex(q, &err, 0, "{s:s, s:I, s:s}", "ssd_dir", &dir, "ssd_cache_bytes", &cache, "ssd_policy", &pol))
+            return em_errorf(EM_ERR_CORRUPT, "model config: tables: %s", err.text);
+        if (strlen(dir) >= sizeof t->ssd_dir) return em_errorf(EM_ERR_CORRUPT, "model config: tables: ssd_dir too long");
+        if (strcmp(pol, "lru") && strcmp(pol, "lfu"))
+            return em_errorf(EM_ERR_CORRUPT, "model config: tables: unknown ssd_policy '%s'", pol);
+        snprintf(t->ssd_dir, sizeof t->ssd_dir, "%s", dir);
+        t->ssd_cache_bytes = cache, t->ssd_policy = strcmp(pol, "lfu") == 0 ? EM_SSD_LFU : EM_SSD_LRU;
+    }
     return EM_OK;
 }
 

@@ -12,16 +12,24 @@
  *            start of training and restored by a checkpoint, so a resumed run prunes
  *            at the same steps) the chunks are pruned to the budget and the pool
  *            compacted.
- * Adding a kind (the SSD tier, em_ssd, has em_dyn's forward / backward_update /
- * end_step shape): one more ops table below, one more case in em__tables_ops_for and
+ *   ssd      em_ssd: raw ids as dynamic; the live RocksDB in ssd_dir/live-<pid>-<n>
+ *            (scratch); a checkpoint PATH writes the tables to the directory PATH.ssd
+ *            first (em_ssd_save) and records their step as "ember.ssd_step" in PATH,
+ *            which a load checks, so a crash between the two is refused, not mixed.
+ * Adding a kind: one more ops table below, one more case in em__tables_ops_for and
  * em__tables_validate, and its fields in em_tables_cfg and the configuration JSON.
  */
+#include <errno.h>
+#include <stdatomic.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 #include "model/dlrm_impl.h"
 
-static const char *kind_names[] = {"dense", "dynamic", "fiited"};
+static const char *kind_names[] = {"dense", "dynamic", "fiited", "ssd"};
 
 const char *em_table_kind_name(em_table_kind k) {
     return (unsigned)k < sizeof kind_names / sizeof kind_names[0] ? kind_names[k] : "?";
@@ -33,7 +41,7 @@ em_status em_table_kind_parse(const char *s, em_table_kind *k) {
             *k = (em_table_kind)i;
             return EM_OK;
         }
-    return em_errorf(EM_ERR_INVALID, "unknown table kind '%s' (dense, dynamic, fiited)", s ? s : "");
+    return em_errorf(EM_ERR_INVALID, "unknown table kind '%s' (dense, dynamic, fiited, ssd)", s ? s : "");
 }
 
 em_tables_cfg em_tables_default(em_table_kind kind, int dim) {
@@ -49,6 +57,7 @@ em_tables_cfg em_tables_default(em_table_kind kind, int dim) {
     c.chunks = dim % 4 == 0 ? 4 : 1;
     c.prune_every = 1000;
     c.util_decay = 0.9f;
+    c.ssd_cache_bytes = (int64_t)256 << 20;
     return c;
 }
 
@@ -71,6 +80,14 @@ em_status em__tables_validate(const em_dlrm_cfg *c) {
             return em_errorf(EM_ERR_INVALID, "model: unknown tables.admit or tables.evict");
         if (tc->max_rows < 0 || tc->max_bytes < 0 || !(tc->evict_slack >= 0 && tc->evict_slack <= 0.5f))
             return em_errorf(EM_ERR_INVALID, "model: tables.max_rows/max_bytes >= 0 and evict_slack in [0, 0.5]");
+        break;
+    case EM_TABLES_SSD:
+        if (raw != c->num_tables)
+            return em_errorf(EM_ERR_INVALID, "model: SSD tables take raw 64-bit ids: every rows[t] must be EM_ROWS_RAW");
+        if (!tc->ssd_dir[0] || !memchr(tc->ssd_dir, 0, sizeof tc->ssd_dir))
+            return em_errorf(EM_ERR_INVALID, "model: SSD tables need tables.ssd_dir (a directory for the on-disk store)");
+        if (tc->ssd_cache_bytes <= 0 || (unsigned)tc->ssd_policy > EM_SSD_LFU)
+            return em_errorf(EM_ERR_INVALID, "model: SSD tables need tables.ssd_cache_bytes > 0 and ssd_policy lru or lfu");
         break;
     case EM_TABLES_FIITED:
         if (raw) return em_errorf(EM_ERR_INVALID, "model: raw-id rows (EM_ROWS_RAW) need dynamic tables");
@@ -269,12 +286,97 @@ static em_status fit_load(em_dlrm *m, const em_st *f, const char *path) { return
 static const em__tables_ops fit_ops = {"fiited",     fit_create, fit_destroy, fit_forward, fit_backward,
                                        fit_end_step, fit_set_lr, fit_stats,   fit_save,    fit_load};
 
+/* -------------------------------------------------------------------- SSD */
+
+static em_status ssd_create(em_dlrm *m, int fresh, em_pool *pool) {
+    (void)fresh, (void)pool; /* new rows are born on first sight either way */
+    static atomic_uint serial;
+    const em_dlrm_cfg *c = &m->cfg;
+    const em_tables_cfg *tc = &c->tables;
+    if (mkdir(tc->ssd_dir, 0755) != 0 && errno != EEXIST)
+        return em_errorf(EM_ERR_IO, "model: cannot create the SSD directory %s: %s", tc->ssd_dir, strerror(errno));
+    char path[320];
+    snprintf(path, sizeof path, "%s/live-%ld-%u", tc->ssd_dir, (long)getpid(), atomic_fetch_add(&serial, 1));
+    em_ssd_cfg sc = em_ssd_default(c->num_tables, c->dim, c->sparse_opt, path, (size_t)tc->ssd_cache_bytes);
+    sc.pooling = c->pooling;
+    sc.seed = c->seed;
+    sc.init_scale = tc->init_scale;
+    sc.policy = (em_ssd_policy)tc->ssd_policy;
+    return em_ssd_create(&m->ssd, &sc);
+}
+static void ssd_destroy(em_dlrm *m) {
+    em_ssd_free(m->ssd);
+    m->ssd = NULL;
+}
+static em_status ssd_forward(em_dlrm *m, const em_batch *b, float *out, int train, em_pool *pool) {
+    em_status st = no_per_id_w(m, b);
+    if (st) return st;
+    return em_ssd_forward(m->ssd, out, (const uint64_t *)b->indices, b->offsets, b->B, train ? EM_SSD_TRAIN : EM_SSD_EVAL,
+                          pool);
+}
+static em_status ssd_backward(em_dlrm *m, const em_batch *b, const float *dout, em_pool *pool) {
+    return em_ssd_backward_update(m->ssd, dout, (const uint64_t *)b->indices, b->offsets, b->B, pool);
+}
+static void ssd_set_lr(em_dlrm *m, float lr) { em_ssd_set_lr(m->ssd, lr); }
+static void ssd_stats(const em_dlrm *m, int t, em_dlrm_table_stats *s) {
+    em_ssd_stats ss = em_ssd_get_stats(m->ssd);
+    const size_t S = opt_state_per_row(m->cfg.sparse_opt.kind, m->cfg.dim);
+    /* the cache is shared by the tables: per table its rows, a share of the bytes by
+     * rows, and the hit rate of the whole cache */
+    s->rows = t < 0 ? ss.rows : em_ssd_table_rows(m->ssd, t);
+    s->max_rows = 0;
+    const double share = t < 0 || ss.rows == 0 ? 1.0 : (double)s->rows / (double)ss.rows;
+    s->bytes = (size_t)((double)ss.cache_bytes * share);
+    s->state_bytes = (size_t)((double)ss.cache_rows * share) * S * sizeof(float);
+    s->evictions = ss.evictions;
+    s->hit_rate = ss.hit_rate;
+}
+static char *ssd_dir_of(const char *path) {
+    size_t n = strlen(path) + 5;
+    char *p = em_malloc(n);
+    if (p) snprintf(p, n, "%s.ssd", path);
+    return p;
+}
+static em_status ssd_save(const em_dlrm *m, const char *path, const em_st_tensor *ts, int n, const em_st_meta *meta,
+                          int n_meta) {
+    char *dir = ssd_dir_of(path);
+    em_st_meta *mt = em_malloc(((size_t)n_meta + 1) * sizeof *mt);
+    em_status st = EM_OK;
+    if (!dir || !mt) st = em_errorf(EM_ERR_NOMEM, "model: no memory to save %s", path);
+    if (!st) st = em_ssd_save(m->ssd, dir);
+    if (!st) {
+        char step[24];
+        snprintf(step, sizeof step, "%lld", (long long)em_ssd_step(m->ssd));
+        memcpy(mt, meta, (size_t)n_meta * sizeof *mt);
+        mt[n_meta] = (em_st_meta){"ember.ssd_step", step};
+        st = em_st_write(path, ts, n, mt, n_meta + 1);
+    }
+    em_free(dir), em_free(mt);
+    return st;
+}
+static em_status ssd_load(em_dlrm *m, const em_st *f, const char *path) {
+    const char *want = em_st_meta_get(f, "ember.ssd_step");
+    if (!want) return em_errorf(EM_ERR_CORRUPT, "%s: no ember.ssd_step in the metadata of an SSD-table checkpoint", path);
+    char *dir = ssd_dir_of(path);
+    if (!dir) return em_errorf(EM_ERR_NOMEM, "model: no memory to load %s", path);
+    em_status st = em_ssd_load(m->ssd, dir);
+    if (!st && strtoll(want, NULL, 10) != em_ssd_step(m->ssd))
+        st = em_errorf(EM_ERR_CORRUPT, "%s holds the tables of step %lld, %s expects step %s (a save interrupted between them?)",
+                       dir, (long long)em_ssd_step(m->ssd), path, want);
+    em_free(dir);
+    return st;
+}
+
+static const em__tables_ops ssd_ops = {"ssd",       ssd_create, ssd_destroy, ssd_forward, ssd_backward,
+                                       no_end_step, ssd_set_lr, ssd_stats,   ssd_save,    ssd_load};
+
 /* ------------------------------------------------------------------ public */
 
 const em__tables_ops *em__tables_ops_for(em_table_kind kind) {
     switch (kind) {
     case EM_TABLES_DYNAMIC: return &dyn_ops;
     case EM_TABLES_FIITED: return &fit_ops;
+    case EM_TABLES_SSD: return &ssd_ops;
     default: return &dense_ops; /* validated before */
     }
 }
@@ -294,3 +396,10 @@ em_status em_dlrm_table_stats_get(const em_dlrm *m, int t, em_dlrm_table_stats *
 
 em_dyn *em_dlrm_dyn(em_dlrm *m) { return m->dyn; }
 em_fiited *em_dlrm_fiited(em_dlrm *m) { return m->fit; }
+em_ssd *em_dlrm_ssd(em_dlrm *m) { return m->ssd; }
+
+em_status em_dlrm_prefetch(em_dlrm *m, const em_batch *next) {
+    if (!m || !next) return em_errorf(EM_ERR_INVALID, "model prefetch: NULL model or batch");
+    if (m->cfg.tables.kind != EM_TABLES_SSD) return EM_OK;
+    return em_ssd_prefetch(m->ssd, (const uint64_t *)next->indices, next->offsets, next->B);
+}
