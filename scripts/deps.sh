@@ -3,7 +3,7 @@
 # --test adds what the test suite uses beyond the build (numpy, for the checkpoint reader check;
 # clang and its fuzzer/sanitizer runtimes, for scripts/fuzz.sh).
 set -euo pipefail
-pkgs=(build-essential cmake pkg-config libopenblas-dev libjansson-dev libxxhash-dev libmicrohttpd-dev librocksdb-dev)
+pkgs=(build-essential cmake pkg-config libopenblas-dev libjansson-dev libxxhash-dev libmicrohttpd-dev librocksdb-dev libopenmpi-dev openmpi-bin)
 [[ "${1:-}" == "--test" ]] && pkgs+=(python3-numpy clang libclang-rt-14-dev)
 missing=()
 for p in "${pkgs[@]}"; do

@@ -1,0 +1,110 @@
+/*
+ * ember/dist.h - distributed DLRM training over MPI (src/dist/dtrain.c).
+ *
+ * Every rank runs the same program (mpirun -np N ember train ...) and reads its own
+ * slice of the data; the global batch of a step is the ranks' local batches in rank
+ * order. Dense parameters are replicated (data-parallel): every rank computes their
+ * gradient on its local batch, the gradients are all-reduced (a deterministic
+ * reduce-scatter + all-gather: every element is summed in rank order) and every rank
+ * applies the same optimizer step. Embedding tables are model-parallel, one sharding
+ * type per table:
+ *   EM_SHARD_TABLE  the whole table on one rank (owner[t]);
+ *   EM_SHARD_ROW    rows cut into N contiguous blocks, block p on rank p;
+ *   EM_SHARD_DATA   a replica on every rank (small tables).
+ * A step: (1) input all-to-all: each rank sends every bag's ids to the ranks holding
+ * them (row-wise: each id to its block's rank, as a local row); (2) each rank pools its
+ * shards over the whole global batch; (3) output all-to-all: the pooled vectors go back
+ * to the examples' ranks (row-wise: partial sums, added in block order); (4) the dense
+ * forward/backward on the local batch; (5) backward all-to-all: d loss / d pooled goes to
+ * every holder of the table; (6) each holder runs the fused sparse update over the global
+ * batch (duplicate ids reduced once, in global batch order, as one process would);
+ * (7) dense all-reduce and step. Data-parallel tables are pooled by every rank over
+ * the whole batch and updated identically everywhere.
+ * Gradients are scaled so that the step equals one process training on the global
+ * batch: each rank's mean-loss gradient is weighted by B_r / sum B.
+ * Results: bitwise the same for the same world size, data and thread count; equal to
+ * single-process training on the global batch within float rounding (the dense
+ * gradient's summation order differs). Mean pooling is pooled as sums by the holders
+ * and divided by the bag size at the example's rank. Not supported yet: column-wise
+ * sharding, per-id weights, sequence features, non-dense table kinds.
+ * Communication precision: the pooled vectors and their gradients may travel as fp16
+ * or bf16 (rounded to nearest even; the ids and the dense all-reduce stay exact).
+ */
+#ifndef EMBER_DIST_H
+#define EMBER_DIST_H
+
+#include "ember/dlrm.h"
+#include "ember/plan.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* MPI set-up: MPI_Init unless already initialised (safe to call more than once). */
+em_status em_dist_init(int *argc, char ***argv);
+/* MPI_Finalize if em_dist_init initialised MPI. */
+void em_dist_finalize(void);
+/* Rank and world size of MPI_COMM_WORLD (0 and 1 when MPI is not initialised). */
+int em_dist_rank(void);
+int em_dist_world(void);
+/* Launched by mpirun with more than one rank (reads the launcher's environment; no MPI call). */
+int em_dist_launched(void);
+
+typedef enum { EM_COMM_FP32 = 0, EM_COMM_FP16, EM_COMM_BF16 } em_comm_prec;
+const char *em_comm_prec_name(em_comm_prec p);
+/* "fp32" | "fp16" | "bf16"; -1 when unknown. */
+int em_comm_prec_parse(const char *s);
+
+typedef struct {
+    em_dlrm_cfg model;                       /* the whole model, as one process would train it */
+    em_shard_type type[EM_DLRM_MAX_TABLES];  /* EM_SHARD_TABLE, _ROW or _DATA per table */
+    int owner[EM_DLRM_MAX_TABLES];           /* EM_SHARD_TABLE: the rank holding it */
+    em_comm_prec prec;                       /* pooled vectors and their gradients */
+} em_dist_cfg;
+
+/* A placement for cfg->model over `world` ranks from the planner (ember/plan.h:
+ * lookups, all-to-all bytes and memory balanced with Karmarkar-Karp): tables the plan
+ * makes column-wise are placed table-wise, on the rank of their largest piece. */
+em_status em_dist_plan(em_dist_cfg *cfg, int world, int batch, em_plan **plan_out);
+
+typedef struct em_dist em_dist;
+
+/* Collective: every rank calls it with the same cfg. Tables initialised exactly as
+ * em_dlrm_create would for cfg->model (the same values, shard by shard). */
+em_status em_dist_create(em_dist **out, const em_dist_cfg *cfg, em_pool *pool);
+void em_dist_free(em_dist *d);
+/* The dense part (this rank's replica; its tables are placeholders). */
+em_dlrm *em_dist_dense(em_dist *d);
+int64_t em_dist_step_count(const em_dist *d);
+
+/* Collective. One training step on this rank's local batch (B may differ between
+ * ranks, and may be 0 for a rank whose data ran out). *loss (nullable): the global
+ * batch's mean loss. */
+em_status em_dist_train_step(em_dist *d, const em_batch *local, double *loss, em_pool *pool);
+/* Collective. Logits of the local batch (B may be 0). */
+em_status em_dist_forward(em_dist *d, const em_batch *local, float *logits, em_pool *pool);
+void em_dist_set_lr(em_dist *d, float dense_lr, float sparse_lr);
+
+/* Bytes this rank sent in the last step, by phase. */
+typedef struct {
+    double ids, pooled, grads, allreduce, total;
+} em_dist_bytes;
+void em_dist_last_bytes(const em_dist *d, em_dist_bytes *out);
+
+/* Collective. Rank 0 writes one checkpoint in the single-process layout (em_dlrm_save:
+ * readable by ember eval / serve / train --resume at any world size); extra metadata
+ * as em_dlrm_save's, from rank 0's arguments. */
+em_status em_dist_save(em_dist *d, const char *path, const em_st_meta *extra, int n_extra, em_pool *pool);
+/* Collective. Load a single-process-layout checkpoint (from em_dist_save at any world
+ * size, or em_dlrm_save): rank 0 reads it and sends each rank its shards. The
+ * checkpoint's model must equal cfg->model in shape; the placement is cfg's. */
+em_status em_dist_load(em_dist **out, const em_dist_cfg *cfg, const char *path, em_pool *pool);
+
+/* Collective, for tests: the full table t (rows x D) and its optimizer state (NULL:
+ * skip) assembled on every rank. */
+em_status em_dist_gather_table(em_dist *d, int t, float *w, float *state);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

@@ -1,0 +1,834 @@
+/*
+ * dtrain.c - distributed DLRM training over MPI: model-parallel embedding shards with
+ * all-to-all exchanges, data-parallel dense layers with a deterministic all-reduce.
+ * The algorithm and its guarantees are in ember/dist.h; this file's layout:
+ *
+ *   shards    every rank derives the same list of shards from the config: one per
+ *             table-wise or data-parallel table, N per row-wise table (contiguous row
+ *             blocks). A rank's own shards form the tables of one em_embbag (sum
+ *             pooling: mean pooling divides at the example's rank).
+ *   exchange  three all-to-alls per step (ids; pooled vectors; their gradients), each
+ *             one MPI_Alltoall of sizes and one MPI_Alltoallv of payload, in a fixed
+ *             layout: for a pair (source, destination), the destination's shards in
+ *             shard order, and within a shard the source's examples in batch order.
+ *             The holder sees the global batch as the ranks' batches in rank order.
+ *   allreduce a reduce-scatter by MPI_Alltoallv (piece q of every rank's gradient to
+ *             rank q, summed there in rank order 0..N-1) and an MPI_Allgatherv: every
+ *             element is summed in the same order on every run.
+ *   checkpoints go through rank 0 in the single-process layout (em_dlrm_save/load),
+ *             so a run saved at N ranks resumes at M ranks, or in one process.
+ */
+#include <mpi.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "core/half.h"
+#include "ember/dist.h"
+
+/* ------------------------------------------------------------ MPI set-up */
+
+static int g_we_initialised;
+
+em_status em_dist_init(int *argc, char ***argv) {
+    int done = 0;
+    MPI_Initialized(&done);
+    if (done) return EM_OK;
+    if (MPI_Init(argc, argv) != MPI_SUCCESS) return em_errorf(EM_ERR_IO, "dist: MPI_Init failed");
+    g_we_initialised = 1;
+    return EM_OK;
+}
+
+void em_dist_finalize(void) {
+    int fin = 0;
+    MPI_Finalized(&fin);
+    if (g_we_initialised && !fin) MPI_Finalize();
+    g_we_initialised = 0;
+}
+
+static int mpi_up(void) {
+    int up = 0, fin = 0;
+    MPI_Initialized(&up);
+    MPI_Finalized(&fin);
+    return up && !fin;
+}
+
+int em_dist_rank(void) {
+    int r = 0;
+    if (mpi_up()) MPI_Comm_rank(MPI_COMM_WORLD, &r);
+    return r;
+}
+
+int em_dist_world(void) {
+    int n = 1;
+    if (mpi_up()) MPI_Comm_size(MPI_COMM_WORLD, &n);
+    return n;
+}
+
+int em_dist_launched(void) {
+    const char *v[] = {"OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE"};
+    for (size_t i = 0; i < sizeof v / sizeof v[0]; i++) {
+        const char *s = getenv(v[i]);
+        if (s && atoi(s) > 1) return 1;
+    }
+    return 0;
+}
+
+const char *em_comm_prec_name(em_comm_prec p) { return p == EM_COMM_FP16 ? "fp16" : p == EM_COMM_BF16 ? "bf16" : "fp32"; }
+
+int em_comm_prec_parse(const char *s) {
+    if (!s) return -1;
+    if (strcmp(s, "fp32") == 0) return EM_COMM_FP32;
+    if (strcmp(s, "fp16") == 0) return EM_COMM_FP16;
+    if (strcmp(s, "bf16") == 0) return EM_COMM_BF16;
+    return -1;
+}
+
+/* ------------------------------------------------------------ state */
+
+typedef struct {
+    int t;            /* global table */
+    em_shard_type type;
+    int holder;       /* rank; -1: every rank (data-parallel) */
+    int64_t row0, rows;
+} shard;
+
+/* A growable buffer. */
+typedef struct {
+    void *p;
+    size_t cap; /* bytes */
+} buf;
+
+struct em_dist {
+    em_dist_cfg cfg;
+    int rank, world, D, T;
+    em_dlrm *m;            /* dense replica; its tables are 1-row placeholders */
+    shard *sh;             /* all shards, in table order */
+    int nsh;
+    int *mine, nmine;      /* indices of this rank's shards (data-parallel ones included) */
+    int *held_by;          /* [world * nsh]: held_by[q * nsh + s] = rank q holds shard s */
+    em_embbag *emb;        /* this rank's shards as tables, in `mine` order */
+    int64_t step;
+
+    /* per step */
+    int *Bs;               /* [world] local batch sizes */
+    int64_t *boff;         /* [world + 1] their prefix sums: global example offsets */
+    int G;                 /* global batch */
+    int *scnt, *sdis, *rcnt, *rdis; /* [world] MPI counts and displacements */
+    buf sbuf, rbuf;
+    buf gidx, goff;        /* the global batch's bags over my shards (int64) */
+    buf gout;              /* (G, nmine, D) pooled over my shards; then the gradient */
+    buf pooled, dpooled;   /* (B, T, D) this rank's examples */
+    buf red;               /* all-reduce scratch */
+    em_dist_bytes bytes;
+};
+
+static em_status grow(buf *b, size_t bytes) {
+    if (bytes <= b->cap && b->p) return EM_OK;
+    size_t c = bytes + bytes / 2 + 64;
+    void *q = em_malloc(c);
+    if (!q) return em_errorf(EM_ERR_NOMEM, "dist: out of memory (%zu bytes of exchange buffers)", c);
+    em_free(b->p);
+    b->p = q, b->cap = c;
+    return EM_OK;
+}
+
+static int holds(const em_dist *d, int q, int s) { return d->held_by[(size_t)q * d->nsh + s]; }
+
+/* Every rank agrees on the status of a collective phase: the worst one wins, and a
+ * rank that did not fail itself reports which rank did. */
+static em_status agree(em_status st) {
+    int mine = (int)st, worst = 0;
+    MPI_Allreduce(&mine, &worst, 1, MPI_INT, MPI_MAX, MPI_COMM_WORLD);
+    if (!worst) return EM_OK;
+    if (!st) return em_errorf((em_status)worst, "dist: another rank failed (status %s)", em_status_str((em_status)worst));
+    return st;
+}
+
+/* ------------------------------------------------------------ create */
+
+static em_status check_cfg(const em_dist_cfg *c, int world) {
+    em_status st = em_dlrm_cfg_validate(&c->model);
+    if (st) return st;
+    if (c->model.seq.num_seq) return em_errorf(EM_ERR_UNSUPPORTED, "dist: sequence features are not supported in distributed training");
+    if (c->model.tables.kind != EM_TABLES_DENSE)
+        return em_errorf(EM_ERR_UNSUPPORTED, "dist: only dense tables can be sharded (not %s)",
+                         em_table_kind_name(c->model.tables.kind));
+    if (c->prec != EM_COMM_FP32 && c->prec != EM_COMM_FP16 && c->prec != EM_COMM_BF16)
+        return em_errorf(EM_ERR_INVALID, "dist: unknown communication precision %d", (int)c->prec);
+    for (int t = 0; t < c->model.num_tables; t++) {
+        const em_shard_type ty = c->type[t];
+        if (ty == EM_SHARD_COLUMN)
+            return em_errorf(EM_ERR_UNSUPPORTED, "dist: table %d: column-wise sharding is not supported yet", t);
+        if (ty != EM_SHARD_TABLE && ty != EM_SHARD_ROW && ty != EM_SHARD_DATA)
+            return em_errorf(EM_ERR_INVALID, "dist: table %d: no sharding type", t);
+        if (ty == EM_SHARD_TABLE && (c->owner[t] < 0 || c->owner[t] >= world))
+            return em_errorf(EM_ERR_INVALID, "dist: table %d: owner rank %d not in [0, %d)", t, c->owner[t], world);
+    }
+    return EM_OK;
+}
+
+static em_status make_shards(em_dist *d) {
+    const em_dlrm_cfg *mc = &d->cfg.model;
+    int n = 0;
+    for (int t = 0; t < d->T; t++) n += d->cfg.type[t] == EM_SHARD_ROW ? d->world : 1;
+    d->sh = em_calloc((size_t)n, sizeof(shard));
+    d->mine = em_calloc((size_t)n, sizeof(int));
+    d->held_by = em_calloc((size_t)n * (size_t)d->world, sizeof(int));
+    if (!d->sh || !d->mine || !d->held_by) return em_errorf(EM_ERR_NOMEM, "dist: out of memory");
+    d->nsh = n;
+    int s = 0;
+    for (int t = 0; t < d->T; t++) {
+        const int64_t R = mc->rows[t];
+        if (d->cfg.type[t] == EM_SHARD_ROW) {
+            const int64_t blk = (R + d->world - 1) / d->world;
+            for (int p = 0; p < d->world; p++, s++) {
+                int64_t r0 = blk * p < R ? blk * p : R, r1 = blk * (p + 1) < R ? blk * (p + 1) : R;
+                d->sh[s] = (shard){t, EM_SHARD_ROW, p, r0, r1 - r0};
+            }
+        } else {
+            d->sh[s++] = (shard){t, d->cfg.type[t], d->cfg.type[t] == EM_SHARD_DATA ? -1 : d->cfg.owner[t], 0, R};
+        }
+    }
+    for (s = 0; s < n; s++)
+        for (int q = 0; q < d->world; q++) d->held_by[(size_t)q * n + s] = d->sh[s].holder < 0 || d->sh[s].holder == q;
+    d->nmine = 0;
+    for (s = 0; s < n; s++)
+        if (holds(d, d->rank, s)) d->mine[d->nmine++] = s;
+    return EM_OK;
+}
+
+static em_status create_local(em_dist *d, const em_dist_cfg *cfg) {
+    d->cfg = *cfg;
+    d->rank = em_dist_rank(), d->world = em_dist_world();
+    d->D = cfg->model.dim, d->T = cfg->model.num_tables;
+    em_status st = check_cfg(cfg, d->world);
+    if (st || (st = make_shards(d))) return st;
+    /* the dense replica: the same config with 1-row tables (the MLPs' initial values
+     * do not depend on the tables) */
+    em_dlrm_cfg dc = cfg->model;
+    for (int t = 0; t < d->T; t++) dc.rows[t] = 1;
+    if ((st = em_dlrm_create(&d->m, &dc, NULL))) return st;
+    em_dlrm_release_tables(d->m);
+    /* this rank's shards */
+    int64_t *rows = em_malloc((size_t)(d->nmine ? d->nmine : 1) * sizeof(int64_t));
+    if (!rows) return em_errorf(EM_ERR_NOMEM, "dist: out of memory");
+    for (int k = 0; k < d->nmine; k++) rows[k] = d->sh[d->mine[k]].rows > 0 ? d->sh[d->mine[k]].rows : 1;
+    em_embbag_cfg ec = {.num_tables = d->nmine, .rows = rows, .dim = d->D, .pooling = EM_POOL_SUM,
+                        .opt = cfg->model.sparse_opt};
+    if (d->nmine) st = em_embbag_create(&d->emb, &ec);
+    em_free(rows);
+    if (st) return st;
+    for (int k = 0; k < d->nmine; k++) {
+        const shard *h = &d->sh[d->mine[k]];
+        if (h->rows > 0)
+            em_embbag_init_uniform_shard(d->emb, k, cfg->model.seed, h->t, cfg->model.rows[h->t], h->row0, 0, d->D);
+    }
+    const size_t W = (size_t)d->world;
+    d->Bs = em_calloc(W, sizeof(int));
+    d->boff = em_calloc(W + 1, sizeof(int64_t));
+    d->scnt = em_calloc(W, sizeof(int)), d->sdis = em_calloc(W, sizeof(int));
+    d->rcnt = em_calloc(W, sizeof(int)), d->rdis = em_calloc(W, sizeof(int));
+    if (!d->Bs || !d->boff || !d->scnt || !d->sdis || !d->rcnt || !d->rdis) return em_errorf(EM_ERR_NOMEM, "dist: out of memory");
+    return EM_OK;
+}
+
+em_status em_dist_create(em_dist **out, const em_dist_cfg *cfg, em_pool *pool) {
+    (void)pool;
+    *out = NULL;
+    if (!mpi_up()) return em_errorf(EM_ERR_INVALID, "dist: MPI is not initialised (em_dist_init)");
+    em_dist *d = em_calloc(1, sizeof *d);
+    em_status st = d ? create_local(d, cfg) : em_errorf(EM_ERR_NOMEM, "dist: out of memory");
+    if ((st = agree(st))) {
+        em_dist_free(d);
+        return st;
+    }
+    *out = d;
+    return EM_OK;
+}
+
+void em_dist_free(em_dist *d) {
+    if (!d) return;
+    em_dlrm_free(d->m);
+    em_embbag_free(d->emb);
+    em_free(d->sh), em_free(d->mine), em_free(d->held_by);
+    em_free(d->Bs), em_free(d->boff), em_free(d->scnt), em_free(d->sdis), em_free(d->rcnt), em_free(d->rdis);
+    buf *bs[] = {&d->sbuf, &d->rbuf, &d->gidx, &d->goff, &d->gout, &d->pooled, &d->dpooled, &d->red};
+    for (size_t i = 0; i < sizeof bs / sizeof bs[0]; i++) em_free(bs[i]->p);
+    em_free(d);
+}
+
+em_dlrm *em_dist_dense(em_dist *d) { return d->m; }
+int64_t em_dist_step_count(const em_dist *d) { return d->step; }
+void em_dist_last_bytes(const em_dist *d, em_dist_bytes *out) { *out = d->bytes; }
+
+void em_dist_set_lr(em_dist *d, float dense_lr, float sparse_lr) {
+    em_dlrm_set_lr(d->m, dense_lr, sparse_lr);
+    d->cfg.model.dense_opt.lr = dense_lr, d->cfg.model.sparse_opt.lr = sparse_lr;
+    if (d->emb) em_embbag_set_lr(d->emb, sparse_lr);
+}
+
+/* ------------------------------------------------------------ exchanges */
+
+/* MPI_Alltoall of the send counts, then displacements; counts are in `unit` bytes. */
+static em_status plan_exchange(em_dist *d, size_t unit) {
+    MPI_Alltoall(d->scnt, 1, MPI_INT, d->rcnt, 1, MPI_INT, MPI_COMM_WORLD);
+    int64_t so = 0, ro = 0;
+    for (int q = 0; q < d->world; q++) {
+        d->sdis[q] = (int)so, d->rdis[q] = (int)ro;
+        so += d->scnt[q], ro += d->rcnt[q];
+    }
+    if (so * (int64_t)unit > INT32_MAX || ro * (int64_t)unit > INT32_MAX)
+        return em_errorf(EM_ERR_UNSUPPORTED, "dist: one exchange over 2 GiB (use a smaller batch or more ranks)");
+    em_status st = grow(&d->rbuf, (size_t)(ro ? ro : 1) * unit);
+    return st;
+}
+
+static void exchange(em_dist *d, MPI_Datatype ty) {
+    MPI_Alltoallv(d->sbuf.p, d->scnt, d->sdis, ty, d->rbuf.p, d->rcnt, d->rdis, ty, MPI_COMM_WORLD);
+}
+
+/* Does id row r of table t fall into shard s? */
+static int in_shard(const shard *h, int64_t r) { return r >= h->row0 && r < h->row0 + h->rows; }
+
+/* Step 1: batch sizes, then every bag's ids to the ranks holding them. Builds the global
+ * batch over this rank's shards in gidx / goff (table-batched: shard k, example g). */
+static em_status input_dist(em_dist *d, const em_batch *b) {
+    const int B = b ? b->B : 0, W = d->world;
+    MPI_Allgather(&B, 1, MPI_INT, d->Bs, 1, MPI_INT, MPI_COMM_WORLD);
+    d->boff[0] = 0;
+    for (int q = 0; q < W; q++) d->boff[q + 1] = d->boff[q] + d->Bs[q];
+    if (d->boff[W] > INT32_MAX) return em_errorf(EM_ERR_UNSUPPORTED, "dist: global batch over 2^31 examples");
+    d->G = (int)d->boff[W];
+    /* sizes: for each destination q, each shard it holds: B lengths + the ids */
+    int64_t total = 0;
+    for (int q = 0; q < W; q++) {
+        int64_t n = 0;
+        for (int s = 0; s < d->nsh; s++) {
+            if (!holds(d, q, s)) continue;
+            const shard *h = &d->sh[s];
+            n += B;
+            const int64_t *off = b ? b->offsets + (size_t)h->t * B : NULL;
+            if (B && h->type == EM_SHARD_ROW) {
+                for (int64_t k = off[0]; k < off[B]; k++) n += in_shard(h, b->indices[k]);
+            } else if (B) {
+                n += off[B] - off[0];
+            }
+        }
+        if (n > INT32_MAX) return em_errorf(EM_ERR_UNSUPPORTED, "dist: over 2^31 ids for one rank in one step");
+        d->scnt[q] = (int)n, total += n;
+    }
+    em_status st = grow(&d->sbuf, (size_t)(total ? total : 1) * sizeof(int64_t));
+    if (st) return st;
+    int64_t *o = d->sbuf.p;
+    for (int q = 0; q < W; q++)
+        for (int s = 0; s < d->nsh; s++) {
+            if (!holds(d, q, s)) continue;
+            const shard *h = &d->sh[s];
+            const int64_t *off = b ? b->offsets + (size_t)h->t * B : NULL;
+            int64_t *len = o;
+            o += B;
+            for (int e = 0; e < B; e++) {
+                int64_t c = 0;
+                for (int64_t k = off[e]; k < off[e + 1]; k++) {
+                    const int64_t r = b->indices[k];
+                    if (h->type == EM_SHARD_ROW && !in_shard(h, r)) continue;
+                    *o++ = r - h->row0, c++;
+                }
+                len[e] = c;
+            }
+        }
+    if ((st = plan_exchange(d, sizeof(int64_t)))) return st;
+    exchange(d, MPI_INT64_T);
+    d->bytes.ids = (double)(total - d->scnt[d->rank]) * sizeof(int64_t); /* what leaves the rank */
+    /* assemble: shard k's bags over the global batch, sources in rank order */
+    const int G = d->G, K = d->nmine;
+    int64_t nids = 0;
+    for (int p = 0; p < W; p++) nids += d->rcnt[p] - (int64_t)K * d->Bs[p];
+    if ((st = grow(&d->goff, ((size_t)K * G + 1) * sizeof(int64_t))) ||
+        (st = grow(&d->gidx, (size_t)(nids ? nids : 1) * sizeof(int64_t))))
+        return st;
+    int64_t *goff = d->goff.p, *gidx = d->gidx.p, *rb = d->rbuf.p;
+    /* the per-source cursor walks the source's shards in order: shard k of this rank
+     * is the k-th block in every source's payload */
+    int64_t pos = 0;
+    goff[0] = 0;
+    for (int k = 0; k < K; k++)
+        for (int p = 0; p < W; p++) {
+            /* find shard k's block in source p: skip blocks 0..k-1 */
+            const int64_t *q = rb + d->rdis[p];
+            for (int j = 0; j < k; j++) {
+                int64_t n = 0;
+                for (int e = 0; e < d->Bs[p]; e++) n += q[e];
+                q += d->Bs[p] + n;
+            }
+            const int64_t *ids = q + d->Bs[p];
+            int64_t n = 0;
+            for (int e = 0; e < d->Bs[p]; e++) {
+                n += q[e];
+                goff[(size_t)k * G + (size_t)d->boff[p] + (size_t)e + 1] = pos + n;
+            }
+            memcpy(gidx + pos, ids, (size_t)n * sizeof(int64_t));
+            pos += n;
+        }
+    return EM_OK;
+}
+
+/* Payload element conversions for the pooled vectors and their gradients. */
+static size_t elem_bytes(const em_dist *d) { return d->cfg.prec == EM_COMM_FP32 ? 4 : 2; }
+
+static void put_vals(const em_dist *d, void *dst, const float *src, size_t n, float scale) {
+    if (d->cfg.prec == EM_COMM_FP32) {
+        float *o = dst;
+        for (size_t i = 0; i < n; i++) o[i] = src[i] * scale;
+    } else if (d->cfg.prec == EM_COMM_FP16) {
+        uint16_t *o = dst;
+        for (size_t i = 0; i < n; i++) o[i] = em_f32_to_f16(src[i] * scale);
+    } else {
+        uint16_t *o = dst;
+        for (size_t i = 0; i < n; i++) o[i] = em_f32_to_bf16(src[i] * scale);
+    }
+}
+
+static void add_vals(const em_dist *d, float *dst, const void *src, size_t n) {
+    if (d->cfg.prec == EM_COMM_FP32) {
+        const float *s = src;
+        for (size_t i = 0; i < n; i++) dst[i] += s[i];
+    } else if (d->cfg.prec == EM_COMM_FP16) {
+        const uint16_t *s = src;
+        for (size_t i = 0; i < n; i++) dst[i] += em_f16_to_f32(s[i]);
+    } else {
+        const uint16_t *s = src;
+        for (size_t i = 0; i < n; i++) dst[i] += em_bf16_to_f32(s[i]);
+    }
+}
+
+/* Steps 2-3: pool this rank's shards over the global batch, send each example's
+ * vectors to its rank, assemble pooled (B, T, D) there (row-wise: partial sums added
+ * in block order; data-parallel: this rank's own pooling; mean: divided by the bag size). */
+static em_status pool_and_output_dist(em_dist *d, const em_batch *b, em_pool *pool) {
+    const int W = d->world, K = d->nmine, G = d->G, B = b ? b->B : 0;
+    const size_t D = (size_t)d->D, eb = elem_bytes(d);
+    em_status st = grow(&d->gout, (size_t)(G ? G : 1) * (size_t)(K ? K : 1) * D * sizeof(float));
+    if (st) return st;
+    float *gout = d->gout.p;
+    if (K && G && (st = em_embbag_forward(d->emb, gout, d->gidx.p, d->goff.p, NULL, G, pool))) return st;
+    int nsend = 0; /* my shards that travel (not data-parallel) */
+    for (int k = 0; k < K; k++) nsend += d->sh[d->mine[k]].type != EM_SHARD_DATA;
+    int64_t total = 0;
+    for (int q = 0; q < W; q++) {
+        int64_t n = (int64_t)nsend * d->Bs[q] * (int64_t)D * (int64_t)eb;
+        if (n > INT32_MAX) return em_errorf(EM_ERR_UNSUPPORTED, "dist: pooled exchange over 2 GiB for one rank");
+        d->scnt[q] = (int)n, total += n;
+    }
+    if ((st = grow(&d->sbuf, (size_t)(total ? total : 1)))) return st;
+    char *o = d->sbuf.p;
+    for (int q = 0; q < W; q++)
+        for (int k = 0; k < K; k++) {
+            if (d->sh[d->mine[k]].type == EM_SHARD_DATA) continue;
+            for (int e = 0; e < d->Bs[q]; e++) {
+                put_vals(d, o, gout + ((size_t)(d->boff[q] + e) * K + (size_t)k) * D, D, 1.0f);
+                o += D * eb;
+            }
+        }
+    d->bytes.pooled = (double)(total - d->scnt[d->rank]);
+    if ((st = plan_exchange(d, 1))) return st;
+    exchange(d, MPI_BYTE);
+    const size_t TD = (size_t)d->T * D;
+    if ((st = grow(&d->pooled, (size_t)(B ? B : 1) * TD * sizeof(float)))) return st;
+    float *pooled = d->pooled.p;
+    memset(pooled, 0, (size_t)B * TD * sizeof(float));
+    for (int p = 0; p < W; p++) { /* source p's shards, in shard order */
+        const char *q = (const char *)d->rbuf.p + d->rdis[p];
+        for (int s = 0; s < d->nsh; s++) {
+            if (!holds(d, p, s) || d->sh[s].type == EM_SHARD_DATA) continue;
+            for (int e = 0; e < B; e++) {
+                add_vals(d, pooled + (size_t)e * TD + (size_t)d->sh[s].t * D, q, D);
+                q += D * eb;
+            }
+        }
+    }
+    for (int k = 0; k < K; k++) { /* data-parallel tables: my own pooling, exact */
+        const shard *h = &d->sh[d->mine[k]];
+        if (h->type != EM_SHARD_DATA) continue;
+        for (int e = 0; e < B; e++)
+            memcpy(pooled + (size_t)e * TD + (size_t)h->t * D, gout + ((size_t)(d->boff[d->rank] + e) * K + (size_t)k) * D,
+                   D * sizeof(float));
+    }
+    if (d->cfg.model.pooling == EM_POOL_MEAN)
+        for (int t = 0; t < d->T; t++)
+            for (int e = 0; e < B; e++) {
+                const int64_t n = b->offsets[(size_t)t * B + e + 1] - b->offsets[(size_t)t * B + e];
+                if (n > 1) {
+                    float *v = pooled + (size_t)e * TD + (size_t)t * D;
+                    const float inv = 1.0f / (float)n;
+                    for (size_t j = 0; j < D; j++) v[j] *= inv;
+                }
+            }
+    return EM_OK;
+}
+
+/* Steps 5-6: d loss / d pooled (already weighted) to every holder of each table; the
+ * holders' fused sparse update over the global batch. */
+static em_status backward_dist(em_dist *d, const em_batch *b, em_pool *pool) {
+    const int W = d->world, K = d->nmine, G = d->G, B = b ? b->B : 0;
+    const size_t D = (size_t)d->D, eb = elem_bytes(d), TD = (size_t)d->T * D;
+    const float *dp = d->dpooled.p;
+    int64_t total = 0;
+    for (int q = 0; q < W; q++) {
+        int nq = 0;
+        for (int s = 0; s < d->nsh; s++) nq += holds(d, q, s);
+        int64_t n = (int64_t)nq * B * (int64_t)D * (int64_t)eb;
+        if (n > INT32_MAX) return em_errorf(EM_ERR_UNSUPPORTED, "dist: gradient exchange over 2 GiB for one rank");
+        d->scnt[q] = (int)n, total += n;
+    }
+    em_status st = grow(&d->sbuf, (size_t)(total ? total : 1));
+    if (st) return st;
+    char *o = d->sbuf.p;
+    for (int q = 0; q < W; q++)
+        for (int s = 0; s < d->nsh; s++) {
+            if (!holds(d, q, s)) continue;
+            const int t = d->sh[s].t;
+            for (int e = 0; e < B; e++) {
+                float sc = 1.0f;
+                if (d->cfg.model.pooling == EM_POOL_MEAN) {
+                    const int64_t n = b->offsets[(size_t)t * B + e + 1] - b->offsets[(size_t)t * B + e];
+                    if (n > 1) sc = 1.0f / (float)n;
+                }
+                put_vals(d, o, dp + (size_t)e * TD + (size_t)t * D, D, sc);
+                o += D * eb;
+            }
+        }
+    d->bytes.grads = (double)(total - d->scnt[d->rank]);
+    if ((st = plan_exchange(d, 1))) return st;
+    exchange(d, MPI_BYTE);
+    if (!K || !G) return EM_OK;
+    float *gout = d->gout.p; /* reused: dout (G, K, D) */
+    memset(gout, 0, (size_t)G * (size_t)K * D * sizeof(float));
+    for (int p = 0; p < W; p++) {
+        const char *q = (const char *)d->rbuf.p + d->rdis[p];
+        for (int k = 0; k < K; k++)
+            for (int e = 0; e < d->Bs[p]; e++) {
+                add_vals(d, gout + ((size_t)(d->boff[p] + e) * K + (size_t)k) * D, q, D);
+                q += D * eb;
+            }
+    }
+    return em_embbag_backward_update(d->emb, gout, d->gidx.p, d->goff.p, NULL, NULL, G, pool);
+}
+
+/* Step 7: sum the gradient block over the ranks, deterministically. */
+static em_status allreduce(em_dist *d, float *g, size_t n) {
+    const int W = d->world;
+    if (W == 1) return EM_OK;
+    if (n / (size_t)W + 1 > INT32_MAX / 2) return em_errorf(EM_ERR_UNSUPPORTED, "dist: dense gradient too large for one all-reduce");
+    for (int q = 0; q < W; q++) {
+        size_t lo, hi;
+        em_split(n, q, W, &lo, &hi);
+        d->scnt[q] = (int)(hi - lo), d->sdis[q] = (int)lo;
+    }
+    size_t mlo, mhi;
+    em_split(n, d->rank, W, &mlo, &mhi);
+    const size_t mn = mhi - mlo;
+    em_status st = grow(&d->red, ((size_t)W * mn + 1) * sizeof(float));
+    if (st) return st;
+    for (int p = 0; p < W; p++) d->rcnt[p] = (int)mn, d->rdis[p] = (int)((size_t)p * mn);
+    float *r = d->red.p;
+    MPI_Alltoallv(g, d->scnt, d->sdis, MPI_FLOAT, r, d->rcnt, d->rdis, MPI_FLOAT, MPI_COMM_WORLD);
+    for (size_t i = 0; i < mn; i++) { /* rank order 0..W-1 */
+        float acc = r[i];
+        for (int p = 1; p < W; p++) acc += r[(size_t)p * mn + i];
+        g[mlo + i] = acc;
+    }
+    MPI_Allgatherv(MPI_IN_PLACE, 0, MPI_FLOAT, g, d->scnt, d->sdis, MPI_FLOAT, MPI_COMM_WORLD);
+    d->bytes.allreduce = (double)(n - mn) * sizeof(float) * 2.0;
+    return EM_OK;
+}
+
+/* ------------------------------------------------------------ steps */
+
+static em_status check_local(const em_dist *d, const em_batch *b) {
+    if (!b || b->B == 0) return EM_OK;
+    if (b->num_sparse != d->T || b->num_dense != d->cfg.model.num_dense)
+        return em_errorf(EM_ERR_INVALID, "dist: batch has %d dense / %d sparse features, the model expects %d / %d",
+                         b->num_dense, b->num_sparse, d->cfg.model.num_dense, d->T);
+    if (b->per_id_w) return em_errorf(EM_ERR_UNSUPPORTED, "dist: per-id weights are not supported in distributed training");
+    const int64_t *off = b->offsets;
+    const size_t TB = (size_t)d->T * (size_t)b->B;
+    if (off[0] != 0) return em_errorf(EM_ERR_INVALID, "dist: offsets[0] = %lld, not 0", (long long)off[0]);
+    for (size_t u = 0; u < TB; u++)
+        if (off[u + 1] < off[u]) return em_errorf(EM_ERR_INVALID, "dist: offsets decrease at %zu", u);
+    for (int t = 0; t < d->T; t++)
+        for (int64_t k = off[(size_t)t * b->B]; k < off[(size_t)(t + 1) * b->B]; k++)
+            if (b->indices[k] < 0 || b->indices[k] >= d->cfg.model.rows[t])
+                return em_errorf(EM_ERR_INVALID, "dist: table %d: index %lld out of [0, %lld)", t, (long long)b->indices[k],
+                                 (long long)d->cfg.model.rows[t]);
+    return EM_OK;
+}
+
+em_status em_dist_forward(em_dist *d, const em_batch *local, float *logits, em_pool *pool) {
+    memset(&d->bytes, 0, sizeof d->bytes);
+    em_status st = agree(check_local(d, local));
+    if (st || (st = agree(input_dist(d, local))) || (st = agree(pool_and_output_dist(d, local, pool)))) return st;
+    if (local && local->B) st = em_dlrm_forward_with(d->m, local, d->pooled.p, logits, pool);
+    d->bytes.total = d->bytes.ids + d->bytes.pooled;
+    return agree(st);
+}
+
+em_status em_dist_train_step(em_dist *d, const em_batch *local, double *loss, em_pool *pool) {
+    memset(&d->bytes, 0, sizeof d->bytes);
+    em_status st = agree(check_local(d, local));
+    if (st || (st = agree(input_dist(d, local))) || (st = agree(pool_and_output_dist(d, local, pool)))) return st;
+    const int B = local ? local->B : 0;
+    const size_t TD = (size_t)d->T * (size_t)d->D;
+    size_t n;
+    float *g = em_dlrm_dense_block(d->m, 1, &n);
+    double l = 0;
+    st = grow(&d->dpooled, (size_t)(B ? B : 1) * TD * sizeof(float));
+    if (!st && B) st = em_dlrm_dense_backward_with(d->m, local, d->pooled.p, d->dpooled.p, &l, pool);
+    if ((st = agree(st))) return st;
+    /* weight B_r / G: the step is one process's on the global batch */
+    const float w = d->G ? (float)B / (float)d->G : 0.f;
+    if (B) {
+        float *dp = d->dpooled.p;
+        for (size_t i = 0; i < (size_t)B * TD; i++) dp[i] *= w;
+        for (size_t i = 0; i < n; i++) g[i] *= w;
+    } else {
+        memset(g, 0, n * sizeof(float));
+    }
+    if ((st = agree(backward_dist(d, local, pool)))) return st;
+    if ((st = agree(allreduce(d, g, n)))) return st;
+    if ((st = agree(em_dlrm_dense_step(d->m, pool)))) return st;
+    d->step++;
+    if (loss) { /* the global batch's mean loss, summed in rank order */
+        double *all = em_malloc((size_t)d->world * sizeof(double)), lw = l * (double)B;
+        if (!all) return em_errorf(EM_ERR_NOMEM, "dist: out of memory");
+        MPI_Allgather(&lw, 1, MPI_DOUBLE, all, 1, MPI_DOUBLE, MPI_COMM_WORLD);
+        double s = 0;
+        for (int p = 0; p < d->world; p++) s += all[p];
+        em_free(all);
+        *loss = d->G ? s / (double)d->G : 0.0;
+    }
+    d->bytes.total = d->bytes.ids + d->bytes.pooled + d->bytes.grads + d->bytes.allreduce;
+    return EM_OK;
+}
+
+/* ------------------------------------------------------------ gathering tables */
+
+#define CHUNK_FLOATS ((size_t)1 << 26)
+
+static void send_floats(const float *p, size_t n, int to, int tag) {
+    for (size_t o = 0; o < n; o += CHUNK_FLOATS)
+        MPI_Send(p + o, (int)(n - o < CHUNK_FLOATS ? n - o : CHUNK_FLOATS), MPI_FLOAT, to, tag, MPI_COMM_WORLD);
+}
+
+static void recv_floats(float *p, size_t n, int from, int tag) {
+    for (size_t o = 0; o < n; o += CHUNK_FLOATS)
+        MPI_Recv(p + o, (int)(n - o < CHUNK_FLOATS ? n - o : CHUNK_FLOATS), MPI_FLOAT, from, tag, MPI_COMM_WORLD,
+                 MPI_STATUS_IGNORE);
+}
+
+static void bcast_floats(float *p, size_t n, int root) {
+    for (size_t o = 0; o < n; o += CHUNK_FLOATS)
+        MPI_Bcast(p + o, (int)(n - o < CHUNK_FLOATS ? n - o : CHUNK_FLOATS), MPI_FLOAT, root, MPI_COMM_WORLD);
+}
+
+static int local_index(const em_dist *d, int s) {
+    for (int k = 0; k < d->nmine; k++)
+        if (d->mine[k] == s) return k;
+    return -1;
+}
+
+static size_t state_per_row(const em_dist *d) {
+    const em_optim_kind k = d->cfg.model.sparse_opt.kind;
+    return k == EM_OPT_ADAGRAD ? (size_t)d->D : k == EM_OPT_ROWWISE_ADAGRAD ? 1 : 0;
+}
+
+/* Table t's shards to rank 0 into w (rows x D) and state (rows x spr); or, with
+ * to_root = 0, from rank 0 out to their holders. */
+static void move_table(em_dist *d, int t, float *w, float *state, int to_root) {
+    const size_t D = (size_t)d->D, spr = state_per_row(d);
+    for (int s = 0; s < d->nsh; s++) {
+        const shard *h = &d->sh[s];
+        if (h->t != t || h->rows == 0) continue;
+        const int k = local_index(d, s);
+        float *lw = k >= 0 ? em_embbag_weights(d->emb, k) : NULL;
+        float *ls = k >= 0 && spr ? em_embbag_state(d->emb, k, NULL) : NULL;
+        const size_t nw = (size_t)h->rows * D, ns = (size_t)h->rows * spr;
+        float *gw = w ? w + (size_t)h->row0 * D : NULL, *gs = state ? state + (size_t)h->row0 * spr : NULL;
+        const int src = h->holder < 0 ? 0 : h->holder;
+        if (to_root) {
+            if (src == 0) {
+                if (d->rank == 0) {
+                    memcpy(gw, lw, nw * sizeof(float));
+                    if (gs && ls) memcpy(gs, ls, ns * sizeof(float));
+                }
+            } else if (d->rank == src) {
+                send_floats(lw, nw, 0, 100 + s);
+                if (spr) send_floats(ls, ns, 0, 100 + s);
+            } else if (d->rank == 0) {
+                recv_floats(gw, nw, src, 100 + s);
+                if (spr) {
+                    if (gs) recv_floats(gs, ns, src, 100 + s);
+                    else { /* the caller wants no state: drain it */
+                        float *tmp = em_malloc(ns * sizeof(float));
+                        if (tmp) recv_floats(tmp, ns, src, 100 + s);
+                        em_free(tmp);
+                    }
+                }
+            }
+        } else if (h->holder < 0) { /* data-parallel: to everybody */
+            if (d->rank == 0) memcpy(lw, gw, nw * sizeof(float));
+            bcast_floats(lw, nw, 0);
+            if (spr) {
+                if (d->rank == 0) memcpy(ls, gs, ns * sizeof(float));
+                bcast_floats(ls, ns, 0);
+            }
+        } else if (src == 0) {
+            if (d->rank == 0) {
+                memcpy(lw, gw, nw * sizeof(float));
+                if (spr) memcpy(ls, gs, ns * sizeof(float));
+            }
+        } else if (d->rank == 0) {
+            send_floats(gw, nw, src, 100 + s);
+            if (spr) send_floats(gs, ns, src, 100 + s);
+        } else if (d->rank == src) {
+            recv_floats(lw, nw, 0, 100 + s);
+            if (spr) recv_floats(ls, ns, 0, 100 + s);
+        }
+    }
+}
+
+em_status em_dist_gather_table(em_dist *d, int t, float *w, float *state) {
+    if (t < 0 || t >= d->T) return em_errorf(EM_ERR_INVALID, "dist: no table %d", t);
+    move_table(d, t, w, state, 1);
+    const size_t rows = (size_t)d->cfg.model.rows[t];
+    bcast_floats(w, rows * (size_t)d->D, 0);
+    if (state && state_per_row(d)) bcast_floats(state, rows * state_per_row(d), 0);
+    return EM_OK;
+}
+
+/* ------------------------------------------------------------ checkpoints */
+
+em_status em_dist_save(em_dist *d, const char *path, const em_st_meta *extra, int n_extra, em_pool *pool) {
+    em_dlrm *full = NULL;
+    em_status st = EM_OK;
+    if (d->rank == 0) st = em_dlrm_create(&full, &d->cfg.model, pool);
+    if ((st = agree(st))) return st;
+    for (int t = 0; t < d->T; t++) {
+        float *w = NULL, *s = NULL;
+        if (d->rank == 0) {
+            char name[64];
+            snprintf(name, sizeof name, "emb.%d.weight", t);
+            w = em_dlrm_param(full, name, 0, NULL);
+            s = state_per_row(d) ? em_embbag_state(em_dlrm_embbag(full), t, NULL) : NULL;
+        }
+        move_table(d, t, w, s, 1);
+    }
+    if (d->rank == 0) {
+        size_t n, nf;
+        for (int which = 0; which <= 2; which += 2) {
+            float *src = em_dlrm_dense_block(d->m, which, &n), *dst = em_dlrm_dense_block(full, which, &nf);
+            if (n && n == nf) memcpy(dst, src, n * sizeof(float));
+        }
+        em_dlrm_set_step(full, em_dlrm_step_count(d->m));
+        st = em_dlrm_save(full, path, extra, n_extra);
+        em_dlrm_free(full);
+    }
+    return agree(st);
+}
+
+static int same_shape(const em_dlrm_cfg *a, const em_dlrm_cfg *b) {
+    if (a->num_dense != b->num_dense || a->num_tables != b->num_tables || a->dim != b->dim || a->n_bot != b->n_bot ||
+        a->n_top != b->n_top || a->pooling != b->pooling || a->dense_opt.kind != b->dense_opt.kind ||
+        a->sparse_opt.kind != b->sparse_opt.kind)
+        return 0;
+    for (int t = 0; t < a->num_tables; t++)
+        if (a->rows[t] != b->rows[t]) return 0;
+    for (int i = 0; i < a->n_bot; i++)
+        if (a->bot[i] != b->bot[i]) return 0;
+    for (int i = 0; i < a->n_top; i++)
+        if (a->top[i] != b->top[i]) return 0;
+    return 1;
+}
+
+em_status em_dist_load(em_dist **out, const em_dist_cfg *cfg, const char *path, em_pool *pool) {
+    *out = NULL;
+    em_dlrm *full = NULL;
+    em_status st = EM_OK;
+    if (em_dist_rank() == 0) {
+        st = em_dlrm_load(&full, path, NULL, pool);
+        if (!st && !same_shape(em_dlrm_config(full), &cfg->model))
+            st = em_errorf(EM_ERR_INVALID, "%s: the checkpoint's model (tables, dims, layers, optimizers) differs from the run's",
+                           path);
+    }
+    if ((st = agree(st))) {
+        em_dlrm_free(full);
+        return st;
+    }
+    em_dist *d = NULL;
+    if ((st = em_dist_create(&d, cfg, pool))) {
+        em_dlrm_free(full);
+        return st;
+    }
+    for (int t = 0; t < d->T; t++) {
+        float *w = NULL, *s = NULL;
+        if (d->rank == 0) {
+            char name[64];
+            snprintf(name, sizeof name, "emb.%d.weight", t);
+            w = em_dlrm_param(full, name, 0, NULL);
+            s = state_per_row(d) ? em_embbag_state(em_dlrm_embbag(full), t, NULL) : NULL;
+        }
+        move_table(d, t, w, s, 0);
+    }
+    long long step = d->rank == 0 ? (long long)em_dlrm_step_count(full) : 0;
+    MPI_Bcast(&step, 1, MPI_LONG_LONG, 0, MPI_COMM_WORLD);
+    for (int which = 0; which <= 2; which += 2) {
+        size_t n, nf = 0;
+        float *dst = em_dlrm_dense_block(d->m, which, &n);
+        if (d->rank == 0) memcpy(dst, em_dlrm_dense_block(full, which, &nf), n * sizeof(float));
+        if (n) bcast_floats(dst, n, 0);
+    }
+    em_dlrm_set_step(d->m, step);
+    d->step = step;
+    em_dlrm_free(full);
+    *out = d;
+    return EM_OK;
+}
+
+/* ------------------------------------------------------------ planner */
+
+em_status em_dist_plan(em_dist_cfg *cfg, int world, int batch, em_plan **plan_out) {
+    const em_dlrm_cfg *mc = &cfg->model;
+    const int T = mc->num_tables;
+    em_table_spec *specs = em_calloc((size_t)T, sizeof *specs);
+    if (!specs) return em_errorf(EM_ERR_NOMEM, "dist: out of memory");
+    const int opt_bytes = mc->sparse_opt.kind == EM_OPT_ROWWISE_ADAGRAD ? 4
+                          : mc->sparse_opt.kind == EM_OPT_ADAGRAD     ? 4 * mc->dim
+                                                                       : 0;
+    for (int t = 0; t < T; t++) {
+        snprintf(specs[t].name, sizeof specs[t].name, "C%d", t + 1);
+        specs[t].rows = mc->rows[t], specs[t].dim = mc->dim, specs[t].pooling = 1.0, specs[t].zipf = 1.05;
+        specs[t].elem_bytes = 4, specs[t].opt_bytes = opt_bytes, specs[t].shard = EM_SHARD_AUTO;
+    }
+    em_plan_cfg pc = em_plan_cfg_default(world, world);
+    pc.batch = batch > 0 ? batch : pc.batch;
+    pc.comm_bytes = cfg->prec == EM_COMM_FP32 ? 4 : 2;
+    pc.algo = EM_PLAN_KK;
+    pc.cw_min_dim = 1 << 30; /* no column-wise pieces: not supported by the trainer yet */
+    double dense = 0, flops = 0;
+    for (int i = 0; i + 1 < mc->n_bot; i++) dense += (double)mc->bot[i] * mc->bot[i + 1] + mc->bot[i + 1], flops += 2.0 * mc->bot[i] * mc->bot[i + 1];
+    for (int i = 0; i + 1 < mc->n_top; i++) dense += (double)mc->top[i] * mc->top[i + 1] + mc->top[i + 1], flops += 2.0 * mc->top[i] * mc->top[i + 1];
+    pc.dense_params = dense, pc.dense_flops = flops;
+    em_plan *p = NULL;
+    em_status st = em_plan_create(&p, specs, T, &pc);
+    em_free(specs);
+    if (st) return st;
+    for (int t = 0; t < T; t++) {
+        cfg->type[t] = p->type[t] == EM_SHARD_COLUMN ? EM_SHARD_TABLE : p->type[t];
+        cfg->owner[t] = 0;
+    }
+    for (int i = 0; i < p->nshards; i++)
+        if (p->shards[i].type == EM_SHARD_TABLE || p->shards[i].type == EM_SHARD_COLUMN) cfg->owner[p->shards[i].table] = p->shards[i].rank;
+    if (plan_out) *plan_out = p;
+    else em_plan_free(p);
+    return EM_OK;
+}

@@ -1,0 +1,415 @@
+/*
+ * test_mpi_train.c - distributed training (ember/dist.h) against one process, run by
+ * CTest under `mpirun --oversubscribe -np N` (N = 2 and 4).
+ *
+ * Every rank builds the same global batches; rank r trains on its slice (uneven
+ * slices, and one step where a rank has no examples), while each rank also trains
+ * the reference: one em_dlrm on the whole global batch. After the steps:
+ *   - dense parameters and every table (gathered from its shards) equal the
+ *     reference within float tolerance, for table-wise, row-wise, data-parallel and
+ *     mixed placements, with row-wise AdaGrad + dense AdaGrad, and with SGD + mean
+ *     pooling;
+ *   - the same distributed run twice gives bitwise-equal parameters;
+ *   - fp16 and bf16 all-to-all stay close to fp32;
+ *   - a checkpoint written by em_dist_save is the single-process layout (rank 0
+ *     loads it with em_dlrm_load and finds the gathered tables); em_dist_load on the
+ *     same placement resumes bitwise as an uninterrupted run, and on another
+ *     placement (resharding) trains on as one process would;
+ *   - the planner's placement (em_dist_plan) trains to the same result;
+ *   - bytes moved per step equal what the layout implies.
+ */
+#include <mpi.h>
+#include <unistd.h>
+
+#include "ember/dist.h"
+#include "test.h"
+
+#define T 5
+#define D 8
+#define G 67 /* global batch: uneven slices */
+#define STEPS 6
+
+static int g_rank, g_world;
+
+static em_dlrm_cfg small_cfg(em_optim_kind sparse, em_optim_kind dense, em_pooling pooling) {
+    em_dlrm_cfg c;
+    memset(&c, 0, sizeof c);
+    c.num_dense = 4, c.num_tables = T, c.dim = D;
+    const int64_t rows[T] = {40, 7, 300, 1000, 3};
+    for (int t = 0; t < T; t++) c.rows[t] = rows[t];
+    c.n_bot = 3, c.bot[0] = 4, c.bot[1] = 16, c.bot[2] = D;
+    c.n_top = 3, c.top[0] = D + T * (T + 1) / 2, c.top[1] = 16, c.top[2] = 1;
+    c.pooling = pooling;
+    c.dense_opt = em_optim_default(dense, 0.05f);
+    c.sparse_opt = em_optim_default(sparse, 0.05f);
+    c.seed = 7;
+    return c;
+}
+
+/* A global batch for step s (the same on every rank), and the slice of rank r. */
+typedef struct {
+    em_batch b;
+    float label[G], dense[G * 4];
+    int64_t idx[G * T * 4], off[T * G + 1];
+} gbatch;
+
+static void make_global(gbatch *g, const em_dlrm_cfg *c, int s) {
+    em_rng r;
+    em_rng_seed(&r, 1000 + (uint64_t)s);
+    int64_t n = 0;
+    g->off[0] = 0;
+    for (int t = 0; t < T; t++)
+        for (int e = 0; e < G; e++) {
+            int k = (int)(em_rng_u64(&r) % 4); /* 0..3 ids: empty bags too */
+            for (int j = 0; j < k; j++) {
+                uint64_t u = em_rng_u64(&r);
+                /* skewed: half the ids among the first few rows (duplicates in a batch) */
+                g->idx[n++] = (int64_t)((u & 1) ? (u >> 8) % 4 % (uint64_t)c->rows[t] : (u >> 8) % (uint64_t)c->rows[t]);
+            }
+            g->off[(size_t)t * G + e + 1] = n;
+        }
+    for (int e = 0; e < G; e++) {
+        g->label[e] = (float)(em_rng_u64(&r) & 1);
+        for (int j = 0; j < 4; j++) g->dense[e * 4 + j] = (float)em_rng_uniform(&r) * 2.f - 0.5f;
+    }
+    g->b = (em_batch){.B = G, .num_dense = 4, .num_sparse = T, .label = g->label, .dense = g->dense, .indices = g->idx,
+                      .offsets = g->off};
+}
+
+typedef struct {
+    em_batch b;
+    float *label, *dense;
+    int64_t *idx, *off;
+} lbatch;
+
+/* Rank r's examples of global batch g: [lo, hi) with uneven cuts; at step 3 rank
+ * world-1 gets nothing. */
+static void slice(lbatch *l, const gbatch *g, int s, int r, int world) {
+    int cut[65];
+    for (int q = 0; q <= world; q++) cut[q] = (int)((int64_t)G * q * q / ((int64_t)world * world)); /* uneven */
+    if (s == 3 && world > 1) cut[world - 1] = G;
+    const int lo = cut[r], hi = cut[r + 1], B = hi - lo;
+    l->label = malloc(sizeof(float) * (size_t)(B + 1)), l->dense = malloc(sizeof(float) * 4 * (size_t)(B + 1));
+    l->idx = malloc(sizeof(int64_t) * (size_t)(G * T * 4 + 1)), l->off = malloc(sizeof(int64_t) * (size_t)(T * B + 1));
+    int64_t n = 0;
+    l->off[0] = 0;
+    for (int t = 0; t < T; t++)
+        for (int e = lo; e < hi; e++) {
+            for (int64_t k = g->off[(size_t)t * G + e]; k < g->off[(size_t)t * G + e + 1]; k++) l->idx[n++] = g->idx[k];
+            l->off[(size_t)t * B + (e - lo) + 1] = n;
+        }
+    memcpy(l->label, g->label + lo, sizeof(float) * (size_t)B);
+    memcpy(l->dense, g->dense + lo * 4, sizeof(float) * 4 * (size_t)B);
+    l->b = (em_batch){.B = B, .num_dense = 4, .num_sparse = T, .label = l->label, .dense = l->dense, .indices = l->idx,
+                      .offsets = l->off};
+}
+
+static void lfree(lbatch *l) { free(l->label), free(l->dense), free(l->idx), free(l->off); }
+
+/* Train `steps` steps from step s0 distributed; returns the losses' sum. */
+static double train_dist(em_dist *d, const em_dlrm_cfg *c, int s0, int steps) {
+    double sum = 0;
+    gbatch *g = malloc(sizeof *g);
+    for (int s = s0; s < s0 + steps; s++) {
+        make_global(g, c, s);
+        lbatch l;
+        slice(&l, g, s, g_rank, g_world);
+        double loss = 0;
+        CHECK_OK(em_dist_train_step(d, &l.b, &loss, NULL));
+        sum += loss;
+        lfree(&l);
+    }
+    free(g);
+    return sum;
+}
+
+static em_dlrm *train_ref(const em_dlrm_cfg *c, int steps, double *loss_sum) {
+    em_dlrm *m;
+    CHECK_OK(em_dlrm_create(&m, c, NULL));
+    gbatch *g = malloc(sizeof *g);
+    *loss_sum = 0;
+    for (int s = 0; s < steps; s++) {
+        make_global(g, c, s);
+        double loss;
+        CHECK_OK(em_dlrm_train_step(m, &g->b, &loss, NULL));
+        *loss_sum += loss;
+    }
+    free(g);
+    return m;
+}
+
+/* Max relative error of everything in d against the reference model. */
+static double compare(em_dist *d, em_dlrm *ref, int with_state) {
+    double worst = 0;
+    size_t n, nr;
+    const float *p = em_dlrm_dense_block(em_dist_dense(d), 0, &n), *pr = em_dlrm_dense_block(ref, 0, &nr);
+    CHECK(n == nr);
+    double e = rel_err_f(p, pr, n, 1e-3);
+    if (e > worst) worst = e;
+    const em_dlrm_cfg *c = em_dlrm_config(ref);
+    for (int t = 0; t < T; t++) {
+        size_t rows = (size_t)c->rows[t], sc = 0;
+        float *w = malloc(rows * D * sizeof(float)), *st = malloc(rows * D * sizeof(float));
+        CHECK_OK(em_dist_gather_table(d, t, w, with_state ? st : NULL));
+        char name[32];
+        snprintf(name, sizeof name, "emb.%d.weight", t);
+        const float *wr = em_dlrm_param(ref, name, 0, NULL);
+        e = rel_err_f(w, wr, rows * D, 1e-3);
+        if (e > worst) worst = e;
+        const float *sr = em_embbag_state(em_dlrm_embbag(ref), t, &sc);
+        if (with_state && sc) {
+            e = rel_err_f(st, sr, sc, 1e-3);
+            if (e > worst) worst = e;
+        }
+        free(w), free(st);
+    }
+    return worst;
+}
+
+static em_dist_cfg placement(const em_dlrm_cfg *c, const char *kind) {
+    em_dist_cfg dc;
+    memset(&dc, 0, sizeof dc);
+    dc.model = *c;
+    for (int t = 0; t < T; t++) {
+        dc.owner[t] = (t * 3 + 1) % g_world;
+        if (strcmp(kind, "table") == 0) dc.type[t] = EM_SHARD_TABLE;
+        else if (strcmp(kind, "row") == 0) dc.type[t] = EM_SHARD_ROW;
+        else if (strcmp(kind, "data") == 0) dc.type[t] = EM_SHARD_DATA;
+        else dc.type[t] = t % 3 == 0 ? EM_SHARD_ROW : t % 3 == 1 ? EM_SHARD_TABLE : EM_SHARD_DATA; /* mixed */
+    }
+    return dc;
+}
+
+static void check_equivalence(em_optim_kind sparse, em_optim_kind dense, em_pooling pooling) {
+    em_dlrm_cfg c = small_cfg(sparse, dense, pooling);
+    double ref_loss;
+    em_dlrm *ref = train_ref(&c, STEPS, &ref_loss);
+    const char *kinds[] = {"table", "row", "data", "mixed"};
+    for (int k = 0; k < 4; k++) {
+        em_dist_cfg dc = placement(&c, kinds[k]);
+        em_dist *d;
+        CHECK_OK(em_dist_create(&d, &dc, NULL));
+        if (!d) continue;
+        double loss = train_dist(d, &c, 0, STEPS);
+        double e = compare(d, ref, 1);
+        if (g_rank == 0) printf("  %s %s/%s %s: max rel err %.2e, loss %.6f vs %.6f\n", kinds[k], em_optim_name(sparse),
+                                em_optim_name(dense), pooling == EM_POOL_MEAN ? "mean" : "sum", e, loss, ref_loss);
+        CHECK(e < 2e-4);
+        CHECK_NEAR(loss, ref_loss, 1e-4 * STEPS);
+        CHECK(em_dist_step_count(d) == STEPS && em_dlrm_step_count(em_dist_dense(d)) == STEPS);
+        em_dist_free(d);
+    }
+    em_dlrm_free(ref);
+}
+
+static void test_equivalence_rowwise_adagrad(void) {
+    check_equivalence(EM_OPT_ROWWISE_ADAGRAD, EM_OPT_ADAGRAD, EM_POOL_SUM);
+}
+
+static void test_equivalence_sgd_mean(void) { check_equivalence(EM_OPT_SGD, EM_OPT_SGD, EM_POOL_MEAN); }
+
+static void test_equivalence_adagrad_adam(void) { check_equivalence(EM_OPT_ADAGRAD, EM_OPT_ADAM, EM_POOL_SUM); }
+
+/* Two identical runs: bitwise the same parameters, on every rank. */
+static void test_deterministic(void) {
+    em_dlrm_cfg c = small_cfg(EM_OPT_ROWWISE_ADAGRAD, EM_OPT_ADAGRAD, EM_POOL_SUM);
+    em_dist_cfg dc = placement(&c, "mixed");
+    em_dist *a, *b;
+    CHECK_OK(em_dist_create(&a, &dc, NULL));
+    CHECK_OK(em_dist_create(&b, &dc, NULL));
+    train_dist(a, &c, 0, STEPS);
+    train_dist(b, &c, 0, STEPS);
+    size_t n;
+    const float *pa = em_dlrm_dense_block(em_dist_dense(a), 0, &n), *pb = em_dlrm_dense_block(em_dist_dense(b), 0, &n);
+    CHECK(memcmp(pa, pb, n * sizeof(float)) == 0);
+    for (int t = 0; t < T; t++) {
+        size_t rows = (size_t)c.rows[t];
+        float *wa = malloc(rows * D * 4), *wb = malloc(rows * D * 4), *sa = malloc(rows * 4), *sb = malloc(rows * 4);
+        CHECK_OK(em_dist_gather_table(a, t, wa, sa));
+        CHECK_OK(em_dist_gather_table(b, t, wb, sb));
+        CHECK(memcmp(wa, wb, rows * D * 4) == 0 && memcmp(sa, sb, rows * 4) == 0);
+        free(wa), free(wb), free(sa), free(sb);
+    }
+    /* and every rank holds the same dense replica: compare with rank 0's */
+    float *r0 = malloc(n * sizeof(float));
+    memcpy(r0, pa, n * sizeof(float));
+    MPI_Bcast(r0, (int)n, MPI_FLOAT, 0, MPI_COMM_WORLD);
+    CHECK(memcmp(r0, pa, n * sizeof(float)) == 0);
+    free(r0);
+    em_dist_free(a), em_dist_free(b);
+}
+
+/* Reduced-precision all-to-all: close to fp32 (the ids and the all-reduce stay exact). */
+static void test_reduced_precision(void) {
+    em_dlrm_cfg c = small_cfg(EM_OPT_ROWWISE_ADAGRAD, EM_OPT_ADAGRAD, EM_POOL_SUM);
+    double ref_loss;
+    em_dlrm *ref = train_ref(&c, STEPS, &ref_loss);
+    for (int p = EM_COMM_FP16; p <= EM_COMM_BF16; p++) {
+        em_dist_cfg dc = placement(&c, "mixed");
+        dc.prec = (em_comm_prec)p;
+        em_dist *d;
+        CHECK_OK(em_dist_create(&d, &dc, NULL));
+        double loss = train_dist(d, &c, 0, STEPS);
+        em_dist_bytes by;
+        em_dist_last_bytes(d, &by);
+        double e = compare(d, ref, 0);
+        if (g_rank == 0) printf("  %s: max rel err %.2e vs one fp32 process, loss %.6f vs %.6f\n", em_comm_prec_name(dc.prec), e, loss, ref_loss);
+        CHECK(e < (p == EM_COMM_FP16 ? 5e-3 : 3e-2));
+        CHECK(e > 0 || g_world == 1);
+        CHECK_NEAR(loss, ref_loss, 0.01 * STEPS);
+        em_dist_free(d);
+    }
+    em_dlrm_free(ref);
+}
+
+/* Checkpoint at step 3; resume on the same placement (bitwise) and on another one. */
+static void test_checkpoint_reshard(void) {
+    em_dlrm_cfg c = small_cfg(EM_OPT_ROWWISE_ADAGRAD, EM_OPT_ADAGRAD, EM_POOL_SUM);
+    char path[256];
+    long long tag = g_rank == 0 ? (long long)getpid() : 0;
+    MPI_Bcast(&tag, 1, MPI_LONG_LONG, 0, MPI_COMM_WORLD);
+    snprintf(path, sizeof path, "/tmp/ember_test_mpi_%lld.st", tag);
+    em_dist_cfg a = placement(&c, "table"), b = placement(&c, "mixed");
+    em_dist *d;
+    CHECK_OK(em_dist_create(&d, &a, NULL));
+    train_dist(d, &c, 0, 3);
+    em_st_meta meta[1] = {{"test.note", "mpi"}};
+    CHECK_OK(em_dist_save(d, path, meta, 1, NULL));
+    /* the single-process layout: rank 0 reads it as a plain checkpoint */
+    if (g_rank == 0) {
+        em_dlrm *m;
+        CHECK_OK(em_dlrm_load(&m, path, NULL, NULL));
+        CHECK(m && em_dlrm_step_count(m) == 3);
+        if (m) {
+            float *w = malloc(300 * D * 4);
+            CHECK_OK(em_dist_gather_table(d, 2, w, NULL));
+            CHECK(memcmp(w, em_dlrm_param(m, "emb.2.weight", 0, NULL), 300 * D * 4) == 0);
+            free(w);
+            em_dlrm_free(m);
+        }
+    } else {
+        float *w = malloc(300 * D * 4);
+        CHECK_OK(em_dist_gather_table(d, 2, w, NULL));
+        free(w);
+    }
+    em_dist_free(d);
+    /* resume on the same placement: bitwise what an uninterrupted run gives */
+    em_dist *r, *u;
+    CHECK_OK(em_dist_load(&r, &a, path, NULL));
+    CHECK(r && em_dist_step_count(r) == 3);
+    if (r) train_dist(r, &c, 3, STEPS - 3);
+    CHECK_OK(em_dist_create(&u, &a, NULL));
+    train_dist(u, &c, 0, STEPS);
+    if (r) {
+        size_t n;
+        const float *pr = em_dlrm_dense_block(em_dist_dense(r), 0, &n), *pu = em_dlrm_dense_block(em_dist_dense(u), 0, &n);
+        CHECK(memcmp(pr, pu, n * sizeof(float)) == 0);
+        pr = em_dlrm_dense_block(em_dist_dense(r), 2, &n), pu = em_dlrm_dense_block(em_dist_dense(u), 2, &n);
+        CHECK(n > 0 && memcmp(pr, pu, n * sizeof(float)) == 0); /* dense AdaGrad state */
+        float *wr = malloc(1000 * D * 4), *wu = malloc(1000 * D * 4), *sr = malloc(1000 * 4), *su = malloc(1000 * 4);
+        for (int t = 0; t < T; t++) {
+            CHECK_OK(em_dist_gather_table(r, t, wr, sr));
+            CHECK_OK(em_dist_gather_table(u, t, wu, su));
+            CHECK(memcmp(wr, wu, (size_t)c.rows[t] * D * 4) == 0 && memcmp(sr, su, (size_t)c.rows[t] * 4) == 0);
+        }
+        free(wr), free(wu), free(sr), free(su);
+    }
+    em_dist_free(r), em_dist_free(u);
+    /* resharded onto another placement: the same training, within float rounding */
+    double ref_loss;
+    em_dlrm *ref = train_ref(&c, STEPS, &ref_loss);
+    CHECK_OK(em_dist_load(&r, &b, path, NULL));
+    if (r) {
+        train_dist(r, &c, 3, STEPS - 3);
+        double e = compare(r, ref, 1);
+        if (g_rank == 0) printf("  resharded table -> mixed at step 3: max rel err %.2e vs one process\n", e);
+        CHECK(e < 2e-4);
+    }
+    em_dist_free(r);
+    em_dlrm_free(ref);
+    /* a model of another shape is refused, by every rank */
+    em_dlrm_cfg c2 = c;
+    c2.rows[1] = 8;
+    em_dist_cfg b2 = placement(&c2, "table");
+    em_dist *x = NULL;
+    CHECK(em_dist_load(&x, &b2, path, NULL) == EM_ERR_INVALID && !x);
+    MPI_Barrier(MPI_COMM_WORLD);
+    if (g_rank == 0) unlink(path);
+}
+
+/* The planner's placement trains like any other. */
+static void test_planner_placement(void) {
+    em_dlrm_cfg c = small_cfg(EM_OPT_ROWWISE_ADAGRAD, EM_OPT_ADAGRAD, EM_POOL_SUM);
+    em_dist_cfg dc;
+    memset(&dc, 0, sizeof dc);
+    dc.model = c;
+    em_plan *p = NULL;
+    CHECK_OK(em_dist_plan(&dc, g_world, G / g_world, &p));
+    for (int t = 0; t < T; t++) CHECK(dc.type[t] == EM_SHARD_TABLE || dc.type[t] == EM_SHARD_ROW || dc.type[t] == EM_SHARD_DATA);
+    em_plan_free(p);
+    double ref_loss;
+    em_dlrm *ref = train_ref(&c, STEPS, &ref_loss);
+    em_dist *d;
+    CHECK_OK(em_dist_create(&d, &dc, NULL));
+    train_dist(d, &c, 0, STEPS);
+    CHECK(compare(d, ref, 1) < 2e-4);
+    em_dist_free(d);
+    em_dlrm_free(ref);
+}
+
+/* Bytes per step: all table-wise, fp32, every id's 8 bytes; per example and table
+ * D floats out and D floats back, except what stays on the rank. */
+static void test_bytes(void) {
+    em_dlrm_cfg c = small_cfg(EM_OPT_SGD, EM_OPT_SGD, EM_POOL_SUM);
+    em_dist_cfg dc = placement(&c, "table");
+    em_dist *d;
+    CHECK_OK(em_dist_create(&d, &dc, NULL));
+    gbatch *g = malloc(sizeof *g);
+    make_global(g, &c, 0);
+    lbatch l;
+    slice(&l, g, 0, g_rank, g_world);
+    CHECK_OK(em_dist_train_step(d, &l.b, NULL, NULL));
+    em_dist_bytes by;
+    em_dist_last_bytes(d, &by);
+    double want_ids = 0, want_vec = 0, want_grads = 0;
+    for (int t = 0; t < T; t++) {
+        if (dc.owner[t] != g_rank) { /* what stays on the rank is not counted */
+            want_ids += 8.0 * (double)(l.b.B + l.off[(size_t)(t + 1) * l.b.B] - l.off[(size_t)t * l.b.B]);
+            want_grads += 4.0 * D * l.b.B;
+        } else {
+            want_vec += 4.0 * D * (G - l.b.B); /* D floats for every other rank's example */
+        }
+    }
+    CHECK_NEAR(by.ids, want_ids, 0.5);
+    CHECK_NEAR(by.pooled, want_vec, 0.5);
+    CHECK_NEAR(by.grads, want_grads, 0.5);
+    size_t n;
+    em_dlrm_dense_block(em_dist_dense(d), 1, &n);
+    if (g_world > 1) CHECK(by.allreduce > 0 && by.allreduce <= 2.0 * 4.0 * (double)n);
+    CHECK_NEAR(by.total, by.ids + by.pooled + by.grads + by.allreduce, 0.5);
+    lfree(&l);
+    free(g);
+    em_dist_free(d);
+}
+
+int main(int argc, char **argv) {
+    if (em_dist_init(&argc, &argv)) {
+        fprintf(stderr, "MPI init failed\n");
+        return 1;
+    }
+    g_rank = em_dist_rank(), g_world = em_dist_world();
+    if (g_rank == 0) printf("%d ranks\n", g_world);
+    static const t_case cases[] = {{"equivalence_rowwise_adagrad", test_equivalence_rowwise_adagrad},
+                                   {"equivalence_sgd_mean", test_equivalence_sgd_mean},
+                                   {"equivalence_adagrad_adam", test_equivalence_adagrad_adam},
+                                   {"deterministic", test_deterministic},
+                                   {"reduced_precision", test_reduced_precision},
+                                   {"checkpoint_reshard", test_checkpoint_reshard},
+                                   {"planner_placement", test_planner_placement},
+                                   {"bytes", test_bytes}};
+    int rc = t_run(cases, (int)(sizeof cases / sizeof cases[0]), argc, argv);
+    int worst = 0;
+    MPI_Allreduce(&rc, &worst, 1, MPI_INT, MPI_MAX, MPI_COMM_WORLD);
+    em_dist_finalize();
+    return worst;
+}
