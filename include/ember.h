@@ -55,7 +55,9 @@
 #include "ember/metrics.h"
 #include "ember/seqtower.h"
 #include "ember/dlrm.h"
+#include "ember/student.h"
 #include "ember/train.h"
+#include "ember/stream.h"
 #include "ember/serve.h"
 #include "ember/plan.h"
 

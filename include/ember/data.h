@@ -58,6 +58,11 @@ typedef struct {
     uint64_t end_pos;      /* stream position after this batch: resume from here */
     int num_seq;           /* sequence features; 0 for plain Criteo data */
     em_batch_seq *seq;     /* [num_seq], NULL when num_seq = 0 */
+    /* Filled by the reader (NULL in batches built by hand): example b's 0-based stream
+     * position (its line/record index; pos[b] + 1 resumes right after it) and the byte
+     * offset in the file just past it (after its '\n' in TSV; em_reader_cfg.skip_bytes). */
+    const uint64_t *pos;      /* (B) */
+    const uint64_t *byte_end; /* (B) */
 } em_batch;
 
 /* Parse one Criteo TSV line (without or with its trailing '\n'/'\r\n').
@@ -109,6 +114,11 @@ typedef struct {
     const int64_t *seq_rows;   /* [num_seq]: items are reduced modulo these (required if num_seq) */
     int seq_max_len;           /* keep the most recent N events per example and feature:
                                   1..EM_SEQ_MAX_LEN, required if num_seq (it sizes the batch) */
+    uint64_t skip_bytes;       /* with skip > 0 on a TSV file (not stdin): the byte offset of
+                                  position `skip` (a batch's byte_end[b] with pos[b] + 1 = skip):
+                                  seek there instead of reading skip lines. It must be a line start
+                                  of the file (else EM_ERR_CORRUPT). 0 = read and count lines.
+                                  Ignored for binary files (they seek by record). */
 } em_reader_cfg;
 
 typedef struct em_reader em_reader;

@@ -23,6 +23,7 @@ static const struct {
     {"bench", "training throughput on synthetic in-memory batches (compare with bench/dlrm_torch.py)", cmd_bench},
     {"inspect", "what a checkpoint holds: per table rows, live chunks (FIITED), bytes, optimizer state (--json)", cmd_inspect},
     {"plan", "shard embedding tables over N ranks (1D or 2D groups) and predict per-rank load; --simulate 8..4096 ranks", cmd_plan},
+    {"stream", "train on an unbounded stream (file, growing directory, stdin) in windows: progressive metrics, exact resume; ExFM teacher/student", cmd_stream},
 };
 
 static void usage(FILE *f) {

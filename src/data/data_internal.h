@@ -32,6 +32,8 @@ typedef struct {
     size_t cap, head, tail;
     int eof;
     int discarding;   /* inside a too-long line: drop bytes until '\n' */
+    uint64_t off;     /* byte offset in the input of buf[0] (0 after init; a caller that
+                         seeked sets it), so off + head is where the next line starts */
 } em__lines;
 
 /* `pre` bytes at buf[0..pre) were already read from fd (format detection). */

@@ -119,9 +119,11 @@ em_status em__lines_next(em__lines *ls, const char **line, size_t *len, int *too
         /* No '\n' in the buffer: make room and read more. */
         if (ls->discarding || avail == ls->cap) {
             ls->discarding = 1; /* the line cannot fit: drop what we have of it */
+            ls->off += ls->tail;
             ls->head = ls->tail = 0;
         } else if (ls->head) {
             memmove(ls->buf, start, avail);
+            ls->off += ls->head;
             ls->head = 0, ls->tail = avail;
         }
         ssize_t n;
@@ -139,6 +141,7 @@ typedef struct {
     em_batch batch;
     uint64_t *raw;     /* (batch_size, num_sparse) raw ids of the examples */
     uint64_t *missing; /* (batch_size) */
+    uint64_t *pos, *bend; /* (batch_size) each example's position and end byte (batch.pos, batch.byte_end) */
     em_batch_seq seq[EM_SEQ_MAX_FEATURES]; /* batch.seq points here */
     em_status status;  /* EM_OK, EM_ERR_EOF, or the error that ended the stream */
     uint64_t malformed;
@@ -152,6 +155,7 @@ struct em_reader {
     int B, nd, ns, strict, prefetch;
     int64_t *rows;
     uint64_t skip, end; /* end: absolute position to stop at (UINT64_MAX: none) */
+    uint64_t skip_bytes; /* TSV: byte offset of position `skip` (0: read and count lines) */
     int fd, binary, skipped;
     char *buf;          /* the read buffer */
     em__lines lines;    /* TSV */
@@ -242,7 +246,10 @@ static em_status tsv_example(em_reader *r, slot *s, int b) {
             st = em_criteo_parse_line(line, len, r->nd, r->ns, &bt->label[b],
                                       bt->dense + (size_t)b * r->nd, s->raw + (size_t)b * r->ns,
                                       &s->missing[b], &bad);
-            if (st == EM_OK) return EM_OK;
+            if (st == EM_OK) {
+                s->pos[b] = lineno - 1, s->bend[b] = r->lines.off + r->lines.head;
+                return EM_OK;
+            }
         } else {
             em_seq_events ev[EM_SEQ_MAX_FEATURES];
             seq_targets(r, s, b, ev);
@@ -251,6 +258,7 @@ static em_status tsv_example(em_reader *r, slot *s, int b) {
                                    &s->missing[b], ev, &bad);
             if (st == EM_OK) {
                 seq_commit(r, s, b, ev);
+                s->pos[b] = lineno - 1, s->bend[b] = r->lines.off + r->lines.head;
                 return EM_OK;
             }
         }
@@ -340,7 +348,10 @@ static em_status bin2_example(em_reader *r, slot *s, int b) {
     if (why)
         return em_errorf(EM_ERR_CORRUPT, "%s: record %llu: %s", r->path, (unsigned long long)r->pos, why);
     seq_commit(r, s, b, ev);
-    return bin2_consume(r, size);
+    s->pos[b] = r->pos;
+    if ((st = bin2_consume(r, size)) != EM_OK) return st;
+    s->bend[b] = r->rd_off - (r->btail - r->bhead);
+    return EM_OK;
 }
 
 static em_status bin_example(em_reader *r, slot *s, int b) {
@@ -363,7 +374,8 @@ static em_status bin_example(em_reader *r, slot *s, int b) {
         return em_errorf(EM_ERR_CORRUPT, "%s: record %llu: %s", r->path,
                          (unsigned long long)r->pos, why);
     r->bhead += r->rec;
-    r->pos++;
+    s->pos[b] = r->pos++;
+    s->bend[b] = EM__BIN_HDR + r->pos * r->rec;
     return EM_OK;
 }
 
@@ -501,12 +513,35 @@ static em_status open_v2(em_reader *r, const em__bin_header *h, uint64_t size) {
     return EM_OK;
 }
 
+/* TSV with skip_bytes: start reading at that byte offset as position `skip`. The
+ * offset must be a line start (offset 0, or just after a '\n'), which catches an offset
+ * that does not belong to this file; the pair itself is the caller's promise (a batch's
+ * pos/byte_end). */
+static em_status tsv_seek(em_reader *r) {
+    struct stat sb;
+    if (fstat(r->fd, &sb) != 0) return em_errorf(EM_ERR_IO, "stat '%s': %s", r->path, strerror(errno));
+    char c = '\n';
+    if (r->skip_bytes > (uint64_t)sb.st_size ||
+        pread(r->fd, &c, 1, (off_t)(r->skip_bytes - 1)) != 1 || (c != '\n' && r->skip_bytes != (uint64_t)sb.st_size))
+        return em_errorf(EM_ERR_CORRUPT, "%s: byte offset %llu (position %llu) is not the start of a line of this file (%llu bytes)",
+                         r->path, (unsigned long long)r->skip_bytes, (unsigned long long)r->skip,
+                         (unsigned long long)sb.st_size);
+    if (lseek(r->fd, (off_t)r->skip_bytes, SEEK_SET) < 0)
+        return em_errorf(EM_ERR_IO, "seek '%s': %s", r->path, strerror(errno));
+    em__lines_init(&r->lines, r->fd, r->path, r->buf, EM__IO_BUF, 0);
+    r->lines.off = r->skip_bytes;
+    r->pos = r->skip;
+    r->skipped = 1;
+    return EM_OK;
+}
+
 static em_status open_source(em_reader *r) {
     em_status s = em__open_read(r->path, &r->fd);
     if (s != EM_OK) return s;
     long n = em__read_full(r->fd, r->buf, EM__BIN_HDR);
     if (n < 0) return em_errorf(EM_ERR_IO, "read '%s': %s", r->path, strerror(errno));
     if (n < 8 || memcmp(r->buf, EM__BIN_MAGIC, 8) != 0) {
+        if (r->skip_bytes && r->fd != 0) return tsv_seek(r);
         em__lines_init(&r->lines, r->fd, r->path, r->buf, EM__IO_BUF, (size_t)n);
         return EM_OK;
     }
@@ -576,6 +611,7 @@ em_status em_reader_open(em_reader **out, const em_reader_cfg *cfg) {
     r->B = cfg->batch_size, r->nd = cfg->num_dense, r->ns = cfg->num_sparse;
     r->strict = cfg->strict, r->prefetch = cfg->prefetch;
     r->skip = cfg->skip;
+    r->skip_bytes = cfg->skip ? cfg->skip_bytes : 0;
     r->end = cfg->limit ? cfg->limit : UINT64_MAX;
     r->skipped = cfg->skip == 0;
     r->nslots = cfg->prefetch + 1;
@@ -601,8 +637,12 @@ em_status em_reader_open(em_reader **out, const em_reader_cfg *cfg) {
         bt->offsets = em_malloc(sizeof(int64_t) * (B * ns + 1));
         sl->raw = em_malloc(sizeof(uint64_t) * (B * ns + 1));
         sl->missing = em_malloc(sizeof(uint64_t) * B);
-        if (!bt->label || !bt->dense || !bt->indices || !bt->offsets || !sl->raw || !sl->missing)
+        sl->pos = em_malloc(sizeof(uint64_t) * B);
+        sl->bend = em_malloc(sizeof(uint64_t) * B);
+        if (!bt->label || !bt->dense || !bt->indices || !bt->offsets || !sl->raw || !sl->missing || !sl->pos ||
+            !sl->bend)
             goto nomem;
+        bt->pos = sl->pos, bt->byte_end = sl->bend;
         bt->num_seq = r->nseq;
         bt->seq = r->nseq ? sl->seq : NULL;
         for (int f = 0; f < r->nseq; f++) {
@@ -700,6 +740,7 @@ void em_reader_free(em_reader *r) {
             slot *sl = &r->slots[i];
             em_free(sl->batch.label), em_free(sl->batch.dense), em_free(sl->batch.indices);
             em_free(sl->batch.offsets), em_free(sl->raw), em_free(sl->missing);
+            em_free(sl->pos), em_free(sl->bend);
             for (int f = 0; f < EM_SEQ_MAX_FEATURES; f++) {
                 em_free(sl->seq[f].items), em_free(sl->seq[f].age);
                 em_free(sl->seq[f].type), em_free(sl->seq[f].offsets);
