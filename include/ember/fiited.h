@@ -51,7 +51,9 @@
  * compaction run on the caller in a fixed order. Results are bitwise identical for any
  * thread count.
  *
- * Memory accounting: the hash, per-row metadata (live count, k utilities, step stamp),
+ * Memory accounting: the hash, per-row metadata (live count, k bfloat16 utilities, a
+ * 32-bit step stamp: 5 + 2k bytes per row; utilities are rounded to bfloat16 after every
+ * update and read back as floats),
  * the slot owner array and the free stack come from em_malloc (and honour
  * em_mem_fail_after); pool pages come from mmap and are reported in stats.pool_bytes.
  */
@@ -121,7 +123,7 @@ em_status em_fiited_prune(em_fiited *f, size_t max_bytes, double max_frac, em_po
  * tests and external policies. */
 em_status em_fiited_set_live(em_fiited *f, int t, int64_t row, int n);
 /* Move live slots down into holes and release the emptied tail pages; shrink the hash
- * to load 1/4 when it holds more than 8 buckets per entry, and the slot arrays to the
+ * to load <= 1/2 when it holds more than 4 buckets per entry, and the slot arrays to the
  * pages kept. Afterwards the live slots are exactly [0, live chunks) and the free
  * stack is empty. Never fails (a failed shrink keeps the old, larger block). */
 void em_fiited_compact(em_fiited *f);

@@ -17,9 +17,13 @@
  * (ascending) receive the live slots at or above L (ascending); then the free stack is
  * empty, fresh = L and the pages past ceil(L / spp) are unmapped.
  *
- * Per global row (em_malloc'd, always resident): live count (uint8), k utilities
- * (float), the step of the last utility update (int64). Utilities decay lazily: the
- * stored value is as of the stamp step; reading multiplies by decay^(step - stamp).
+ * Per global row (em_malloc'd, always resident, so kept small: 1 + 2k + 4 bytes): live
+ * count (uint8), k utilities (bfloat16: 8 significant bits are plenty to rank chunks,
+ * and the float exponent range keeps large counts x gradient norms finite), the step
+ * of the last utility update (uint32, the low bits of the step: only the difference
+ * step - stamp is used, exact while a row goes untouched for fewer than 2^32 steps).
+ * Utilities decay lazily: the stored value is as of the stamp step; reading multiplies
+ * by decay^(step - stamp). Checkpoints hold them as F32 and I64 (the full step).
  *
  * Every mutating entry point reserves what it needs (scratch, hash, slots) before it
  * changes anything, so an allocation failure leaves the object as it was.
@@ -47,8 +51,8 @@ struct em_fiited {
     size_t S, sf, slot_bytes;
     int64_t *rows, *rbase, ntot; /* ntot: rows over all tables */
     uint8_t *live;
-    float *util;    /* ntot * K */
-    int64_t *stamp; /* ntot */
+    uint16_t *util; /* ntot * K, bfloat16 bits */
+    uint32_t *stamp; /* ntot, low 32 bits of the step */
     int64_t step;
     float theta[256];
     /* hash */
@@ -65,6 +69,22 @@ struct em_fiited {
 };
 
 static inline size_t spp(const em_fiited *f) { return (size_t)1 << f->shift; }
+
+/* bfloat16 <-> float; round to nearest even (utilities are finite and >= 0) */
+static inline float bf16_get(uint16_t h) {
+    uint32_t b = (uint32_t)h << 16;
+    float x;
+    memcpy(&x, &b, 4);
+    return x;
+}
+static inline uint16_t bf16_put(float x) {
+    uint32_t b;
+    memcpy(&b, &x, 4);
+    b += 0x7fffu + ((b >> 16) & 1u);
+    return (uint16_t)(b >> 16);
+}
+/* steps since row g's utilities were stamped */
+static inline int64_t stamp_age(const em_fiited *f, int64_t g) { return (int64_t)(uint32_t)((uint32_t)f->step - f->stamp[g]); }
 static inline float *slot_ptr(const em_fiited *f, uint32_t s) {
     return (float *)f->pages[s >> f->shift] + (size_t)(s & (spp(f) - 1)) * f->sf;
 }
@@ -245,8 +265,8 @@ void em_fiited_compact(em_fiited *f) {
         if (ow || fl) f->cap_slots = slots; /* the other one is still larger */
     }
     size_t need = 16;
-    while (need < 4 * f->hcount) need <<= 1;
-    if (f->hcap > 2 * need) (void)hrebuild(f, need); /* > 8x the entries: shrink to load 1/4 */
+    while (need < 2 * f->hcount) need <<= 1;
+    if (f->hcap > 2 * need) (void)hrebuild(f, need); /* load < 1/4: shrink to load <= 1/2 */
 }
 
 /* ------------------------------------------------------------- lifecycle */
@@ -320,8 +340,8 @@ em_status em_fiited_create(em_fiited **out, const em_fiited_cfg *cfg) {
     f->rows = em_malloc((size_t)f->T * sizeof(int64_t));
     f->rbase = em_malloc((size_t)f->T * sizeof(int64_t));
     f->live = em_calloc((size_t)ntot, 1);
-    f->util = em_calloc((size_t)ntot * (size_t)f->K, sizeof(float));
-    f->stamp = em_calloc((size_t)ntot, sizeof(int64_t));
+    f->util = em_calloc((size_t)ntot * (size_t)f->K, sizeof(uint16_t));
+    f->stamp = em_calloc((size_t)ntot, sizeof(uint32_t));
     em_status st = EM_OK;
     if (!f->rows || !f->rbase || !f->live || !f->util || !f->stamp)
         st = em_errorf(EM_ERR_NOMEM, "fiited: no memory for the row metadata of %lld rows", (long long)ntot);
@@ -380,7 +400,7 @@ float *em_fiited_chunk(em_fiited *f, int t, int64_t row, int chunk, float **stat
 
 float em_fiited_utility(const em_fiited *f, int t, int64_t row, int chunk) {
     int64_t g = f->rbase[t] + row;
-    return f->util[g * f->K + chunk] * decay_pow(f->cfg.util_decay, f->step - f->stamp[g]);
+    return bf16_get(f->util[g * f->K + chunk]) * decay_pow(f->cfg.util_decay, stamp_age(f, g));
 }
 
 void em_fiited_read_row(const em_fiited *f, int t, int64_t row, float *out) {
@@ -409,7 +429,7 @@ em_fiited_stats em_fiited_get_stats(const em_fiited *f, int t) {
     s.page_bytes = f->page_bytes;
     s.pool_bytes = f->npages * f->page_bytes;
     s.hash_bytes = f->hcap * sizeof(uint64_t);
-    s.meta_bytes = (size_t)f->ntot * (1 + (size_t)f->K * sizeof(float) + sizeof(int64_t)) +
+    s.meta_bytes = (size_t)f->ntot * (1 + (size_t)f->K * sizeof(uint16_t) + sizeof(uint32_t)) +
                    2 * f->cap_slots * sizeof(uint32_t) + f->cap_pages * sizeof(char *);
     s.held_bytes = s.pool_bytes + s.hash_bytes + s.meta_bytes;
     return s;
@@ -478,19 +498,35 @@ em_status em_fiited_prune(em_fiited *f, size_t max_bytes, double max_frac, em_po
         uint64_t nf = max_frac >= 1 ? M : (uint64_t)floor(max_frac * (double)M);
         if (nf < N) N = nf;
     }
+    /* Candidates with p = 0 (rows never touched, or whose utility decayed to 0) rank
+     * after every positive one, so when the positive ones fill the budget only they are
+     * ranked: a small scratch for tables whose rows are mostly cold. */
+    uint64_t P = 0;
+    if (N < M)
+        for (int64_t g = 0; g < f->ntot; g++) {
+            if (f->util[g * K] == 0) continue; /* p = 0 along the whole row (e.g. never touched) */
+            float fac = decay_pow(f->cfg.util_decay, stamp_age(f, g)), p = INFINITY;
+            for (int j = 0; j < K; j++) {
+                float u = bf16_get(f->util[g * K + j]) * fac;
+                p = u < p ? u : p;
+                P += p > 0.f;
+            }
+        }
+    const int positive_only = N < M && P >= N;
+    const uint64_t NC = positive_only ? P : M;
     uint8_t *nl = em_malloc((size_t)f->ntot);
-    cand *c = N < M ? em_malloc((size_t)M * sizeof(cand)) : NULL;
+    cand *c = N < M ? em_malloc((size_t)NC * sizeof(cand)) : NULL;
     if (!nl || (N < M && !c)) {
         em_free(nl), em_free(c);
-        return em_errorf(EM_ERR_NOMEM, "fiited: no memory for the pruning scratch (%llu candidates)", (unsigned long long)M);
+        return em_errorf(EM_ERR_NOMEM, "fiited: no memory for the pruning scratch (%llu candidates)", (unsigned long long)NC);
     }
     for (int j = 0; j < 256; j++) f->theta[j] = 0.f;
     if (N >= M) {
         memset(nl, K, (size_t)f->ntot);
         for (int64_t g = 0; g < f->ntot; g++) {
-            float fac = decay_pow(f->cfg.util_decay, f->step - f->stamp[g]), p = INFINITY;
+            float fac = decay_pow(f->cfg.util_decay, stamp_age(f, g)), p = INFINITY;
             for (int j = 0; j < K; j++) {
-                float u = f->util[g * K + j] * fac;
+                float u = bf16_get(f->util[g * K + j]) * fac;
                 p = u < p ? u : p;
                 if (g == 0 || p < f->theta[j]) f->theta[j] = p;
             }
@@ -498,10 +534,12 @@ em_status em_fiited_prune(em_fiited *f, size_t max_bytes, double max_frac, em_po
     } else {
         size_t n = 0;
         for (int64_t g = 0; g < f->ntot; g++) {
-            float fac = decay_pow(f->cfg.util_decay, f->step - f->stamp[g]), p = INFINITY;
+            if (positive_only && f->util[g * K] == 0) continue;
+            float fac = decay_pow(f->cfg.util_decay, stamp_age(f, g)), p = INFINITY;
             for (int j = 0; j < K; j++) {
-                float u = f->util[g * K + j] * fac;
+                float u = bf16_get(f->util[g * K + j]) * fac;
                 p = u < p ? u : p;
+                if (positive_only && !(p > 0.f)) break; /* p only falls along the row */
                 uint32_t bits;
                 memcpy(&bits, &p, 4);
                 c[n].a = ((uint64_t)(uint32_t)~bits << 8) | (uint64_t)j;
@@ -659,13 +697,13 @@ static void bwd_task(void *p, int ith, int nth) {
         }
         /* utilities of every chunk (pruned ones too) */
         const float n = (float)(u->hi - u->lo);
-        const float fac = decay_pow(decay, f->step - f->stamp[g]);
-        float *ut = f->util + g * K;
+        const float fac = decay_pow(decay, stamp_age(f, g));
+        uint16_t *ut = f->util + g * K;
         for (int j = 0; j < K; j++) {
             float x = n * sqrtf(em_vsumsq(gb + (size_t)j * Dc, Dc));
-            ut[j] = ut[j] * fac + (1.f - decay) * x;
+            ut[j] = bf16_put(bf16_get(ut[j]) * fac + (1.f - decay) * x);
         }
-        f->stamp[g] = f->step;
+        f->stamp[g] = (uint32_t)f->step;
         if (c == 0) continue;
         switch (o->kind) {
         case EM_OPT_SGD:
@@ -761,7 +799,7 @@ em_status em_fiited_save_ex(const em_fiited *f, const char *path, const em_st_te
     em_st_tensor *ts = em_calloc((size_t)T * NT_PER_TABLE + (size_t)n_extra, sizeof *ts);
     em_st_meta *meta = em_calloc(6 + (size_t)n_xmeta, sizeof *meta);
     char *names = em_calloc((size_t)T * NT_PER_TABLE, 48);
-    float **bufs = em_calloc((size_t)T * 2, sizeof(float *));
+    void **bufs = em_calloc((size_t)T * 4, sizeof(void *)); /* per table: w, state, util, stamp */
     em_status st = EM_OK;
     if (!ts || !meta || !names || !bufs) {
         st = em_errorf(EM_ERR_NOMEM, "fiited: no memory to save");
@@ -774,10 +812,16 @@ em_status em_fiited_save_ex(const em_fiited *f, const char *path, const em_st_te
         for (int64_t r = 0; r < R; r++) n += f->live[g0 + r];
         float *w = em_malloc(((size_t)n * Dc + 1) * sizeof(float));
         float *s = S ? em_malloc(((size_t)n * S + 1) * sizeof(float)) : NULL;
-        bufs[2 * t] = w, bufs[2 * t + 1] = s;
-        if (!w || (S && !s)) {
+        float *ut = em_malloc((size_t)R * (size_t)f->K * sizeof(float));
+        int64_t *sp = em_malloc((size_t)R * sizeof(int64_t));
+        bufs[4 * t] = w, bufs[4 * t + 1] = s, bufs[4 * t + 2] = ut, bufs[4 * t + 3] = sp;
+        if (!w || (S && !s) || !ut || !sp) {
             st = em_errorf(EM_ERR_NOMEM, "fiited: no memory to save table %d", t);
             goto done;
+        }
+        for (int64_t r = 0; r < R; r++) {
+            sp[r] = f->step - stamp_age(f, g0 + r);
+            for (int j = 0; j < f->K; j++) ut[r * f->K + j] = bf16_get(f->util[(g0 + r) * f->K + j]);
         }
         size_t i = 0;
         for (int64_t r = 0; r < R; r++)
@@ -790,9 +834,9 @@ em_status em_fiited_save_ex(const em_fiited *f, const char *path, const em_st_te
         snprintf(nm, 48, "fiited.%d.live", t);
         ts[nt++] = (em_st_tensor){nm, EM_U8, 1, {R}, f->live + g0};
         snprintf(nm + 48, 48, "fiited.%d.util", t);
-        ts[nt++] = (em_st_tensor){nm + 48, EM_F32, 2, {R, f->K}, f->util + g0 * f->K};
+        ts[nt++] = (em_st_tensor){nm + 48, EM_F32, 2, {R, f->K}, ut};
         snprintf(nm + 96, 48, "fiited.%d.stamp", t);
-        ts[nt++] = (em_st_tensor){nm + 96, EM_I64, 1, {R}, f->stamp + g0};
+        ts[nt++] = (em_st_tensor){nm + 96, EM_I64, 1, {R}, sp};
         snprintf(nm + 144, 48, "fiited.%d.w", t);
         ts[nt++] = (em_st_tensor){nm + 144, EM_F32, 2, {n, (int64_t)Dc}, w};
         if (S) {
@@ -814,7 +858,7 @@ em_status em_fiited_save_ex(const em_fiited *f, const char *path, const em_st_te
     st = em_st_write(path, ts, nt + n_extra, meta, 6 + n_xmeta);
 done:
     if (bufs)
-        for (int i = 0; i < 2 * T; i++) em_free(bufs[i]);
+        for (int i = 0; i < 4 * T; i++) em_free(bufs[i]);
     em_free(bufs), em_free(names), em_free(ts), em_free(meta);
     return st;
 }
@@ -908,8 +952,10 @@ em_status em_fiited_load_st(em_fiited *f, const em_st *st, const char *path) {
                 if (S) memcpy(p + Dc, s + i * S, S * sizeof(float));
             }
         }
-        memcpy(n->util + g0 * f->K, ut, (size_t)R * (size_t)f->K * sizeof(float));
-        memcpy(n->stamp + g0, sp, (size_t)R * sizeof(int64_t));
+        for (int64_t r = 0; r < R; r++) {
+            n->stamp[g0 + r] = (uint32_t)sp[r];
+            for (int j = 0; j < f->K; j++) n->util[(g0 + r) * f->K + j] = bf16_put(ut[r * f->K + j]);
+        }
     }
     if (rc == EM_OK) {
         n->step = step;
