@@ -35,6 +35,7 @@
 
 #include "ember/dlrm.h"
 #include "ember/plan.h"
+#include "ember/train.h"
 
 #ifdef __cplusplus
 extern "C" {
@@ -103,6 +104,24 @@ em_status em_dist_load(em_dist **out, const em_dist_cfg *cfg, const char *path, 
 /* Collective, for tests: the full table t (rows x D) and its optimizer state (NULL:
  * skip) assembled on every rank. */
 em_status em_dist_gather_table(em_dist *d, int t, float *w, float *state);
+
+/* The training loop of `mpirun -np N ember train` (src/dist/dtrainer.c): cfg as for
+ * em_train_run, with cfg->batch the per-rank batch (the global batch is N times it);
+ * every rank reads its contiguous slice of the training and test files. Metrics are
+ * computed on rank 0 over the whole test file (in res, on every rank); rank 0 writes
+ * the checkpoint (single-process layout, resumable at any world size) and
+ * metrics.jsonl and gets the events. test_labels (nullable; rank 0, em_free) receives
+ * the test labels in file order. */
+typedef struct {
+    em_shard_type sharding;      /* EM_SHARD_AUTO: the planner's placement (em_dist_plan);
+                                    else every table this type (table-wise: table t on rank t mod N) */
+    em_comm_prec prec;
+    em_dist_cfg place;           /* out: the placement used */
+    double bytes_per_step;       /* out: mean bytes this rank sent per step (all phases) */
+    double predicted_send_bytes; /* out (AUTO): the planner's all-to-all send bytes per step, busiest rank */
+} em_dist_opts;
+em_status em_dist_train_run(const em_train_cfg *cfg, em_dist_opts *o, em_pool *pool, em_train_result *res,
+                            float **test_labels, size_t *n_test);
 
 #ifdef __cplusplus
 }

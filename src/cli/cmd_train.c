@@ -15,6 +15,11 @@
 #include <unistd.h>
 
 #include "cli/cli.h"
+#include "ember/dist.h"
+
+/* cmd_train_dist.c: the rest of `ember train` under mpirun. */
+int cli_train_dist(em_train_cfg *tc, int threads, const char *sharding, const char *comm_prec, const char *test_prob,
+                   int quiet);
 
 typedef struct {
     em_train_cfg tc;
@@ -34,6 +39,7 @@ typedef struct {
     int hsp[3], hsp_given;
     double seq_flops, seq_events; /* forward FLOPs and events per example, for the report */
     cli_tables_opts tab;          /* --tables, --dyn-*, --fiited-* (cli_tables.c) */
+    const char *sharding, *comm_prec; /* under mpirun (cmd_train_dist.c) */
     char out_buf[1024], train_buf[1200], test_buf[1200], prob_buf[1200];
     /* curves for report.html: (examples, value) points, thinned 2:1 when full */
     int n_loss, n_auc;
@@ -123,7 +129,11 @@ static const cli_opt opts[] = {
     OPT_STR("out", "DIR", "run directory for checkpoint, metrics.jsonl, report.json (default runs/default)", train_ctx, out),
     OPT_STR("resume", "CKPT", "continue a run from its checkpoint (same data, same thread count: bitwise the same)",
             train_ctx, tc.resume),
-    OPT_INT("batch", "N", "examples per step (default 128)", train_ctx, tc.batch, 1, 1 << 20),
+    OPT_INT("batch", "N", "examples per step (default 128; under mpirun: per rank)", train_ctx, tc.batch, 1, 1 << 20),
+    OPT_STR("sharding", "KIND", "under mpirun: auto (the planner's placement) | table | row | data (default auto)", train_ctx,
+            sharding),
+    OPT_STR("comm-prec", "P", "under mpirun: fp32 | fp16 | bf16 pooled embeddings and their gradients (default fp32)",
+            train_ctx, comm_prec),
     OPT_INT("epochs", "N", "passes over the training data (default 1)", train_ctx, tc.epochs, 1, 1000),
     OPT_DOUBLE_POS("lr", "F", "learning rate of both optimizers (default 0.1)", train_ctx, lr),
     OPT_DOUBLE_POS("dense-lr", "F", "learning rate of the dense optimizer", train_ctx, dense_lr),
@@ -500,6 +510,8 @@ int cmd_train(int argc, char **argv) {
     snprintf(c.out_buf, sizeof c.out_buf, "%s", c.out);
     c.tc.out_dir = c.out_buf;
 
+    if (em_dist_launched()) /* mpirun -np N ember train ... */
+        return cli_train_dist(&c.tc, c.threads, c.sharding, c.comm_prec, c.test_prob, c.quiet);
     em_pool *pool = NULL;
     if ((st = em_pool_create(&pool, c.threads))) {
         cli_fail("train", st);

@@ -1,0 +1,131 @@
+/*
+ * cmd_train_dist.c - `mpirun -np N ember train ...`: the same options as one process
+ * (cmd_train.c parses them), trained by em_dist_train_run (src/dist/dtrainer.c).
+ * --batch is per rank; --train is required (ranks must not generate data side by side).
+ * Rank 0 prints the summary and writes report.json beside the checkpoint; the other
+ * ranks print nothing unless they fail.
+ */
+#include <math.h>
+#include <stdio.h>
+#include <string.h>
+
+#include "cli/cli.h"
+#include "ember/dist.h"
+
+int cli_train_dist(em_train_cfg *tc, int threads, const char *sharding, const char *comm_prec, const char *test_prob,
+                   int quiet);
+
+static void on_event(void *ud, const em_train_event *ev) {
+    const int *quiet = ud;
+    if (ev->kind == EM_EV_PROGRESS && !*quiet)
+        fprintf(stderr, "step %lld  epoch %d  %llu examples  loss %.5f  %.0f examples/s\n", (long long)ev->step, ev->epoch,
+                (unsigned long long)ev->examples, ev->train_loss, ev->examples_per_s);
+    else if (ev->kind == EM_EV_EVAL)
+        fprintf(stderr, "step %lld  test AUC %.4f  NE %.4f\n", (long long)ev->step, ev->metrics.auc, ev->metrics.ne);
+}
+
+static void print_m(const char *label, const em_metrics *m) {
+    printf("%-8s AUC %.4f  logloss %.5f  NE %.4f  calibration %.4f  accuracy %.4f  (%zu examples)\n", label, m->auc,
+           m->logloss, m->ne, m->calibration, m->accuracy, (size_t)m->n);
+}
+
+int cli_train_dist(em_train_cfg *tc, int threads, const char *sharding, const char *comm_prec, const char *test_prob,
+                   int quiet) {
+    em_dist_opts o;
+    memset(&o, 0, sizeof o);
+    o.sharding = EM_SHARD_AUTO;
+    if (sharding && strcmp(sharding, "auto") != 0) {
+        o.sharding = strcmp(sharding, "table") == 0 ? EM_SHARD_TABLE
+                     : strcmp(sharding, "row") == 0 ? EM_SHARD_ROW
+                     : strcmp(sharding, "data") == 0 ? EM_SHARD_DATA
+                                                      : (em_shard_type)-1;
+        if ((int)o.sharding < 0) {
+            fprintf(stderr, "ember train: --sharding '%s': use auto, table, row or data\n", sharding);
+            return 2;
+        }
+    }
+    int p = comm_prec ? em_comm_prec_parse(comm_prec) : EM_COMM_FP32;
+    if (p < 0) {
+        fprintf(stderr, "ember train: --comm-prec '%s': use fp32, fp16 or bf16\n", comm_prec);
+        return 2;
+    }
+    o.prec = (em_comm_prec)p;
+    if (!tc->train_path) {
+        fprintf(stderr, "ember train: under mpirun --train is required (generate the data first with ember gen)\n");
+        return 2;
+    }
+    em_status st = em_dist_init(NULL, NULL);
+    if (st) {
+        cli_fail("train", st);
+        return 1;
+    }
+    const int rank = em_dist_rank(), world = em_dist_world();
+    em_pool *pool = NULL;
+    if ((st = em_pool_create(&pool, threads))) {
+        cli_fail("train", st);
+        em_dist_finalize();
+        return 1;
+    }
+    tc->on_event = on_event;
+    tc->ud = &quiet;
+    if (rank == 0)
+        fprintf(stderr, "distributed training on %d ranks x %d threads: %s, batch %d per rank (%d global), %s all-to-all\n",
+                world, threads, tc->train_path, tc->batch, tc->batch * world, em_comm_prec_name(o.prec));
+    em_train_result res;
+    float *y = NULL;
+    size_t ny = 0;
+    st = em_dist_train_run(tc, &o, pool, &res, &y, &ny);
+    if (st) {
+        fprintf(stderr, "rank %d: ", rank);
+        cli_fail("train", st);
+        em_free(y);
+        em_pool_free(pool);
+        em_dist_finalize();
+        return 1;
+    }
+    if (rank == 0) {
+        int nt = o.place.model.num_tables, cnt[5] = {0};
+        for (int t = 0; t < nt; t++) cnt[o.place.type[t]]++;
+        printf("placement: %d table-wise, %d row-wise, %d data-parallel (%s)\n", cnt[EM_SHARD_TABLE], cnt[EM_SHARD_ROW],
+               cnt[EM_SHARD_DATA], o.sharding == EM_SHARD_AUTO ? "planner" : "--sharding");
+        printf("trained %lld steps, %llu examples in %.1f s (%.0f examples/s), %.0f bytes sent per step by rank 0\n",
+               (long long)res.steps, (unsigned long long)res.examples, res.train_s, res.examples_per_s, o.bytes_per_step);
+        em_metrics opt;
+        int have_opt = 0;
+        if (tc->test_path) {
+            print_m("test", &res.test);
+            if (test_prob) {
+                float *tp = NULL;
+                size_t ntp = 0;
+                if (em_read_probs(test_prob, &tp, &ntp) == EM_OK && ntp >= ny && em_metrics_compute(tp, y, ny, &opt) == EM_OK) {
+                    have_opt = 1;
+                    print_m("optimum", &opt);
+                    printf("gap      AUC %+.4f  NE %+.4f  (model - planted optimum)\n", res.test.auc - opt.auc, res.test.ne - opt.ne);
+                }
+                em_free(tp);
+            }
+        }
+        if (tc->out_dir) {
+            char path[1200];
+            snprintf(path, sizeof path, "%s/report.json", tc->out_dir);
+            FILE *f = fopen(path, "w");
+            if (f) {
+                char mt[512] = "null", mo[512] = "null";
+                if (tc->test_path) em_metrics_json(&res.test, mt, sizeof mt);
+                if (have_opt) em_metrics_json(&opt, mo, sizeof mo);
+                fprintf(f, "{\"world\":%d,\"threads\":%d,\"batch_per_rank\":%d,\"comm_prec\":\"%s\",\"steps\":%lld,"
+                           "\"examples\":%llu,\"train_s\":%.3f,\"examples_per_s\":%.1f,\"bytes_per_step_rank0\":%.0f,"
+                           "\"test\":%s,\"optimum\":%s,\"checkpoint\":\"%s\"}\n",
+                        world, threads, tc->batch, em_comm_prec_name(o.prec), (long long)res.steps,
+                        (unsigned long long)res.examples, res.train_s, res.examples_per_s, o.bytes_per_step, mt, mo,
+                        res.checkpoint);
+                fclose(f);
+                printf("checkpoint: %s\nreport:     %s\n", res.checkpoint, path);
+            }
+        }
+    }
+    em_free(y);
+    em_pool_free(pool);
+    em_dist_finalize();
+    return 0;
+}
