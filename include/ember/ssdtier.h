@@ -90,8 +90,8 @@ typedef struct {
     size_t cache_bytes;     /* memory limit of the row cache (slots, index, scratch) */
     em_ssd_policy policy;
     float evict_slack;      /* 0 .. 0.5: cache fraction freed when a load finds it full */
-    size_t db_cache_bytes;  /* RocksDB block cache; 0 = 8 MiB */
-    size_t db_write_buffer; /* RocksDB memtable; 0 = 16 MiB */
+    size_t db_cache_bytes;  /* RocksDB block cache; 0 = 4 MiB */
+    size_t db_write_buffer; /* RocksDB memtable (up to 2 in memory); 0 = 4 MiB */
 } em_ssd_cfg;
 
 /* LRU, evict_slack 0.05, init_scale 0.01, sum pooling, seed 0. */

