@@ -152,6 +152,7 @@ int cmd_bench(int argc, char **argv);
 int cmd_serve(int argc, char **argv);
 int cmd_plan(int argc, char **argv);
 int cmd_stream(int argc, char **argv);
+int cmd_exfm(int argc, char **argv);
 int cmd_inspect(int argc, char **argv);
 
 #endif

@@ -224,3 +224,272 @@ int cmd_stream(int argc, char **argv) {
            (unsigned long long)r.pos, r.resumed, r.train_s, r.eval_s, r.read_s, r.join_s, r.checkpoint);
     return 0;
 }
+
+/* ------------------------------------------------------------------ ember exfm */
+/*
+ * `ember exfm`: the ExFM pipeline on one stream (a file or directory with sidecars):
+ * a teacher (the larger model) streams every vertical and logs each example's
+ * progressive prediction to <out>/teacher.das; then, for each of the first --students
+ * verticals and each distillation mode of --modes, a student streams its vertical
+ * joined with that log. Prints one JSON object: per run the progressive NE over the
+ * whole stream (example-weighted: total log loss / entropy of the overall CTR) and
+ * over its second half (after the warm-up), AUC likewise, and the timings.
+ */
+
+typedef struct {
+    stream_ctx s;               /* the students' model and stream options (s.out: the run directory) */
+    int students;
+    const char *modes, *bot, *top, *tbot, *ttop;
+    int tdim;
+    int64_t trows_cap;
+    int skip_teacher;
+} exfm_ctx;
+
+typedef struct {
+    const stream_ctx *c;
+    const char *who;
+} exfm_who;
+
+static void exfm_window(void *ud, const em_stream_window *w) {
+    const exfm_who *a = ud;
+    if (!a->c->quiet)
+        fprintf(stderr, "%s window %lld: %llu examples, AUC %.4f NE %.4f, %.0f ex/s\n", a->who, (long long)w->window,
+                (unsigned long long)w->examples, w->eval.auc, w->eval.ne,
+                w->train_s > 0 ? (double)w->examples / w->train_s : 0.0);
+}
+
+/* Progressive totals of a run from its windows.jsonl (all windows, resumed ones too):
+ * over the whole stream and over its second half (windows >= count / 2). */
+typedef struct {
+    double n, loss, clicks, auc_sum, auc_n;
+} ne_acc;
+
+static void acc_file(const char *dir, ne_acc *all, ne_acc *half) {
+    memset(all, 0, sizeof *all), memset(half, 0, sizeof *half);
+    char path[1300], line[8192];
+    snprintf(path, sizeof path, "%s/windows.jsonl", dir);
+    FILE *f = fopen(path, "r");
+    if (!f) return;
+    int64_t total = 0;
+    while (fgets(line, sizeof line, f)) total++;
+    rewind(f);
+    for (int64_t w = 0; fgets(line, sizeof line, f); w++) {
+        const char *e = strstr(line, "\"eval\":{"); /* the run's own (a student's teacher block comes later) */
+        if (!e || !strstr(e, "\"n\":") || !strstr(e, "\"logloss\":") || !strstr(e, "\"ctr\":") || !strstr(e, "\"auc\":"))
+            continue;
+        double n = atof(strstr(e, "\"n\":") + 4), ll = atof(strstr(e, "\"logloss\":") + 10),
+               ctr = atof(strstr(e, "\"ctr\":") + 6);
+        const char *au = strstr(e, "\"auc\":") + 6;
+        for (ne_acc *a = all; a; a = (a == all && w >= total / 2) ? half : NULL) {
+            a->n += n, a->loss += n * ll, a->clicks += n * ctr;
+            if (strncmp(au, "null", 4) != 0) a->auc_sum += n * atof(au), a->auc_n += n;
+        }
+    }
+    fclose(f);
+}
+
+static double ne_of(const ne_acc *a) {
+    if (a->n <= 0) return NAN;
+    double p = a->clicks / a->n;
+    if (p <= 0 || p >= 1) return NAN;
+    double h = -(p * log(p) + (1 - p) * log(1 - p));
+    return a->loss / a->n / h;
+}
+
+#define XCTX ((exfm_ctx *)c)
+static int x_set_optim(void *c, const cli_opt *o, const char *v) { return set_optim(&XCTX->s, o, v); }
+
+static const cli_opt xopts[] = {
+    OPT_CONFIG("JSON object of these options (keys with - or _); later flags override it"),
+    OPT_STR("data", "PATH", "the stream (file or directory) with .side sidecars, e.g. ember gen --drift's stream.tsv",
+            exfm_ctx, s.sc.source),
+    OPT_STR("out", "DIR", "run directory: teacher/, teacher.das, v<V>-<mode>/ (default runs/exfm)", exfm_ctx, s.out),
+    OPT_INT("students", "N", "students: verticals 0..N-1 (default 3)", exfm_ctx, students, 1, 0xffff),
+    OPT_STR("modes", "LIST", "distillation modes of each student, comma-separated (default none,serving,aux,aux+adapter)",
+            exfm_ctx, modes),
+    OPT_FLAG("skip-teacher", "reuse <out>/teacher.das from an earlier run", exfm_ctx, skip_teacher),
+    OPT_INT("window", "N", "examples per window (default 100000; a student's windows hold its vertical only)", exfm_ctx,
+            s.sc.window, 1, 1LL << 34),
+    OPT_INT("batch", "N", "examples per training step (default 128)", exfm_ctx, s.sc.batch, 1, 1 << 20),
+    OPT_DOUBLE_POS("alpha", "F", "soft label min(alpha * p_teacher, 1) (default 1)", exfm_ctx, s.alpha),
+    OPT_DOUBLE("beta", "F", "distillation head's gradient scale into the backbone (default 1)", exfm_ctx, s.beta),
+    OPT_DOUBLE("distill-weight", "F", "weight w of the distillation loss (default 1)", exfm_ctx, s.w),
+    OPT_DOUBLE("adapter-weight", "F", "weight of the adapter's target (default 1)", exfm_ctx, s.w_adapter),
+    OPT_DOUBLE_POS("adapter-lr", "F", "student adapter learning rate (default 0.05)", exfm_ctx, s.adapter_lr),
+    OPT_DOUBLE_POS("lr", "F", "learning rate of both optimizers, teacher and students (default 0.1)", exfm_ctx, s.lr),
+    OPT_FN("dense-opt", "NAME", "sgd | adagrad | adam | adamw (default sgd)", x_set_optim, offsetof(stream_ctx, dense_kind)),
+    OPT_FN("sparse-opt", "NAME", "sgd | adagrad | rowwise_adagrad (default sgd)", x_set_optim,
+           offsetof(stream_ctx, sparse_kind)),
+    OPT_INT("dim", "D", "students' embedding dimension (default 8)", exfm_ctx, s.sc.model.dim, 1, 4096),
+    OPT_INT("rows-cap", "N", "students' rows per table (default 50000)", exfm_ctx, s.rows_cap, 1, 1LL << 40),
+    OPT_STR("bot", "SIZES", "students' bottom MLP hidden sizes (default 32; 13-32-D)", exfm_ctx, bot),
+    OPT_STR("top", "SIZES", "students' top MLP after the interaction (default 32-1)", exfm_ctx, top),
+    OPT_INT("teacher-dim", "D", "teacher's embedding dimension (default 16)", exfm_ctx, tdim, 1, 4096),
+    OPT_INT("teacher-rows-cap", "N", "teacher's rows per table (default 200000)", exfm_ctx, trows_cap, 1, 1LL << 40),
+    OPT_STR("teacher-bot", "SIZES", "teacher's bottom MLP hidden sizes (default 128-64)", exfm_ctx, tbot),
+    OPT_STR("teacher-top", "SIZES", "teacher's top MLP after the interaction (default 128-64-1)", exfm_ctx, ttop),
+    OPT_UINT("seed", "N", "initialisation seed (default 1)", exfm_ctx, s.sc.model.seed, 0, 1LL << 62),
+    OPT_INT("threads", "N", "worker threads (default 2)", exfm_ctx, s.threads, 1, 256),
+    OPT_FLAG("quiet", "no per-window lines on stderr", exfm_ctx, s.quiet),
+};
+
+/* A model: Kaggle tables capped at rows_cap, 13-<bot>-D, <inter>-<top>. */
+static int exfm_model(em_dlrm_cfg *m, int dim, int64_t rows_cap, const char *bot, const char *top, em_optim_cfg dopt,
+                      em_optim_cfg sopt, uint64_t seed) {
+    *m = em_dlrm_kaggle(rows_cap);
+    m->dim = dim;
+    int h[EM_DLRM_MAX_LAYERS + 1], nh = em_parse_layers(bot, h, EM_DLRM_MAX_LAYERS - 1);
+    int t[EM_DLRM_MAX_LAYERS + 1], nt = em_parse_layers(top, t, EM_DLRM_MAX_LAYERS);
+    if (nh < 1 || nt < 1 || t[nt - 1] != 1) {
+        fprintf(stderr, "ember exfm: bad MLP sizes '%s' / '%s' (hidden sizes; the top ends in 1)\n", bot, top);
+        return -1;
+    }
+    m->n_bot = nh + 2;
+    m->bot[0] = m->num_dense;
+    for (int i = 0; i < nh; i++) m->bot[i + 1] = h[i];
+    m->bot[nh + 1] = dim;
+    m->n_top = nt + 1;
+    m->top[0] = em_dot_interact_out_dim(m->num_tables, dim);
+    for (int i = 0; i < nt; i++) m->top[i + 1] = t[i];
+    m->dense_opt = dopt, m->sparse_opt = sopt, m->seed = seed;
+    em_status st = em_dlrm_cfg_validate(m);
+    if (st) {
+        cli_fail("exfm", st);
+        return -1;
+    }
+    return 0;
+}
+
+static const char *jnum(char *buf, double x) {
+    if (isfinite(x)) snprintf(buf, 32, "%.6f", x);
+    else snprintf(buf, 32, "null");
+    return buf;
+}
+
+static void print_run(const char *key, const char *dir, const em_stream_result *r, int last) {
+    ne_acc all, half;
+    acc_file(dir, &all, &half);
+    char b[4][32];
+    printf("\"%s\":{\"examples\":%.0f,\"ne\":%s,\"ne_second_half\":%s,\"auc\":%s,\"auc_second_half\":%s,"
+           "\"train_s\":%.3f,\"eval_s\":%.3f,\"read_s\":%.3f,\"join_s\":%.3f}%s",
+           key, all.n, jnum(b[0], ne_of(&all)), jnum(b[1], ne_of(&half)),
+           jnum(b[2], all.auc_n > 0 ? all.auc_sum / all.auc_n : NAN), jnum(b[3], half.auc_n > 0 ? half.auc_sum / half.auc_n : NAN),
+           r->train_s, r->eval_s, r->read_s, r->join_s, last ? "" : ",");
+    fflush(stdout);
+}
+
+int cmd_exfm(int argc, char **argv) {
+    exfm_ctx x;
+    memset(&x, 0, sizeof x);
+    stream_ctx *c = &x.s;
+    c->sc = em_stream_default();
+    c->out = "runs/exfm";
+    c->threads = 2;
+    c->lr = c->dense_lr = c->sparse_lr = NAN;
+    c->alpha = c->beta = c->w = c->w_adapter = c->head_lr = c->adapter_lr = NAN;
+    c->dense_kind = c->sparse_kind = EM_OPT_SGD;
+    c->rows_cap = 50000;
+    c->sc.model.dim = 8;
+    x.students = 3;
+    x.modes = "none,serving,aux,aux+adapter";
+    x.bot = "32", x.top = "32-1", x.tbot = "128-64", x.ttop = "128-64-1";
+    x.tdim = 16, x.trows_cap = 200000;
+    char *pos[1];
+    int npos;
+    int rc = cli_parse("exfm", "--data PATH [options]", xopts, CLI_NOPTS(xopts), &x, argc, argv, pos, &npos, 0);
+    if (rc) return rc < 0 ? 2 : 0;
+    if (!c->sc.source) {
+        fprintf(stderr, "ember exfm: --data is required (a stream with .side sidecars, e.g. from ember gen --drift)\n");
+        return 2;
+    }
+    em_distill_mode modes[16];
+    int nmodes = 0;
+    {
+        char buf[256];
+        snprintf(buf, sizeof buf, "%s", x.modes);
+        for (char *tok = strtok(buf, ","); tok; tok = strtok(NULL, ",")) {
+            if (nmodes == 16 || em_distill_parse(tok, &modes[nmodes]) != EM_OK) {
+                fprintf(stderr, "ember exfm: --modes: expected a list of none, serving, aux, aux+adapter; got '%s'\n", x.modes);
+                return 2;
+            }
+            nmodes++;
+        }
+    }
+    double lr = !isnan(c->lr) ? c->lr : 0.1;
+    em_optim_cfg dopt = em_optim_default(c->dense_kind, (float)lr), sopt = em_optim_default(c->sparse_kind, (float)lr);
+    em_dlrm_cfg tm, sm;
+    uint64_t seed = c->sc.model.seed;
+    if (exfm_model(&tm, x.tdim, x.trows_cap, x.tbot, x.ttop, dopt, sopt, seed) ||
+        exfm_model(&sm, c->sc.model.dim, c->rows_cap, x.bot, x.top, dopt, sopt, seed))
+        return 2;
+    em_student_cfg stc = em_student_default();
+    if (!isnan(c->alpha)) stc.alpha = (float)c->alpha;
+    if (!isnan(c->beta)) stc.beta = (float)c->beta;
+    if (!isnan(c->w)) stc.w = (float)c->w;
+    if (!isnan(c->w_adapter)) stc.w_adapter = (float)c->w_adapter;
+    if (!isnan(c->adapter_lr)) stc.adapter_lr = (float)c->adapter_lr;
+    em_status st = em_student_cfg_validate(&stc);
+    if (st) {
+        cli_fail("exfm", st);
+        return 2;
+    }
+    em_pool *pool = NULL;
+    if ((st = em_pool_create(&pool, c->threads))) {
+        cli_fail("exfm", st);
+        return 1;
+    }
+    char dir[1200], das[1200];
+    snprintf(das, sizeof das, "%s/teacher.das", c->out);
+    /* the teacher */
+    em_stream_cfg tc = c->sc;
+    tc.model = tm;
+    snprintf(dir, sizeof dir, "%s/teacher", c->out);
+    tc.out_dir = dir;
+    tc.log_predictions = das;
+    tc.resume = 1; /* a fresh directory starts fresh; a killed pipeline continues */
+    exfm_who tw = {c, "teacher"};
+    em_stream_result tr;
+    memset(&tr, 0, sizeof tr);
+    printf("{");
+    if (!x.skip_teacher) {
+        tc.on_window = exfm_window, tc.ud = &tw;
+        if ((st = em_stream_run(&tc, pool, &tr, NULL))) {
+            printf("}\n");
+            cli_fail("exfm teacher", st);
+            em_pool_free(pool);
+            return 1;
+        }
+    }
+    print_run("teacher", dir, &tr, 0);
+    printf("\"students\":[");
+    for (int v = 0; v < x.students; v++) {
+        printf("%s{\"vertical\":%d,", v ? "," : "", v);
+        for (int k = 0; k < nmodes; k++) {
+            em_stream_cfg sc = c->sc;
+            sc.model = sm;
+            sc.vertical = v;
+            sc.teacher_log = das;
+            sc.student = stc;
+            sc.student.mode = modes[k];
+            snprintf(dir, sizeof dir, "%s/v%d-%s", c->out, v, em_distill_name(modes[k]));
+            sc.out_dir = dir;
+            sc.resume = 1;
+            char who[64];
+            snprintf(who, sizeof who, "v%d %s", v, em_distill_name(modes[k]));
+            exfm_who sw = {c, who};
+            sc.on_window = exfm_window, sc.ud = &sw;
+            em_stream_result r;
+            if ((st = em_stream_run(&sc, pool, &r, NULL))) {
+                printf("]}\n");
+                cli_fail(who, st);
+                em_pool_free(pool);
+                return 1;
+            }
+            print_run(em_distill_name(modes[k]), dir, &r, k == nmodes - 1);
+        }
+        printf("}");
+    }
+    printf("]}\n");
+    em_pool_free(pool);
+    return 0;
+}

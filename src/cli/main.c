@@ -24,6 +24,7 @@ static const struct {
     {"inspect", "what a checkpoint holds: per table rows, live chunks (FIITED), bytes, optimizer state (--json)", cmd_inspect},
     {"plan", "shard embedding tables over N ranks (1D or 2D groups) and predict per-rank load; --simulate 8..4096 ranks", cmd_plan},
     {"stream", "train on an unbounded stream (file, growing directory, stdin) in windows: progressive metrics, exact resume; ExFM teacher/student", cmd_stream},
+    {"exfm", "ExFM pipeline: a teacher streams all verticals and logs its predictions, then students per vertical x distillation mode", cmd_exfm},
 };
 
 static void usage(FILE *f) {
