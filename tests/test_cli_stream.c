@@ -169,6 +169,14 @@ static void test_students(void) {
         CHECK(j && strstr(j, "\"teacher\":{\"present\":") && strstr(j, "\"missing\":0,"));
         free(j);
     }
+    /* the pipeline verb: one teacher, three students, two modes each */
+    CHECK(run("%s exfm --data %s/d/stream.tsv --out %s/x --students 3 --modes none,aux+adapter --window 3000 --rows-cap 2000 "
+              "--teacher-rows-cap 4000 --quiet > %s/x.json",
+              bin, T, T, T) == 0);
+    char *x = slurp("%s/x.json", T);
+    CHECK(x && strstr(x, "\"teacher\":{\"examples\":36000,") && strstr(x, "\"vertical\":2,") &&
+          strstr(x, "\"aux+adapter\":{"));
+    free(x);
     /* usage errors: exit 2 with the option named */
     CHECK(run("%s stream --data %s/d/stream.tsv --distill nonsense 2> %s/err.txt", bin, T, T) == 2);
     char *e = slurp("%s/err.txt", T);

@@ -397,6 +397,31 @@ static void test_student(void) {
     }
     CHECK(same_ckpt(DIR_ "/stu3/checkpoint.safetensors", DIR_ "/stu3b/checkpoint.safetensors"));
     CHECK(same_metrics(DIR_ "/stu3", DIR_ "/stu3b"));
+    /* the join does not care about the log's order, and the last of duplicate records
+     * wins: a log holding a wrong prediction for every example, then the right ones
+     * in reverse order, teaches exactly what the teacher's own log does */
+    em_das_index *ix = NULL;
+    const char *tp = DIR_ "/t.das";
+    CHECK_OK(em_das_index_open(&ix, &tp, 1, 0));
+    em_das_writer *dw = NULL;
+    sh("rm -f %s", DIR_ "/shuffled.das");
+    CHECK_OK(em_das_writer_open(&dw, DIR_ "/shuffled.das"));
+    for (int pass = 0; pass < 2 && ix && dw; pass++)
+        for (uint64_t k = 0; k < ROWS + 2; k++) {
+            em_das_rec rec;
+            uint64_t pos = pass ? ROWS + 1 - k : k;
+            if (!em_das_lookup(ix, em_das_example_id(0, pos), &rec)) continue;
+            if (!pass) rec.logit = -rec.logit + 3.f, rec.vertical = 2;
+            CHECK_OK(em_das_append(dw, &rec, 1));
+        }
+    CHECK_OK(em_das_writer_close(dw));
+    em_das_index_free(ix);
+    sh("rm -rf %s", DIR_ "/stu_shuf");
+    em_stream_cfg c3 = base_cfg(DIR_ "/d/stream.tsv", DIR_ "/stu_shuf");
+    c3.vertical = 0, c3.teacher_log = DIR_ "/shuffled.das", c3.student.mode = EM_DISTILL_AUX_ADAPTER;
+    CHECK_OK(em_stream_run(&c3, pool, &r, NULL));
+    CHECK(same_ckpt(DIR_ "/stu3/checkpoint.safetensors", DIR_ "/stu_shuf/checkpoint.safetensors"));
+    CHECK(same_metrics(DIR_ "/stu3", DIR_ "/stu_shuf"));
     /* resuming with another mode is refused */
     c2.student.mode = EM_DISTILL_AUX;
     CHECK(em_stream_run(&c2, pool, &r, NULL) == EM_ERR_INVALID);
