@@ -61,11 +61,20 @@ typedef struct {
     em_shard_type type[EM_DLRM_MAX_TABLES];  /* EM_SHARD_TABLE, _ROW or _DATA per table */
     int owner[EM_DLRM_MAX_TABLES];           /* EM_SHARD_TABLE: the rank holding it */
     em_comm_prec prec;                       /* pooled vectors and their gradients */
+    /* 2D sparse parallelism: the N ranks form M = N / group replica groups of `group`
+     * consecutive ranks; the placement above is within a group (owner < group), each
+     * group holds a full copy of the tables, the all-to-alls stay inside it, and every
+     * sync_every steps each shard's weights and optimizer state are averaged over its
+     * M replicas. Row-wise AdaGrad becomes momentum-scaled (w -= lr g / sqrt(m / M + eps)).
+     * group = 0 or N: plain 1D. */
+    int group;
+    int sync_every;
 } em_dist_cfg;
 
-/* A placement for cfg->model over `world` ranks from the planner (ember/plan.h:
- * lookups, all-to-all bytes and memory balanced with Karmarkar-Karp): tables the plan
- * makes column-wise are placed table-wise, on the rank of their largest piece. */
+/* A placement for cfg->model over `world` ranks (in groups of cfg->group for 2D) from
+ * the planner (ember/plan.h: lookups, all-to-all bytes and memory balanced with
+ * Karmarkar-Karp); column-wise pieces are not used (the trainer has no column-wise
+ * sharding yet). */
 em_status em_dist_plan(em_dist_cfg *cfg, int world, int batch, em_plan **plan_out);
 
 typedef struct em_dist em_dist;
@@ -86,9 +95,15 @@ em_status em_dist_train_step(em_dist *d, const em_batch *local, double *loss, em
 em_status em_dist_forward(em_dist *d, const em_batch *local, float *logits, em_pool *pool);
 void em_dist_set_lr(em_dist *d, float dense_lr, float sparse_lr);
 
+/* Collective. 2D: average every shard's weights and optimizer state over its replicas
+ * now (training does it every sync_every steps); a no-op in 1D and when they were
+ * averaged at the last step. em_dist_save writes replica group 0's tables: sync first
+ * for the average. */
+em_status em_dist_sync(em_dist *d);
+
 /* Bytes this rank sent in the last step, by phase. */
 typedef struct {
-    double ids, pooled, grads, allreduce, total;
+    double ids, pooled, grads, allreduce, sync, total; /* sync: 2D replica averaging (0 if none this step) */
 } em_dist_bytes;
 void em_dist_last_bytes(const em_dist *d, em_dist_bytes *out);
 
@@ -116,6 +131,7 @@ typedef struct {
     em_shard_type sharding;      /* EM_SHARD_AUTO: the planner's placement (em_dist_plan);
                                     else every table this type (table-wise: table t on rank t mod N) */
     em_comm_prec prec;
+    int group, sync_every;       /* 2D sparse parallelism (em_dist_cfg); group 0 = 1D */
     em_dist_cfg place;           /* out: the placement used */
     double bytes_per_step;       /* out: mean bytes this rank sent per step (all phases) */
     double predicted_send_bytes; /* out (AUTO): the planner's all-to-all send bytes per step, busiest rank */

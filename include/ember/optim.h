@@ -35,6 +35,9 @@ typedef struct {
     float beta1, beta2; /* Adam: 0.9, 0.999 */
     float weight_decay; /* 0 by default; AdamW default 0.01 */
     float init_accum;   /* AdaGrad initial accumulator value, default 0 */
+    int replicas;       /* row-wise AdaGrad under 2D sparse parallelism with M replica groups
+                           (momentum-scaled, Zhang et al. 2025): w -= lr g / sqrt(m / M + eps)
+                           when > 1; 0 or 1: plain row-wise AdaGrad. Set by ember/dist.h. */
 } em_optim_cfg;
 
 /* Defaults of the matching torch.optim class for `kind` with learning rate lr. */

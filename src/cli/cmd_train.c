@@ -18,8 +18,8 @@
 #include "ember/dist.h"
 
 /* cmd_train_dist.c: the rest of `ember train` under mpirun. */
-int cli_train_dist(em_train_cfg *tc, int threads, const char *sharding, const char *comm_prec, const char *test_prob,
-                   int quiet);
+int cli_train_dist(em_train_cfg *tc, int threads, const char *sharding, const char *comm_prec, int group, int sync_every,
+                   const char *test_prob, int quiet);
 
 typedef struct {
     em_train_cfg tc;
@@ -40,6 +40,7 @@ typedef struct {
     double seq_flops, seq_events; /* forward FLOPs and events per example, for the report */
     cli_tables_opts tab;          /* --tables, --dyn-*, --fiited-* (cli_tables.c) */
     const char *sharding, *comm_prec; /* under mpirun (cmd_train_dist.c) */
+    int group, sync_every;
     char out_buf[1024], train_buf[1200], test_buf[1200], prob_buf[1200];
     /* curves for report.html: (examples, value) points, thinned 2:1 when full */
     int n_loss, n_auc;
@@ -134,6 +135,10 @@ static const cli_opt opts[] = {
             sharding),
     OPT_STR("comm-prec", "P", "under mpirun: fp32 | fp16 | bf16 pooled embeddings and their gradients (default fp32)",
             train_ctx, comm_prec),
+    OPT_INT("group", "G", "under mpirun: 2D sparse parallelism, replica groups of G ranks (default: one group of all)",
+            train_ctx, group, 1, 1 << 20),
+    OPT_INT("sync-every", "K", "under mpirun with --group: average the table replicas every K steps (default 1)", train_ctx,
+            sync_every, 1, 1 << 30),
     OPT_INT("epochs", "N", "passes over the training data (default 1)", train_ctx, tc.epochs, 1, 1000),
     OPT_DOUBLE_POS("lr", "F", "learning rate of both optimizers (default 0.1)", train_ctx, lr),
     OPT_DOUBLE_POS("dense-lr", "F", "learning rate of the dense optimizer", train_ctx, dense_lr),
@@ -511,7 +516,7 @@ int cmd_train(int argc, char **argv) {
     c.tc.out_dir = c.out_buf;
 
     if (em_dist_launched()) /* mpirun -np N ember train ... */
-        return cli_train_dist(&c.tc, c.threads, c.sharding, c.comm_prec, c.test_prob, c.quiet);
+        return cli_train_dist(&c.tc, c.threads, c.sharding, c.comm_prec, c.group, c.sync_every, c.test_prob, c.quiet);
     em_pool *pool = NULL;
     if ((st = em_pool_create(&pool, c.threads))) {
         cli_fail("train", st);

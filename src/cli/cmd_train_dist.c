@@ -12,8 +12,8 @@
 #include "cli/cli.h"
 #include "ember/dist.h"
 
-int cli_train_dist(em_train_cfg *tc, int threads, const char *sharding, const char *comm_prec, const char *test_prob,
-                   int quiet);
+int cli_train_dist(em_train_cfg *tc, int threads, const char *sharding, const char *comm_prec, int group, int sync_every,
+                   const char *test_prob, int quiet);
 
 static void on_event(void *ud, const em_train_event *ev) {
     const int *quiet = ud;
@@ -29,8 +29,8 @@ static void print_m(const char *label, const em_metrics *m) {
            m->logloss, m->ne, m->calibration, m->accuracy, (size_t)m->n);
 }
 
-int cli_train_dist(em_train_cfg *tc, int threads, const char *sharding, const char *comm_prec, const char *test_prob,
-                   int quiet) {
+int cli_train_dist(em_train_cfg *tc, int threads, const char *sharding, const char *comm_prec, int group, int sync_every,
+                   const char *test_prob, int quiet) {
     em_dist_opts o;
     memset(&o, 0, sizeof o);
     o.sharding = EM_SHARD_AUTO;
@@ -50,6 +50,7 @@ int cli_train_dist(em_train_cfg *tc, int threads, const char *sharding, const ch
         return 2;
     }
     o.prec = (em_comm_prec)p;
+    o.group = group, o.sync_every = sync_every > 0 ? sync_every : 1;
     if (!tc->train_path) {
         fprintf(stderr, "ember train: under mpirun --train is required (generate the data first with ember gen)\n");
         return 2;
@@ -69,8 +70,12 @@ int cli_train_dist(em_train_cfg *tc, int threads, const char *sharding, const ch
     tc->on_event = on_event;
     tc->ud = &quiet;
     if (rank == 0)
-        fprintf(stderr, "distributed training on %d ranks x %d threads: %s, batch %d per rank (%d global), %s all-to-all\n",
-                world, threads, tc->train_path, tc->batch, tc->batch * world, em_comm_prec_name(o.prec));
+        fprintf(stderr, "distributed training on %d ranks x %d threads: %s, batch %d per rank (%d global), %s all-to-all%s\n",
+                world, threads, tc->train_path, tc->batch, tc->batch * world, em_comm_prec_name(o.prec),
+                group > 0 && group < world ? ", 2D: replica groups" : "");
+    if (rank == 0 && group > 0 && group < world)
+        fprintf(stderr, "2D sparse parallelism: %d replica groups of %d ranks, tables averaged every %d steps\n", world / group,
+                group, o.sync_every);
     em_train_result res;
     float *y = NULL;
     size_t ny = 0;
@@ -113,10 +118,10 @@ int cli_train_dist(em_train_cfg *tc, int threads, const char *sharding, const ch
                 char mt[512] = "null", mo[512] = "null";
                 if (tc->test_path) em_metrics_json(&res.test, mt, sizeof mt);
                 if (have_opt) em_metrics_json(&opt, mo, sizeof mo);
-                fprintf(f, "{\"world\":%d,\"threads\":%d,\"batch_per_rank\":%d,\"comm_prec\":\"%s\",\"steps\":%lld,"
+                fprintf(f, "{\"world\":%d,\"group\":%d,\"threads\":%d,\"batch_per_rank\":%d,\"comm_prec\":\"%s\",\"steps\":%lld,"
                            "\"examples\":%llu,\"train_s\":%.3f,\"examples_per_s\":%.1f,\"bytes_per_step_rank0\":%.0f,"
                            "\"test\":%s,\"optimum\":%s,\"checkpoint\":\"%s\"}\n",
-                        world, threads, tc->batch, em_comm_prec_name(o.prec), (long long)res.steps,
+                        world, group > 0 ? group : world, threads, tc->batch, em_comm_prec_name(o.prec), (long long)res.steps,
                         (unsigned long long)res.examples, res.train_s, res.examples_per_s, o.bytes_per_step, mt, mo,
                         res.checkpoint);
                 fclose(f);

@@ -100,7 +100,10 @@ typedef struct {
 
 struct em_dist {
     em_dist_cfg cfg;
-    int rank, world, D, T;
+    int rank, world, D, T;     /* world rank and size N */
+    int grank, gsize;          /* rank in the replica group and its size G (G = N: 1D) */
+    int rep, M;                /* replica group of this rank, number of groups (N / G) */
+    MPI_Comm gcomm, rcomm;     /* this rank's group; the ranks holding its replicas (one per group) */
     em_dlrm *m;            /* dense replica; its tables are 1-row placeholders */
     shard *sh;             /* all shards, in table order */
     int nsh;
@@ -108,12 +111,15 @@ struct em_dist {
     int *held_by;          /* [world * nsh]: held_by[q * nsh + s] = rank q holds shard s */
     em_embbag *emb;        /* this rank's shards as tables, in `mine` order */
     int64_t step;
+    int64_t synced_step;   /* 2D: the step at which the replicas were last averaged */
 
     /* per step */
-    int *Bs;               /* [world] local batch sizes */
-    int64_t *boff;         /* [world + 1] their prefix sums: global example offsets */
-    int G;                 /* global batch */
-    int *scnt, *sdis, *rcnt, *rdis; /* [world] MPI counts and displacements */
+    int *Bw;               /* [N] local batch sizes of every rank */
+    int *Bs;               /* [G] those of this rank's group */
+    int64_t *boff;         /* [G + 1] their prefix sums: the group's example offsets */
+    int G;                 /* the group's batch (all the exchanges see) */
+    int64_t Gw;            /* the global batch over all groups */
+    int *scnt, *sdis, *rcnt, *rdis; /* [N] MPI counts and displacements */
     buf sbuf, rbuf;
     buf gidx, goff;        /* the global batch's bags over my shards (int64) */
     buf gout;              /* (G, nmine, D) pooled over my shards; then the gradient */
@@ -149,6 +155,11 @@ static em_status agree(em_status st) {
 static em_status check_cfg(const em_dist_cfg *c, int world) {
     em_status st = em_dlrm_cfg_validate(&c->model);
     if (st) return st;
+    const int G = c->group > 0 ? c->group : world;
+    if (G > world || world % G != 0)
+        return em_errorf(EM_ERR_INVALID, "dist: group size %d does not divide the world size %d", G, world);
+    if (G < world && c->sync_every < 1)
+        return em_errorf(EM_ERR_INVALID, "dist: 2D parallelism needs sync_every >= 1 (got %d)", c->sync_every);
     if (c->model.seq.num_seq) return em_errorf(EM_ERR_UNSUPPORTED, "dist: sequence features are not supported in distributed training");
     if (c->model.tables.kind != EM_TABLES_DENSE)
         return em_errorf(EM_ERR_UNSUPPORTED, "dist: only dense tables can be sharded (not %s)",
@@ -161,8 +172,8 @@ static em_status check_cfg(const em_dist_cfg *c, int world) {
             return em_errorf(EM_ERR_UNSUPPORTED, "dist: table %d: column-wise sharding is not supported yet", t);
         if (ty != EM_SHARD_TABLE && ty != EM_SHARD_ROW && ty != EM_SHARD_DATA)
             return em_errorf(EM_ERR_INVALID, "dist: table %d: no sharding type", t);
-        if (ty == EM_SHARD_TABLE && (c->owner[t] < 0 || c->owner[t] >= world))
-            return em_errorf(EM_ERR_INVALID, "dist: table %d: owner rank %d not in [0, %d)", t, c->owner[t], world);
+        if (ty == EM_SHARD_TABLE && (c->owner[t] < 0 || c->owner[t] >= G))
+            return em_errorf(EM_ERR_INVALID, "dist: table %d: owner rank %d not in [0, %d) (the group)", t, c->owner[t], G);
     }
     return EM_OK;
 }
@@ -170,18 +181,18 @@ static em_status check_cfg(const em_dist_cfg *c, int world) {
 static em_status make_shards(em_dist *d) {
     const em_dlrm_cfg *mc = &d->cfg.model;
     int n = 0;
-    for (int t = 0; t < d->T; t++) n += d->cfg.type[t] == EM_SHARD_ROW ? d->world : 1;
+    for (int t = 0; t < d->T; t++) n += d->cfg.type[t] == EM_SHARD_ROW ? d->gsize : 1;
     d->sh = em_calloc((size_t)n, sizeof(shard));
     d->mine = em_calloc((size_t)n, sizeof(int));
-    d->held_by = em_calloc((size_t)n * (size_t)d->world, sizeof(int));
+    d->held_by = em_calloc((size_t)n * (size_t)d->gsize, sizeof(int));
     if (!d->sh || !d->mine || !d->held_by) return em_errorf(EM_ERR_NOMEM, "dist: out of memory");
     d->nsh = n;
     int s = 0;
     for (int t = 0; t < d->T; t++) {
         const int64_t R = mc->rows[t];
         if (d->cfg.type[t] == EM_SHARD_ROW) {
-            const int64_t blk = (R + d->world - 1) / d->world;
-            for (int p = 0; p < d->world; p++, s++) {
+            const int64_t blk = (R + d->gsize - 1) / d->gsize;
+            for (int p = 0; p < d->gsize; p++, s++) {
                 int64_t r0 = blk * p < R ? blk * p : R, r1 = blk * (p + 1) < R ? blk * (p + 1) : R;
                 d->sh[s] = (shard){t, EM_SHARD_ROW, p, r0, r1 - r0};
             }
@@ -190,10 +201,10 @@ static em_status make_shards(em_dist *d) {
         }
     }
     for (s = 0; s < n; s++)
-        for (int q = 0; q < d->world; q++) d->held_by[(size_t)q * n + s] = d->sh[s].holder < 0 || d->sh[s].holder == q;
+        for (int q = 0; q < d->gsize; q++) d->held_by[(size_t)q * n + s] = d->sh[s].holder < 0 || d->sh[s].holder == q;
     d->nmine = 0;
     for (s = 0; s < n; s++)
-        if (holds(d, d->rank, s)) d->mine[d->nmine++] = s;
+        if (holds(d, d->grank, s)) d->mine[d->nmine++] = s;
     return EM_OK;
 }
 
@@ -201,8 +212,15 @@ static em_status create_local(em_dist *d, const em_dist_cfg *cfg) {
     d->cfg = *cfg;
     d->rank = em_dist_rank(), d->world = em_dist_world();
     d->D = cfg->model.dim, d->T = cfg->model.num_tables;
+    d->gsize = cfg->group > 0 ? cfg->group : d->world;
     em_status st = check_cfg(cfg, d->world);
-    if (st || (st = make_shards(d))) return st;
+    if (st) return st;
+    d->M = d->world / d->gsize, d->grank = d->rank % d->gsize, d->rep = d->rank / d->gsize;
+    MPI_Comm_split(MPI_COMM_WORLD, d->rep, d->rank, &d->gcomm);
+    MPI_Comm_split(MPI_COMM_WORLD, d->grank, d->rank, &d->rcomm);
+    if ((st = make_shards(d))) return st;
+    /* momentum-scaled row-wise AdaGrad: the accumulator over the M replicas */
+    if (d->M > 1 && cfg->model.sparse_opt.kind == EM_OPT_ROWWISE_ADAGRAD) d->cfg.model.sparse_opt.replicas = d->M;
     /* the dense replica: the same config with 1-row tables (the MLPs' initial values
      * do not depend on the tables) */
     em_dlrm_cfg dc = cfg->model;
@@ -214,7 +232,7 @@ static em_status create_local(em_dist *d, const em_dist_cfg *cfg) {
     if (!rows) return em_errorf(EM_ERR_NOMEM, "dist: out of memory");
     for (int k = 0; k < d->nmine; k++) rows[k] = d->sh[d->mine[k]].rows > 0 ? d->sh[d->mine[k]].rows : 1;
     em_embbag_cfg ec = {.num_tables = d->nmine, .rows = rows, .dim = d->D, .pooling = EM_POOL_SUM,
-                        .opt = cfg->model.sparse_opt};
+                        .opt = d->cfg.model.sparse_opt};
     if (d->nmine) st = em_embbag_create(&d->emb, &ec);
     em_free(rows);
     if (st) return st;
@@ -224,11 +242,12 @@ static em_status create_local(em_dist *d, const em_dist_cfg *cfg) {
             em_embbag_init_uniform_shard(d->emb, k, cfg->model.seed, h->t, cfg->model.rows[h->t], h->row0, 0, d->D);
     }
     const size_t W = (size_t)d->world;
+    d->Bw = em_calloc(W, sizeof(int));
     d->Bs = em_calloc(W, sizeof(int));
     d->boff = em_calloc(W + 1, sizeof(int64_t));
     d->scnt = em_calloc(W, sizeof(int)), d->sdis = em_calloc(W, sizeof(int));
     d->rcnt = em_calloc(W, sizeof(int)), d->rdis = em_calloc(W, sizeof(int));
-    if (!d->Bs || !d->boff || !d->scnt || !d->sdis || !d->rcnt || !d->rdis) return em_errorf(EM_ERR_NOMEM, "dist: out of memory");
+    if (!d->Bw || !d->Bs || !d->boff || !d->scnt || !d->sdis || !d->rcnt || !d->rdis) return em_errorf(EM_ERR_NOMEM, "dist: out of memory");
     return EM_OK;
 }
 
@@ -251,7 +270,9 @@ void em_dist_free(em_dist *d) {
     em_dlrm_free(d->m);
     em_embbag_free(d->emb);
     em_free(d->sh), em_free(d->mine), em_free(d->held_by);
-    em_free(d->Bs), em_free(d->boff), em_free(d->scnt), em_free(d->sdis), em_free(d->rcnt), em_free(d->rdis);
+    if (d->gcomm != MPI_COMM_NULL && d->gcomm) MPI_Comm_free(&d->gcomm);
+    if (d->rcomm != MPI_COMM_NULL && d->rcomm) MPI_Comm_free(&d->rcomm);
+    em_free(d->Bw), em_free(d->Bs), em_free(d->boff), em_free(d->scnt), em_free(d->sdis), em_free(d->rcnt), em_free(d->rdis);
     buf *bs[] = {&d->sbuf, &d->rbuf, &d->gidx, &d->goff, &d->gout, &d->pooled, &d->dpooled, &d->red};
     for (size_t i = 0; i < sizeof bs / sizeof bs[0]; i++) em_free(bs[i]->p);
     em_free(d);
@@ -271,9 +292,9 @@ void em_dist_set_lr(em_dist *d, float dense_lr, float sparse_lr) {
 
 /* MPI_Alltoall of the send counts, then displacements; counts are in `unit` bytes. */
 static em_status plan_exchange(em_dist *d, size_t unit) {
-    MPI_Alltoall(d->scnt, 1, MPI_INT, d->rcnt, 1, MPI_INT, MPI_COMM_WORLD);
+    MPI_Alltoall(d->scnt, 1, MPI_INT, d->rcnt, 1, MPI_INT, d->gcomm);
     int64_t so = 0, ro = 0;
-    for (int q = 0; q < d->world; q++) {
+    for (int q = 0; q < d->gsize; q++) {
         d->sdis[q] = (int)so, d->rdis[q] = (int)ro;
         so += d->scnt[q], ro += d->rcnt[q];
     }
@@ -284,7 +305,7 @@ static em_status plan_exchange(em_dist *d, size_t unit) {
 }
 
 static void exchange(em_dist *d, MPI_Datatype ty) {
-    MPI_Alltoallv(d->sbuf.p, d->scnt, d->sdis, ty, d->rbuf.p, d->rcnt, d->rdis, ty, MPI_COMM_WORLD);
+    MPI_Alltoallv(d->sbuf.p, d->scnt, d->sdis, ty, d->rbuf.p, d->rcnt, d->rdis, ty, d->gcomm);
 }
 
 /* Does id row r of table t fall into shard s? */
@@ -293,8 +314,11 @@ static int in_shard(const shard *h, int64_t r) { return r >= h->row0 && r < h->r
 /* Step 1: batch sizes, then every bag's ids to the ranks holding them. Builds the global
  * batch over this rank's shards in gidx / goff (table-batched: shard k, example g). */
 static em_status input_dist(em_dist *d, const em_batch *b) {
-    const int B = b ? b->B : 0, W = d->world;
-    MPI_Allgather(&B, 1, MPI_INT, d->Bs, 1, MPI_INT, MPI_COMM_WORLD);
+    const int B = b ? b->B : 0, W = d->gsize;
+    MPI_Allgather(&B, 1, MPI_INT, d->Bw, 1, MPI_INT, MPI_COMM_WORLD);
+    d->Gw = 0;
+    for (int q = 0; q < d->world; q++) d->Gw += d->Bw[q];
+    memcpy(d->Bs, d->Bw + (size_t)d->rep * (size_t)W, (size_t)W * sizeof(int));
     d->boff[0] = 0;
     for (int q = 0; q < W; q++) d->boff[q + 1] = d->boff[q] + d->Bs[q];
     if (d->boff[W] > INT32_MAX) return em_errorf(EM_ERR_UNSUPPORTED, "dist: global batch over 2^31 examples");
@@ -339,7 +363,7 @@ static em_status input_dist(em_dist *d, const em_batch *b) {
         }
     if ((st = plan_exchange(d, sizeof(int64_t)))) return st;
     exchange(d, MPI_INT64_T);
-    d->bytes.ids = (double)(total - d->scnt[d->rank]) * sizeof(int64_t); /* what leaves the rank */
+    d->bytes.ids = (double)(total - d->scnt[d->grank]) * sizeof(int64_t); /* what leaves the rank */
     /* assemble: shard k's bags over the global batch, sources in rank order */
     const int G = d->G, K = d->nmine;
     int64_t nids = 0;
@@ -406,7 +430,7 @@ static void add_vals(const em_dist *d, float *dst, const void *src, size_t n) {
  * vectors to its rank, assemble pooled (B, T, D) there (row-wise: partial sums added
  * in block order; data-parallel: this rank's own pooling; mean: divided by the bag size). */
 static em_status pool_and_output_dist(em_dist *d, const em_batch *b, em_pool *pool) {
-    const int W = d->world, K = d->nmine, G = d->G, B = b ? b->B : 0;
+    const int W = d->gsize, K = d->nmine, G = d->G, B = b ? b->B : 0;
     const size_t D = (size_t)d->D, eb = elem_bytes(d);
     em_status st = grow(&d->gout, (size_t)(G ? G : 1) * (size_t)(K ? K : 1) * D * sizeof(float));
     if (st) return st;
@@ -430,7 +454,7 @@ static em_status pool_and_output_dist(em_dist *d, const em_batch *b, em_pool *po
                 o += D * eb;
             }
         }
-    d->bytes.pooled = (double)(total - d->scnt[d->rank]);
+    d->bytes.pooled = (double)(total - d->scnt[d->grank]);
     if ((st = plan_exchange(d, 1))) return st;
     exchange(d, MPI_BYTE);
     const size_t TD = (size_t)d->T * D;
@@ -451,7 +475,7 @@ static em_status pool_and_output_dist(em_dist *d, const em_batch *b, em_pool *po
         const shard *h = &d->sh[d->mine[k]];
         if (h->type != EM_SHARD_DATA) continue;
         for (int e = 0; e < B; e++)
-            memcpy(pooled + (size_t)e * TD + (size_t)h->t * D, gout + ((size_t)(d->boff[d->rank] + e) * K + (size_t)k) * D,
+            memcpy(pooled + (size_t)e * TD + (size_t)h->t * D, gout + ((size_t)(d->boff[d->grank] + e) * K + (size_t)k) * D,
                    D * sizeof(float));
     }
     if (d->cfg.model.pooling == EM_POOL_MEAN)
@@ -470,7 +494,7 @@ static em_status pool_and_output_dist(em_dist *d, const em_batch *b, em_pool *po
 /* Steps 5-6: d loss / d pooled (already weighted) to every holder of each table; the
  * holders' fused sparse update over the global batch. */
 static em_status backward_dist(em_dist *d, const em_batch *b, em_pool *pool) {
-    const int W = d->world, K = d->nmine, G = d->G, B = b ? b->B : 0;
+    const int W = d->gsize, K = d->nmine, G = d->G, B = b ? b->B : 0;
     const size_t D = (size_t)d->D, eb = elem_bytes(d), TD = (size_t)d->T * D;
     const float *dp = d->dpooled.p;
     int64_t total = 0;
@@ -498,7 +522,7 @@ static em_status backward_dist(em_dist *d, const em_batch *b, em_pool *pool) {
                 o += D * eb;
             }
         }
-    d->bytes.grads = (double)(total - d->scnt[d->rank]);
+    d->bytes.grads = (double)(total - d->scnt[d->grank]);
     if ((st = plan_exchange(d, 1))) return st;
     exchange(d, MPI_BYTE);
     if (!K || !G) return EM_OK;
@@ -515,32 +539,77 @@ static em_status backward_dist(em_dist *d, const em_batch *b, em_pool *pool) {
     return em_embbag_backward_update(d->emb, gout, d->gidx.p, d->goff.p, NULL, NULL, G, pool);
 }
 
-/* Step 7: sum the gradient block over the ranks, deterministically. */
-static em_status allreduce(em_dist *d, float *g, size_t n) {
-    const int W = d->world;
+/* Sum v (n floats) over the W ranks of comm, deterministically: pieces of at most
+ * RED_CHUNK floats; in each, a reduce-scatter by MPI_Alltoallv (part q of every rank's
+ * piece to rank q, summed there in rank order 0..W-1) and an MPI_Allgatherv. Returns
+ * the bytes this rank sent. */
+#define RED_CHUNK ((size_t)1 << 24)
+
+static em_status allreduce_sum(em_dist *d, MPI_Comm comm, float *v, size_t n, double *sent) {
+    int W, me;
+    MPI_Comm_size(comm, &W);
+    MPI_Comm_rank(comm, &me);
+    *sent = 0;
     if (W == 1) return EM_OK;
-    if (n / (size_t)W + 1 > INT32_MAX / 2) return em_errorf(EM_ERR_UNSUPPORTED, "dist: dense gradient too large for one all-reduce");
-    for (int q = 0; q < W; q++) {
-        size_t lo, hi;
-        em_split(n, q, W, &lo, &hi);
-        d->scnt[q] = (int)(hi - lo), d->sdis[q] = (int)lo;
-    }
-    size_t mlo, mhi;
-    em_split(n, d->rank, W, &mlo, &mhi);
-    const size_t mn = mhi - mlo;
-    em_status st = grow(&d->red, ((size_t)W * mn + 1) * sizeof(float));
+    em_status st = grow(&d->red, (RED_CHUNK + (size_t)W) * sizeof(float));
     if (st) return st;
-    for (int p = 0; p < W; p++) d->rcnt[p] = (int)mn, d->rdis[p] = (int)((size_t)p * mn);
-    float *r = d->red.p;
-    MPI_Alltoallv(g, d->scnt, d->sdis, MPI_FLOAT, r, d->rcnt, d->rdis, MPI_FLOAT, MPI_COMM_WORLD);
-    for (size_t i = 0; i < mn; i++) { /* rank order 0..W-1 */
-        float acc = r[i];
-        for (int p = 1; p < W; p++) acc += r[(size_t)p * mn + i];
-        g[mlo + i] = acc;
+    for (size_t o = 0; o < n; o += RED_CHUNK) {
+        const size_t m = n - o < RED_CHUNK ? n - o : RED_CHUNK;
+        float *g = v + o;
+        for (int q = 0; q < W; q++) {
+            size_t lo, hi;
+            em_split(m, q, W, &lo, &hi);
+            d->scnt[q] = (int)(hi - lo), d->sdis[q] = (int)lo;
+        }
+        size_t mlo, mhi;
+        em_split(m, me, W, &mlo, &mhi);
+        const size_t mn = mhi - mlo;
+        for (int p = 0; p < W; p++) d->rcnt[p] = (int)mn, d->rdis[p] = (int)((size_t)p * mn);
+        float *r = d->red.p;
+        MPI_Alltoallv(g, d->scnt, d->sdis, MPI_FLOAT, r, d->rcnt, d->rdis, MPI_FLOAT, comm);
+        for (size_t i = 0; i < mn; i++) { /* rank order 0..W-1 */
+            float acc = r[i];
+            for (int p = 1; p < W; p++) acc += r[(size_t)p * mn + i];
+            g[mlo + i] = acc;
+        }
+        MPI_Allgatherv(MPI_IN_PLACE, 0, MPI_FLOAT, g, d->scnt, d->sdis, MPI_FLOAT, comm);
+        *sent += (double)(m - mn) * sizeof(float) * 2.0;
     }
-    MPI_Allgatherv(MPI_IN_PLACE, 0, MPI_FLOAT, g, d->scnt, d->sdis, MPI_FLOAT, MPI_COMM_WORLD);
-    d->bytes.allreduce = (double)(n - mn) * sizeof(float) * 2.0;
     return EM_OK;
+}
+
+/* Step 7: the dense gradient summed over all N ranks. */
+static em_status allreduce(em_dist *d, float *g, size_t n) {
+    return allreduce_sum(d, MPI_COMM_WORLD, g, n, &d->bytes.allreduce);
+}
+
+/* 2D: every shard's weights and optimizer state averaged over its M replicas (one per
+ * replica group), summed in group order. */
+static em_status sync_replicas(em_dist *d) {
+    if (d->M == 1) return EM_OK;
+    const float inv = 1.0f / (float)d->M;
+    double sent = 0, s1;
+    for (int k = 0; k < d->nmine; k++) {
+        size_t nw = (size_t)em_embbag_rows(d->emb, k) * (size_t)d->D, ns = 0;
+        float *w = em_embbag_weights(d->emb, k), *st = em_embbag_state(d->emb, k, &ns);
+        em_status e = allreduce_sum(d, d->rcomm, w, nw, &s1);
+        if (e) return e;
+        sent += s1;
+        for (size_t i = 0; i < nw; i++) w[i] *= inv;
+        if (ns) {
+            if ((e = allreduce_sum(d, d->rcomm, st, ns, &s1))) return e;
+            sent += s1;
+            for (size_t i = 0; i < ns; i++) st[i] *= inv;
+        }
+    }
+    d->bytes.sync = sent;
+    d->synced_step = d->step;
+    return EM_OK;
+}
+
+em_status em_dist_sync(em_dist *d) {
+    if (d->M == 1 || d->synced_step == d->step) return EM_OK; /* nothing moved since the last average */
+    return agree(sync_replicas(d));
 }
 
 /* ------------------------------------------------------------ steps */
@@ -585,11 +654,14 @@ em_status em_dist_train_step(em_dist *d, const em_batch *local, double *loss, em
     st = grow(&d->dpooled, (size_t)(B ? B : 1) * TD * sizeof(float));
     if (!st && B) st = em_dlrm_dense_backward_with(d->m, local, d->pooled.p, d->dpooled.p, &l, pool);
     if ((st = agree(st))) return st;
-    /* weight B_r / G: the step is one process's on the global batch */
-    const float w = d->G ? (float)B / (float)d->G : 0.f;
+    /* weights: dense B_r / (global batch): the all-reduced step is one process's on
+     * the global batch; sparse M B_r / (global batch): each replica group steps with
+     * M times its share of the global gradient, and the replicas' average is the global
+     * step (exactly so for SGD, whatever the groups' batch sizes). In 1D both are the same. */
+    const float w = d->Gw ? (float)B / (float)d->Gw : 0.f, ws = (float)d->M * w;
     if (B) {
         float *dp = d->dpooled.p;
-        for (size_t i = 0; i < (size_t)B * TD; i++) dp[i] *= w;
+        for (size_t i = 0; i < (size_t)B * TD; i++) dp[i] *= ws;
         for (size_t i = 0; i < n; i++) g[i] *= w;
     } else {
         memset(g, 0, n * sizeof(float));
@@ -598,6 +670,7 @@ em_status em_dist_train_step(em_dist *d, const em_batch *local, double *loss, em
     if ((st = agree(allreduce(d, g, n)))) return st;
     if ((st = agree(em_dlrm_dense_step(d->m, pool)))) return st;
     d->step++;
+    if (d->M > 1 && d->step % d->cfg.sync_every == 0 && (st = agree(sync_replicas(d)))) return st;
     if (loss) { /* the global batch's mean loss, summed in rank order */
         double *all = em_malloc((size_t)d->world * sizeof(double)), lw = l * (double)B;
         if (!all) return em_errorf(EM_ERR_NOMEM, "dist: out of memory");
@@ -605,9 +678,9 @@ em_status em_dist_train_step(em_dist *d, const em_batch *local, double *loss, em
         double s = 0;
         for (int p = 0; p < d->world; p++) s += all[p];
         em_free(all);
-        *loss = d->G ? s / (double)d->G : 0.0;
+        *loss = d->Gw ? s / (double)d->Gw : 0.0;
     }
-    d->bytes.total = d->bytes.ids + d->bytes.pooled + d->bytes.grads + d->bytes.allreduce;
+    d->bytes.total = d->bytes.ids + d->bytes.pooled + d->bytes.grads + d->bytes.allreduce + d->bytes.sync;
     return EM_OK;
 }
 
@@ -642,8 +715,9 @@ static size_t state_per_row(const em_dist *d) {
     return k == EM_OPT_ADAGRAD ? (size_t)d->D : k == EM_OPT_ROWWISE_ADAGRAD ? 1 : 0;
 }
 
-/* Table t's shards to rank 0 into w (rows x D) and state (rows x spr); or, with
- * to_root = 0, from rank 0 out to their holders. */
+/* Table t's shards to rank 0 into w (rows x D) and state (rows x spr), from replica
+ * group 0 (whose ranks are 0 .. G-1, so a holder's group rank is its world rank); or,
+ * with to_root = 0, from rank 0 out to their holders in every replica group. */
 static void move_table(em_dist *d, int t, float *w, float *state, int to_root) {
     const size_t D = (size_t)d->D, spr = state_per_row(d);
     for (int s = 0; s < d->nsh; s++) {
@@ -682,17 +756,22 @@ static void move_table(em_dist *d, int t, float *w, float *state, int to_root) {
                 if (d->rank == 0) memcpy(ls, gs, ns * sizeof(float));
                 bcast_floats(ls, ns, 0);
             }
-        } else if (src == 0) {
-            if (d->rank == 0) {
-                memcpy(lw, gw, nw * sizeof(float));
-                if (spr) memcpy(ls, gs, ns * sizeof(float));
+        } else {
+            for (int m = 0; m < d->M; m++) { /* every replica group's holder */
+                const int dst = m * d->gsize + h->holder;
+                if (dst == 0) {
+                    if (d->rank == 0) {
+                        memcpy(lw, gw, nw * sizeof(float));
+                        if (spr) memcpy(ls, gs, ns * sizeof(float));
+                    }
+                } else if (d->rank == 0) {
+                    send_floats(gw, nw, dst, 100 + s);
+                    if (spr) send_floats(gs, ns, dst, 100 + s);
+                } else if (d->rank == dst) {
+                    recv_floats(lw, nw, 0, 100 + s);
+                    if (spr) recv_floats(ls, ns, 0, 100 + s);
+                }
             }
-        } else if (d->rank == 0) {
-            send_floats(gw, nw, src, 100 + s);
-            if (spr) send_floats(gs, ns, src, 100 + s);
-        } else if (d->rank == src) {
-            recv_floats(lw, nw, 0, 100 + s);
-            if (spr) recv_floats(ls, ns, 0, 100 + s);
         }
     }
 }
@@ -809,7 +888,9 @@ em_status em_dist_plan(em_dist_cfg *cfg, int world, int batch, em_plan **plan_ou
         specs[t].rows = mc->rows[t], specs[t].dim = mc->dim, specs[t].pooling = 1.0, specs[t].zipf = 1.05;
         specs[t].elem_bytes = 4, specs[t].opt_bytes = opt_bytes, specs[t].shard = EM_SHARD_AUTO;
     }
-    em_plan_cfg pc = em_plan_cfg_default(world, world);
+    const int group = cfg->group > 0 ? cfg->group : world;
+    em_plan_cfg pc = em_plan_cfg_default(world, group);
+    pc.sync_every = cfg->sync_every > 0 ? cfg->sync_every : pc.sync_every;
     pc.batch = batch > 0 ? batch : pc.batch;
     pc.comm_bytes = cfg->prec == EM_COMM_FP32 ? 4 : 2;
     pc.algo = EM_PLAN_KK;

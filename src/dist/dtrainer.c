@@ -211,6 +211,7 @@ em_status em_dist_train_run(const em_train_cfg *cfg, em_dist_opts *o, em_pool *p
     int saved_world = s.world;
     uint64_t saved_pos = 0;
     o->place.prec = o->prec;
+    o->place.group = o->group, o->place.sync_every = o->sync_every;
     if (cfg->resume) {
         if ((st = resume_meta(cfg->resume, &o->place.model, &s.epoch, &saved_world, &saved_pos))) return st;
     } else {
@@ -224,7 +225,8 @@ em_status em_dist_train_run(const em_train_cfg *cfg, em_dist_opts *o, em_pool *p
             if (p->ranks[q].send_bytes > o->predicted_send_bytes) o->predicted_send_bytes = p->ranks[q].send_bytes;
         em_plan_free(p);
     } else {
-        for (int t = 0; t < o->place.model.num_tables; t++) o->place.type[t] = o->sharding, o->place.owner[t] = t % s.world;
+        const int g = o->group > 0 ? o->group : s.world;
+        for (int t = 0; t < o->place.model.num_tables; t++) o->place.type[t] = o->sharding, o->place.owner[t] = t % g;
     }
     if (cfg->out_dir) {
         if (s.rank == 0) st = mkdir_one(cfg->out_dir);
@@ -318,6 +320,7 @@ em_status em_dist_train_run(const em_train_cfg *cfg, em_dist_opts *o, em_pool *p
     res->train_s = s.train_s;
     res->examples_per_s = s.train_s > 0 ? (double)s.examples / s.train_s : 0;
     o->bytes_per_step = steps_run ? bytes_sum / (double)steps_run : 0;
+    if ((st = em_dist_sync(s.d))) goto done; /* 2D: the replicas' average is the model */
     if (cfg->out_dir) {
         if ((st = checkpoint(&s))) goto done;
         snprintf(res->checkpoint, sizeof res->checkpoint, "%s", s.ckpt);

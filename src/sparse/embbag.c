@@ -568,6 +568,13 @@ static void pack_task(void *p, int ith, int nth) {
 }
 
 /* Pass 2 for unique rows [j0, j1) of table t. */
+
+/* Row-wise AdaGrad's step denominator: sqrt(m) + eps; momentum-scaled over M > 1
+ * replica groups (2D sparse parallelism): sqrt(m / M + eps). */
+static inline float rowwise_den(float m, float eps, int reps) {
+    return reps > 1 ? sqrtf(m / (float)reps + eps) : sqrtf(m) + eps;
+}
+
 static void update_rows(bwd_arg *a, int t, size_t j0, size_t j1, float *restrict g) {
     em_embbag *e = a->e;
     const tbl *tb = &e->tabs[t];
@@ -584,6 +591,7 @@ static void update_rows(bwd_arg *a, int t, size_t j0, size_t j1, float *restrict
     const int mean = e->pooling == EM_POOL_MEAN, use_pos = a->use_pos;
     const em_optim_kind kind = e->opt.kind;
     const float lr = e->opt.lr, eps = e->opt.eps, wd = e->opt.weight_decay;
+    const int reps = e->opt.replicas;
     const float *dout = tb->dcopied ? e->dcopy + tb->dcoff : a->dout + (size_t)t * D;
     const size_t dstride = tb->dcopied ? D : (size_t)T * D;
 
@@ -614,7 +622,7 @@ static void update_rows(bwd_arg *a, int t, size_t j0, size_t j1, float *restrict
         default: { /* EM_OPT_ROWWISE_ADAGRAD */
             float m = S[r] + em_vsumsq(g, D) / (float)D;
             S[r] = m;
-            em_vaxpy(wr, -(lr / (sqrtf(m) + eps)), g, D);
+            em_vaxpy(wr, -(lr / rowwise_den(m, eps, reps)), g, D);
             break;
         }
         }
@@ -732,7 +740,7 @@ static void rows_task(void *p, int ith, int nth) {
         default: { /* EM_OPT_ROWWISE_ADAGRAD */
             float m = S[r * spr] + em_vsumsq(g, D) / (float)D;
             S[r * spr] = m;
-            em_vaxpy(wr, -(lr / (sqrtf(m) + eps)), g, D);
+            em_vaxpy(wr, -(lr / rowwise_den(m, eps, e->opt.replicas)), g, D);
             break;
         }
         }

@@ -6,6 +6,7 @@
 #     sizes); its test AUC equals what one process (ember eval) computes from the
 #     checkpoint it wrote; one process also resumes from it;
 #   - the planner's placement (--sharding auto) and fp16 all-to-all train;
+#   - 2D sparse parallelism (4 ranks in 2 replica groups) trains and checkpoints;
 #   - bad options fail with exit code 2 and a message.
 set -euo pipefail
 EMBER=$1
@@ -15,9 +16,9 @@ T=$(mktemp -d)
 trap 'rm -rf "$T"' EXIT
 fail() { echo "FAIL: $*" >&2; exit 1; }
 ROWS=9,12,30,5,40,3,8,25,4,1000,7,11,20,6,15,50,3,9,13,4,35,6,10,18,5,22
-"$EMBER" gen --out "$T/d" --rows 6000 --test-rows 1000 --seed 2 --cardinality "$ROWS" > /dev/null
+"$EMBER" gen --out "$T/d" --rows 4000 --test-rows 1000 --seed 2 --cardinality "$ROWS" > /dev/null
 common=(--train "$T/d/train.tsv" --test "$T/d/test.tsv" --rows "$ROWS" --threads 1 --quiet
-        --dense-opt adagrad --sparse-opt rowwise_adagrad --lr 0.02)
+        --dim 8 --bot 13-32-8 --top 359-32-1 --dense-opt adagrad --sparse-opt rowwise_adagrad --lr 0.02)
 mp() { local np=$1; shift; "$MPIRUN" --oversubscribe -np "$np" "$EMBER" "$@"; }
 
 mp 2 train "${common[@]}" --batch 32 --sharding row --max-steps 40 --out "$T/a" > "$T/a.out"
@@ -42,6 +43,12 @@ mp 2 train "${common[@]}" --batch 32 --comm-prec fp16 --max-steps 20 --out "$T/e
 grep -q 'planner' "$T/e.out" || fail "auto placement not from the planner: $(cat "$T/e.out")"
 grep -q '"comm_prec":"fp16"' "$T/e/report.json" || fail "fp16: report.json"
 echo "ok   planner placement, fp16 all-to-all"
+
+mp 4 train "${common[@]}" --batch 16 --sharding row --group 2 --sync-every 3 --max-steps 20 --out "$T/f" > "$T/f.out" 2> "$T/f.err"
+grep -q '2 replica groups of 2 ranks' "$T/f.err" || fail "2D: $(cat "$T/f.err")"
+grep -q '"group":2' "$T/f/report.json" || fail "2D: report.json: $(cat "$T/f/report.json")"
+"$EMBER" eval --model "$T/f/checkpoint.safetensors" --test "$T/d/test.tsv" > /dev/null || fail "2D checkpoint not readable by one process"
+echo "ok   2D: 2 replica groups of 2 ranks"
 
 set +e
 mp 2 train "${common[@]}" --sharding diagonal --out "$T/x" > /dev/null 2> "$T/x.err"; rc=$?

@@ -16,7 +16,10 @@
  *     same placement resumes bitwise as an uninterrupted run, and on another
  *     placement (resharding) trains on as one process would;
  *   - the planner's placement (em_dist_plan) trains to the same result;
- *   - bytes moved per step equal what the layout implies.
+ *   - bytes moved per step equal what the layout implies;
+ *   - 2D sparse parallelism (2 replica groups): with SGD and averaging every step it
+ *     equals one process; with momentum-scaled row-wise AdaGrad averaged every 2 steps
+ *     the replicas agree bitwise right after a sync, and runs are deterministic.
  */
 #include <mpi.h>
 #include <unistd.h>
@@ -392,6 +395,95 @@ static void test_bytes(void) {
     em_dist_free(d);
 }
 
+/* 2D sparse parallelism: M = 2 replica groups of G = N / 2 ranks. Each group trains
+ * on half of the global batch. With SGD and averaging every step, the replicas'
+ * average is exactly the global step: equal to one process within float rounding. */
+static void test_2d_sgd_equivalence(void) {
+    em_dlrm_cfg c = small_cfg(EM_OPT_SGD, EM_OPT_SGD, EM_POOL_SUM);
+    double ref_loss;
+    em_dlrm *ref = train_ref(&c, STEPS, &ref_loss);
+    const char *kinds[] = {"table", "row", "mixed"};
+    for (int k = 0; k < 3; k++) {
+        em_dist_cfg dc = placement(&c, kinds[k]);
+        dc.group = g_world / 2, dc.sync_every = 1;
+        for (int t = 0; t < T; t++) dc.owner[t] = t % dc.group;
+        em_dist *d;
+        CHECK_OK(em_dist_create(&d, &dc, NULL));
+        if (!d) continue;
+        double loss = train_dist(d, &c, 0, STEPS);
+        em_dist_bytes by;
+        em_dist_last_bytes(d, &by);
+        CHECK(by.sync > 0);
+        double e = compare(d, ref, 0);
+        if (g_rank == 0) printf("  2D %s (2 groups of %d, sync every step) sgd: max rel err %.2e, loss %.6f vs %.6f\n", kinds[k],
+                                dc.group, e, loss, ref_loss);
+        CHECK(e < 2e-4);
+        CHECK_NEAR(loss, ref_loss, 1e-4 * STEPS);
+        em_dist_free(d);
+    }
+    em_dlrm_free(ref);
+}
+
+/* Logits of a fixed batch computed by this rank's group; the same on the replica
+ * partner (rank +- G) iff the two replicas hold the same tables. */
+static int replicas_agree(em_dist *d, const em_dlrm_cfg *c, int gs) {
+    gbatch *g = malloc(sizeof *g);
+    make_global(g, c, 99);
+    lbatch l;
+    slice(&l, g, 0, g_rank % gs, gs); /* the same slice on both replicas */
+    float *lg = malloc(sizeof(float) * (size_t)(l.b.B + 1)), *other = malloc(sizeof(float) * (size_t)(l.b.B + 1));
+    CHECK_OK(em_dist_forward(d, &l.b, lg, NULL));
+    const int partner = g_rank < gs ? g_rank + gs : g_rank - gs;
+    MPI_Sendrecv(lg, l.b.B, MPI_FLOAT, partner, 7, other, l.b.B, MPI_FLOAT, partner, 7, MPI_COMM_WORLD, MPI_STATUS_IGNORE);
+    int same = memcmp(lg, other, sizeof(float) * (size_t)l.b.B) == 0, all = 0;
+    MPI_Allreduce(&same, &all, 1, MPI_INT, MPI_MIN, MPI_COMM_WORLD);
+    free(lg), free(other), lfree(&l), free(g);
+    return all;
+}
+
+/* Momentum-scaled row-wise AdaGrad, averaged every 2 steps: replicas differ between
+ * syncs and agree bitwise right after one; two runs are bitwise equal; the checkpoint
+ * written after em_dist_sync loads in one process. */
+static void test_2d_rowwise_sync(void) {
+    em_dlrm_cfg c = small_cfg(EM_OPT_ROWWISE_ADAGRAD, EM_OPT_ADAGRAD, EM_POOL_SUM);
+    em_dist_cfg dc = placement(&c, "mixed");
+    dc.group = g_world / 2, dc.sync_every = 2;
+    for (int t = 0; t < T; t++) dc.owner[t] = t % dc.group;
+    em_dist *a, *b;
+    CHECK_OK(em_dist_create(&a, &dc, NULL));
+    CHECK_OK(em_dist_create(&b, &dc, NULL));
+    if (!a || !b) return;
+    train_dist(a, &c, 0, 3); /* step 3: not averaged since step 2 */
+    CHECK(!replicas_agree(a, &c, dc.group));
+    train_dist(a, &c, 3, 1); /* step 4: averaged */
+    CHECK(replicas_agree(a, &c, dc.group));
+    train_dist(b, &c, 0, 4);
+    size_t n;
+    const float *pa = em_dlrm_dense_block(em_dist_dense(a), 0, &n), *pb = em_dlrm_dense_block(em_dist_dense(b), 0, &n);
+    CHECK(memcmp(pa, pb, n * sizeof(float)) == 0);
+    float *wa = malloc(1000 * D * 4), *wb = malloc(1000 * D * 4);
+    for (int t = 0; t < T; t++) {
+        CHECK_OK(em_dist_gather_table(a, t, wa, NULL));
+        CHECK_OK(em_dist_gather_table(b, t, wb, NULL));
+        CHECK(memcmp(wa, wb, (size_t)c.rows[t] * D * 4) == 0);
+    }
+    /* momentum-scaled row-wise AdaGrad is another optimizer than one process's (its
+     * accumulator is divided by M): its quality is measured in bench/distributed.sh */
+    double l5 = train_dist(a, &c, 4, 1);
+    CHECK(isfinite(l5) && l5 > 0);
+    CHECK(!replicas_agree(a, &c, dc.group)); /* step 5 */
+    CHECK_OK(em_dist_sync(a));
+    CHECK(replicas_agree(a, &c, dc.group));
+    free(wa), free(wb);
+    em_dist_free(a), em_dist_free(b);
+    /* a group size that does not divide the world is refused */
+    if (g_world == 4) {
+        dc.group = 3;
+        em_dist *x = NULL;
+        CHECK(em_dist_create(&x, &dc, NULL) == EM_ERR_INVALID && !x);
+    }
+}
+
 int main(int argc, char **argv) {
     if (em_dist_init(&argc, &argv)) {
         fprintf(stderr, "MPI init failed\n");
@@ -406,7 +498,9 @@ int main(int argc, char **argv) {
                                    {"reduced_precision", test_reduced_precision},
                                    {"checkpoint_reshard", test_checkpoint_reshard},
                                    {"planner_placement", test_planner_placement},
-                                   {"bytes", test_bytes}};
+                                   {"bytes", test_bytes},
+                                   {"2d_sgd_equivalence", test_2d_sgd_equivalence},
+                                   {"2d_rowwise_sync", test_2d_rowwise_sync}};
     int rc = t_run(cases, (int)(sizeof cases / sizeof cases[0]), argc, argv);
     int worst = 0;
     MPI_Allreduce(&rc, &worst, 1, MPI_INT, MPI_MAX, MPI_COMM_WORLD);
