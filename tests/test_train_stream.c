@@ -185,6 +185,27 @@ static void test_dir_same_as_file(void) {
     CHECK(same_metrics(DIR_ "/ref", DIR_ "/dirrun"));
 }
 
+/* start_pos: the same windows as a file holding only the lines from there on. */
+static void test_start_pos(void) {
+    sh("rm -rf %s && mkdir -p %s && sed -n '5001,$p' %s/d/stream.tsv > %s/a.tsv && sed -n '5001,$p' %s/d/stream.side > %s/a.side "
+       "&& touch %s/_END",
+       DIR_ "/from", DIR_ "/from", DIR_, DIR_ "/from", DIR_, DIR_ "/from", DIR_ "/from");
+    em_stream_cfg c = base_cfg(DIR_ "/d/stream.tsv", DIR_ "/fromrun");
+    c.start_pos = 5000;
+    em_stream_result r;
+    CHECK_OK(em_stream_run(&c, pool, &r, NULL));
+    CHECK(r.examples == ROWS + 2 - 5000 - 1 && r.pos == ROWS + 2); /* line 7001 is malformed */
+    em_stream_cfg c2 = base_cfg(DIR_ "/from", DIR_ "/fromrun2");
+    CHECK_OK(em_stream_run(&c2, pool, &r, NULL));
+    CHECK(same_ckpt(DIR_ "/fromrun/checkpoint.safetensors", DIR_ "/fromrun2/checkpoint.safetensors"));
+    /* a directory passes over the examples before it */
+    em_stream_cfg c3 = base_cfg(DIR_ "/dir", DIR_ "/fromrun3");
+    c3.start_pos = 5000;
+    CHECK_OK(em_stream_run(&c3, pool, &r, NULL));
+    CHECK(r.skipped_start == 5000 - 1);
+    CHECK(same_ckpt(DIR_ "/fromrun/checkpoint.safetensors", DIR_ "/fromrun3/checkpoint.safetensors"));
+}
+
 typedef struct {
     const char *dir;
     int end_marker;
@@ -493,6 +514,6 @@ static void test_cleanup(void) {
 
 TEST_MAIN({"setup", test_setup}, {"file", test_file}, {"dir_same_as_file", test_dir_same_as_file},
           {"growing_dir", test_growing_dir}, {"resume_exact", test_resume_exact},
-          {"resume_after_lost_windows", test_resume_after_lost_windows}, {"vertical", test_vertical},
+          {"resume_after_lost_windows", test_resume_after_lost_windows}, {"vertical", test_vertical}, {"start_pos", test_start_pos},
           {"teacher_log", test_teacher_log}, {"student", test_student}, {"reader_positions", test_reader_positions}, {"errors", test_errors},
           {"cleanup", test_cleanup})

@@ -118,6 +118,8 @@ typedef struct {
     double poll_s;            /* directory: seconds between scans for new files (default 0.2) */
     double idle_timeout_s;    /* directory: end after this long without a new file; 0 = never */
     const char *end_file;     /* directory: end marker name (default "_END") */
+    uint64_t start_pos;       /* begin at this global position: the examples before it are passed
+                                 over (a single file's reader skips them without parsing) */
     int vertical;             /* >= 0: only this vertical's examples (needs sidecars); -1: all */
     uint32_t stream_id;       /* 16-bit stream number of example ids (default 0) */
     const char *log_predictions; /* teacher: append each example's progressive prediction (its
@@ -136,6 +138,7 @@ typedef struct {
     int64_t windows_run;      /* windows done by this call */
     uint64_t examples;        /* examples trained on by this call */
     uint64_t skipped_vertical;/* examples of other verticals passed over by this call */
+    uint64_t skipped_start;   /* examples before start_pos passed over by this call */
     uint64_t malformed;       /* malformed lines skipped by this call */
     uint64_t files;           /* data files opened by this call */
     uint64_t pos;             /* global position after the last example trained on */

@@ -93,6 +93,8 @@ static const cli_opt opts[] = {
                stream_ctx, sc.idle_timeout_s),
     OPT_STR("end-file", "NAME", "directory: the stream ends once this file exists and every data file is read "
             "(default _END)", stream_ctx, sc.end_file),
+    OPT_UINT("from", "POS", "begin at global position POS (earlier examples are passed over)", stream_ctx, sc.start_pos, 0,
+             1LL << 48),
     OPT_INT("vertical", "V", "train on vertical V only (column 1 of each data file's .side sidecar; default: all)",
             stream_ctx, sc.vertical, -1, 0xffff),
     OPT_UINT("stream-id", "N", "16-bit stream number of example ids in prediction logs (default 0)", stream_ctx,
@@ -243,6 +245,8 @@ typedef struct {
     int tdim;
     int64_t trows_cap;
     int skip_teacher;
+    uint64_t student_from;
+    double tlr;
 } exfm_ctx;
 
 typedef struct {
@@ -308,6 +312,9 @@ static const cli_opt xopts[] = {
     OPT_STR("modes", "LIST", "distillation modes of each student, comma-separated (default none,serving,aux,aux+adapter)",
             exfm_ctx, modes),
     OPT_FLAG("skip-teacher", "reuse <out>/teacher.das from an earlier run", exfm_ctx, skip_teacher),
+    OPT_UINT("student-from", "POS", "students begin at global position POS: the teacher has streamed the examples before it "
+             "(its history) when they start (default 0)", exfm_ctx, student_from, 0, 1LL << 48),
+    OPT_DOUBLE_POS("teacher-lr", "F", "teacher's learning rate (default: --lr)", exfm_ctx, tlr),
     OPT_INT("window", "N", "examples per window (default 100000; a student's windows hold its vertical only)", exfm_ctx,
             s.sc.window, 1, 1LL << 34),
     OPT_INT("batch", "N", "examples per training step (default 128)", exfm_ctx, s.sc.batch, 1, 1 << 20),
@@ -394,6 +401,7 @@ int cmd_exfm(int argc, char **argv) {
     x.modes = "none,serving,aux,aux+adapter";
     x.bot = "32", x.top = "32-1", x.tbot = "128-64", x.ttop = "128-64-1";
     x.tdim = 16, x.trows_cap = 200000;
+    x.tlr = NAN;
     char *pos[1];
     int npos;
     int rc = cli_parse("exfm", "--data PATH [options]", xopts, CLI_NOPTS(xopts), &x, argc, argv, pos, &npos, 0);
@@ -419,7 +427,9 @@ int cmd_exfm(int argc, char **argv) {
     em_optim_cfg dopt = em_optim_default(c->dense_kind, (float)lr), sopt = em_optim_default(c->sparse_kind, (float)lr);
     em_dlrm_cfg tm, sm;
     uint64_t seed = c->sc.model.seed;
-    if (exfm_model(&tm, x.tdim, x.trows_cap, x.tbot, x.ttop, dopt, sopt, seed) ||
+    double tlr = !isnan(x.tlr) ? x.tlr : lr;
+    em_optim_cfg tdopt = em_optim_default(c->dense_kind, (float)tlr), tsopt = em_optim_default(c->sparse_kind, (float)tlr);
+    if (exfm_model(&tm, x.tdim, x.trows_cap, x.tbot, x.ttop, tdopt, tsopt, seed) ||
         exfm_model(&sm, c->sc.model.dim, c->rows_cap, x.bot, x.top, dopt, sopt, seed))
         return 2;
     em_student_cfg stc = em_student_default();
@@ -468,6 +478,7 @@ int cmd_exfm(int argc, char **argv) {
             em_stream_cfg sc = c->sc;
             sc.model = sm;
             sc.vertical = v;
+            sc.start_pos = x.student_from;
             sc.teacher_log = das;
             sc.student = stc;
             sc.student.mode = modes[k];

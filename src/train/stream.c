@@ -754,7 +754,10 @@ em_status em_stream_run(const em_stream_cfg *cfg, em_pool *pool, em_stream_resul
     if (cfg->teacher_log && (st = em_das_index_create(&R.ix, (size_t)cfg->window * 2))) goto done;
     if (R.src.kind != SRC_DIR && !R.src.r && !R.src.ended && R.src.index < 0) {
         R.src.index = 0;
-        if ((st = src_open_file(&R.src, cfg->source, 0, 0, 0))) goto done;
+        /* a file (not stdin) starts at start_pos at once; the byte offset is unknown, so
+         * the reader counts lines up to it */
+        uint64_t at = R.src.kind == SRC_FILE ? cfg->start_pos : 0;
+        if ((st = src_open_file(&R.src, cfg->source, at, 0, 0))) goto done;
     }
     const int bcap = cfg->batch > cfg->eval_batch ? cfg->batch : cfg->eval_batch;
     if ((st = window_alloc(&R.w, cfg->window, mc->num_dense, mc->num_tables, bcap))) goto done;
@@ -773,6 +776,10 @@ em_status em_stream_run(const em_stream_cfg *cfg, em_pool *pool, em_stream_resul
             st = src_next(&R.src, &b, &i, &gpos, &v);
             if (st == EM_ERR_EOF) break;
             if (st) goto done;
+            if (gpos < cfg->start_pos) {
+                res->skipped_start++;
+                continue;
+            }
             if (cfg->vertical >= 0 && v != (uint32_t)cfg->vertical) {
                 res->skipped_vertical++;
                 continue;
