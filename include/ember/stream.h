@@ -94,6 +94,7 @@ typedef struct {
     em_metrics eval;          /* progressive: predicted before training on the window */
     double train_loss;        /* mean loss of the window's training steps */
     double eval_s, train_s, read_s; /* wall time of evaluation, training, reading the window */
+    double log_s;             /* teacher: appending the window's predictions (inside eval_s) */
     int64_t step;             /* optimizer steps after the window */
     const char *file;         /* the file holding the window's last example */
     /* students (teacher_log): the join of the window's examples */
@@ -144,6 +145,7 @@ typedef struct {
     uint64_t pos;             /* global position after the last example trained on */
     int resumed;              /* 1 if the run continued from a checkpoint */
     double train_s, eval_s, read_s, join_s;
+    double log_s;             /* teacher: appending predictions and flushing the log (fsync) */
     char checkpoint[1024];    /* the last checkpoint written */
     char first_error[256];    /* the first malformed line, if any */
 } em_stream_result;

@@ -220,10 +220,10 @@ int cmd_stream(int argc, char **argv) {
                 r.first_error);
     printf("{\"windows\":%lld,\"windows_run\":%lld,\"examples\":%llu,\"skipped_vertical\":%llu,\"malformed\":%llu,"
            "\"files\":%llu,\"pos\":%llu,\"resumed\":%d,\"train_s\":%.3f,\"eval_s\":%.3f,\"read_s\":%.3f,\"join_s\":%.3f,"
-           "\"checkpoint\":\"%s\"}\n",
+           "\"log_s\":%.3f,\"checkpoint\":\"%s\"}\n",
            (long long)r.windows, (long long)r.windows_run, (unsigned long long)r.examples,
            (unsigned long long)r.skipped_vertical, (unsigned long long)r.malformed, (unsigned long long)r.files,
-           (unsigned long long)r.pos, r.resumed, r.train_s, r.eval_s, r.read_s, r.join_s, r.checkpoint);
+           (unsigned long long)r.pos, r.resumed, r.train_s, r.eval_s, r.read_s, r.join_s, r.log_s, r.checkpoint);
     return 0;
 }
 
@@ -318,6 +318,8 @@ static const cli_opt xopts[] = {
     OPT_INT("window", "N", "examples per window (default 100000; a student's windows hold its vertical only)", exfm_ctx,
             s.sc.window, 1, 1LL << 34),
     OPT_INT("batch", "N", "examples per training step (default 128)", exfm_ctx, s.sc.batch, 1, 1 << 20),
+    OPT_INT("ckpt-every", "K", "checkpoint every K windows (default 10; 0 = at the end only)", exfm_ctx, s.sc.ckpt_every, 0,
+            BIG),
     OPT_DOUBLE_POS("alpha", "F", "soft label min(alpha * p_teacher, 1) (default 1)", exfm_ctx, s.alpha),
     OPT_DOUBLE("beta", "F", "distillation head's gradient scale into the backbone (default 1)", exfm_ctx, s.beta),
     OPT_DOUBLE("distill-weight", "F", "weight w of the distillation loss (default 1)", exfm_ctx, s.w),
@@ -378,10 +380,10 @@ static void print_run(const char *key, const char *dir, const em_stream_result *
     acc_file(dir, &all, &half);
     char b[4][32];
     printf("\"%s\":{\"examples\":%.0f,\"ne\":%s,\"ne_second_half\":%s,\"auc\":%s,\"auc_second_half\":%s,"
-           "\"train_s\":%.3f,\"eval_s\":%.3f,\"read_s\":%.3f,\"join_s\":%.3f}%s",
+           "\"train_s\":%.3f,\"eval_s\":%.3f,\"read_s\":%.3f,\"join_s\":%.3f,\"log_s\":%.3f}%s",
            key, all.n, jnum(b[0], ne_of(&all)), jnum(b[1], ne_of(&half)),
            jnum(b[2], all.auc_n > 0 ? all.auc_sum / all.auc_n : NAN), jnum(b[3], half.auc_n > 0 ? half.auc_sum / half.auc_n : NAN),
-           r->train_s, r->eval_s, r->read_s, r->join_s, last ? "" : ",");
+           r->train_s, r->eval_s, r->read_s, r->join_s, r->log_s, last ? "" : ",");
     fflush(stdout);
 }
 
@@ -398,6 +400,7 @@ int cmd_exfm(int argc, char **argv) {
     c->rows_cap = 50000;
     c->sc.model.dim = 8;
     x.students = 3;
+    c->sc.ckpt_every = 10;
     x.modes = "none,serving,aux,aux+adapter";
     x.bot = "32", x.top = "32-1", x.tbot = "128-64", x.ttop = "128-64-1";
     x.tdim = 16, x.trows_cap = 200000;

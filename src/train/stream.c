@@ -399,7 +399,10 @@ static em_status checkpoint(run *R) {
     em_status st;
     uint64_t das_records = 0;
     if (R->dw) {
-        if ((st = em_das_flush(R->dw))) return st;
+        double t0 = em_now();
+        st = em_das_flush(R->dw);
+        R->res->log_s += em_now() - t0;
+        if (st) return st;
         em_das_writer_info(R->dw, &das_records, NULL);
     }
     long mbytes = R->metrics ? ftell(R->metrics) : 0;
@@ -646,9 +649,9 @@ static em_status report(run *R, em_stream_window *rep, double distill) {
     int k = snprintf(line, sizeof line,
                      "{\"window\":%" PRId64 ",\"examples\":%" PRIu64 ",\"pos_start\":%" PRIu64 ",\"pos_end\":%" PRIu64
                      ",\"file\":\"%s\",\"step\":%" PRId64 ",\"eval\":%s,\"train_loss\":%s,\"read_s\":%.4f,\"eval_s\":%.4f,"
-                     "\"train_s\":%.4f",
+                     "\"train_s\":%.4f,\"log_s\":%.4f",
                      rep->window, rep->examples, rep->pos_start, rep->pos_end, file, rep->step, mj, tl, rep->read_s,
-                     rep->eval_s, rep->train_s);
+                     rep->eval_s, rep->train_s, rep->log_s);
     if (R->ix) {
         em_metrics_json(&rep->teacher, tj, sizeof tj);
         num_json(dl, sizeof dl, distill);
@@ -797,7 +800,12 @@ em_status em_stream_run(const em_stream_cfg *cfg, em_pool *pool, em_stream_resul
         /* evaluate before training (and, as a teacher, log those predictions) */
         t0 = em_now();
         if ((st = window_eval(&R, &rep.eval))) goto done;
-        if (R.dw && (st = window_log(&R, R.windows))) goto done;
+        if (R.dw) {
+            double tl = em_now();
+            if ((st = window_log(&R, R.windows))) goto done;
+            rep.log_s = em_now() - tl;
+            res->log_s += rep.log_s;
+        }
         rep.eval_s = em_now() - t0;
         res->eval_s += rep.eval_s;
         if (R.ix) {
