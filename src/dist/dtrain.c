@@ -123,6 +123,7 @@ struct em_dist {
     buf sbuf, rbuf;
     buf gidx, goff;        /* the global batch's bags over my shards (int64) */
     buf gout;              /* (G, nmine, D) pooled over my shards; then the gradient */
+    buf hit, scale;        /* row-wise block membership (bytes), mean-pooling factors */
     buf pooled, dpooled;   /* (B, T, D) this rank's examples */
     buf red;               /* all-reduce scratch */
     em_dist_bytes bytes;
@@ -273,7 +274,7 @@ void em_dist_free(em_dist *d) {
     if (d->gcomm != MPI_COMM_NULL && d->gcomm) MPI_Comm_free(&d->gcomm);
     if (d->rcomm != MPI_COMM_NULL && d->rcomm) MPI_Comm_free(&d->rcomm);
     em_free(d->Bw), em_free(d->Bs), em_free(d->boff), em_free(d->scnt), em_free(d->sdis), em_free(d->rcnt), em_free(d->rdis);
-    buf *bs[] = {&d->sbuf, &d->rbuf, &d->gidx, &d->goff, &d->gout, &d->pooled, &d->dpooled, &d->red};
+    buf *bs[] = {&d->sbuf, &d->rbuf, &d->gidx, &d->goff, &d->gout, &d->pooled, &d->dpooled, &d->red, &d->hit, &d->scale};
     for (size_t i = 0; i < sizeof bs / sizeof bs[0]; i++) em_free(bs[i]->p);
     em_free(d);
 }
@@ -426,21 +427,88 @@ static void add_vals(const em_dist *d, float *dst, const void *src, size_t n) {
     }
 }
 
+/* A block of vectors for n examples. A row-wise block starts with an int32: -1 = dense
+ * (the n vectors follow), else the count of (int32 example, vector) entries that follow:
+ * only the examples whose bag has an id in that block of rows, whichever is smaller
+ * (docs/PLANNER.md's row-wise model). Other blocks are the n vectors. */
+static size_t block_bytes(const em_dist *d, int row, int n, int hits) {
+    const size_t vb = (size_t)d->D * elem_bytes(d), dense = (size_t)n * vb, sparse = (size_t)hits * (4 + vb);
+    return row ? 4 + (sparse < dense ? sparse : dense) : dense;
+}
+
+/* Vector e is src + e * stride (scaled by scale[e] when scale). */
+static char *put_block(const em_dist *d, char *o, int row, int n, const uint8_t *hit, int hits, const float *src,
+                       size_t stride, const float *scale) {
+    const size_t D = (size_t)d->D, vb = D * elem_bytes(d);
+    const int sparse = row && (size_t)hits * (4 + vb) < (size_t)n * vb;
+    if (row) {
+        int32_t h = sparse ? hits : -1;
+        memcpy(o, &h, 4);
+        o += 4;
+    }
+    for (int e = 0; e < n; e++) {
+        if (sparse && !hit[e]) continue;
+        if (sparse) {
+            int32_t x = e;
+            memcpy(o, &x, 4);
+            o += 4;
+        }
+        put_vals(d, o, src + (size_t)e * stride, D, scale ? scale[e] : 1.0f);
+        o += vb;
+    }
+    return o;
+}
+
+/* Adds a block's vectors into dst + e * stride; returns the end of the block. */
+static const char *add_block(const em_dist *d, const char *q, int row, int n, float *dst, size_t stride) {
+    const size_t D = (size_t)d->D, vb = D * elem_bytes(d);
+    int32_t h = -1;
+    if (row) {
+        memcpy(&h, q, 4);
+        q += 4;
+    }
+    if (h < 0) {
+        for (int e = 0; e < n; e++, q += vb) add_vals(d, dst + (size_t)e * stride, q, D);
+        return q;
+    }
+    for (int32_t j = 0; j < h; j++) {
+        int32_t e;
+        memcpy(&e, q, 4);
+        add_vals(d, dst + (size_t)e * stride, q + 4, D);
+        q += 4 + vb;
+    }
+    return q;
+}
+
 /* Steps 2-3: pool this rank's shards over the global batch, send each example's
  * vectors to its rank, assemble pooled (B, T, D) there (row-wise: partial sums added
  * in block order; data-parallel: this rank's own pooling; mean: divided by the bag size). */
 static em_status pool_and_output_dist(em_dist *d, const em_batch *b, em_pool *pool) {
     const int W = d->gsize, K = d->nmine, G = d->G, B = b ? b->B : 0;
-    const size_t D = (size_t)d->D, eb = elem_bytes(d);
+    const size_t D = (size_t)d->D;
     em_status st = grow(&d->gout, (size_t)(G ? G : 1) * (size_t)(K ? K : 1) * D * sizeof(float));
     if (st) return st;
     float *gout = d->gout.p;
     if (K && G && (st = em_embbag_forward(d->emb, gout, d->gidx.p, d->goff.p, NULL, G, pool))) return st;
-    int nsend = 0; /* my shards that travel (not data-parallel) */
-    for (int k = 0; k < K; k++) nsend += d->sh[d->mine[k]].type != EM_SHARD_DATA;
+    /* hit[q][k][e]: example e of rank q has an id in my shard k (row-wise blocks) */
+    size_t nhit = (size_t)K * (size_t)G;
+    if ((st = grow(&d->hit, nhit ? nhit : 1))) return st;
+    uint8_t *hit = d->hit.p;
+    const int64_t *goff = d->goff.p;
     int64_t total = 0;
     for (int q = 0; q < W; q++) {
-        int64_t n = (int64_t)nsend * d->Bs[q] * (int64_t)D * (int64_t)eb;
+        int64_t n = 0;
+        for (int k = 0; k < K; k++) {
+            const shard *h = &d->sh[d->mine[k]];
+            if (h->type == EM_SHARD_DATA) continue;
+            int hits = 0;
+            for (int e = 0; e < d->Bs[q]; e++) {
+                const size_t u = (size_t)k * G + (size_t)d->boff[q] + (size_t)e;
+                hit[u] = goff[u + 1] > goff[u];
+                hits += hit[u];
+            }
+            n += (int64_t)block_bytes(d, h->type == EM_SHARD_ROW, d->Bs[q], hits);
+        }
         if (n > INT32_MAX) return em_errorf(EM_ERR_UNSUPPORTED, "dist: pooled exchange over 2 GiB for one rank");
         d->scnt[q] = (int)n, total += n;
     }
@@ -448,11 +516,13 @@ static em_status pool_and_output_dist(em_dist *d, const em_batch *b, em_pool *po
     char *o = d->sbuf.p;
     for (int q = 0; q < W; q++)
         for (int k = 0; k < K; k++) {
-            if (d->sh[d->mine[k]].type == EM_SHARD_DATA) continue;
-            for (int e = 0; e < d->Bs[q]; e++) {
-                put_vals(d, o, gout + ((size_t)(d->boff[q] + e) * K + (size_t)k) * D, D, 1.0f);
-                o += D * eb;
-            }
+            const shard *h = &d->sh[d->mine[k]];
+            if (h->type == EM_SHARD_DATA) continue;
+            const uint8_t *hq = hit + (size_t)k * G + (size_t)d->boff[q];
+            int hits = 0;
+            for (int e = 0; e < d->Bs[q]; e++) hits += hq[e];
+            o = put_block(d, o, h->type == EM_SHARD_ROW, d->Bs[q], hq, hits, gout + ((size_t)d->boff[q] * K + (size_t)k) * D,
+                          (size_t)K * D, NULL);
         }
     d->bytes.pooled = (double)(total - d->scnt[d->grank]);
     if ((st = plan_exchange(d, 1))) return st;
@@ -465,10 +535,7 @@ static em_status pool_and_output_dist(em_dist *d, const em_batch *b, em_pool *po
         const char *q = (const char *)d->rbuf.p + d->rdis[p];
         for (int s = 0; s < d->nsh; s++) {
             if (!holds(d, p, s) || d->sh[s].type == EM_SHARD_DATA) continue;
-            for (int e = 0; e < B; e++) {
-                add_vals(d, pooled + (size_t)e * TD + (size_t)d->sh[s].t * D, q, D);
-                q += D * eb;
-            }
+            q = add_block(d, q, d->sh[s].type == EM_SHARD_ROW, B, pooled + (size_t)d->sh[s].t * D, TD);
         }
     }
     for (int k = 0; k < K; k++) { /* data-parallel tables: my own pooling, exact */
@@ -495,33 +562,56 @@ static em_status pool_and_output_dist(em_dist *d, const em_batch *b, em_pool *po
  * holders' fused sparse update over the global batch. */
 static em_status backward_dist(em_dist *d, const em_batch *b, em_pool *pool) {
     const int W = d->gsize, K = d->nmine, G = d->G, B = b ? b->B : 0;
-    const size_t D = (size_t)d->D, eb = elem_bytes(d), TD = (size_t)d->T * D;
+    const size_t D = (size_t)d->D, TD = (size_t)d->T * D;
     const float *dp = d->dpooled.p;
+    /* per shard: which of my examples have an id in it (row-wise), the mean pooling's 1/len */
+    em_status st = grow(&d->hit, (size_t)d->nsh * (size_t)(B ? B : 1));
+    if (!st) st = grow(&d->scale, (size_t)d->T * (size_t)(B ? B : 1) * sizeof(float));
+    if (st) return st;
+    uint8_t *hit = d->hit.p;
+    int *hits = em_calloc((size_t)d->nsh, sizeof(int));
+    if (!hits) return em_errorf(EM_ERR_NOMEM, "dist: out of memory");
+    float *scale = d->scale.p;
+    for (int t = 0; t < d->T; t++)
+        for (int e = 0; e < B; e++) {
+            const int64_t n = b->offsets[(size_t)t * B + e + 1] - b->offsets[(size_t)t * B + e];
+            scale[(size_t)t * B + e] = d->cfg.model.pooling == EM_POOL_MEAN && n > 1 ? 1.0f / (float)n : 1.0f;
+        }
+    for (int s = 0; s < d->nsh; s++) {
+        const shard *h = &d->sh[s];
+        if (h->type != EM_SHARD_ROW) continue;
+        for (int e = 0; e < B; e++) {
+            uint8_t x = 0;
+            for (int64_t k = b->offsets[(size_t)h->t * B + e]; k < b->offsets[(size_t)h->t * B + e + 1] && !x; k++)
+                x = in_shard(h, b->indices[k]);
+            hit[(size_t)s * B + e] = x;
+            hits[s] += x;
+        }
+    }
     int64_t total = 0;
     for (int q = 0; q < W; q++) {
-        int nq = 0;
-        for (int s = 0; s < d->nsh; s++) nq += holds(d, q, s);
-        int64_t n = (int64_t)nq * B * (int64_t)D * (int64_t)eb;
-        if (n > INT32_MAX) return em_errorf(EM_ERR_UNSUPPORTED, "dist: gradient exchange over 2 GiB for one rank");
+        int64_t n = 0;
+        for (int s = 0; s < d->nsh; s++)
+            if (holds(d, q, s)) n += (int64_t)block_bytes(d, d->sh[s].type == EM_SHARD_ROW, B, hits[s]);
+        if (n > INT32_MAX) {
+            em_free(hits);
+            return em_errorf(EM_ERR_UNSUPPORTED, "dist: gradient exchange over 2 GiB for one rank");
+        }
         d->scnt[q] = (int)n, total += n;
     }
-    em_status st = grow(&d->sbuf, (size_t)(total ? total : 1));
-    if (st) return st;
+    if ((st = grow(&d->sbuf, (size_t)(total ? total : 1)))) {
+        em_free(hits);
+        return st;
+    }
     char *o = d->sbuf.p;
     for (int q = 0; q < W; q++)
         for (int s = 0; s < d->nsh; s++) {
             if (!holds(d, q, s)) continue;
             const int t = d->sh[s].t;
-            for (int e = 0; e < B; e++) {
-                float sc = 1.0f;
-                if (d->cfg.model.pooling == EM_POOL_MEAN) {
-                    const int64_t n = b->offsets[(size_t)t * B + e + 1] - b->offsets[(size_t)t * B + e];
-                    if (n > 1) sc = 1.0f / (float)n;
-                }
-                put_vals(d, o, dp + (size_t)e * TD + (size_t)t * D, D, sc);
-                o += D * eb;
-            }
+            o = put_block(d, o, d->sh[s].type == EM_SHARD_ROW, B, hit + (size_t)s * B, hits[s], dp + (size_t)t * D, TD,
+                          scale + (size_t)t * B);
         }
+    em_free(hits);
     d->bytes.grads = (double)(total - d->scnt[d->grank]);
     if ((st = plan_exchange(d, 1))) return st;
     exchange(d, MPI_BYTE);
@@ -531,10 +621,8 @@ static em_status backward_dist(em_dist *d, const em_batch *b, em_pool *pool) {
     for (int p = 0; p < W; p++) {
         const char *q = (const char *)d->rbuf.p + d->rdis[p];
         for (int k = 0; k < K; k++)
-            for (int e = 0; e < d->Bs[p]; e++) {
-                add_vals(d, gout + ((size_t)(d->boff[p] + e) * K + (size_t)k) * D, q, D);
-                q += D * eb;
-            }
+            q = add_block(d, q, d->sh[d->mine[k]].type == EM_SHARD_ROW, d->Bs[p],
+                          gout + ((size_t)d->boff[p] * K + (size_t)k) * D, (size_t)K * D);
     }
     return em_embbag_backward_update(d->emb, gout, d->gidx.p, d->goff.p, NULL, NULL, G, pool);
 }

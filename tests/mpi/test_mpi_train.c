@@ -390,6 +390,16 @@ static void test_bytes(void) {
     em_dlrm_dense_block(em_dist_dense(d), 1, &n);
     if (g_world > 1) CHECK(by.allreduce > 0 && by.allreduce <= 2.0 * 4.0 * (double)n);
     CHECK_NEAR(by.total, by.ids + by.pooled + by.grads + by.allreduce, 0.5);
+    em_dist_free(d);
+    /* row-wise: a block carries only the bags with an id in it (at most 3 ids a bag
+     * here), smaller than the dense partial sums it would otherwise be */
+    dc = placement(&c, "row");
+    CHECK_OK(em_dist_create(&d, &dc, NULL));
+    CHECK_OK(em_dist_train_step(d, &l.b, NULL, NULL));
+    em_dist_last_bytes(d, &by);
+    const double dense = 4.0 * D * T * (double)(G - l.b.B); /* every other rank's examples, every table */
+    if (g_world > 1) CHECK(by.pooled > 0 && by.pooled < dense);
+    if (g_rank == 0) printf("  row-wise pooled bytes %.0f (dense partial sums: %.0f)\n", by.pooled, dense);
     lfree(&l);
     free(g);
     em_dist_free(d);
