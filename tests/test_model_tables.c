@@ -312,7 +312,12 @@ static void test_fiited_prune_shrinks_rss(void) {
     CHECK(f1.live_chunks <= (int64_t)(0.05 * (double)(600000 + 500 + 7) * 4) + 1);
     CHECK(f1.pool_bytes < f0.pool_bytes / 10);
     CHECK(pool_drop > 50);
-    CHECK(rss0 - rss1 > 0.7 * pool_drop); /* unmapped pages really left the process */
+#ifdef __SANITIZE_ADDRESS__
+    const double share = 0.1; /* ASan keeps the freed hash and scratch in its quarantine */
+#else
+    const double share = 0.7;
+#endif
+    CHECK(rss0 - rss1 > share * pool_drop); /* unmapped pages really left the process */
     em_dlrm_table_stats ts;
     CHECK_OK(em_dlrm_table_stats_get(m, -1, &ts));
     CHECK(ts.live_chunks == f1.live_chunks && ts.bytes == f1.held_bytes);
