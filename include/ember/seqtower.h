@@ -170,9 +170,9 @@ typedef struct em_seqtower em_seqtower;
  * (em_seqtower_init). */
 em_status em_seqtower_create(em_seqtower **out, const em_seq_cfg *c, int D, float *params, float *grads);
 void em_seqtower_free(em_seqtower *t); /* NULL is a no-op */
-/* Initialise: projections N(0, sqrt(1/D)), seeds N(0, sqrt(1/D)), kron_a N(0,
- * 1/sqrt(m k)), kron_w N(0, 1/sqrt(D k)), age/type tables N(0, 0.02); each tensor
- * from its own stream of `seed`. */
+/* Initialise: projections N(0, sqrt(1/in)) (in = D, or a group's W or D), seeds N(0,
+ * sqrt(1/W)), kron_a N(0, 1/sqrt(m k)), kron_w N(0, 1/sqrt(W k)) (W = D without groups),
+ * age/type tables N(0, 0.02); each tensor from its own stream of `seed`. */
 void em_seqtower_init(em_seqtower *t, uint64_t seed);
 int em_seqtower_params(const em_seqtower *t, const em_seq_param **list);
 
