@@ -9,7 +9,8 @@
  * applies the same optimizer step. Embedding tables are model-parallel, one sharding
  * type per table:
  *   EM_SHARD_TABLE  the whole table on one rank (owner[t]);
- *   EM_SHARD_ROW    rows cut into N contiguous blocks, block p on rank p;
+ *   EM_SHARD_ROW    rows dealt out cyclically: row r on rank r mod N (as its local row r / N),
+ *                   so hot ids, often the low rows, spread evenly;
  *   EM_SHARD_DATA   a replica on every rank (small tables).
  * A step: (1) input all-to-all: each rank sends every bag's ids to the ranks holding
  * them (row-wise: each id to its block's rank, as a local row); (2) each rank pools its
@@ -103,7 +104,13 @@ em_status em_dist_sync(em_dist *d);
 
 /* Bytes this rank sent in the last step, by phase. */
 typedef struct {
-    double ids, pooled, grads, allreduce, sync, total; /* sync: 2D replica averaging (0 if none this step) */
+    double ids;       /* input all-to-all: ids of model-parallel tables */
+    double pooled;    /* forward all-to-all: pooled vectors (row-wise: partial sums) leaving their holder */
+    double grads;     /* backward all-to-all: their gradients leaving the examples' rank */
+    double dp;        /* data-parallel tables: ids and gradients sent to the other replicas */
+    double allreduce; /* dense gradient all-reduce */
+    double sync;      /* 2D replica averaging (0 on steps without one) */
+    double total;
 } em_dist_bytes;
 void em_dist_last_bytes(const em_dist *d, em_dist_bytes *out);
 
@@ -133,8 +140,11 @@ typedef struct {
     em_comm_prec prec;
     int group, sync_every;       /* 2D sparse parallelism (em_dist_cfg); group 0 = 1D */
     em_dist_cfg place;           /* out: the placement used */
-    double bytes_per_step;       /* out: mean bytes this rank sent per step (all phases) */
-    double predicted_send_bytes; /* out (AUTO): the planner's all-to-all send bytes per step, busiest rank */
+    em_dist_bytes mean_bytes;    /* out: bytes this rank sent, mean per training step, by phase */
+    em_dist_bytes *rank_bytes;   /* out, rank 0: [N] every rank's mean_bytes (em_free) */
+    double *plan_send, *plan_recv; /* out, rank 0, AUTO: [G] the planner's one-direction all-to-all bytes
+                                      per step leaving / reaching each rank of a group (em_free) */
+    double plan_allreduce;       /* out, AUTO: the planner's all-reduce payload (bytes) */
 } em_dist_opts;
 em_status em_dist_train_run(const em_train_cfg *cfg, em_dist_opts *o, em_pool *pool, em_train_result *res,
                             float **test_labels, size_t *n_test);

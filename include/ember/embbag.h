@@ -54,10 +54,10 @@ float *em_embbag_state(em_embbag *e, int t, size_t *count);
  * drawn from a stream derived from (seed, t), independent of the thread count. */
 void em_embbag_init_uniform(em_embbag *e, uint64_t seed, em_pool *pool);
 /* The same values for a shard (distributed training): table t of e holds rows
- * [row0, row0 + rows[t]) and columns [col0, col0 + D) of table t_global, which has
- * rows_global rows of dim_global columns. */
+ * row0, row0 + stride, ... (rows[t] of them) and columns [col0, col0 + D) of table
+ * t_global, which has rows_global rows of dim_global columns. */
 void em_embbag_init_uniform_shard(em_embbag *e, int t, uint64_t seed, int t_global, int64_t rows_global,
-                                  int64_t row0, int col0, int dim_global);
+                                  int64_t row0, int64_t stride, int col0, int dim_global);
 
 /* out(B, T, D): out[b][t] = pool_{k in bag(t,b)} per_id_w[k] * W_t[indices[k]].
  * EM_ERR_INVALID (with a detail naming table, example and index) on an index out of

@@ -84,6 +84,7 @@ int cli_train_dist(em_train_cfg *tc, int threads, const char *sharding, const ch
         fprintf(stderr, "rank %d: ", rank);
         cli_fail("train", st);
         em_free(y);
+        em_free(o.rank_bytes), em_free(o.plan_send), em_free(o.plan_recv);
         em_pool_free(pool);
         em_dist_finalize();
         return 1;
@@ -94,7 +95,7 @@ int cli_train_dist(em_train_cfg *tc, int threads, const char *sharding, const ch
         printf("placement: %d table-wise, %d row-wise, %d data-parallel (%s)\n", cnt[EM_SHARD_TABLE], cnt[EM_SHARD_ROW],
                cnt[EM_SHARD_DATA], o.sharding == EM_SHARD_AUTO ? "planner" : "--sharding");
         printf("trained %lld steps, %llu examples in %.1f s (%.0f examples/s), %.0f bytes sent per step by rank 0\n",
-               (long long)res.steps, (unsigned long long)res.examples, res.train_s, res.examples_per_s, o.bytes_per_step);
+               (long long)res.steps, (unsigned long long)res.examples, res.train_s, res.examples_per_s, o.mean_bytes.total);
         em_metrics opt;
         int have_opt = 0;
         if (tc->test_path) {
@@ -119,17 +120,37 @@ int cli_train_dist(em_train_cfg *tc, int threads, const char *sharding, const ch
                 if (tc->test_path) em_metrics_json(&res.test, mt, sizeof mt);
                 if (have_opt) em_metrics_json(&opt, mo, sizeof mo);
                 fprintf(f, "{\"world\":%d,\"group\":%d,\"threads\":%d,\"batch_per_rank\":%d,\"comm_prec\":\"%s\",\"steps\":%lld,"
-                           "\"examples\":%llu,\"train_s\":%.3f,\"examples_per_s\":%.1f,\"bytes_per_step_rank0\":%.0f,"
-                           "\"test\":%s,\"optimum\":%s,\"checkpoint\":\"%s\"}\n",
+                           "\"examples\":%llu,\"train_s\":%.3f,\"examples_per_s\":%.1f,\"test\":%s,\"optimum\":%s,"
+                           "\"checkpoint\":\"%s\",\"placement\":[",
                         world, group > 0 ? group : world, threads, tc->batch, em_comm_prec_name(o.prec), (long long)res.steps,
-                        (unsigned long long)res.examples, res.train_s, res.examples_per_s, o.bytes_per_step, mt, mo,
-                        res.checkpoint);
+                        (unsigned long long)res.examples, res.train_s, res.examples_per_s, mt, mo, res.checkpoint);
+                const char *tn[] = {"auto", "table", "row", "column", "data"};
+                for (int t = 0; t < nt; t++)
+                    fprintf(f, "%s{\"type\":\"%s\",\"owner\":%d}", t ? "," : "", tn[o.place.type[t]],
+                            o.place.type[t] == EM_SHARD_TABLE ? o.place.owner[t] : -1);
+                fprintf(f, "],\"bytes_per_step\":[");
+                for (int q = 0; q < world && o.rank_bytes; q++) {
+                    const em_dist_bytes *b = &o.rank_bytes[q];
+                    fprintf(f, "%s{\"ids\":%.0f,\"pooled\":%.0f,\"grads\":%.0f,\"dp\":%.0f,\"allreduce\":%.0f,\"sync\":%.0f,"
+                               "\"total\":%.0f}", q ? "," : "", b->ids, b->pooled, b->grads, b->dp, b->allreduce, b->sync, b->total);
+                }
+                fprintf(f, "]");
+                if (o.plan_send && o.plan_recv) {
+                    const int g = group > 0 ? group : world;
+                    fprintf(f, ",\"planner\":{\"allreduce_payload\":%.0f,\"send\":[", o.plan_allreduce);
+                    for (int q = 0; q < g; q++) fprintf(f, "%s%.0f", q ? "," : "", o.plan_send[q]);
+                    fprintf(f, "],\"recv\":[");
+                    for (int q = 0; q < g; q++) fprintf(f, "%s%.0f", q ? "," : "", o.plan_recv[q]);
+                    fprintf(f, "]}");
+                }
+                fprintf(f, "}\n");
                 fclose(f);
                 printf("checkpoint: %s\nreport:     %s\n", res.checkpoint, path);
             }
         }
     }
     em_free(y);
+    em_free(o.rank_bytes), em_free(o.plan_send), em_free(o.plan_recv);
     em_pool_free(pool);
     em_dist_finalize();
     return 0;

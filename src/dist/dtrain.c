@@ -4,8 +4,8 @@
  * The algorithm and its guarantees are in ember/dist.h; this file's layout:
  *
  *   shards    every rank derives the same list of shards from the config: one per
- *             table-wise or data-parallel table, N per row-wise table (contiguous row
- *             blocks). A rank's own shards form the tables of one em_embbag (sum
+ *             table-wise or data-parallel table, G per row-wise table (row r on rank
+ *             r mod G, as local row r / G). A rank's own shards form the tables of one em_embbag (sum
  *             pooling: mean pooling divides at the example's rank).
  *   exchange  three all-to-alls per step (ids; pooled vectors; their gradients), each
  *             one MPI_Alltoall of sizes and one MPI_Alltoallv of payload, in a fixed
@@ -89,7 +89,8 @@ typedef struct {
     int t;            /* global table */
     em_shard_type type;
     int holder;       /* rank; -1: every rank (data-parallel) */
-    int64_t row0, rows;
+    int64_t row0, rows;   /* global rows row0, row0 + stride, ... (rows of them) */
+    int64_t stride;       /* 1; row-wise: G (row r lives on rank r mod G, as local row r / G) */
 } shard;
 
 /* A growable buffer. */
@@ -124,6 +125,7 @@ struct em_dist {
     buf gidx, goff;        /* the global batch's bags over my shards (int64) */
     buf gout;              /* (G, nmine, D) pooled over my shards; then the gradient */
     buf hit, scale;        /* row-wise block membership (bytes), mean-pooling factors */
+    buf tmp;               /* rank 0: a row-wise shard in transit (checkpoints) */
     buf pooled, dpooled;   /* (B, T, D) this rank's examples */
     buf red;               /* all-reduce scratch */
     em_dist_bytes bytes;
@@ -192,13 +194,12 @@ static em_status make_shards(em_dist *d) {
     for (int t = 0; t < d->T; t++) {
         const int64_t R = mc->rows[t];
         if (d->cfg.type[t] == EM_SHARD_ROW) {
-            const int64_t blk = (R + d->gsize - 1) / d->gsize;
-            for (int p = 0; p < d->gsize; p++, s++) {
-                int64_t r0 = blk * p < R ? blk * p : R, r1 = blk * (p + 1) < R ? blk * (p + 1) : R;
-                d->sh[s] = (shard){t, EM_SHARD_ROW, p, r0, r1 - r0};
-            }
+            /* cyclic: row r on rank r mod G, so hot ids (often the low rows) spread evenly */
+            const int64_t Gs = d->gsize;
+            for (int p = 0; p < d->gsize; p++, s++)
+                d->sh[s] = (shard){t, EM_SHARD_ROW, p, p, R > p ? (R - p + Gs - 1) / Gs : 0, Gs};
         } else {
-            d->sh[s++] = (shard){t, d->cfg.type[t], d->cfg.type[t] == EM_SHARD_DATA ? -1 : d->cfg.owner[t], 0, R};
+            d->sh[s++] = (shard){t, d->cfg.type[t], d->cfg.type[t] == EM_SHARD_DATA ? -1 : d->cfg.owner[t], 0, R, 1};
         }
     }
     for (s = 0; s < n; s++)
@@ -240,7 +241,8 @@ static em_status create_local(em_dist *d, const em_dist_cfg *cfg) {
     for (int k = 0; k < d->nmine; k++) {
         const shard *h = &d->sh[d->mine[k]];
         if (h->rows > 0)
-            em_embbag_init_uniform_shard(d->emb, k, cfg->model.seed, h->t, cfg->model.rows[h->t], h->row0, 0, d->D);
+            em_embbag_init_uniform_shard(d->emb, k, cfg->model.seed, h->t, cfg->model.rows[h->t], h->row0, h->stride, 0,
+                                         d->D);
     }
     const size_t W = (size_t)d->world;
     d->Bw = em_calloc(W, sizeof(int));
@@ -274,7 +276,7 @@ void em_dist_free(em_dist *d) {
     if (d->gcomm != MPI_COMM_NULL && d->gcomm) MPI_Comm_free(&d->gcomm);
     if (d->rcomm != MPI_COMM_NULL && d->rcomm) MPI_Comm_free(&d->rcomm);
     em_free(d->Bw), em_free(d->Bs), em_free(d->boff), em_free(d->scnt), em_free(d->sdis), em_free(d->rcnt), em_free(d->rdis);
-    buf *bs[] = {&d->sbuf, &d->rbuf, &d->gidx, &d->goff, &d->gout, &d->pooled, &d->dpooled, &d->red, &d->hit, &d->scale};
+    buf *bs[] = {&d->sbuf, &d->rbuf, &d->gidx, &d->goff, &d->gout, &d->pooled, &d->dpooled, &d->red, &d->hit, &d->scale, &d->tmp};
     for (size_t i = 0; i < sizeof bs / sizeof bs[0]; i++) em_free(bs[i]->p);
     em_free(d);
 }
@@ -310,7 +312,7 @@ static void exchange(em_dist *d, MPI_Datatype ty) {
 }
 
 /* Does id row r of table t fall into shard s? */
-static int in_shard(const shard *h, int64_t r) { return r >= h->row0 && r < h->row0 + h->rows; }
+static int in_shard(const shard *h, int64_t r) { return r >= h->row0 && (r - h->row0) % h->stride == 0; }
 
 /* Step 1: batch sizes, then every bag's ids to the ranks holding them. Builds the global
  * batch over this rank's shards in gidx / goff (table-batched: shard k, example g). */
@@ -325,19 +327,21 @@ static em_status input_dist(em_dist *d, const em_batch *b) {
     if (d->boff[W] > INT32_MAX) return em_errorf(EM_ERR_UNSUPPORTED, "dist: global batch over 2^31 examples");
     d->G = (int)d->boff[W];
     /* sizes: for each destination q, each shard it holds: B lengths + the ids */
-    int64_t total = 0;
+    int64_t total = 0, dp = 0; /* dp: ids of data-parallel tables (to every rank of the group) */
     for (int q = 0; q < W; q++) {
         int64_t n = 0;
         for (int s = 0; s < d->nsh; s++) {
             if (!holds(d, q, s)) continue;
             const shard *h = &d->sh[s];
-            n += B;
+            int64_t m = B;
             const int64_t *off = b ? b->offsets + (size_t)h->t * B : NULL;
             if (B && h->type == EM_SHARD_ROW) {
-                for (int64_t k = off[0]; k < off[B]; k++) n += in_shard(h, b->indices[k]);
+                for (int64_t k = off[0]; k < off[B]; k++) m += in_shard(h, b->indices[k]);
             } else if (B) {
-                n += off[B] - off[0];
+                m += off[B] - off[0];
             }
+            n += m;
+            if (h->type == EM_SHARD_DATA && q != d->grank) dp += m;
         }
         if (n > INT32_MAX) return em_errorf(EM_ERR_UNSUPPORTED, "dist: over 2^31 ids for one rank in one step");
         d->scnt[q] = (int)n, total += n;
@@ -357,14 +361,16 @@ static em_status input_dist(em_dist *d, const em_batch *b) {
                 for (int64_t k = off[e]; k < off[e + 1]; k++) {
                     const int64_t r = b->indices[k];
                     if (h->type == EM_SHARD_ROW && !in_shard(h, r)) continue;
-                    *o++ = r - h->row0, c++;
+                    *o++ = (r - h->row0) / h->stride, c++;
                 }
                 len[e] = c;
             }
         }
     if ((st = plan_exchange(d, sizeof(int64_t)))) return st;
     exchange(d, MPI_INT64_T);
-    d->bytes.ids = (double)(total - d->scnt[d->grank]) * sizeof(int64_t); /* what leaves the rank */
+    /* what leaves the rank; data-parallel tables' traffic is counted apart */
+    d->bytes.ids = (double)(total - d->scnt[d->grank] - dp) * sizeof(int64_t);
+    d->bytes.dp = (double)dp * sizeof(int64_t);
     /* assemble: shard k's bags over the global batch, sources in rank order */
     const int G = d->G, K = d->nmine;
     int64_t nids = 0;
@@ -588,11 +594,15 @@ static em_status backward_dist(em_dist *d, const em_batch *b, em_pool *pool) {
             hits[s] += x;
         }
     }
-    int64_t total = 0;
+    int64_t total = 0, dpb = 0;
     for (int q = 0; q < W; q++) {
         int64_t n = 0;
-        for (int s = 0; s < d->nsh; s++)
-            if (holds(d, q, s)) n += (int64_t)block_bytes(d, d->sh[s].type == EM_SHARD_ROW, B, hits[s]);
+        for (int s = 0; s < d->nsh; s++) {
+            if (!holds(d, q, s)) continue;
+            const int64_t m = (int64_t)block_bytes(d, d->sh[s].type == EM_SHARD_ROW, B, hits[s]);
+            n += m;
+            if (d->sh[s].type == EM_SHARD_DATA && q != d->grank) dpb += m;
+        }
         if (n > INT32_MAX) {
             em_free(hits);
             return em_errorf(EM_ERR_UNSUPPORTED, "dist: gradient exchange over 2 GiB for one rank");
@@ -612,7 +622,8 @@ static em_status backward_dist(em_dist *d, const em_batch *b, em_pool *pool) {
                           scale + (size_t)t * B);
         }
     em_free(hits);
-    d->bytes.grads = (double)(total - d->scnt[d->grank]);
+    d->bytes.grads = (double)(total - d->scnt[d->grank] - dpb);
+    d->bytes.dp += (double)dpb;
     if ((st = plan_exchange(d, 1))) return st;
     exchange(d, MPI_BYTE);
     if (!K || !G) return EM_OK;
@@ -726,7 +737,7 @@ em_status em_dist_forward(em_dist *d, const em_batch *local, float *logits, em_p
     em_status st = agree(check_local(d, local));
     if (st || (st = agree(input_dist(d, local))) || (st = agree(pool_and_output_dist(d, local, pool)))) return st;
     if (local && local->B) st = em_dlrm_forward_with(d->m, local, d->pooled.p, logits, pool);
-    d->bytes.total = d->bytes.ids + d->bytes.pooled;
+    d->bytes.total = d->bytes.ids + d->bytes.pooled + d->bytes.dp;
     return agree(st);
 }
 
@@ -768,7 +779,7 @@ em_status em_dist_train_step(em_dist *d, const em_batch *local, double *loss, em
         em_free(all);
         *loss = d->Gw ? s / (double)d->Gw : 0.0;
     }
-    d->bytes.total = d->bytes.ids + d->bytes.pooled + d->bytes.grads + d->bytes.allreduce + d->bytes.sync;
+    d->bytes.total = d->bytes.ids + d->bytes.pooled + d->bytes.grads + d->bytes.dp + d->bytes.allreduce + d->bytes.sync;
     return EM_OK;
 }
 
@@ -806,8 +817,14 @@ static size_t state_per_row(const em_dist *d) {
 /* Table t's shards to rank 0 into w (rows x D) and state (rows x spr), from replica
  * group 0 (whose ranks are 0 .. G-1, so a holder's group rank is its world rank); or,
  * with to_root = 0, from rank 0 out to their holders in every replica group. */
-static void move_table(em_dist *d, int t, float *w, float *state, int to_root) {
+static em_status move_table(em_dist *d, int t, float *w, float *state, int to_root) {
     const size_t D = (size_t)d->D, spr = state_per_row(d);
+    /* rank 0 stages row-wise shards (every G-th row) in a contiguous buffer */
+    size_t most = 0;
+    for (int s = 0; s < d->nsh; s++)
+        if (d->sh[s].t == t && d->sh[s].stride > 1 && (size_t)d->sh[s].rows * (D + spr) > most) most = (size_t)d->sh[s].rows * (D + spr);
+    em_status st = d->rank == 0 && most ? grow(&d->tmp, most * sizeof(float)) : EM_OK;
+    if ((st = agree(st))) return st;
     for (int s = 0; s < d->nsh; s++) {
         const shard *h = &d->sh[s];
         if (h->t != t || h->rows == 0) continue;
@@ -816,6 +833,18 @@ static void move_table(em_dist *d, int t, float *w, float *state, int to_root) {
         float *ls = k >= 0 && spr ? em_embbag_state(d->emb, k, NULL) : NULL;
         const size_t nw = (size_t)h->rows * D, ns = (size_t)h->rows * spr;
         float *gw = w ? w + (size_t)h->row0 * D : NULL, *gs = state ? state + (size_t)h->row0 * spr : NULL;
+        float *const gw0 = gw, *const gs0 = gs; /* strided: local row j is global row row0 + j stride */
+        const size_t str = (size_t)h->stride;
+        if (d->rank == 0 && str > 1) {
+            float *tw = d->tmp.p, *ts = tw + nw;
+            if (!to_root) {
+                for (size_t j = 0; j < (size_t)h->rows; j++) {
+                    memcpy(tw + j * D, gw0 + j * str * D, D * sizeof(float));
+                    if (gs0 && spr) memcpy(ts + j * spr, gs0 + j * str * spr, spr * sizeof(float));
+                }
+            }
+            gw = tw, gs = gs0 ? ts : NULL;
+        }
         const int src = h->holder < 0 ? 0 : h->holder;
         if (to_root) {
             if (src == 0) {
@@ -861,12 +890,19 @@ static void move_table(em_dist *d, int t, float *w, float *state, int to_root) {
                 }
             }
         }
+        if (d->rank == 0 && str > 1 && to_root)
+            for (size_t j = 0; j < (size_t)h->rows; j++) {
+                memcpy(gw0 + j * str * D, gw + j * D, D * sizeof(float));
+                if (gs0 && spr) memcpy(gs0 + j * str * spr, gs + j * spr, spr * sizeof(float));
+            }
     }
+    return EM_OK;
 }
 
 em_status em_dist_gather_table(em_dist *d, int t, float *w, float *state) {
     if (t < 0 || t >= d->T) return em_errorf(EM_ERR_INVALID, "dist: no table %d", t);
-    move_table(d, t, w, state, 1);
+    em_status st = move_table(d, t, w, state, 1);
+    if (st) return st;
     const size_t rows = (size_t)d->cfg.model.rows[t];
     bcast_floats(w, rows * (size_t)d->D, 0);
     if (state && state_per_row(d)) bcast_floats(state, rows * state_per_row(d), 0);
@@ -888,7 +924,10 @@ em_status em_dist_save(em_dist *d, const char *path, const em_st_meta *extra, in
             w = em_dlrm_param(full, name, 0, NULL);
             s = state_per_row(d) ? em_embbag_state(em_dlrm_embbag(full), t, NULL) : NULL;
         }
-        move_table(d, t, w, s, 1);
+        if ((st = move_table(d, t, w, s, 1))) {
+            em_dlrm_free(full);
+            return st;
+        }
     }
     if (d->rank == 0) {
         size_t n, nf;
@@ -944,7 +983,11 @@ em_status em_dist_load(em_dist **out, const em_dist_cfg *cfg, const char *path, 
             w = em_dlrm_param(full, name, 0, NULL);
             s = state_per_row(d) ? em_embbag_state(em_dlrm_embbag(full), t, NULL) : NULL;
         }
-        move_table(d, t, w, s, 0);
+        if ((st = move_table(d, t, w, s, 0))) {
+            em_dlrm_free(full);
+            em_dist_free(d);
+            return st;
+        }
     }
     long long step = d->rank == 0 ? (long long)em_dlrm_step_count(full) : 0;
     MPI_Bcast(&step, 1, MPI_LONG_LONG, 0, MPI_COMM_WORLD);

@@ -220,9 +220,13 @@ em_status em_dist_train_run(const em_train_cfg *cfg, em_dist_opts *o, em_pool *p
     if (o->sharding == EM_SHARD_AUTO) {
         em_plan *p = NULL;
         if ((st = agree(em_dist_plan(&o->place, s.world, cfg->batch, &p)))) return st;
-        o->predicted_send_bytes = 0;
-        for (int q = 0; q < p->group; q++)
-            if (p->ranks[q].send_bytes > o->predicted_send_bytes) o->predicted_send_bytes = p->ranks[q].send_bytes;
+        o->plan_allreduce = p->allreduce_bytes;
+        if (s.rank == 0) {
+            o->plan_send = em_calloc((size_t)p->group, sizeof(double));
+            o->plan_recv = em_calloc((size_t)p->group, sizeof(double));
+            for (int q = 0; q < p->group && o->plan_send && o->plan_recv; q++)
+                o->plan_send[q] = p->ranks[q].send_bytes, o->plan_recv[q] = p->ranks[q].recv_bytes;
+        }
         em_plan_free(p);
     } else {
         const int g = o->group > 0 ? o->group : s.world;
@@ -249,7 +253,8 @@ em_status em_dist_train_run(const em_train_cfg *cfg, em_dist_opts *o, em_pool *p
     slice(n, s.rank, s.world, &s.lo, &s.hi);
     const em_dlrm_cfg *mc = &o->place.model;
     s.t0 = em_now();
-    double last_progress = s.t0, loss_sum = 0, last_loss = NAN, bytes_sum = 0;
+    double last_progress = s.t0, loss_sum = 0, last_loss = NAN;
+    em_dist_bytes bsum = {0};
     int64_t loss_n = 0, steps_run = 0;
     int stop = 0;
     for (; s.epoch < cfg->epochs && !stop; s.epoch++, s.slice_pos = 0) {
@@ -269,7 +274,9 @@ em_status em_dist_train_run(const em_train_cfg *cfg, em_dist_opts *o, em_pool *p
             if ((st = em_dist_train_step(s.d, b, &loss, pool))) goto done;
             em_dist_bytes by;
             em_dist_last_bytes(s.d, &by);
-            bytes_sum += by.total, steps_run++;
+            bsum.ids += by.ids, bsum.pooled += by.pooled, bsum.grads += by.grads, bsum.dp += by.dp;
+            bsum.allreduce += by.allreduce, bsum.sync += by.sync, bsum.total += by.total;
+            steps_run++;
             if (b) s.slice_pos = b->end_pos - s.lo;
             int g = b ? b->B : 0, gsum = 0;
             MPI_Allreduce(&g, &gsum, 1, MPI_INT, MPI_SUM, MPI_COMM_WORLD);
@@ -319,7 +326,16 @@ em_status em_dist_train_run(const em_train_cfg *cfg, em_dist_opts *o, em_pool *p
     res->examples = s.examples;
     res->train_s = s.train_s;
     res->examples_per_s = s.train_s > 0 ? (double)s.examples / s.train_s : 0;
-    o->bytes_per_step = steps_run ? bytes_sum / (double)steps_run : 0;
+    if (steps_run) {
+        const double k = 1.0 / (double)steps_run;
+        o->mean_bytes = (em_dist_bytes){bsum.ids * k, bsum.pooled * k, bsum.grads * k, bsum.dp * k, bsum.allreduce * k,
+                                        bsum.sync * k, bsum.total * k};
+    }
+    if (s.rank == 0 && !(o->rank_bytes = em_calloc((size_t)s.world, sizeof(em_dist_bytes))))
+        st = em_errorf(EM_ERR_NOMEM, "dist: out of memory");
+    if ((st = agree(st))) goto done;
+    MPI_Gather(&o->mean_bytes, (int)sizeof(em_dist_bytes), MPI_BYTE, o->rank_bytes, (int)sizeof(em_dist_bytes), MPI_BYTE, 0,
+               MPI_COMM_WORLD);
     if ((st = em_dist_sync(s.d))) goto done; /* 2D: the replicas' average is the model */
     if (cfg->out_dir) {
         if ((st = checkpoint(&s))) goto done;

@@ -264,26 +264,31 @@ void em_embbag_init_uniform(em_embbag *e, uint64_t seed, em_pool *pool) {
     em_pool_run(pool, init_task, &a);
 }
 
-/* A shard: rows [row0, row0 + rows[t]) and columns [col0, col0 + D) of a table
- * t_global of rows_global x dim_global, drawn exactly as em_embbag_init_uniform draws
- * that table whole: each init chunk's stream is replayed from its start. */
+/* A shard: rows row0, row0 + stride, ... (rows[t] of them) and columns
+ * [col0, col0 + D) of a table t_global of rows_global x dim_global, drawn exactly as
+ * em_embbag_init_uniform draws that table whole: each init chunk holding one of the
+ * rows is replayed from its start. */
 void em_embbag_init_uniform_shard(em_embbag *e, int t, uint64_t seed, int t_global, int64_t rows_global,
-                                  int64_t row0, int col0, int dim_global) {
-    const size_t D = (size_t)e->D, DG = (size_t)dim_global;
+                                  int64_t row0, int64_t stride, int col0, int dim_global) {
+    const size_t D = (size_t)e->D, DG = (size_t)dim_global, str = (size_t)(stride > 0 ? stride : 1);
     const tbl *tb = &e->tabs[t];
+    if (tb->rows <= 0) return;
     const uint64_t tseed = em_mix64(seed ^ (0x9e3779b97f4a7c15ull * (uint64_t)(t_global + 1)));
     const double bound = sqrt(1.0 / (double)rows_global);
-    const size_t g0 = (size_t)row0, g1 = g0 + (size_t)tb->rows;
-    for (size_t cl = g0 / INIT_CHUNK_ROWS; cl * INIT_CHUNK_ROWS < g1; cl++) {
+    const size_t g0 = (size_t)row0, glast = g0 + ((size_t)tb->rows - 1) * str;
+    for (size_t cl = g0 / INIT_CHUNK_ROWS; cl * INIT_CHUNK_ROWS <= glast; cl++) {
         em_rng r;
         em_rng_seed(&r, em_mix64(tseed + cl));
         size_t c0 = cl * INIT_CHUNK_ROWS, c1 = c0 + INIT_CHUNK_ROWS;
         if (c1 > (size_t)rows_global) c1 = (size_t)rows_global;
-        for (size_t g = c0; g < c1 && g < g1; g++)
+        for (size_t g = c0; g < c1 && g <= glast; g++) {
+            const int mine = g >= g0 && (g - g0) % str == 0;
             for (size_t d = 0; d < DG; d++) {
                 float v = (float)(-bound + 2.0 * bound * em_rng_uniform(&r));
-                if (g >= g0 && d >= (size_t)col0 && d < (size_t)col0 + D) e->w[tb->woff + (g - g0) * D + (d - (size_t)col0)] = v;
+                if (mine && d >= (size_t)col0 && d < (size_t)col0 + D)
+                    e->w[tb->woff + (g - g0) / str * D + (d - (size_t)col0)] = v;
             }
+        }
     }
 }
 

@@ -389,6 +389,7 @@ static void test_bytes(void) {
     size_t n;
     em_dlrm_dense_block(em_dist_dense(d), 1, &n);
     if (g_world > 1) CHECK(by.allreduce > 0 && by.allreduce <= 2.0 * 4.0 * (double)n);
+    CHECK(by.dp == 0 && by.sync == 0);
     CHECK_NEAR(by.total, by.ids + by.pooled + by.grads + by.allreduce, 0.5);
     em_dist_free(d);
     /* row-wise: a block carries only the bags with an id in it (at most 3 ids a bag
