@@ -11,6 +11,7 @@
  *   EM_SHARD_TABLE  the whole table on one rank (owner[t]);
  *   EM_SHARD_ROW    rows dealt out cyclically: row r on rank r mod N (as its local row r / N),
  *                   so hot ids, often the low rows, spread evenly;
+ *   EM_SHARD_COLUMN the columns cut into pieces, each piece (all rows) on one rank;
  *   EM_SHARD_DATA   a replica on every rank (small tables).
  * A step: (1) input all-to-all: each rank sends every bag's ids to the ranks holding
  * them (row-wise: each id to its block's rank, as a local row); (2) each rank pools its
@@ -70,6 +71,10 @@ typedef struct {
      * group = 0 or N: plain 1D. */
     int group;
     int sync_every;
+    /* EM_SHARD_COLUMN: the table's columns in pieces of col_width (dividing D; 0 = D/2),
+     * piece j on rank (owner + j) mod G. Not with row-wise AdaGrad (its accumulator
+     * spans the row). */
+    int col_width;
 } em_dist_cfg;
 
 /* A placement for cfg->model over `world` ranks (in groups of cfg->group for 2D) from

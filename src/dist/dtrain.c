@@ -91,6 +91,7 @@ typedef struct {
     int holder;       /* rank; -1: every rank (data-parallel) */
     int64_t row0, rows;   /* global rows row0, row0 + stride, ... (rows of them) */
     int64_t stride;       /* 1; row-wise: G (row r lives on rank r mod G, as local row r / G) */
+    int col0, cols;       /* columns held: all (0, D), or a column-wise piece */
 } shard;
 
 /* A growable buffer. */
@@ -110,7 +111,10 @@ struct em_dist {
     int nsh;
     int *mine, nmine;      /* indices of this rank's shards (data-parallel ones included) */
     int *held_by;          /* [world * nsh]: held_by[q * nsh + s] = rank q holds shard s */
-    em_embbag *emb;        /* this rank's shards as tables, in `mine` order */
+    em_embbag *emb;        /* this rank's shards but column-wise pieces, as tables, in `mine` order */
+    em_embbag *embc;       /* this rank's column-wise pieces (dim = the piece width) */
+    int kn, kc;            /* mine[0 .. kn) are in emb, mine[kn .. kn + kc) in embc */
+    int cw;                /* column-wise piece width */
     int64_t step;
     int64_t synced_step;   /* 2D: the step at which the replicas were last averaged */
 
@@ -123,7 +127,8 @@ struct em_dist {
     int *scnt, *sdis, *rcnt, *rdis; /* [N] MPI counts and displacements */
     buf sbuf, rbuf;
     buf gidx, goff;        /* the global batch's bags over my shards (int64) */
-    buf gout;              /* (G, nmine, D) pooled over my shards; then the gradient */
+    buf gout;              /* (G, kn, D) pooled over my shards; then the gradient */
+    buf goutc, goffc;      /* (G, kc, cw) the same for column-wise pieces; their offsets rebased */
     buf hit, scale;        /* row-wise block membership (bytes), mean-pooling factors */
     buf tmp;               /* rank 0: a row-wise shard in transit (checkpoints) */
     buf pooled, dpooled;   /* (B, T, D) this rank's examples */
@@ -167,15 +172,20 @@ static em_status check_cfg(const em_dist_cfg *c, int world) {
     if (c->model.tables.kind != EM_TABLES_DENSE)
         return em_errorf(EM_ERR_UNSUPPORTED, "dist: only dense tables can be sharded (not %s)",
                          em_table_kind_name(c->model.tables.kind));
+    const int cw = c->col_width > 0 ? c->col_width : (c->model.dim > 1 ? c->model.dim / 2 : 1);
+    if (c->model.dim % cw != 0)
+        return em_errorf(EM_ERR_INVALID, "dist: column piece width %d does not divide D = %d", cw, c->model.dim);
     if (c->prec != EM_COMM_FP32 && c->prec != EM_COMM_FP16 && c->prec != EM_COMM_BF16)
         return em_errorf(EM_ERR_INVALID, "dist: unknown communication precision %d", (int)c->prec);
     for (int t = 0; t < c->model.num_tables; t++) {
         const em_shard_type ty = c->type[t];
-        if (ty == EM_SHARD_COLUMN)
-            return em_errorf(EM_ERR_UNSUPPORTED, "dist: table %d: column-wise sharding is not supported yet", t);
-        if (ty != EM_SHARD_TABLE && ty != EM_SHARD_ROW && ty != EM_SHARD_DATA)
+        if (ty == EM_SHARD_COLUMN && c->model.sparse_opt.kind == EM_OPT_ROWWISE_ADAGRAD)
+            return em_errorf(EM_ERR_UNSUPPORTED,
+                             "dist: table %d: column-wise sharding with row-wise AdaGrad (its accumulator spans the whole row); "
+                             "use sgd or adagrad, or another sharding", t);
+        if (ty != EM_SHARD_TABLE && ty != EM_SHARD_ROW && ty != EM_SHARD_DATA && ty != EM_SHARD_COLUMN)
             return em_errorf(EM_ERR_INVALID, "dist: table %d: no sharding type", t);
-        if (ty == EM_SHARD_TABLE && (c->owner[t] < 0 || c->owner[t] >= G))
+        if ((ty == EM_SHARD_TABLE || ty == EM_SHARD_COLUMN) && (c->owner[t] < 0 || c->owner[t] >= G))
             return em_errorf(EM_ERR_INVALID, "dist: table %d: owner rank %d not in [0, %d) (the group)", t, c->owner[t], G);
     }
     return EM_OK;
@@ -184,7 +194,9 @@ static em_status check_cfg(const em_dist_cfg *c, int world) {
 static em_status make_shards(em_dist *d) {
     const em_dlrm_cfg *mc = &d->cfg.model;
     int n = 0;
-    for (int t = 0; t < d->T; t++) n += d->cfg.type[t] == EM_SHARD_ROW ? d->gsize : 1;
+    d->cw = d->cfg.col_width > 0 ? d->cfg.col_width : (d->D > 1 ? d->D / 2 : 1);
+    const int npieces = d->D / d->cw;
+    for (int t = 0; t < d->T; t++) n += d->cfg.type[t] == EM_SHARD_ROW ? d->gsize : d->cfg.type[t] == EM_SHARD_COLUMN ? npieces : 1;
     d->sh = em_calloc((size_t)n, sizeof(shard));
     d->mine = em_calloc((size_t)n, sizeof(int));
     d->held_by = em_calloc((size_t)n * (size_t)d->gsize, sizeof(int));
@@ -197,16 +209,26 @@ static em_status make_shards(em_dist *d) {
             /* cyclic: row r on rank r mod G, so hot ids (often the low rows) spread evenly */
             const int64_t Gs = d->gsize;
             for (int p = 0; p < d->gsize; p++, s++)
-                d->sh[s] = (shard){t, EM_SHARD_ROW, p, p, R > p ? (R - p + Gs - 1) / Gs : 0, Gs};
-        } else {
-            d->sh[s++] = (shard){t, d->cfg.type[t], d->cfg.type[t] == EM_SHARD_DATA ? -1 : d->cfg.owner[t], 0, R, 1};
+                d->sh[s] = (shard){t, EM_SHARD_ROW, p, p, R > p ? (R - p + Gs - 1) / Gs : 0, Gs, 0, d->D};
+        } else if (d->cfg.type[t] != EM_SHARD_COLUMN) {
+            d->sh[s++] = (shard){t, d->cfg.type[t], d->cfg.type[t] == EM_SHARD_DATA ? -1 : d->cfg.owner[t], 0, R, 1, 0, d->D};
         }
     }
+    /* column-wise pieces last, so every rank's own shards are [others, pieces] in shard
+     * order: piece j of table t (columns j w .. j w + w) on rank (owner + j) mod G */
+    for (int t = 0; t < d->T; t++)
+        if (d->cfg.type[t] == EM_SHARD_COLUMN)
+            for (int j = 0; j < npieces; j++)
+                d->sh[s++] = (shard){t, EM_SHARD_COLUMN, (d->cfg.owner[t] + j) % d->gsize, 0, mc->rows[t], 1, j * d->cw, d->cw};
     for (s = 0; s < n; s++)
         for (int q = 0; q < d->gsize; q++) d->held_by[(size_t)q * n + s] = d->sh[s].holder < 0 || d->sh[s].holder == q;
-    d->nmine = 0;
+    d->nmine = d->kn = d->kc = 0;
     for (s = 0; s < n; s++)
-        if (holds(d, d->grank, s)) d->mine[d->nmine++] = s;
+        if (holds(d, d->grank, s)) {
+            d->mine[d->nmine++] = s;
+            if (d->sh[s].type == EM_SHARD_COLUMN) d->kc++;
+            else d->kn++;
+        }
     return EM_OK;
 }
 
@@ -229,20 +251,22 @@ static em_status create_local(em_dist *d, const em_dist_cfg *cfg) {
     for (int t = 0; t < d->T; t++) dc.rows[t] = 1;
     if ((st = em_dlrm_create(&d->m, &dc, NULL))) return st;
     em_dlrm_release_tables(d->m);
-    /* this rank's shards */
+    /* this rank's shards: the others in emb (dim D), column-wise pieces in embc (dim cw) */
     int64_t *rows = em_malloc((size_t)(d->nmine ? d->nmine : 1) * sizeof(int64_t));
     if (!rows) return em_errorf(EM_ERR_NOMEM, "dist: out of memory");
     for (int k = 0; k < d->nmine; k++) rows[k] = d->sh[d->mine[k]].rows > 0 ? d->sh[d->mine[k]].rows : 1;
-    em_embbag_cfg ec = {.num_tables = d->nmine, .rows = rows, .dim = d->D, .pooling = EM_POOL_SUM,
-                        .opt = d->cfg.model.sparse_opt};
-    if (d->nmine) st = em_embbag_create(&d->emb, &ec);
+    em_embbag_cfg ec = {.num_tables = d->kn, .rows = rows, .dim = d->D, .pooling = EM_POOL_SUM, .opt = d->cfg.model.sparse_opt};
+    if (d->kn) st = em_embbag_create(&d->emb, &ec);
+    em_embbag_cfg ecc = {.num_tables = d->kc, .rows = rows + d->kn, .dim = d->cw, .pooling = EM_POOL_SUM,
+                         .opt = d->cfg.model.sparse_opt};
+    if (!st && d->kc) st = em_embbag_create(&d->embc, &ecc);
     em_free(rows);
     if (st) return st;
     for (int k = 0; k < d->nmine; k++) {
         const shard *h = &d->sh[d->mine[k]];
         if (h->rows > 0)
-            em_embbag_init_uniform_shard(d->emb, k, cfg->model.seed, h->t, cfg->model.rows[h->t], h->row0, h->stride, 0,
-                                         d->D);
+            em_embbag_init_uniform_shard(k < d->kn ? d->emb : d->embc, k < d->kn ? k : k - d->kn, cfg->model.seed, h->t,
+                                         cfg->model.rows[h->t], h->row0, h->stride, h->col0, d->D);
     }
     const size_t W = (size_t)d->world;
     d->Bw = em_calloc(W, sizeof(int));
@@ -272,11 +296,12 @@ void em_dist_free(em_dist *d) {
     if (!d) return;
     em_dlrm_free(d->m);
     em_embbag_free(d->emb);
+    em_embbag_free(d->embc);
     em_free(d->sh), em_free(d->mine), em_free(d->held_by);
     if (d->gcomm != MPI_COMM_NULL && d->gcomm) MPI_Comm_free(&d->gcomm);
     if (d->rcomm != MPI_COMM_NULL && d->rcomm) MPI_Comm_free(&d->rcomm);
     em_free(d->Bw), em_free(d->Bs), em_free(d->boff), em_free(d->scnt), em_free(d->sdis), em_free(d->rcnt), em_free(d->rdis);
-    buf *bs[] = {&d->sbuf, &d->rbuf, &d->gidx, &d->goff, &d->gout, &d->pooled, &d->dpooled, &d->red, &d->hit, &d->scale, &d->tmp};
+    buf *bs[] = {&d->sbuf, &d->rbuf, &d->gidx, &d->goff, &d->gout, &d->pooled, &d->dpooled, &d->red, &d->hit, &d->scale, &d->tmp, &d->goutc, &d->goffc};
     for (size_t i = 0; i < sizeof bs / sizeof bs[0]; i++) em_free(bs[i]->p);
     em_free(d);
 }
@@ -289,6 +314,7 @@ void em_dist_set_lr(em_dist *d, float dense_lr, float sparse_lr) {
     em_dlrm_set_lr(d->m, dense_lr, sparse_lr);
     d->cfg.model.dense_opt.lr = dense_lr, d->cfg.model.sparse_opt.lr = sparse_lr;
     if (d->emb) em_embbag_set_lr(d->emb, sparse_lr);
+    if (d->embc) em_embbag_set_lr(d->embc, sparse_lr);
 }
 
 /* ------------------------------------------------------------ exchanges */
@@ -433,19 +459,20 @@ static void add_vals(const em_dist *d, float *dst, const void *src, size_t n) {
     }
 }
 
-/* A block of vectors for n examples. A row-wise block starts with an int32: -1 = dense
- * (the n vectors follow), else the count of (int32 example, vector) entries that follow:
- * only the examples whose bag has an id in that block of rows, whichever is smaller
- * (docs/PLANNER.md's row-wise model). Other blocks are the n vectors. */
-static size_t block_bytes(const em_dist *d, int row, int n, int hits) {
-    const size_t vb = (size_t)d->D * elem_bytes(d), dense = (size_t)n * vb, sparse = (size_t)hits * (4 + vb);
+/* A block of vectors (dim floats each: D, or a column-wise piece's width) for n
+ * examples. A row-wise block starts with an int32: -1 = dense (the n vectors follow),
+ * else the count of (int32 example, vector) entries that follow: only the examples
+ * whose bag has an id in that block of rows, whichever is smaller (docs/PLANNER.md's
+ * row-wise model). Other blocks are the n vectors. */
+static size_t block_bytes(const em_dist *d, int row, int n, int hits, int dim) {
+    const size_t vb = (size_t)dim * elem_bytes(d), dense = (size_t)n * vb, sparse = (size_t)hits * (4 + vb);
     return row ? 4 + (sparse < dense ? sparse : dense) : dense;
 }
 
 /* Vector e is src + e * stride (scaled by scale[e] when scale). */
-static char *put_block(const em_dist *d, char *o, int row, int n, const uint8_t *hit, int hits, const float *src,
+static char *put_block(const em_dist *d, char *o, int row, int n, const uint8_t *hit, int hits, int dim, const float *src,
                        size_t stride, const float *scale) {
-    const size_t D = (size_t)d->D, vb = D * elem_bytes(d);
+    const size_t vb = (size_t)dim * elem_bytes(d);
     const int sparse = row && (size_t)hits * (4 + vb) < (size_t)n * vb;
     if (row) {
         int32_t h = sparse ? hits : -1;
@@ -459,48 +486,76 @@ static char *put_block(const em_dist *d, char *o, int row, int n, const uint8_t 
             memcpy(o, &x, 4);
             o += 4;
         }
-        put_vals(d, o, src + (size_t)e * stride, D, scale ? scale[e] : 1.0f);
+        put_vals(d, o, src + (size_t)e * stride, (size_t)dim, scale ? scale[e] : 1.0f);
         o += vb;
     }
     return o;
 }
 
 /* Adds a block's vectors into dst + e * stride; returns the end of the block. */
-static const char *add_block(const em_dist *d, const char *q, int row, int n, float *dst, size_t stride) {
-    const size_t D = (size_t)d->D, vb = D * elem_bytes(d);
+static const char *add_block(const em_dist *d, const char *q, int row, int n, int dim, float *dst, size_t stride) {
+    const size_t vb = (size_t)dim * elem_bytes(d);
     int32_t h = -1;
     if (row) {
         memcpy(&h, q, 4);
         q += 4;
     }
     if (h < 0) {
-        for (int e = 0; e < n; e++, q += vb) add_vals(d, dst + (size_t)e * stride, q, D);
+        for (int e = 0; e < n; e++, q += vb) add_vals(d, dst + (size_t)e * stride, q, (size_t)dim);
         return q;
     }
     for (int32_t j = 0; j < h; j++) {
         int32_t e;
         memcpy(&e, q, 4);
-        add_vals(d, dst + (size_t)e * stride, q + 4, D);
+        add_vals(d, dst + (size_t)e * stride, q + 4, (size_t)dim);
         q += 4 + vb;
     }
     return q;
 }
 
+/* Where my shard k's pooled vector (or its gradient) of global example g lives: emb's
+ * (G, kn, D) buffer or embc's (G, kc, cw); *stride is the step between examples. */
+static float *vec_of(em_dist *d, int k, int64_t g, size_t *stride) {
+    if (k < d->kn) {
+        *stride = (size_t)d->kn * (size_t)d->D;
+        return (float *)d->gout.p + ((size_t)g * d->kn + (size_t)k) * (size_t)d->D;
+    }
+    *stride = (size_t)d->kc * (size_t)d->cw;
+    return (float *)d->goutc.p + ((size_t)g * d->kc + (size_t)(k - d->kn)) * (size_t)d->cw;
+}
+
+/* The global batch's bags of my column-wise pieces, their offsets rebased to 0. */
+static em_status column_offsets(em_dist *d) {
+    const size_t n = (size_t)d->kc * (size_t)d->G;
+    em_status st = grow(&d->goffc, (n + 1) * sizeof(int64_t));
+    if (st) return st;
+    const int64_t *goff = (const int64_t *)d->goff.p + (size_t)d->kn * (size_t)d->G;
+    int64_t *c = d->goffc.p;
+    for (size_t u = 0; u <= n; u++) c[u] = goff[u] - goff[0];
+    return EM_OK;
+}
+
 /* Steps 2-3: pool this rank's shards over the global batch, send each example's
  * vectors to its rank, assemble pooled (B, T, D) there (row-wise: partial sums added
- * in block order; data-parallel: this rank's own pooling; mean: divided by the bag size). */
+ * in block order; column-wise: pieces in their columns; data-parallel: this rank's own
+ * pooling; mean: divided by the bag size). */
 static em_status pool_and_output_dist(em_dist *d, const em_batch *b, em_pool *pool) {
     const int W = d->gsize, K = d->nmine, G = d->G, B = b ? b->B : 0;
     const size_t D = (size_t)d->D;
-    em_status st = grow(&d->gout, (size_t)(G ? G : 1) * (size_t)(K ? K : 1) * D * sizeof(float));
+    em_status st = grow(&d->gout, (size_t)(G ? G : 1) * (size_t)(d->kn ? d->kn : 1) * D * sizeof(float));
+    if (!st) st = grow(&d->goutc, (size_t)(G ? G : 1) * (size_t)(d->kc ? d->kc : 1) * (size_t)d->cw * sizeof(float));
     if (st) return st;
-    float *gout = d->gout.p;
-    if (K && G && (st = em_embbag_forward(d->emb, gout, d->gidx.p, d->goff.p, NULL, G, pool))) return st;
-    /* hit[q][k][e]: example e of rank q has an id in my shard k (row-wise blocks) */
+    const int64_t *goff = d->goff.p, *gidx = d->gidx.p;
+    if (d->kn && G && (st = em_embbag_forward(d->emb, d->gout.p, gidx, goff, NULL, G, pool))) return st;
+    if (d->kc && G) {
+        if ((st = column_offsets(d))) return st;
+        const int64_t base = goff[(size_t)d->kn * G];
+        if ((st = em_embbag_forward(d->embc, d->goutc.p, gidx + base, d->goffc.p, NULL, G, pool))) return st;
+    }
+    /* hit[k][g]: global example g has an id in my shard k (row-wise blocks) */
     size_t nhit = (size_t)K * (size_t)G;
     if ((st = grow(&d->hit, nhit ? nhit : 1))) return st;
     uint8_t *hit = d->hit.p;
-    const int64_t *goff = d->goff.p;
     int64_t total = 0;
     for (int q = 0; q < W; q++) {
         int64_t n = 0;
@@ -513,7 +568,7 @@ static em_status pool_and_output_dist(em_dist *d, const em_batch *b, em_pool *po
                 hit[u] = goff[u + 1] > goff[u];
                 hits += hit[u];
             }
-            n += (int64_t)block_bytes(d, h->type == EM_SHARD_ROW, d->Bs[q], hits);
+            n += (int64_t)block_bytes(d, h->type == EM_SHARD_ROW, d->Bs[q], hits, h->cols);
         }
         if (n > INT32_MAX) return em_errorf(EM_ERR_UNSUPPORTED, "dist: pooled exchange over 2 GiB for one rank");
         d->scnt[q] = (int)n, total += n;
@@ -527,8 +582,9 @@ static em_status pool_and_output_dist(em_dist *d, const em_batch *b, em_pool *po
             const uint8_t *hq = hit + (size_t)k * G + (size_t)d->boff[q];
             int hits = 0;
             for (int e = 0; e < d->Bs[q]; e++) hits += hq[e];
-            o = put_block(d, o, h->type == EM_SHARD_ROW, d->Bs[q], hq, hits, gout + ((size_t)d->boff[q] * K + (size_t)k) * D,
-                          (size_t)K * D, NULL);
+            size_t stride;
+            const float *src = vec_of(d, k, d->boff[q], &stride);
+            o = put_block(d, o, h->type == EM_SHARD_ROW, d->Bs[q], hq, hits, h->cols, src, stride, NULL);
         }
     d->bytes.pooled = (double)(total - d->scnt[d->grank]);
     if ((st = plan_exchange(d, 1))) return st;
@@ -540,16 +596,17 @@ static em_status pool_and_output_dist(em_dist *d, const em_batch *b, em_pool *po
     for (int p = 0; p < W; p++) { /* source p's shards, in shard order */
         const char *q = (const char *)d->rbuf.p + d->rdis[p];
         for (int s = 0; s < d->nsh; s++) {
-            if (!holds(d, p, s) || d->sh[s].type == EM_SHARD_DATA) continue;
-            q = add_block(d, q, d->sh[s].type == EM_SHARD_ROW, B, pooled + (size_t)d->sh[s].t * D, TD);
+            const shard *h = &d->sh[s];
+            if (!holds(d, p, s) || h->type == EM_SHARD_DATA) continue;
+            q = add_block(d, q, h->type == EM_SHARD_ROW, B, h->cols, pooled + (size_t)h->t * D + (size_t)h->col0, TD);
         }
     }
     for (int k = 0; k < K; k++) { /* data-parallel tables: my own pooling, exact */
         const shard *h = &d->sh[d->mine[k]];
         if (h->type != EM_SHARD_DATA) continue;
-        for (int e = 0; e < B; e++)
-            memcpy(pooled + (size_t)e * TD + (size_t)h->t * D, gout + ((size_t)(d->boff[d->grank] + e) * K + (size_t)k) * D,
-                   D * sizeof(float));
+        size_t stride;
+        const float *src = vec_of(d, k, d->boff[d->grank], &stride);
+        for (int e = 0; e < B; e++) memcpy(pooled + (size_t)e * TD + (size_t)h->t * D, src + (size_t)e * stride, D * sizeof(float));
     }
     if (d->cfg.model.pooling == EM_POOL_MEAN)
         for (int t = 0; t < d->T; t++)
@@ -564,8 +621,9 @@ static em_status pool_and_output_dist(em_dist *d, const em_batch *b, em_pool *po
     return EM_OK;
 }
 
-/* Steps 5-6: d loss / d pooled (already weighted) to every holder of each table; the
- * holders' fused sparse update over the global batch. */
+/* Steps 5-6: d loss / d pooled (already weighted) to every holder of each table (a
+ * column-wise piece gets its columns); the holders' fused sparse update over the
+ * global batch. */
 static em_status backward_dist(em_dist *d, const em_batch *b, em_pool *pool) {
     const int W = d->gsize, K = d->nmine, G = d->G, B = b ? b->B : 0;
     const size_t D = (size_t)d->D, TD = (size_t)d->T * D;
@@ -599,7 +657,7 @@ static em_status backward_dist(em_dist *d, const em_batch *b, em_pool *pool) {
         int64_t n = 0;
         for (int s = 0; s < d->nsh; s++) {
             if (!holds(d, q, s)) continue;
-            const int64_t m = (int64_t)block_bytes(d, d->sh[s].type == EM_SHARD_ROW, B, hits[s]);
+            const int64_t m = (int64_t)block_bytes(d, d->sh[s].type == EM_SHARD_ROW, B, hits[s], d->sh[s].cols);
             n += m;
             if (d->sh[s].type == EM_SHARD_DATA && q != d->grank) dpb += m;
         }
@@ -617,9 +675,9 @@ static em_status backward_dist(em_dist *d, const em_batch *b, em_pool *pool) {
     for (int q = 0; q < W; q++)
         for (int s = 0; s < d->nsh; s++) {
             if (!holds(d, q, s)) continue;
-            const int t = d->sh[s].t;
-            o = put_block(d, o, d->sh[s].type == EM_SHARD_ROW, B, hit + (size_t)s * B, hits[s], dp + (size_t)t * D, TD,
-                          scale + (size_t)t * B);
+            const shard *h = &d->sh[s];
+            o = put_block(d, o, h->type == EM_SHARD_ROW, B, hit + (size_t)s * B, hits[s], h->cols,
+                          dp + (size_t)h->t * D + (size_t)h->col0, TD, scale + (size_t)h->t * B);
         }
     em_free(hits);
     d->bytes.grads = (double)(total - d->scnt[d->grank] - dpb);
@@ -627,15 +685,24 @@ static em_status backward_dist(em_dist *d, const em_batch *b, em_pool *pool) {
     if ((st = plan_exchange(d, 1))) return st;
     exchange(d, MPI_BYTE);
     if (!K || !G) return EM_OK;
-    float *gout = d->gout.p; /* reused: dout (G, K, D) */
-    memset(gout, 0, (size_t)G * (size_t)K * D * sizeof(float));
+    /* reused: dout (G, kn, D) and (G, kc, cw) */
+    memset(d->gout.p, 0, (size_t)G * (size_t)d->kn * D * sizeof(float));
+    memset(d->goutc.p, 0, (size_t)G * (size_t)d->kc * (size_t)d->cw * sizeof(float));
     for (int p = 0; p < W; p++) {
         const char *q = (const char *)d->rbuf.p + d->rdis[p];
-        for (int k = 0; k < K; k++)
-            q = add_block(d, q, d->sh[d->mine[k]].type == EM_SHARD_ROW, d->Bs[p],
-                          gout + ((size_t)d->boff[p] * K + (size_t)k) * D, (size_t)K * D);
+        for (int k = 0; k < K; k++) {
+            const shard *h = &d->sh[d->mine[k]];
+            size_t stride;
+            float *dst = vec_of(d, k, d->boff[p], &stride);
+            q = add_block(d, q, h->type == EM_SHARD_ROW, d->Bs[p], h->cols, dst, stride);
+        }
     }
-    return em_embbag_backward_update(d->emb, gout, d->gidx.p, d->goff.p, NULL, NULL, G, pool);
+    if (d->kn && (st = em_embbag_backward_update(d->emb, d->gout.p, d->gidx.p, d->goff.p, NULL, NULL, G, pool))) return st;
+    if (d->kc) {
+        const int64_t base = ((const int64_t *)d->goff.p)[(size_t)d->kn * G];
+        st = em_embbag_backward_update(d->embc, d->goutc.p, (const int64_t *)d->gidx.p + base, d->goffc.p, NULL, NULL, G, pool);
+    }
+    return st;
 }
 
 /* Sum v (n floats) over the W ranks of comm, deterministically: pieces of at most
@@ -689,8 +756,10 @@ static em_status sync_replicas(em_dist *d) {
     const float inv = 1.0f / (float)d->M;
     double sent = 0, s1;
     for (int k = 0; k < d->nmine; k++) {
-        size_t nw = (size_t)em_embbag_rows(d->emb, k) * (size_t)d->D, ns = 0;
-        float *w = em_embbag_weights(d->emb, k), *st = em_embbag_state(d->emb, k, &ns);
+        em_embbag *eb = k < d->kn ? d->emb : d->embc;
+        const int j = k < d->kn ? k : k - d->kn;
+        size_t nw = (size_t)em_embbag_rows(eb, j) * (size_t)em_embbag_dim(eb), ns = 0;
+        float *w = em_embbag_weights(eb, j), *st = em_embbag_state(eb, j, &ns);
         em_status e = allreduce_sum(d, d->rcomm, w, nw, &s1);
         if (e) return e;
         sent += s1;
@@ -819,28 +888,37 @@ static size_t state_per_row(const em_dist *d) {
  * with to_root = 0, from rank 0 out to their holders in every replica group. */
 static em_status move_table(em_dist *d, int t, float *w, float *state, int to_root) {
     const size_t D = (size_t)d->D, spr = state_per_row(d);
-    /* rank 0 stages row-wise shards (every G-th row) in a contiguous buffer */
+    /* rank 0 stages row-wise shards (every G-th row) and column-wise pieces (some columns
+     * of every row) in a contiguous buffer */
     size_t most = 0;
     for (int s = 0; s < d->nsh; s++)
-        if (d->sh[s].t == t && d->sh[s].stride > 1 && (size_t)d->sh[s].rows * (D + spr) > most) most = (size_t)d->sh[s].rows * (D + spr);
+        if (d->sh[s].t == t && (d->sh[s].stride > 1 || d->sh[s].cols < d->D) && (size_t)d->sh[s].rows * (D + spr) > most)
+            most = (size_t)d->sh[s].rows * (D + spr);
     em_status st = d->rank == 0 && most ? grow(&d->tmp, most * sizeof(float)) : EM_OK;
     if ((st = agree(st))) return st;
     for (int s = 0; s < d->nsh; s++) {
         const shard *h = &d->sh[s];
         if (h->t != t || h->rows == 0) continue;
         const int k = local_index(d, s);
-        float *lw = k >= 0 ? em_embbag_weights(d->emb, k) : NULL;
-        float *ls = k >= 0 && spr ? em_embbag_state(d->emb, k, NULL) : NULL;
-        const size_t nw = (size_t)h->rows * D, ns = (size_t)h->rows * spr;
-        float *gw = w ? w + (size_t)h->row0 * D : NULL, *gs = state ? state + (size_t)h->row0 * spr : NULL;
-        float *const gw0 = gw, *const gs0 = gs; /* strided: local row j is global row row0 + j stride */
+        em_embbag *e = k >= 0 && k >= d->kn ? d->embc : d->emb;
+        const int j0 = k >= d->kn ? k - d->kn : k;
+        float *lw = k >= 0 ? em_embbag_weights(e, j0) : NULL;
+        float *ls = k >= 0 && spr ? em_embbag_state(e, j0, NULL) : NULL;
+        /* a piece holds cols of the D columns; AdaGrad's state is per element (spr = D),
+         * so a piece holds cols of it too (row-wise AdaGrad is not column-wise) */
+        const size_t C = (size_t)h->cols, sc = spr == D ? C : spr;
+        const size_t nw = (size_t)h->rows * C, ns = (size_t)h->rows * sc;
+        float *gw = w ? w + (size_t)h->row0 * D + (size_t)h->col0 : NULL;
+        float *gs = state ? state + (size_t)h->row0 * spr + (spr == D ? (size_t)h->col0 : 0) : NULL;
+        float *const gw0 = gw, *const gs0 = gs; /* local row j is global row row0 + j stride */
         const size_t str = (size_t)h->stride;
-        if (d->rank == 0 && str > 1) {
+        const int staged = d->rank == 0 && (str > 1 || C < D);
+        if (staged) {
             float *tw = d->tmp.p, *ts = tw + nw;
             if (!to_root) {
                 for (size_t j = 0; j < (size_t)h->rows; j++) {
-                    memcpy(tw + j * D, gw0 + j * str * D, D * sizeof(float));
-                    if (gs0 && spr) memcpy(ts + j * spr, gs0 + j * str * spr, spr * sizeof(float));
+                    memcpy(tw + j * C, gw0 + j * str * D, C * sizeof(float));
+                    if (gs0 && sc) memcpy(ts + j * sc, gs0 + j * str * spr, sc * sizeof(float));
                 }
             }
             gw = tw, gs = gs0 ? ts : NULL;
@@ -890,10 +968,10 @@ static em_status move_table(em_dist *d, int t, float *w, float *state, int to_ro
                 }
             }
         }
-        if (d->rank == 0 && str > 1 && to_root)
+        if (staged && to_root)
             for (size_t j = 0; j < (size_t)h->rows; j++) {
-                memcpy(gw0 + j * str * D, gw + j * D, D * sizeof(float));
-                if (gs0 && spr) memcpy(gs0 + j * str * spr, gs + j * spr, spr * sizeof(float));
+                memcpy(gw0 + j * str * D, gw + j * C, C * sizeof(float));
+                if (gs0 && sc) memcpy(gs0 + j * str * spr, gs + j * sc, sc * sizeof(float));
             }
     }
     return EM_OK;

@@ -6,9 +6,9 @@
  * slices, and one step where a rank has no examples), while each rank also trains
  * the reference: one em_dlrm on the whole global batch. After the steps:
  *   - dense parameters and every table (gathered from its shards) equal the
- *     reference within float tolerance, for table-wise, row-wise, data-parallel and
- *     mixed placements, with row-wise AdaGrad + dense AdaGrad, and with SGD + mean
- *     pooling;
+ *     reference within float tolerance, for table-wise, row-wise, column-wise,
+ *     data-parallel and mixed placements, with row-wise AdaGrad + dense AdaGrad (not
+ *     column-wise: refused), SGD + mean pooling and AdaGrad + Adam;
  *   - the same distributed run twice gives bitwise-equal parameters;
  *   - fp16 and bf16 all-to-all stay close to fp32;
  *   - a checkpoint written by em_dist_save is the single-process layout (rank 0
@@ -178,6 +178,9 @@ static em_dist_cfg placement(const em_dlrm_cfg *c, const char *kind) {
         if (strcmp(kind, "table") == 0) dc.type[t] = EM_SHARD_TABLE;
         else if (strcmp(kind, "row") == 0) dc.type[t] = EM_SHARD_ROW;
         else if (strcmp(kind, "data") == 0) dc.type[t] = EM_SHARD_DATA;
+        else if (strcmp(kind, "column") == 0) dc.type[t] = EM_SHARD_COLUMN;
+        else if (strcmp(kind, "mixedc") == 0) /* every type, column-wise included */
+            dc.type[t] = t % 4 == 0 ? EM_SHARD_ROW : t % 4 == 1 ? EM_SHARD_TABLE : t % 4 == 2 ? EM_SHARD_DATA : EM_SHARD_COLUMN;
         else dc.type[t] = t % 3 == 0 ? EM_SHARD_ROW : t % 3 == 1 ? EM_SHARD_TABLE : EM_SHARD_DATA; /* mixed */
     }
     return dc;
@@ -187,9 +190,17 @@ static void check_equivalence(em_optim_kind sparse, em_optim_kind dense, em_pool
     em_dlrm_cfg c = small_cfg(sparse, dense, pooling);
     double ref_loss;
     em_dlrm *ref = train_ref(&c, STEPS, &ref_loss);
-    const char *kinds[] = {"table", "row", "data", "mixed"};
-    for (int k = 0; k < 4; k++) {
+    const char *kinds[] = {"table", "row", "data", "mixed", "column", "mixedc"};
+    /* column-wise pieces cannot share a row-wise AdaGrad accumulator: refused */
+    const int nk = sparse == EM_OPT_ROWWISE_ADAGRAD ? 4 : 6;
+    if (sparse == EM_OPT_ROWWISE_ADAGRAD) {
+        em_dist_cfg dc = placement(&c, "column");
+        em_dist *x = NULL;
+        CHECK(em_dist_create(&x, &dc, NULL) == EM_ERR_UNSUPPORTED && !x);
+    }
+    for (int k = 0; k < nk; k++) {
         em_dist_cfg dc = placement(&c, kinds[k]);
+        if (k == 4) dc.col_width = 2; /* 4 pieces of 2 columns */
         em_dist *d;
         CHECK_OK(em_dist_create(&d, &dc, NULL));
         if (!d) continue;
