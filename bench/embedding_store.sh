@@ -14,8 +14,13 @@
 #            byte budget against the dense table on the same batches (bench/embstore_ops.c,
 #            outside the model), memory against the budget, a checkpoint round trip that
 #            must keep every id; and `ember train --tables dynamic` end to end on it.
-#   (more sections append below, e.g. the SSD tier: write $OUT/<name>.json, add the name)
-# Takes ~20-25 min on 2 cores; not part of the test suite.
+#   ssd      the SSD tier (bench/embedding_store_ssd.sh, in $OUT/ssd): `ember gen` data (1M
+#            rows, Kaggle cardinalities, Zipf ids), D=16, batch 2048, row-wise AdaGrad:
+#            --tables ssd whose tables take 4x the run's embedding memory limit (row
+#            cache + RocksDB's caches) against --tables dynamic with every row in memory,
+#            runs alternated: test AUC, throughput ratio, cache hit rate, RSS.
+#   (more sections append below: write $OUT/<name>.json, add the name)
+# Takes ~35-40 min on 2 cores; not part of the test suite.
 # Env: OUT (default bench/out/embedding_store), BUILD (default build-bench-es),
 #      SECTIONS (default "fiited dynamic"), FRACS (FIITED budgets as fractions),
 #      PRUNE_EVERY (default 50), THREADS (default 2), KEEP=1 keeps the runs' checkpoints,
@@ -25,7 +30,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/out/embedding_store}
 BUILD=${BUILD:-build-bench-es}
-SECTIONS=${SECTIONS:-"fiited dynamic"}
+SECTIONS=${SECTIONS:-"fiited dynamic ssd"}
 FRACS=${FRACS:-"0.25 0.1 0.05 0.03"}
 PRUNE_EVERY=${PRUNE_EVERY:-50}
 THREADS=${THREADS:-2}
@@ -158,6 +163,12 @@ print(json.dumps({"ops": ops, "ops_target_50pct_met": ops["dynamic_over_dense"] 
                   "ckpt_every_id_kept": ops["ckpt_every_id_kept"]}))
 EOF
   log "dynamic: $(cat "$OUT/dynamic.json")"
+}
+
+section_ssd() {
+  OUT="$OUT/ssd" EMBER="$EMBER" bench/embedding_store_ssd.sh | tail -n1 |
+    python3 -c "import json, sys; print(json.dumps(json.load(sys.stdin)['issue3_ssd']))" > "$OUT/ssd.json"
+  log "ssd: $(cat "$OUT/ssd.json")"
 }
 
 for s in $SECTIONS; do "section_$s"; done
