@@ -131,7 +131,7 @@ static const cli_opt opts[] = {
     OPT_STR("resume", "CKPT", "continue a run from its checkpoint (same data, same thread count: bitwise the same)",
             train_ctx, tc.resume),
     OPT_INT("batch", "N", "examples per step (default 128; under mpirun: per rank)", train_ctx, tc.batch, 1, 1 << 20),
-    OPT_STR("sharding", "KIND", "under mpirun: auto (the planner's placement) | table | row | data (default auto)", train_ctx,
+    OPT_STR("sharding", "KIND", "under mpirun: auto (the planner's placement) | table | row | column | data (default auto)", train_ctx,
             sharding),
     OPT_STR("comm-prec", "P", "under mpirun: fp32 | fp16 | bf16 pooled embeddings and their gradients (default fp32)",
             train_ctx, comm_prec),

@@ -38,9 +38,10 @@ int cli_train_dist(em_train_cfg *tc, int threads, const char *sharding, const ch
         o.sharding = strcmp(sharding, "table") == 0 ? EM_SHARD_TABLE
                      : strcmp(sharding, "row") == 0 ? EM_SHARD_ROW
                      : strcmp(sharding, "data") == 0 ? EM_SHARD_DATA
+                     : strcmp(sharding, "column") == 0 ? EM_SHARD_COLUMN
                                                       : (em_shard_type)-1;
         if ((int)o.sharding < 0) {
-            fprintf(stderr, "ember train: --sharding '%s': use auto, table, row or data\n", sharding);
+            fprintf(stderr, "ember train: --sharding '%s': use auto, table, row, column or data\n", sharding);
             return 2;
         }
     }
@@ -92,8 +93,8 @@ int cli_train_dist(em_train_cfg *tc, int threads, const char *sharding, const ch
     if (rank == 0) {
         int nt = o.place.model.num_tables, cnt[5] = {0};
         for (int t = 0; t < nt; t++) cnt[o.place.type[t]]++;
-        printf("placement: %d table-wise, %d row-wise, %d data-parallel (%s)\n", cnt[EM_SHARD_TABLE], cnt[EM_SHARD_ROW],
-               cnt[EM_SHARD_DATA], o.sharding == EM_SHARD_AUTO ? "planner" : "--sharding");
+        printf("placement: %d table-wise, %d row-wise, %d column-wise, %d data-parallel (%s)\n", cnt[EM_SHARD_TABLE],
+               cnt[EM_SHARD_ROW], cnt[EM_SHARD_COLUMN], cnt[EM_SHARD_DATA], o.sharding == EM_SHARD_AUTO ? "planner" : "--sharding");
         printf("trained %lld steps, %llu examples in %.1f s (%.0f examples/s), %.0f bytes sent per step by rank 0\n",
                (long long)res.steps, (unsigned long long)res.examples, res.train_s, res.examples_per_s, o.mean_bytes.total);
         em_metrics opt;

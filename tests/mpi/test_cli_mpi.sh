@@ -23,7 +23,7 @@ mp() { local np=$1; shift; "$MPIRUN" --oversubscribe -np "$np" "$EMBER" "$@"; }
 
 mp 2 train "${common[@]}" --batch 32 --sharding row --max-steps 40 --out "$T/a" > "$T/a.out"
 grep -q '"steps":40' "$T/a/report.json" || fail "2 ranks: report.json: $(cat "$T/a/report.json")"
-grep -q '^placement: 0 table-wise, 26 row-wise' "$T/a.out" || fail "2 ranks: placement: $(cat "$T/a.out")"
+grep -q '^placement: 0 table-wise, 26 row-wise, 0 column-wise' "$T/a.out" || fail "2 ranks: placement: $(cat "$T/a.out")"
 mp 2 train "${common[@]}" --batch 32 --sharding row --max-steps 40 --out "$T/a2" > /dev/null
 cmp -s "$T/a/checkpoint.safetensors" "$T/a2/checkpoint.safetensors" || fail "two identical runs gave different checkpoints"
 echo "ok   2 ranks, row-wise, deterministic"
@@ -49,6 +49,10 @@ grep -q '2 replica groups of 2 ranks' "$T/f.err" || fail "2D: $(cat "$T/f.err")"
 grep -q '"group":2' "$T/f/report.json" || fail "2D: report.json: $(cat "$T/f/report.json")"
 "$EMBER" eval --model "$T/f/checkpoint.safetensors" --test "$T/d/test.tsv" > /dev/null || fail "2D checkpoint not readable by one process"
 echo "ok   2D: 2 replica groups of 2 ranks"
+
+mp 2 train "${common[@]}" --sparse-opt adagrad --batch 32 --sharding column --max-steps 10 --out "$T/g" > "$T/g.out"
+grep -q '26 column-wise' "$T/g.out" || fail "column-wise: $(cat "$T/g.out")"
+echo "ok   column-wise"
 
 set +e
 mp 2 train "${common[@]}" --sharding diagonal --out "$T/x" > /dev/null 2> "$T/x.err"; rc=$?
