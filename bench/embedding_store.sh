@@ -57,7 +57,8 @@ rep = json.load(open(d + "/report.json")); ins = json.load(open(d + "/inspect.js
 log = open(d + "/train.log").read()
 m = re.search(r"peak RSS (\d+) MB, now (\d+) MB", log)
 allt = ins["per_table"][-1]
-print(json.dumps({"name": name, "kind": ins["kind"], "auc": rep["test"]["auc"], "ne": rep["test"]["ne"],
+test = rep.get("test") or {}  # null without --test (the drift stream)
+print(json.dumps({"name": name, "kind": ins["kind"], "auc": test.get("auc"), "ne": test.get("ne"),
                   "optimum_auc": rep["optimum"]["auc"] if rep.get("optimum") else None,
                   "table_bytes": allt["bytes"], "table_rows": allt["rows"], "live_chunks": allt["live_chunks"],
                   "chunks": allt["chunks"], "peak_rss_mb": int(m.group(1)), "end_rss_mb": int(m.group(2)),
@@ -138,8 +139,10 @@ section_dynamic() {
   local budget=$((16 * 1024 * 1024)) # bytes per table
   cc -O2 -Iinclude bench/embstore_ops.c "$BUILD"/libem_data.a "$BUILD"/libem_sparse.a "$BUILD"/libem_optim.a \
     "$BUILD"/libem_core.a -lopenblas -ljansson -lxxhash -lpthread -lm -o "$OUT/embstore_ops"
-  log "ops: dynamic vs dense lookups + updates, 150 batches of 2048, D=64"
-  "$OUT/embstore_ops" "$g/stream.bin" 1000000 2048 150 64 "$budget" "$THREADS" "$OUT/ops.ckpt" > "$OUT/ops.json"
+  if [[ -n "${RERUN:-}" || ! -s $OUT/ops.json ]]; then
+    log "ops: dynamic vs dense lookups + updates, 150 batches of 2048, D=64 (load before: $(cut -d' ' -f1-3 /proc/loadavg))"
+    "$OUT/embstore_ops" "$g/stream.bin" 1000000 2048 150 64 "$budget" "$THREADS" "$OUT/ops.ckpt" > "$OUT/ops.json"
+  fi
   log "  -> $(cat "$OUT/ops.json")"
   local common=(--train "$g/stream.bin" --dim 64 --batch 2048 --dense-opt adagrad --sparse-opt rowwise_adagrad --lr 0.006)
   train_run drift_dense "${common[@]}" --rows-cap 1000000
