@@ -119,6 +119,11 @@ em_status em_das_index_open(em_das_index **out, const char *const *paths, int np
  * *added (may be NULL) receives the number of records read. */
 em_status em_das_index_follow(em_das_index *ix, const char *path, uint64_t *offset,
                               unsigned flags, uint64_t *added);
+/* em_das_index_follow reading at most max_records records (a reader that needs only the
+ * records up to some point of an in-order log, such as a windowed student, need not
+ * load the rest). */
+em_status em_das_index_follow_upto(em_das_index *ix, const char *path, uint64_t *offset, uint64_t max_records,
+                                   unsigned flags, uint64_t *added);
 /* Remove every entry whose id is in [lo, hi) and shrink the table to fit; bounds memory
  * when a student joins a stream in windows (evict ids of positions it has passed:
  * [em_das_example_id(s, 0), em_das_example_id(s, pos))). O(table size). On failure

@@ -37,7 +37,8 @@
  * fresh run refuses a log that already holds records, a resumed one cuts it back to the
  * checkpoint's record count (the teacher re-scores the rest with the same bits, so
  * students following the log must be started after a teacher resumes). A student
- * (teacher_log) follows the log as it grows, joins each window (missing predictions
+ * (teacher_log) follows the log as it grows (in order, a chunk at a time, up to the
+ * window's last example: a duplicate appended after that is not seen), joins each window (missing predictions
  * give mask 0: those examples learn from their labels only), evicts the ids before
  * the window, and trains through ember/student.h.
  *

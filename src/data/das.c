@@ -458,6 +458,11 @@ static em_status load_file(em_das_index *ix, const char *path, unsigned flags) {
 
 em_status em_das_index_follow(em_das_index *ix, const char *path, uint64_t *offset, unsigned flags,
                               uint64_t *added) {
+    return em_das_index_follow_upto(ix, path, offset, UINT64_MAX, flags, added);
+}
+
+em_status em_das_index_follow_upto(em_das_index *ix, const char *path, uint64_t *offset, uint64_t max_records,
+                                   unsigned flags, uint64_t *added) {
     if (!ix || !path || !offset) return em_errorf(EM_ERR_INVALID, "em_das_index_follow: NULL argument");
     if (flags & ~EM_DAS_STRICT) return em_errorf(EM_ERR_INVALID, "em_das_index_follow: unknown flags 0x%x", flags);
     if (*offset && (*offset < DAS_HDR || (*offset - DAS_HDR) % DAS_REC))
@@ -483,6 +488,7 @@ em_status em_das_index_follow(em_das_index *ix, const char *path, uint64_t *offs
         if (*offset == 0) *offset = DAS_HDR, ix->st.files++;
         uint64_t k0 = (*offset - DAS_HDR) / DAS_REC, k1 = ((uint64_t)sb.st_size - DAS_HDR) / DAS_REC;
         int last_bad;
+        if (k1 - k0 > max_records) k1 = k0 + max_records;
         st = scan_records(ix, fd, path, k0, k1, flags, &last_bad);
         if (!st) *offset = DAS_HDR + (k1 - (uint64_t)last_bad) * DAS_REC;
     }

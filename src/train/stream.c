@@ -560,10 +560,17 @@ static em_status window_join(run *R, em_stream_window *rep) {
                              c->teacher_wait_s > 0 ? " (waited for it)" : "");
         sleep_s(0.05);
     }
-    for (;;) {
-        if ((st = em_das_index_follow(R->ix, c->teacher_log, &R->follow_off, 0, NULL))) return st;
-        if (c->teacher_wait_s <= 0 || em_das_lookup(R->ix, w->xid[w->n - 1], NULL) || em_now() - t0 >= c->teacher_wait_s)
-            break;
+    /* Read the log in order, a chunk at a time, until the window's last example has its
+     * prediction (the teacher logs in stream order, so the window's others precede it)
+     * or the log has nothing more (then wait, if asked to). A student therefore sees
+     * what was logged up to its window, as it would reading a live log; a duplicate
+     * appended much later is not seen (an even chunk never splits adjacent records). */
+    const uint64_t chunk = 2 * (uint64_t)c->window + 65536;
+    while (!em_das_lookup(R->ix, w->xid[w->n - 1], NULL)) {
+        uint64_t added = 0;
+        if ((st = em_das_index_follow_upto(R->ix, c->teacher_log, &R->follow_off, chunk, 0, &added))) return st;
+        if (added) continue;
+        if (c->teacher_wait_s <= 0 || em_now() - t0 >= c->teacher_wait_s) break;
         sleep_s(0.05);
     }
     em_das_join_stats js = {0};
