@@ -20,7 +20,8 @@
  * forward/backward on the local batch; (5) backward all-to-all: d loss / d pooled goes to
  * every holder of the table; (6) each holder runs the fused sparse update over the global
  * batch (duplicate ids reduced once, in global batch order, as one process would);
- * (7) dense all-reduce and step. Data-parallel tables are pooled by every rank over
+ * (7) dense all-reduce (its reduce-scatter posted before (5) and completed after (6))
+ * and step. Data-parallel tables are pooled by every rank over
  * the whole batch and updated identically everywhere.
  * Gradients are scaled so that the step equals one process training on the global
  * batch: each rank's mean-loss gradient is weighted by B_r / sum B.

@@ -14,7 +14,9 @@
  *             The holder sees the global batch as the ranks' batches in rank order.
  *   allreduce a reduce-scatter by MPI_Alltoallv (piece q of every rank's gradient to
  *             rank q, summed there in rank order 0..N-1) and an MPI_Allgatherv: every
- *             element is summed in the same order on every run.
+ *             element is summed in the same order on every run. The dense gradient's
+ *             reduce-scatter is posted (MPI_Ialltoallv) before the backward all-to-all
+ *             and the sparse update, and completed after them.
  *   checkpoints go through rank 0 in the single-process layout (em_dlrm_save/load),
  *             so a run saved at N ranks resumes at M ranks, or in one process.
  */
@@ -125,6 +127,9 @@ struct em_dist {
     int G;                 /* the group's batch (all the exchanges see) */
     int64_t Gw;            /* the global batch over all groups */
     int *scnt, *sdis, *rcnt, *rdis; /* [N] MPI counts and displacements */
+    int *ar_cnt, *ar_dis, *ar_rcnt, *ar_rdis; /* [N] the same for the dense all-reduce in flight */
+    MPI_Request ar_req;
+    int ar_posted;
     buf sbuf, rbuf;
     buf gidx, goff;        /* the global batch's bags over my shards (int64) */
     buf gout;              /* (G, kn, D) pooled over my shards; then the gradient */
@@ -274,6 +279,9 @@ static em_status create_local(em_dist *d, const em_dist_cfg *cfg) {
     d->boff = em_calloc(W + 1, sizeof(int64_t));
     d->scnt = em_calloc(W, sizeof(int)), d->sdis = em_calloc(W, sizeof(int));
     d->rcnt = em_calloc(W, sizeof(int)), d->rdis = em_calloc(W, sizeof(int));
+    d->ar_cnt = em_calloc(W, sizeof(int)), d->ar_dis = em_calloc(W, sizeof(int));
+    d->ar_rcnt = em_calloc(W, sizeof(int)), d->ar_rdis = em_calloc(W, sizeof(int));
+    if (!d->ar_cnt || !d->ar_dis || !d->ar_rcnt || !d->ar_rdis) return em_errorf(EM_ERR_NOMEM, "dist: out of memory");
     if (!d->Bw || !d->Bs || !d->boff || !d->scnt || !d->sdis || !d->rcnt || !d->rdis) return em_errorf(EM_ERR_NOMEM, "dist: out of memory");
     return EM_OK;
 }
@@ -301,6 +309,7 @@ void em_dist_free(em_dist *d) {
     if (d->gcomm != MPI_COMM_NULL && d->gcomm) MPI_Comm_free(&d->gcomm);
     if (d->rcomm != MPI_COMM_NULL && d->rcomm) MPI_Comm_free(&d->rcomm);
     em_free(d->Bw), em_free(d->Bs), em_free(d->boff), em_free(d->scnt), em_free(d->sdis), em_free(d->rcnt), em_free(d->rdis);
+    em_free(d->ar_cnt), em_free(d->ar_dis), em_free(d->ar_rcnt), em_free(d->ar_rdis);
     buf *bs[] = {&d->sbuf, &d->rbuf, &d->gidx, &d->goff, &d->gout, &d->pooled, &d->dpooled, &d->red, &d->hit, &d->scale, &d->tmp, &d->goutc, &d->goffc};
     for (size_t i = 0; i < sizeof bs / sizeof bs[0]; i++) em_free(bs[i]->p);
     em_free(d);
@@ -744,9 +753,49 @@ static em_status allreduce_sum(em_dist *d, MPI_Comm comm, float *v, size_t n, do
     return EM_OK;
 }
 
-/* Step 7: the dense gradient summed over all N ranks. */
-static em_status allreduce(em_dist *d, float *g, size_t n) {
-    return allreduce_sum(d, MPI_COMM_WORLD, g, n, &d->bytes.allreduce);
+/* Step 7: the dense gradient summed over all N ranks, overlapped with the backward
+ * all-to-all and the sparse update: allreduce_start posts the reduce-scatter
+ * (MPI_Ialltoallv, on its own count arrays) as soon as the dense backward is done;
+ * MPI progresses it inside the backward exchange's calls; allreduce_finish waits, sums
+ * in rank order and all-gathers. A gradient over RED_CHUNK floats takes the blocking
+ * path in allreduce_finish. */
+static em_status allreduce_start(em_dist *d, float *g, size_t n) {
+    const int W = d->world;
+    d->ar_posted = 0;
+    if (W == 1 || n > RED_CHUNK) return EM_OK;
+    em_status st = grow(&d->red, (RED_CHUNK + (size_t)W) * sizeof(float));
+    if (st) return st;
+    for (int q = 0; q < W; q++) {
+        size_t lo, hi;
+        em_split(n, q, W, &lo, &hi);
+        d->ar_cnt[q] = (int)(hi - lo), d->ar_dis[q] = (int)lo;
+    }
+    size_t mlo, mhi;
+    em_split(n, d->rank, W, &mlo, &mhi);
+    const size_t mn = mhi - mlo;
+    for (int p = 0; p < W; p++) d->ar_rcnt[p] = (int)mn, d->ar_rdis[p] = (int)((size_t)p * mn);
+    MPI_Ialltoallv(g, d->ar_cnt, d->ar_dis, MPI_FLOAT, d->red.p, d->ar_rcnt, d->ar_rdis, MPI_FLOAT, MPI_COMM_WORLD, &d->ar_req);
+    d->ar_posted = 1;
+    return EM_OK;
+}
+
+static em_status allreduce_finish(em_dist *d, float *g, size_t n) {
+    if (!d->ar_posted) return allreduce_sum(d, MPI_COMM_WORLD, g, n, &d->bytes.allreduce);
+    const int W = d->world;
+    MPI_Wait(&d->ar_req, MPI_STATUS_IGNORE);
+    d->ar_posted = 0;
+    size_t mlo, mhi;
+    em_split(n, d->rank, W, &mlo, &mhi);
+    const size_t mn = mhi - mlo;
+    const float *r = d->red.p;
+    for (size_t i = 0; i < mn; i++) { /* rank order 0..W-1, as allreduce_sum */
+        float acc = r[i];
+        for (int p = 1; p < W; p++) acc += r[(size_t)p * mn + i];
+        g[mlo + i] = acc;
+    }
+    MPI_Allgatherv(MPI_IN_PLACE, 0, MPI_FLOAT, g, d->ar_cnt, d->ar_dis, MPI_FLOAT, MPI_COMM_WORLD);
+    d->bytes.allreduce = (double)(n - mn) * sizeof(float) * 2.0;
+    return EM_OK;
 }
 
 /* 2D: every shard's weights and optimizer state averaged over its M replicas (one per
@@ -834,8 +883,10 @@ em_status em_dist_train_step(em_dist *d, const em_batch *local, double *loss, em
     } else {
         memset(g, 0, n * sizeof(float));
     }
-    if ((st = agree(backward_dist(d, local, pool)))) return st;
-    if ((st = agree(allreduce(d, g, n)))) return st;
+    if ((st = agree(allreduce_start(d, g, n)))) return st;
+    st = backward_dist(d, local, pool);
+    em_status ar = allreduce_finish(d, g, n); /* completes even if the backward failed */
+    if ((st = agree(st ? st : ar))) return st;
     if ((st = agree(em_dlrm_dense_step(d->m, pool)))) return st;
     d->step++;
     if (d->M > 1 && d->step % d->cfg.sync_every == 0 && (st = agree(sync_replicas(d)))) return st;
