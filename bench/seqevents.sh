@@ -17,12 +17,12 @@
 #        ev        --seq-events EV        (carts + orders wide and deep, clicks narrow)
 #        ev16      --seq-events EV16      (the same at width D)
 #        evdrop    --seq-events EVDROP    (carts + orders only: clicks dropped)
-#      and, on "typed", cs and ev again with --seed 2 (another initialisation);
+#      and, on "typed", cs and ev16 again with --seed 2 (another initialisation);
 #      test AUC / NE beside the planted optimum, the tower's forward FLOPs per example
 #      (seqtower.c counts them) and the whole model's (MLPs + interaction + tower);
-#   3. speed: base, cs and ev alternated REPS times on the first TIME_ROWS rows of "typed"
-#      (training seconds from report.json; medians; the 1-minute load average before
-#      each run is recorded: the machine is shared).
+#   3. speed: base, cs and ev16 alternated REPS times on the first TIME_ROWS rows of "typed"
+#      (training seconds from report.json and the process's CPU seconds; medians; the
+#      1-minute load average before each run is recorded: the machine is shared).
 # Takes ~30-60 minutes on 2 shared cores. RESUME=1 skips runs whose report.json exists.
 # Last line of stdout: one JSON object.
 # Env: OUT (default bench/out/seqevents), BUILD (default build), ROWS (500000), TEST_ROWS
@@ -79,7 +79,9 @@ train() { # name, then ember train arguments
   if [[ $RESUME == 1 && -f $OUT/$name/report.json ]]; then return; fi
   log "train $name: $*"
   echo "load_before $(cut -d' ' -f1 /proc/loadavg)" > "$OUT/$name.load"
-  $EMBER train "$@" --out "$OUT/$name" > "$OUT/$name.log" 2>&1 || { cat "$OUT/$name.log" >&2; exit 1; }
+  # the process's CPU seconds too: on a loaded machine they move far less than wall time
+  ( TIMEFORMAT='cpu %U %S wall %R'; time $EMBER train "$@" --out "$OUT/$name" > "$OUT/$name.log" 2>&1 ) 2> "$OUT/$name.time" ||
+    { cat "$OUT/$name.log" >&2; exit 1; }
   grep -E "^(test|optimum|sequence tower:)" "$OUT/$name.log" >&2 || true
 }
 model() { # name, data dir, kind [, extra arguments]
@@ -98,16 +100,16 @@ model() { # name, data dir, kind [, extra arguments]
 for ds in typed default; do
   for kind in base cs full ev ev16 evdrop; do model "${ds}_$kind" "$OUT/data_$ds" $kind; done
 done
-for kind in cs ev; do model "typed_${kind}_seed2" "$OUT/data_typed" $kind --seed 2; done
+for kind in cs ev16; do model "typed_${kind}_seed2" "$OUT/data_typed" $kind --seed 2; done
 
 # 3. speed, alternating (no evaluation: training seconds only)
 for r in $(seq "$REPS"); do
-  for kind in base cs ev; do
+  for kind in base cs ev16; do
     D=$OUT/data_typed
     case $kind in
       base) train "time_${kind}_$r" --train "$D/train0.bin" --train-limit "$TIME_ROWS" "${common[@]}" ;;
       cs) train "time_${kind}_$r" --train "$D/train.bin" --train-limit "$TIME_ROWS" "${common[@]}" "${seqopt[@]}" --seq-blocks compskip:2 ;;
-      ev) train "time_${kind}_$r" --train "$D/train.bin" --train-limit "$TIME_ROWS" "${common[@]}" "${seqopt[@]}" --seq-events "$EV" ;;
+      ev16) train "time_${kind}_$r" --train "$D/train.bin" --train-limit "$TIME_ROWS" "${common[@]}" "${seqopt[@]}" --seq-events "$EV16" ;;
     esac
   done
 done
@@ -117,6 +119,13 @@ $PY - "$OUT" "$REPS" <<'PYEOF'
 import json, os, statistics, sys
 out, reps = sys.argv[1], int(sys.argv[2])
 rep = lambda n: json.load(open(os.path.join(out, n, "report.json")))
+def cpu(n):
+    """user + system CPU seconds of the whole run (reading, training, checkpoint)"""
+    try:
+        f = open(os.path.join(out, n + ".time")).read().split()
+        return round(float(f[1]) + float(f[2]), 2)
+    except (OSError, IndexError, ValueError):
+        return None
 def load(n):
     try:
         return float(open(os.path.join(out, n + ".load")).read().split()[1])
@@ -145,16 +154,23 @@ for ds in ("typed", "default"):
             d[n]["tower"] = q.get("events", q["blocks"])
         m = r["model"]
         d[n]["interaction_vectors"] = round((-1 + (1 + 8 * (m["top"][0] - m["dim"])) ** 0.5) / 2) - 1
-    d["ev_minus_cs"] = {"auc": d["ev"]["auc"] - d["cs"]["auc"], "ne": d["ev"]["ne"] - d["cs"]["ne"],
-                        "tower_flops_ratio": d["ev"]["tower_mflop_per_example"] / d["cs"]["tower_mflop_per_example"]}
+    for e in ("ev", "ev16"):
+        d[f"{e}_minus_cs"] = {"auc": d[e]["auc"] - d["cs"]["auc"], "ne": d[e]["ne"] - d["cs"]["ne"],
+                              "tower_flops_ratio": d[e]["tower_mflop_per_example"] / d["cs"]["tower_mflop_per_example"],
+                              "model_flops_ratio": (d[e]["model_mflop_per_example"]) / d["cs"]["model_mflop_per_example"]}
     res[ds] = d
-s2 = {n: {"auc": rep(f"typed_{n}_seed2")["test"]["auc"], "ne": rep(f"typed_{n}_seed2")["test"]["ne"]} for n in ("cs", "ev")}
+s2 = {n: {"auc": rep(f"typed_{n}_seed2")["test"]["auc"], "ne": rep(f"typed_{n}_seed2")["test"]["ne"]} for n in ("cs", "ev16")}
 res["typed_seed2"] = s2
-t = {k: [rep(f"time_{k}_{i}")["run"]["train_seconds"] for i in range(1, reps + 1)] for k in ("base", "cs", "ev")}
+t = {k: [rep(f"time_{k}_{i}")["run"]["train_seconds"] for i in range(1, reps + 1)] for k in ("base", "cs", "ev16")}
 med = {k: statistics.median(v) for k, v in t.items()}
+c = {k: [cpu(f"time_{k}_{i}") for i in range(1, reps + 1)] for k in ("base", "cs", "ev16")}
+cmed = {k: statistics.median(v) if None not in v else None for k, v in c.items()}
 res["speed_typed"] = {"rows": rep("time_base_1")["run"]["examples"], "train_s": t, "median_s": med,
+                      "cpu_s": c, "median_cpu_s": cmed,
+                      "ev16_tower_cpu_vs_cs": (cmed["ev16"] - cmed["base"]) / (cmed["cs"] - cmed["base"])
+                      if None not in cmed.values() and cmed["cs"] > cmed["base"] else None,
                       "load_before": {k: [load(f"time_{k}_{i}") for i in range(1, reps + 1)] for k in t},
-                      "ev_tower_time_vs_cs": (med["ev"] - med["base"]) / (med["cs"] - med["base"])
+                      "ev16_tower_time_vs_cs": (med["ev16"] - med["base"]) / (med["cs"] - med["base"])
                       if med["cs"] > med["base"] else None}
 print(json.dumps(res))
 PYEOF
