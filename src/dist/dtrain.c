@@ -90,7 +90,7 @@ int em_comm_prec_parse(const char *s) {
 typedef struct {
     int t;            /* global table */
     em_shard_type type;
-    int holder;       /* rank; -1: every rank (data-parallel) */
+    int holder;       /* group rank holding it (data-parallel tables are not shards: embd) */
     int64_t row0, rows;   /* global rows row0, row0 + stride, ... (rows of them) */
     int64_t stride;       /* 1; row-wise: G (row r lives on rank r mod G, as local row r / G) */
     int col0, cols;       /* columns held: all (0, D), or a column-wise piece */
@@ -117,6 +117,10 @@ struct em_dist {
     em_embbag *embc;       /* this rank's column-wise pieces (dim = the piece width) */
     int kn, kc;            /* mine[0 .. kn) are in emb, mine[kn .. kn + kc) in embc */
     int cw;                /* column-wise piece width */
+    em_embbag *embd;       /* data-parallel tables: a full replica on every rank, in table order */
+    int ndp, *dpt;         /* their number and global table indices */
+    int64_t dp_len;        /* floats of their gradient block: sum_t rows[t] (D + 1) */
+    buf dpidx, dpoff, dpout, dpgrad, dprows; /* their local bags, pooled (B, ndp, D), gradient, row lists */
     int64_t step;
     int64_t synced_step;   /* 2D: the step at which the replicas were last averaged */
 
@@ -201,10 +205,11 @@ static em_status make_shards(em_dist *d) {
     int n = 0;
     d->cw = d->cfg.col_width > 0 ? d->cfg.col_width : (d->D > 1 ? d->D / 2 : 1);
     const int npieces = d->D / d->cw;
-    for (int t = 0; t < d->T; t++) n += d->cfg.type[t] == EM_SHARD_ROW ? d->gsize : d->cfg.type[t] == EM_SHARD_COLUMN ? npieces : 1;
-    d->sh = em_calloc((size_t)n, sizeof(shard));
-    d->mine = em_calloc((size_t)n, sizeof(int));
-    d->held_by = em_calloc((size_t)n * (size_t)d->gsize, sizeof(int));
+    for (int t = 0; t < d->T; t++)
+        n += d->cfg.type[t] == EM_SHARD_ROW ? d->gsize : d->cfg.type[t] == EM_SHARD_COLUMN ? npieces : d->cfg.type[t] == EM_SHARD_DATA ? 0 : 1;
+    d->sh = em_calloc((size_t)(n ? n : 1), sizeof(shard));
+    d->mine = em_calloc((size_t)(n ? n : 1), sizeof(int));
+    d->held_by = em_calloc((size_t)(n ? n : 1) * (size_t)d->gsize, sizeof(int));
     if (!d->sh || !d->mine || !d->held_by) return em_errorf(EM_ERR_NOMEM, "dist: out of memory");
     d->nsh = n;
     int s = 0;
@@ -215,8 +220,8 @@ static em_status make_shards(em_dist *d) {
             const int64_t Gs = d->gsize;
             for (int p = 0; p < d->gsize; p++, s++)
                 d->sh[s] = (shard){t, EM_SHARD_ROW, p, p, R > p ? (R - p + Gs - 1) / Gs : 0, Gs, 0, d->D};
-        } else if (d->cfg.type[t] != EM_SHARD_COLUMN) {
-            d->sh[s++] = (shard){t, d->cfg.type[t], d->cfg.type[t] == EM_SHARD_DATA ? -1 : d->cfg.owner[t], 0, R, 1, 0, d->D};
+        } else if (d->cfg.type[t] == EM_SHARD_TABLE) {
+            d->sh[s++] = (shard){t, EM_SHARD_TABLE, d->cfg.owner[t], 0, R, 1, 0, d->D};
         }
     }
     /* column-wise pieces last, so every rank's own shards are [others, pieces] in shard
@@ -226,7 +231,7 @@ static em_status make_shards(em_dist *d) {
             for (int j = 0; j < npieces; j++)
                 d->sh[s++] = (shard){t, EM_SHARD_COLUMN, (d->cfg.owner[t] + j) % d->gsize, 0, mc->rows[t], 1, j * d->cw, d->cw};
     for (s = 0; s < n; s++)
-        for (int q = 0; q < d->gsize; q++) d->held_by[(size_t)q * n + s] = d->sh[s].holder < 0 || d->sh[s].holder == q;
+        for (int q = 0; q < d->gsize; q++) d->held_by[(size_t)q * n + s] = d->sh[s].holder == q;
     d->nmine = d->kn = d->kc = 0;
     for (s = 0; s < n; s++)
         if (holds(d, d->grank, s)) {
@@ -267,6 +272,23 @@ static em_status create_local(em_dist *d, const em_dist_cfg *cfg) {
     if (!st && d->kc) st = em_embbag_create(&d->embc, &ecc);
     em_free(rows);
     if (st) return st;
+    /* data-parallel tables: a full replica, updated by the all-reduced gradient (plain
+     * row-wise AdaGrad: every replica takes the global step) */
+    d->dpt = em_calloc((size_t)(d->T ? d->T : 1), sizeof(int));
+    if (!d->dpt) return em_errorf(EM_ERR_NOMEM, "dist: out of memory");
+    int64_t dprows[EM_DLRM_MAX_TABLES];
+    d->ndp = 0, d->dp_len = 0;
+    for (int t = 0; t < d->T; t++)
+        if (cfg->type[t] == EM_SHARD_DATA) {
+            d->dpt[d->ndp] = t, dprows[d->ndp++] = cfg->model.rows[t];
+            d->dp_len += cfg->model.rows[t] * (int64_t)(d->D + 1);
+        }
+    if (d->ndp) {
+        em_embbag_cfg ed = {.num_tables = d->ndp, .rows = dprows, .dim = d->D, .pooling = EM_POOL_SUM, .opt = cfg->model.sparse_opt};
+        if ((st = em_embbag_create(&d->embd, &ed))) return st;
+        for (int j = 0; j < d->ndp; j++)
+            em_embbag_init_uniform_shard(d->embd, j, cfg->model.seed, d->dpt[j], dprows[j], 0, 1, 0, d->D);
+    }
     for (int k = 0; k < d->nmine; k++) {
         const shard *h = &d->sh[d->mine[k]];
         if (h->rows > 0)
@@ -305,12 +327,15 @@ void em_dist_free(em_dist *d) {
     em_dlrm_free(d->m);
     em_embbag_free(d->emb);
     em_embbag_free(d->embc);
+    em_embbag_free(d->embd);
+    em_free(d->dpt);
     em_free(d->sh), em_free(d->mine), em_free(d->held_by);
     if (d->gcomm != MPI_COMM_NULL && d->gcomm) MPI_Comm_free(&d->gcomm);
     if (d->rcomm != MPI_COMM_NULL && d->rcomm) MPI_Comm_free(&d->rcomm);
     em_free(d->Bw), em_free(d->Bs), em_free(d->boff), em_free(d->scnt), em_free(d->sdis), em_free(d->rcnt), em_free(d->rdis);
     em_free(d->ar_cnt), em_free(d->ar_dis), em_free(d->ar_rcnt), em_free(d->ar_rdis);
-    buf *bs[] = {&d->sbuf, &d->rbuf, &d->gidx, &d->goff, &d->gout, &d->pooled, &d->dpooled, &d->red, &d->hit, &d->scale, &d->tmp, &d->goutc, &d->goffc};
+    buf *bs[] = {&d->sbuf, &d->rbuf, &d->gidx, &d->goff, &d->gout, &d->pooled, &d->dpooled, &d->red, &d->hit, &d->scale, &d->tmp, &d->goutc, &d->goffc,
+                  &d->dpidx, &d->dpoff, &d->dpout, &d->dpgrad, &d->dprows};
     for (size_t i = 0; i < sizeof bs / sizeof bs[0]; i++) em_free(bs[i]->p);
     em_free(d);
 }
@@ -324,6 +349,7 @@ void em_dist_set_lr(em_dist *d, float dense_lr, float sparse_lr) {
     d->cfg.model.dense_opt.lr = dense_lr, d->cfg.model.sparse_opt.lr = sparse_lr;
     if (d->emb) em_embbag_set_lr(d->emb, sparse_lr);
     if (d->embc) em_embbag_set_lr(d->embc, sparse_lr);
+    if (d->embd) em_embbag_set_lr(d->embd, sparse_lr);
 }
 
 /* ------------------------------------------------------------ exchanges */
@@ -362,7 +388,7 @@ static em_status input_dist(em_dist *d, const em_batch *b) {
     if (d->boff[W] > INT32_MAX) return em_errorf(EM_ERR_UNSUPPORTED, "dist: global batch over 2^31 examples");
     d->G = (int)d->boff[W];
     /* sizes: for each destination q, each shard it holds: B lengths + the ids */
-    int64_t total = 0, dp = 0; /* dp: ids of data-parallel tables (to every rank of the group) */
+    int64_t total = 0;
     for (int q = 0; q < W; q++) {
         int64_t n = 0;
         for (int s = 0; s < d->nsh; s++) {
@@ -376,7 +402,6 @@ static em_status input_dist(em_dist *d, const em_batch *b) {
                 m += off[B] - off[0];
             }
             n += m;
-            if (h->type == EM_SHARD_DATA && q != d->grank) dp += m;
         }
         if (n > INT32_MAX) return em_errorf(EM_ERR_UNSUPPORTED, "dist: over 2^31 ids for one rank in one step");
         d->scnt[q] = (int)n, total += n;
@@ -403,9 +428,7 @@ static em_status input_dist(em_dist *d, const em_batch *b) {
         }
     if ((st = plan_exchange(d, sizeof(int64_t)))) return st;
     exchange(d, MPI_INT64_T);
-    /* what leaves the rank; data-parallel tables' traffic is counted apart */
-    d->bytes.ids = (double)(total - d->scnt[d->grank] - dp) * sizeof(int64_t);
-    d->bytes.dp = (double)dp * sizeof(int64_t);
+    d->bytes.ids = (double)(total - d->scnt[d->grank]) * sizeof(int64_t); /* what leaves the rank */
     /* assemble: shard k's bags over the global batch, sources in rank order */
     const int G = d->G, K = d->nmine;
     int64_t nids = 0;
@@ -570,7 +593,6 @@ static em_status pool_and_output_dist(em_dist *d, const em_batch *b, em_pool *po
         int64_t n = 0;
         for (int k = 0; k < K; k++) {
             const shard *h = &d->sh[d->mine[k]];
-            if (h->type == EM_SHARD_DATA) continue;
             int hits = 0;
             for (int e = 0; e < d->Bs[q]; e++) {
                 const size_t u = (size_t)k * G + (size_t)d->boff[q] + (size_t)e;
@@ -587,7 +609,6 @@ static em_status pool_and_output_dist(em_dist *d, const em_batch *b, em_pool *po
     for (int q = 0; q < W; q++)
         for (int k = 0; k < K; k++) {
             const shard *h = &d->sh[d->mine[k]];
-            if (h->type == EM_SHARD_DATA) continue;
             const uint8_t *hq = hit + (size_t)k * G + (size_t)d->boff[q];
             int hits = 0;
             for (int e = 0; e < d->Bs[q]; e++) hits += hq[e];
@@ -606,16 +627,31 @@ static em_status pool_and_output_dist(em_dist *d, const em_batch *b, em_pool *po
         const char *q = (const char *)d->rbuf.p + d->rdis[p];
         for (int s = 0; s < d->nsh; s++) {
             const shard *h = &d->sh[s];
-            if (!holds(d, p, s) || h->type == EM_SHARD_DATA) continue;
+            if (!holds(d, p, s)) continue;
             q = add_block(d, q, h->type == EM_SHARD_ROW, B, h->cols, pooled + (size_t)h->t * D + (size_t)h->col0, TD);
         }
     }
-    for (int k = 0; k < K; k++) { /* data-parallel tables: my own pooling, exact */
-        const shard *h = &d->sh[d->mine[k]];
-        if (h->type != EM_SHARD_DATA) continue;
-        size_t stride;
-        const float *src = vec_of(d, k, d->boff[d->grank], &stride);
-        for (int e = 0; e < B; e++) memcpy(pooled + (size_t)e * TD + (size_t)h->t * D, src + (size_t)e * stride, D * sizeof(float));
+    if (d->ndp && B) { /* data-parallel tables: this rank's replica, its own examples */
+        size_t nnz = 0;
+        for (int j = 0; j < d->ndp; j++) nnz += (size_t)(b->offsets[(size_t)(d->dpt[j] + 1) * B] - b->offsets[(size_t)d->dpt[j] * B]);
+        if ((st = grow(&d->dpidx, (nnz + 1) * sizeof(int64_t))) ||
+            (st = grow(&d->dpoff, ((size_t)d->ndp * B + 1) * sizeof(int64_t))) ||
+            (st = grow(&d->dpout, (size_t)B * (size_t)d->ndp * D * sizeof(float))))
+            return st;
+        int64_t *ix = d->dpidx.p, *of = d->dpoff.p, pos = 0;
+        of[0] = 0;
+        for (int j = 0; j < d->ndp; j++)
+            for (int e = 0; e < B; e++) {
+                const size_t u = (size_t)d->dpt[j] * B + (size_t)e;
+                for (int64_t k = b->offsets[u]; k < b->offsets[u + 1]; k++) ix[pos++] = b->indices[k];
+                of[(size_t)j * B + (size_t)e + 1] = pos;
+            }
+        if ((st = em_embbag_forward(d->embd, d->dpout.p, ix, of, NULL, B, pool))) return st;
+        const float *dpo = d->dpout.p;
+        for (int e = 0; e < B; e++)
+            for (int j = 0; j < d->ndp; j++)
+                memcpy(pooled + (size_t)e * TD + (size_t)d->dpt[j] * D, dpo + ((size_t)e * d->ndp + (size_t)j) * D,
+                       D * sizeof(float));
     }
     if (d->cfg.model.pooling == EM_POOL_MEAN)
         for (int t = 0; t < d->T; t++)
@@ -661,15 +697,11 @@ static em_status backward_dist(em_dist *d, const em_batch *b, em_pool *pool) {
             hits[s] += x;
         }
     }
-    int64_t total = 0, dpb = 0;
+    int64_t total = 0;
     for (int q = 0; q < W; q++) {
         int64_t n = 0;
-        for (int s = 0; s < d->nsh; s++) {
-            if (!holds(d, q, s)) continue;
-            const int64_t m = (int64_t)block_bytes(d, d->sh[s].type == EM_SHARD_ROW, B, hits[s], d->sh[s].cols);
-            n += m;
-            if (d->sh[s].type == EM_SHARD_DATA && q != d->grank) dpb += m;
-        }
+        for (int s = 0; s < d->nsh; s++)
+            if (holds(d, q, s)) n += (int64_t)block_bytes(d, d->sh[s].type == EM_SHARD_ROW, B, hits[s], d->sh[s].cols);
         if (n > INT32_MAX) {
             em_free(hits);
             return em_errorf(EM_ERR_UNSUPPORTED, "dist: gradient exchange over 2 GiB for one rank");
@@ -689,8 +721,7 @@ static em_status backward_dist(em_dist *d, const em_batch *b, em_pool *pool) {
                           dp + (size_t)h->t * D + (size_t)h->col0, TD, scale + (size_t)h->t * B);
         }
     em_free(hits);
-    d->bytes.grads = (double)(total - d->scnt[d->grank] - dpb);
-    d->bytes.dp += (double)dpb;
+    d->bytes.grads = (double)(total - d->scnt[d->grank]);
     if ((st = plan_exchange(d, 1))) return st;
     exchange(d, MPI_BYTE);
     if (!K || !G) return EM_OK;
@@ -824,6 +855,63 @@ static em_status sync_replicas(em_dist *d) {
     return EM_OK;
 }
 
+/* Data-parallel tables: each rank's gradient of its replicas (dense, rows x D, plus a
+ * touch count per row) from its own examples, summed over all N ranks (rank order),
+ * then every rank applies the same sparse optimizer step to the touched rows in row
+ * order: the replicas stay identical, and the step is one process's on the global
+ * batch. dp holds d loss / d pooled weighted for the sparse tables (M B_r / global
+ * batch); these tables take the global step, so 1/M of it. */
+static em_status dp_backward(em_dist *d, const em_batch *b, const float *dp, em_pool *pool) {
+    if (!d->ndp) return EM_OK;
+    const int B = b ? b->B : 0;
+    const size_t D = (size_t)d->D, TD = (size_t)d->T * D;
+    em_status st = grow(&d->dpgrad, (size_t)d->dp_len * sizeof(float));
+    if (st) return st;
+    float *g = d->dpgrad.p;
+    memset(g, 0, (size_t)d->dp_len * sizeof(float));
+    const float inv_m = 1.0f / (float)d->M;
+    size_t base = 0, most = 0;
+    for (int j = 0; j < d->ndp; j++) {
+        const int t = d->dpt[j];
+        const size_t R = (size_t)d->cfg.model.rows[t];
+        float *gw = g + base, *cnt = gw + R * D;
+        for (int e = 0; e < B; e++) {
+            const size_t u = (size_t)t * B + (size_t)e;
+            const int64_t n = b->offsets[u + 1] - b->offsets[u];
+            const float sc = (d->cfg.model.pooling == EM_POOL_MEAN && n > 1 ? 1.0f / (float)n : 1.0f) * inv_m;
+            const float *v = dp + (size_t)e * TD + (size_t)t * D;
+            for (int64_t k = b->offsets[u]; k < b->offsets[u + 1]; k++) {
+                float *r = gw + (size_t)b->indices[k] * D;
+                for (size_t x = 0; x < D; x++) r[x] += sc * v[x];
+                cnt[b->indices[k]] += 1.0f;
+            }
+        }
+        base += R * (D + 1);
+        if (R > most) most = R;
+    }
+    double sent = 0;
+    if ((st = allreduce_sum(d, MPI_COMM_WORLD, g, (size_t)d->dp_len, &sent))) return st;
+    d->bytes.dp = sent;
+    if ((st = grow(&d->dprows, most * (sizeof(int64_t) + D * sizeof(float)) + 1))) return st;
+    int64_t *rows = d->dprows.p;
+    float *pg = (float *)(rows + most);
+    base = 0;
+    for (int j = 0; j < d->ndp; j++) {
+        const size_t R = (size_t)d->cfg.model.rows[d->dpt[j]];
+        const float *gw = g + base, *cnt = gw + R * D;
+        size_t n = 0;
+        for (size_t r = 0; r < R; r++)
+            if (cnt[r] > 0) {
+                rows[n] = (int64_t)r;
+                memcpy(pg + n * D, gw + r * D, D * sizeof(float));
+                n++;
+            }
+        if (n && (st = em_embbag_update_rows(d->embd, j, rows, pg, n, pool))) return st;
+        base += R * (D + 1);
+    }
+    return EM_OK;
+}
+
 em_status em_dist_sync(em_dist *d) {
     if (d->M == 1 || d->synced_step == d->step) return EM_OK; /* nothing moved since the last average */
     return agree(sync_replicas(d));
@@ -887,6 +975,7 @@ em_status em_dist_train_step(em_dist *d, const em_batch *local, double *loss, em
     st = backward_dist(d, local, pool);
     em_status ar = allreduce_finish(d, g, n); /* completes even if the backward failed */
     if ((st = agree(st ? st : ar))) return st;
+    if ((st = agree(dp_backward(d, local, d->dpooled.p, pool)))) return st;
     if ((st = agree(em_dlrm_dense_step(d->m, pool)))) return st;
     d->step++;
     if (d->M > 1 && d->step % d->cfg.sync_every == 0 && (st = agree(sync_replicas(d)))) return st;
@@ -939,6 +1028,26 @@ static size_t state_per_row(const em_dist *d) {
  * with to_root = 0, from rank 0 out to their holders in every replica group. */
 static em_status move_table(em_dist *d, int t, float *w, float *state, int to_root) {
     const size_t D = (size_t)d->D, spr = state_per_row(d);
+    if (d->cfg.type[t] == EM_SHARD_DATA) { /* every rank holds the same replica */
+        int j = 0;
+        while (d->dpt[j] != t) j++;
+        const size_t nw = (size_t)d->cfg.model.rows[t] * D, ns = (size_t)d->cfg.model.rows[t] * spr;
+        float *lw = em_embbag_weights(d->embd, j), *ls = spr ? em_embbag_state(d->embd, j, NULL) : NULL;
+        if (to_root) {
+            if (d->rank == 0) {
+                memcpy(w, lw, nw * sizeof(float));
+                if (state && ls) memcpy(state, ls, ns * sizeof(float));
+            }
+            return EM_OK;
+        }
+        if (d->rank == 0) {
+            memcpy(lw, w, nw * sizeof(float));
+            if (ls) memcpy(ls, state, ns * sizeof(float));
+        }
+        bcast_floats(lw, nw, 0);
+        if (ls) bcast_floats(ls, ns, 0);
+        return EM_OK;
+    }
     /* rank 0 stages row-wise shards (every G-th row) and column-wise pieces (some columns
      * of every row) in a contiguous buffer */
     size_t most = 0;
@@ -974,7 +1083,7 @@ static em_status move_table(em_dist *d, int t, float *w, float *state, int to_ro
             }
             gw = tw, gs = gs0 ? ts : NULL;
         }
-        const int src = h->holder < 0 ? 0 : h->holder;
+        const int src = h->holder;
         if (to_root) {
             if (src == 0) {
                 if (d->rank == 0) {
@@ -994,13 +1103,6 @@ static em_status move_table(em_dist *d, int t, float *w, float *state, int to_ro
                         em_free(tmp);
                     }
                 }
-            }
-        } else if (h->holder < 0) { /* data-parallel: to everybody */
-            if (d->rank == 0) memcpy(lw, gw, nw * sizeof(float));
-            bcast_floats(lw, nw, 0);
-            if (spr) {
-                if (d->rank == 0) memcpy(ls, gs, ns * sizeof(float));
-                bcast_floats(ls, ns, 0);
             }
         } else {
             for (int m = 0; m < d->M; m++) { /* every replica group's holder */
