@@ -22,7 +22,7 @@
 #   (more sections append below: write $OUT/<name>.json, add the name)
 # Takes ~35-40 min on 2 cores; not part of the test suite.
 # Env: OUT (default bench/out/embedding_store), BUILD (default build-bench-es),
-#      SECTIONS (default "fiited dynamic"), FRACS (FIITED budgets as fractions),
+#      SECTIONS (default "fiited dynamic"), FRACS (FIITED budgets as fractions; 1 = unpruned),
 #      PRUNE_EVERY (default 50), THREADS (default 2), KEEP=1 keeps the runs' checkpoints,
 #      RERUN=1 repeats runs already recorded in $OUT/runs (by default they are kept, so
 #      more budgets can be added to the curve later: FRACS="0.2" bench/embedding_store.sh).
@@ -31,7 +31,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/out/embedding_store}
 BUILD=${BUILD:-build-bench-es}
 SECTIONS=${SECTIONS:-"fiited dynamic ssd"}
-FRACS=${FRACS:-"0.25 0.1 0.05 0.03"}
+FRACS=${FRACS:-"1 0.1 0.05 0.03"}
 PRUNE_EVERY=${PRUNE_EVERY:-50}
 THREADS=${THREADS:-2}
 mkdir -p "$OUT"
