@@ -439,7 +439,7 @@ static void test_student(void) {
             uint64_t pos = b0 + 499 - k;
             if (!em_das_lookup(ix, em_das_example_id(0, pos), &rec[1])) continue;
             rec[0] = rec[1];
-            rec[0].logit = -rec[1].logit + 3.f, rec[0].vertical = 2;
+            rec[0].logit = -rec[1].logit + 3.f; /* same vertical: the student keeps both */
             CHECK_OK(em_das_append(dw, rec, 2));
         }
     CHECK_OK(em_das_writer_close(dw));

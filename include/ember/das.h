@@ -96,6 +96,7 @@ typedef struct {
     uint64_t torn;        /* files whose tail was torn (partial or bad last record) */
     uint64_t torn_bytes;  /* bytes ignored in torn tails */
     uint64_t evicted;     /* entries removed by em_das_index_evict */
+    uint64_t filtered;    /* records read but not kept: another vertical (em_das_index_follow_upto) */
 } em_das_stats;
 
 /* Refuse (EM_ERR_CORRUPT) a file with a corrupted record anywhere but its last one,
@@ -121,9 +122,11 @@ em_status em_das_index_follow(em_das_index *ix, const char *path, uint64_t *offs
                               unsigned flags, uint64_t *added);
 /* em_das_index_follow reading at most max_records records (a reader that needs only the
  * records up to some point of an in-order log, such as a windowed student, need not
- * load the rest). */
+ * load the rest), keeping only the records of `vertical` when it is >= 0 (the others are
+ * read, checked and counted in stats.filtered: a student's index holds its own traffic).
+ * *added counts the records read. */
 em_status em_das_index_follow_upto(em_das_index *ix, const char *path, uint64_t *offset, uint64_t max_records,
-                                   unsigned flags, uint64_t *added);
+                                   int64_t vertical, unsigned flags, uint64_t *added);
 /* Remove every entry whose id is in [lo, hi) and shrink the table to fit; bounds memory
  * when a student joins a stream in windows (evict ids of positions it has passed:
  * [em_das_example_id(s, 0), em_das_example_id(s, pos))). O(table size). On failure

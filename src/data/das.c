@@ -388,10 +388,10 @@ void em_das_index_stats(const em_das_index *ix, em_das_stats *out) { *out = ix->
  * sets *last_bad (the caller decides: torn tail, or not yet written); on an earlier
  * record it is counted as corrupt or, with EM_DAS_STRICT, refused. */
 static em_status scan_records(em_das_index *ix, int fd, const char *path, uint64_t k0, uint64_t k1,
-                              unsigned flags, int *last_bad) {
+                              unsigned flags, int64_t vertical, int *last_bad) {
     *last_bad = 0;
     if (k1 <= k0) return EM_OK;
-    em_status st = reserve(ix, ix->st.entries + (k1 - k0));
+    em_status st = vertical < 0 ? reserve(ix, ix->st.entries + (k1 - k0)) : EM_OK;
     if (st) return st;
     unsigned char *buf = em_malloc((size_t)DAS_RBUF_RECS * DAS_REC);
     if (!buf) return EM_ERR_NOMEM;
@@ -401,8 +401,13 @@ static em_status scan_records(em_das_index *ix, int fd, const char *path, uint64
         for (size_t i = 0; i < cnt; i++) {
             em_das_rec r;
             if (get_rec(buf + i * DAS_REC, &r)) {
-                put_slot(ix, &r);
                 ix->st.records++;
+                if (vertical >= 0 && r.vertical != (uint32_t)vertical) {
+                    ix->st.filtered++;
+                    continue;
+                }
+                if (vertical >= 0 && (st = reserve(ix, ix->st.entries + 1))) break;
+                put_slot(ix, &r);
             } else if (c0 + i == k1 - 1) {
                 *last_bad = 1;
             } else if (flags & EM_DAS_STRICT) {
@@ -446,7 +451,7 @@ static em_status load_file(em_das_index *ix, const char *path, unsigned flags) {
     } else if (!(st = pread_all(fd, h, DAS_HDR, 0, path)) && !(st = check_header(h, path))) {
         uint64_t body = (uint64_t)sb.st_size - DAS_HDR, nrec = body / DAS_REC, tail = body % DAS_REC;
         int last_bad;
-        if (!(st = scan_records(ix, fd, path, 0, nrec, flags, &last_bad))) {
+        if (!(st = scan_records(ix, fd, path, 0, nrec, flags, -1, &last_bad))) {
             ix->st.files++;
             ix->st.torn += (uint64_t)(tail || last_bad);
             ix->st.torn_bytes += tail + (last_bad ? DAS_REC : 0);
@@ -458,11 +463,11 @@ static em_status load_file(em_das_index *ix, const char *path, unsigned flags) {
 
 em_status em_das_index_follow(em_das_index *ix, const char *path, uint64_t *offset, unsigned flags,
                               uint64_t *added) {
-    return em_das_index_follow_upto(ix, path, offset, UINT64_MAX, flags, added);
+    return em_das_index_follow_upto(ix, path, offset, UINT64_MAX, -1, flags, added);
 }
 
 em_status em_das_index_follow_upto(em_das_index *ix, const char *path, uint64_t *offset, uint64_t max_records,
-                                   unsigned flags, uint64_t *added) {
+                                   int64_t vertical, unsigned flags, uint64_t *added) {
     if (!ix || !path || !offset) return em_errorf(EM_ERR_INVALID, "em_das_index_follow: NULL argument");
     if (flags & ~EM_DAS_STRICT) return em_errorf(EM_ERR_INVALID, "em_das_index_follow: unknown flags 0x%x", flags);
     if (*offset && (*offset < DAS_HDR || (*offset - DAS_HDR) % DAS_REC))
@@ -489,7 +494,7 @@ em_status em_das_index_follow_upto(em_das_index *ix, const char *path, uint64_t 
         uint64_t k0 = (*offset - DAS_HDR) / DAS_REC, k1 = ((uint64_t)sb.st_size - DAS_HDR) / DAS_REC;
         int last_bad;
         if (k1 - k0 > max_records) k1 = k0 + max_records;
-        st = scan_records(ix, fd, path, k0, k1, flags, &last_bad);
+        st = scan_records(ix, fd, path, k0, k1, flags, vertical, &last_bad);
         if (!st) *offset = DAS_HDR + (k1 - (uint64_t)last_bad) * DAS_REC;
     }
     close(fd);

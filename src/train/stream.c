@@ -568,7 +568,8 @@ static em_status window_join(run *R, em_stream_window *rep) {
     const uint64_t chunk = 2 * (uint64_t)c->window + 65536;
     while (!em_das_lookup(R->ix, w->xid[w->n - 1], NULL)) {
         uint64_t added = 0;
-        if ((st = em_das_index_follow_upto(R->ix, c->teacher_log, &R->follow_off, chunk, 0, &added))) return st;
+        if ((st = em_das_index_follow_upto(R->ix, c->teacher_log, &R->follow_off, chunk, c->vertical, 0, &added)))
+            return st;
         if (added) continue;
         if (c->teacher_wait_s <= 0 || em_now() - t0 >= c->teacher_wait_s) break;
         sleep_s(0.05);
