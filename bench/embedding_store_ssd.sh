@@ -65,6 +65,10 @@ run mem1 --tables dynamic
 table_mb=$(sed -n 's/^tables: dynamic, [0-9]* rows, \([0-9.]*\) MB held.*/\1/p' "$OUT/mem1.log")
 limit_mb=$(python3 -c "print(int($table_mb / 4))")
 cache_mb=$((limit_mb - 12))
+if [[ "$cache_mb" -lt 1 ]]; then
+  echo "embedding_store_ssd.sh: a limit of $limit_mb MB does not cover RocksDB's 12 MB; use more ROWS" >&2
+  exit 1
+fi
 log "in-memory tables hold $table_mb MB: limit $limit_mb MB, row cache $cache_mb MB"
 for r in $(seq "$REPS"); do
   run "ssd$r" --tables ssd --ssd-dir "$OUT/store" --ssd-cache-mb "$cache_mb"
