@@ -17,7 +17,7 @@
 #        ev        --seq-events EV        (carts + orders wide and deep, clicks narrow)
 #        ev16      --seq-events EV16      (the same at width D)
 #        evdrop    --seq-events EVDROP    (carts + orders only: clicks dropped)
-#      and, on "typed", cs and ev16 again with --seed 2 (another initialisation);
+#      and, on "typed", cs and ev16 again with --seed 2 and 3 (other initialisations);
 #      test AUC / NE beside the planted optimum, the tower's forward FLOPs per example
 #      (seqtower.c counts them) and the whole model's (MLPs + interaction + tower);
 #   3. speed: base, cs and ev16 alternated REPS times on the first TIME_ROWS rows of "typed"
@@ -100,7 +100,9 @@ model() { # name, data dir, kind [, extra arguments]
 for ds in typed default; do
   for kind in base cs full ev ev16 evdrop; do model "${ds}_$kind" "$OUT/data_$ds" $kind; done
 done
-for kind in cs ev16; do model "typed_${kind}_seed2" "$OUT/data_typed" $kind --seed 2; done
+for s in 2 3; do
+  for kind in cs ev16; do model "typed_${kind}_seed$s" "$OUT/data_typed" $kind --seed "$s"; done
+done
 
 # 3. speed, alternating (no evaluation: training seconds only)
 for r in $(seq "$REPS"); do
@@ -147,20 +149,23 @@ for ds in ("typed", "default"):
     for n in ("base", "cs", "full", "ev", "ev16", "evdrop"):
         r = rep(f"{ds}_{n}")
         d[n] = {"auc": r["test"]["auc"], "ne": r["test"]["ne"], "train_s": r["run"]["train_seconds"],
-                "model_mflop_per_example": round(model_mflop(r), 4), "interaction_vectors": None}
+                "model_mflop_per_example": round(model_mflop(r), 4)}
         if "seq" in r:
             d[n]["tower_mflop_per_example"] = round(r["seq"]["forward_flops_per_example"] / 1e6, 4)
             q = r["model"]["seq"]
             d[n]["tower"] = q.get("events", q["blocks"])
         m = r["model"]
-        d[n]["interaction_vectors"] = round((-1 + (1 + 8 * (m["top"][0] - m["dim"])) ** 0.5) / 2) - 1
+        d[n]["tower_vectors"] = round((-1 + (1 + 8 * (m["top"][0] - m["dim"])) ** 0.5) / 2) - len(m["rows"])
     for e in ("ev", "ev16"):
         d[f"{e}_minus_cs"] = {"auc": d[e]["auc"] - d["cs"]["auc"], "ne": d[e]["ne"] - d["cs"]["ne"],
                               "tower_flops_ratio": d[e]["tower_mflop_per_example"] / d["cs"]["tower_mflop_per_example"],
                               "model_flops_ratio": (d[e]["model_mflop_per_example"]) / d["cs"]["model_mflop_per_example"]}
     res[ds] = d
-s2 = {n: {"auc": rep(f"typed_{n}_seed2")["test"]["auc"], "ne": rep(f"typed_{n}_seed2")["test"]["ne"]} for n in ("cs", "ev16")}
-res["typed_seed2"] = s2
+seeds = {n: [{"auc": res["typed"][n]["auc"], "ne": res["typed"][n]["ne"]}] +
+         [{"auc": rep(f"typed_{n}_seed{s}")["test"]["auc"], "ne": rep(f"typed_{n}_seed{s}")["test"]["ne"]} for s in (2, 3)]
+         for n in ("cs", "ev16")}
+res["typed_seeds_1_2_3"] = seeds
+res["typed_seed_mean"] = {n: {k: statistics.mean(x[k] for x in v) for k in ("auc", "ne")} for n, v in seeds.items()}
 t = {k: [rep(f"time_{k}_{i}")["run"]["train_seconds"] for i in range(1, reps + 1)] for k in ("base", "cs", "ev16")}
 med = {k: statistics.median(v) for k, v in t.items()}
 c = {k: [cpu(f"time_{k}_{i}") for i in range(1, reps + 1)] for k in ("base", "cs", "ev16")}
