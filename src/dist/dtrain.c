@@ -140,6 +140,9 @@ struct em_dist {
     buf goutc, goffc;      /* (G, kc, cw) the same for column-wise pieces; their offsets rebased */
     buf hit, scale;        /* row-wise block membership (bytes), mean-pooling factors */
     buf tmp;               /* rank 0: a row-wise shard in transit (checkpoints) */
+    uint8_t *touched;      /* 2D: per local row of my shards (mine order), touched since the last average */
+    int64_t *toff;         /* [nmine + 1] each shard's first entry in touched */
+    buf spack;             /* 2D: the touched rows (weights + state) being averaged */
     buf pooled, dpooled;   /* (B, T, D) this rank's examples */
     buf red;               /* all-reduce scratch */
     em_dist_bytes bytes;
@@ -295,6 +298,12 @@ static em_status create_local(em_dist *d, const em_dist_cfg *cfg) {
             em_embbag_init_uniform_shard(k < d->kn ? d->emb : d->embc, k < d->kn ? k : k - d->kn, cfg->model.seed, h->t,
                                          cfg->model.rows[h->t], h->row0, h->stride, h->col0, d->D);
     }
+    if (d->M > 1) { /* 2D: which rows the replicas must average */
+        if (!(d->toff = em_calloc((size_t)d->nmine + 1, sizeof(int64_t)))) return em_errorf(EM_ERR_NOMEM, "dist: out of memory");
+        for (int k = 0; k < d->nmine; k++)
+            d->toff[k + 1] = d->toff[k] + em_embbag_rows(k < d->kn ? d->emb : d->embc, k < d->kn ? k : k - d->kn);
+        if (!(d->touched = em_calloc((size_t)d->toff[d->nmine] + 1, 1))) return em_errorf(EM_ERR_NOMEM, "dist: out of memory");
+    }
     const size_t W = (size_t)d->world;
     d->Bw = em_calloc(W, sizeof(int));
     d->Bs = em_calloc(W, sizeof(int));
@@ -329,13 +338,14 @@ void em_dist_free(em_dist *d) {
     em_embbag_free(d->embc);
     em_embbag_free(d->embd);
     em_free(d->dpt);
+    em_free(d->touched), em_free(d->toff);
     em_free(d->sh), em_free(d->mine), em_free(d->held_by);
     if (d->gcomm != MPI_COMM_NULL && d->gcomm) MPI_Comm_free(&d->gcomm);
     if (d->rcomm != MPI_COMM_NULL && d->rcomm) MPI_Comm_free(&d->rcomm);
     em_free(d->Bw), em_free(d->Bs), em_free(d->boff), em_free(d->scnt), em_free(d->sdis), em_free(d->rcnt), em_free(d->rdis);
     em_free(d->ar_cnt), em_free(d->ar_dis), em_free(d->ar_rcnt), em_free(d->ar_rdis);
     buf *bs[] = {&d->sbuf, &d->rbuf, &d->gidx, &d->goff, &d->gout, &d->pooled, &d->dpooled, &d->red, &d->hit, &d->scale, &d->tmp, &d->goutc, &d->goffc,
-                  &d->dpidx, &d->dpoff, &d->dpout, &d->dpgrad, &d->dprows};
+                  &d->dpidx, &d->dpoff, &d->dpout, &d->dpgrad, &d->dprows, &d->spack};
     for (size_t i = 0; i < sizeof bs / sizeof bs[0]; i++) em_free(bs[i]->p);
     em_free(d);
 }
@@ -737,6 +747,11 @@ static em_status backward_dist(em_dist *d, const em_batch *b, em_pool *pool) {
             q = add_block(d, q, h->type == EM_SHARD_ROW, d->Bs[p], h->cols, dst, stride);
         }
     }
+    if (d->touched) { /* 2D: remember the rows this step updates */
+        const int64_t *goff = d->goff.p, *gidx = d->gidx.p;
+        for (int k = 0; k < K; k++)
+            for (int64_t i = goff[(size_t)k * G]; i < goff[(size_t)(k + 1) * G]; i++) d->touched[d->toff[k] + gidx[i]] = 1;
+    }
     if (d->kn && (st = em_embbag_backward_update(d->emb, d->gout.p, d->gidx.p, d->goff.p, NULL, NULL, G, pool))) return st;
     if (d->kc) {
         const int64_t base = ((const int64_t *)d->goff.p)[(size_t)d->kn * G];
@@ -830,7 +845,8 @@ static em_status allreduce_finish(em_dist *d, float *g, size_t n) {
 }
 
 /* 2D: every shard's weights and optimizer state averaged over its M replicas (one per
- * replica group), summed in group order. */
+ * replica group), summed in group order: only the rows some replica updated since the
+ * last average (the others are equal everywhere), as the paper and the planner's model do. */
 static em_status sync_replicas(em_dist *d) {
     if (d->M == 1) return EM_OK;
     const float inv = 1.0f / (float)d->M;
@@ -838,17 +854,36 @@ static em_status sync_replicas(em_dist *d) {
     for (int k = 0; k < d->nmine; k++) {
         em_embbag *eb = k < d->kn ? d->emb : d->embc;
         const int j = k < d->kn ? k : k - d->kn;
-        size_t nw = (size_t)em_embbag_rows(eb, j) * (size_t)em_embbag_dim(eb), ns = 0;
+        const size_t R = (size_t)em_embbag_rows(eb, j), dim = (size_t)em_embbag_dim(eb);
+        size_t ns = 0;
         float *w = em_embbag_weights(eb, j), *st = em_embbag_state(eb, j, &ns);
-        em_status e = allreduce_sum(d, d->rcomm, w, nw, &s1);
+        const size_t spr = R ? ns / R : 0, rw = dim + spr;
+        /* the rows any replica touched since the last average (an OR: order-free) */
+        uint8_t *t = d->touched + d->toff[k];
+        for (size_t o = 0; o < R; o += (size_t)1 << 30)
+            MPI_Allreduce(MPI_IN_PLACE, t + o, (int)(R - o < ((size_t)1 << 30) ? R - o : ((size_t)1 << 30)), MPI_UNSIGNED_CHAR,
+                          MPI_BOR, d->rcomm);
+        sent += (double)R * 2.0 * (double)(d->M - 1) / (double)d->M;
+        size_t n = 0;
+        for (size_t r = 0; r < R; r++) n += t[r];
+        if (!n) continue;
+        em_status e = grow(&d->spack, n * rw * sizeof(float));
         if (e) return e;
+        float *pk = d->spack.p;
+        for (size_t r = 0, i = 0; r < R; r++)
+            if (t[r]) {
+                memcpy(pk + i * rw, w + r * dim, dim * sizeof(float));
+                if (spr) memcpy(pk + i * rw + dim, st + r * spr, spr * sizeof(float));
+                i++;
+            }
+        if ((e = allreduce_sum(d, d->rcomm, pk, n * rw, &s1))) return e;
         sent += s1;
-        for (size_t i = 0; i < nw; i++) w[i] *= inv;
-        if (ns) {
-            if ((e = allreduce_sum(d, d->rcomm, st, ns, &s1))) return e;
-            sent += s1;
-            for (size_t i = 0; i < ns; i++) st[i] *= inv;
-        }
+        for (size_t r = 0, i = 0; r < R; r++)
+            if (t[r]) {
+                for (size_t x = 0; x < dim; x++) w[r * dim + x] = pk[i * rw + x] * inv;
+                for (size_t x = 0; x < spr; x++) st[r * spr + x] = pk[i * rw + dim + x] * inv;
+                t[r] = 0, i++;
+            }
     }
     d->bytes.sync = sent;
     d->synced_step = d->step;
