@@ -88,6 +88,26 @@ void cli_release(void) {
     }
 }
 
+int cli_set_optim(void *ctx, const cli_opt *o, const char *v) {
+    em_optim_kind k;
+    if (em_optim_parse(v, &k) != EM_OK) {
+        fprintf(stderr, "ember: --%s: unknown optimizer '%s' (sgd, adagrad, rowwise_adagrad, adam, adamw)\n", o->name, v);
+        return -1;
+    }
+    memcpy((char *)ctx + o->off, &k, sizeof k);
+    return 0;
+}
+
+int cli_layers(const char *verb, const char *opt, const char *v, int *sizes, int *n, int *given) {
+    int k = em_parse_layers(v, sizes, EM_DLRM_MAX_LAYERS + 1);
+    if (k < 2) {
+        fprintf(stderr, "ember %s: --%s: expected sizes like 13-512-256-64-16, got '%s'\n", verb, opt, v);
+        return -1;
+    }
+    *n = k, *given = 1;
+    return 0;
+}
+
 void cli_help(FILE *f, const char *verb, const char *usage, const cli_opt *opts, int nopts) {
     fprintf(f, "usage: ember %s %s\n\n", verb, usage);
     for (int i = 0; i < nopts; i++) {

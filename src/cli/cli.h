@@ -94,6 +94,11 @@ int cli_float(const char *opt, const char *v, double *out);
 /* A comma-separated list of positive integers, at most `max` of them, into out[]; on
  * error prints "ember <verb>: --<opt>: expected a comma-separated list of <what>". */
 int cli_int_list(const char *verb, const char *opt, const char *what, const char *v, int64_t *out, int max, int *n);
+/* A CLI_FN setter: an optimizer name (em_optim_parse) into the em_optim_kind at o->off. */
+int cli_set_optim(void *ctx, const cli_opt *o, const char *v);
+/* MLP sizes like "13-512-256-64-16" into sizes and *n (at least 2), *given = 1; else a
+ * message naming the verb and --opt, and -1. */
+int cli_layers(const char *verb, const char *opt, const char *v, int *sizes, int *n, int *given);
 
 /* The embedding-backend options of a verb that builds a model (cli_tables.c): put a
  * cli_tables_opts field in the verb's context, CLI_TABLES_OPTS(ctx type, field) in its

@@ -33,30 +33,11 @@ typedef struct {
 
 #define CTX ((stream_ctx *)c)
 
-static int set_optim(void *c, const cli_opt *o, const char *v) {
-    em_optim_kind k;
-    if (em_optim_parse(v, &k) != EM_OK) {
-        fprintf(stderr, "ember stream: --%s: unknown optimizer '%s' (sgd, adagrad, rowwise_adagrad, adam, adamw)\n",
-                o->name, v);
-        return -1;
-    }
-    memcpy((char *)c + o->off, &k, sizeof k);
-    return 0;
-}
-static int set_layers(const char *opt, const char *v, int *sizes, int *n, int *given) {
-    int k = em_parse_layers(v, sizes, EM_DLRM_MAX_LAYERS + 1);
-    if (k < 2) {
-        fprintf(stderr, "ember stream: --%s: expected sizes like 13-512-256-64-16, got '%s'\n", opt, v);
-        return -1;
-    }
-    *n = k, *given = 1;
-    return 0;
-}
 static int set_bot(void *c, const cli_opt *o, const char *v) {
-    return set_layers(o->name, v, CTX->sc.model.bot, &CTX->sc.model.n_bot, &CTX->bot_given);
+    return cli_layers("stream", o->name, v, CTX->sc.model.bot, &CTX->sc.model.n_bot, &CTX->bot_given);
 }
 static int set_top(void *c, const cli_opt *o, const char *v) {
-    return set_layers(o->name, v, CTX->sc.model.top, &CTX->sc.model.n_top, &CTX->top_given);
+    return cli_layers("stream", o->name, v, CTX->sc.model.top, &CTX->sc.model.n_top, &CTX->top_given);
 }
 static int set_rows(void *c, const cli_opt *o, const char *v) {
     em_dlrm_cfg *m = &CTX->sc.model;
@@ -118,8 +99,8 @@ static const cli_opt opts[] = {
     OPT_DOUBLE_POS("lr", "F", "learning rate of both optimizers (default 0.1)", stream_ctx, lr),
     OPT_DOUBLE_POS("dense-lr", "F", "learning rate of the dense optimizer", stream_ctx, dense_lr),
     OPT_DOUBLE_POS("sparse-lr", "F", "learning rate of the embedding optimizer", stream_ctx, sparse_lr),
-    OPT_FN("dense-opt", "NAME", "sgd | adagrad | adam | adamw (default sgd)", set_optim, offsetof(stream_ctx, dense_kind)),
-    OPT_FN("sparse-opt", "NAME", "sgd | adagrad | rowwise_adagrad (default sgd)", set_optim,
+    OPT_FN("dense-opt", "NAME", "sgd | adagrad | adam | adamw (default sgd)", cli_set_optim, offsetof(stream_ctx, dense_kind)),
+    OPT_FN("sparse-opt", "NAME", "sgd | adagrad | rowwise_adagrad (default sgd)", cli_set_optim,
            offsetof(stream_ctx, sparse_kind)),
     OPT_INT("dim", "D", "embedding dimension (default 16)", stream_ctx, sc.model.dim, 1, 4096),
     OPT_FN("bot", "SIZES", "bottom MLP, e.g. 13-512-256-64-16 (ends at D)", set_bot, 0),
@@ -301,7 +282,7 @@ static double ne_of(const ne_acc *a) {
 }
 
 #define XCTX ((exfm_ctx *)c)
-static int x_set_optim(void *c, const cli_opt *o, const char *v) { return set_optim(&XCTX->s, o, v); }
+static int x_set_optim(void *c, const cli_opt *o, const char *v) { return cli_set_optim(&XCTX->s, o, v); }
 
 static const cli_opt xopts[] = {
     OPT_CONFIG("JSON object of these options (keys with - or _); later flags override it"),

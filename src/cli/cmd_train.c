@@ -56,31 +56,12 @@ static void add_point(double *xs, double *ys, int *n, double x, double y) {
 }
 
 /* Options with logic of their own; the rest are plain typed fields (table below). */
-static int set_optim(void *c, const cli_opt *o, const char *v) {
-    em_optim_kind k;
-    if (em_optim_parse(v, &k) != EM_OK) {
-        fprintf(stderr, "ember train: --%s: unknown optimizer '%s' (sgd, adagrad, rowwise_adagrad, adam, adamw)\n",
-                o->name, v);
-        return -1;
-    }
-    memcpy((char *)c + o->off, &k, sizeof k);
-    return 0;
-}
-static int set_layers(const char *opt, const char *v, int *sizes, int *n, int *given) {
-    int k = em_parse_layers(v, sizes, EM_DLRM_MAX_LAYERS + 1);
-    if (k < 2) {
-        fprintf(stderr, "ember train: --%s: expected sizes like 13-512-256-64-16, got '%s'\n", opt, v);
-        return -1;
-    }
-    *n = k, *given = 1;
-    return 0;
-}
 #define CTX ((train_ctx *)c)
 static int set_bot(void *c, const cli_opt *o, const char *v) {
-    return set_layers(o->name, v, CTX->tc.model.bot, &CTX->tc.model.n_bot, &CTX->bot_given);
+    return cli_layers("train", o->name, v, CTX->tc.model.bot, &CTX->tc.model.n_bot, &CTX->bot_given);
 }
 static int set_top(void *c, const cli_opt *o, const char *v) {
-    return set_layers(o->name, v, CTX->tc.model.top, &CTX->tc.model.n_top, &CTX->top_given);
+    return cli_layers("train", o->name, v, CTX->tc.model.top, &CTX->tc.model.n_top, &CTX->top_given);
 }
 static int set_rows(void *c, const cli_opt *o, const char *v) {
     em_dlrm_cfg *m = &CTX->tc.model;
@@ -143,8 +124,8 @@ static const cli_opt opts[] = {
     OPT_DOUBLE_POS("lr", "F", "learning rate of both optimizers (default 0.1)", train_ctx, lr),
     OPT_DOUBLE_POS("dense-lr", "F", "learning rate of the dense optimizer", train_ctx, dense_lr),
     OPT_DOUBLE_POS("sparse-lr", "F", "learning rate of the embedding optimizer", train_ctx, sparse_lr),
-    OPT_FN("dense-opt", "NAME", "sgd | adagrad | adam | adamw (default sgd)", set_optim, offsetof(train_ctx, dense_kind)),
-    OPT_FN("sparse-opt", "NAME", "sgd | adagrad | rowwise_adagrad (default sgd)", set_optim,
+    OPT_FN("dense-opt", "NAME", "sgd | adagrad | adam | adamw (default sgd)", cli_set_optim, offsetof(train_ctx, dense_kind)),
+    OPT_FN("sparse-opt", "NAME", "sgd | adagrad | rowwise_adagrad (default sgd)", cli_set_optim,
            offsetof(train_ctx, sparse_kind)),
     OPT_INT("dim", "D", "embedding dimension (default 16)", train_ctx, tc.model.dim, 1, 4096),
     OPT_FN("bot", "SIZES", "bottom MLP, e.g. 13-512-256-64-16 (ends at D)", set_bot, 0),
