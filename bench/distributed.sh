@@ -13,15 +13,23 @@
 #      and on 4 ranks in 1D against 2D (2 replica groups of 2, averaged every 1 and 8
 #      steps, momentum-scaled row-wise AdaGrad), test AUC beside one process;
 #   4. throughput on this 2-core machine: one process with 2 threads against 2 ranks
-#      with 1 thread each, the same global batch.
+#      with 1 thread each, the same global batch;
+#   5. the dense all-reduce in buckets overlapped with the backward (--bucket-kb 512,
+#      3 buckets for this model) against one bucket after it (--bucket-kb 0): 2 ranks x
+#      1 thread, alternating, OVL_REPS times each; per run the throughput and each
+#      rank's mean dense-backward time and exposed all-reduce wait (report.json).
 # Env: OUT (default bench/out/distributed), ROWS (training rows, default 300000),
-# PER_RANK (default 512), STEPS (bytes run, default 20), SKIP_QUALITY=1.
+# PER_RANK (default 512), STEPS (bytes run, default 20), SKIP_QUALITY=1, OVL_REPS
+# (default 3), PARTS (default "bytes simulate quality throughput overlap").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/out/distributed}
 ROWS=${ROWS:-300000}
 PER_RANK=${PER_RANK:-512}
 STEPS=${STEPS:-20}
+OVL_REPS=${OVL_REPS:-3}
+PARTS=${PARTS:-bytes simulate quality throughput overlap}
+part() { [[ " $PARTS " == *" $1 "* ]]; }
 mkdir -p "$OUT"
 scripts/deps.sh
 scripts/build.sh build >&2
@@ -41,18 +49,20 @@ if [[ ! -f "$D/DONE_$ROWS" ]]; then
 fi
 
 # 1. bytes per step against the planner
+if part bytes; then
 log "bytes: 4 ranks, planner placement, batch $PER_RANK per rank, $STEPS steps"
 mp 4 train --train "$D/train.tsv" --batch "$PER_RANK" --threads 1 --max-steps "$STEPS" --sharding auto \
   --dense-opt adagrad --sparse-opt rowwise_adagrad --lr 0.006 --out "$OUT/bytes" --quiet > "$OUT/bytes.out"
 cp "$OUT/bytes/report.json" "$OUT/bytes.json"
+fi
 
 # 2. the planner's simulation
-$EMBER plan --simulate > "$OUT/simulate.txt"
+if part simulate; then $EMBER plan --simulate > "$OUT/simulate.txt"; fi
 
 # 3. quality
 common=(--train "$D/train.tsv" --test "$D/test.tsv" --test-prob "$D/test.prob" --dense-opt adagrad
         --sparse-opt rowwise_adagrad --lr 0.006 --quiet)
-if [[ -z "${SKIP_QUALITY:-}" ]]; then
+if [[ -z "${SKIP_QUALITY:-}" ]] && part quality; then
   log "quality: one process, global batch 1024"
   $EMBER train "${common[@]}" --batch 1024 --threads 2 --out "$OUT/q_one" > "$OUT/q_one.out"
   for p in fp32 fp16 bf16; do
@@ -68,33 +78,50 @@ if [[ -z "${SKIP_QUALITY:-}" ]]; then
 fi
 
 # 4. throughput, the same global batch, 100k rows
+if part throughput; then
 log "throughput: one process 2 threads vs 2 ranks x 1 thread"
 $EMBER train --train "$D/train.tsv" --train-limit 100000 --batch 1024 --threads 2 --quiet --out "$OUT/t_one" > "$OUT/t_one.out"
 mp 2 train --train "$D/train.tsv" --train-limit 100000 --batch 512 --threads 1 --quiet --out "$OUT/t_2" > "$OUT/t_2.out"
+fi
+
+# 5. bucketed all-reduce overlapped with the backward, against one bucket after it
+if part overlap; then
+  for r in $(seq 1 "$OVL_REPS"); do
+    for kb in 0 512; do
+      log "overlap: 2 ranks x 1 thread, --bucket-kb $kb, round $r (load $(cut -d' ' -f1 /proc/loadavg))"
+      mp 2 train --train "$D/train.tsv" --train-limit 100000 --batch "$PER_RANK" --threads 1 --bucket-kb "$kb" \
+        --dense-opt adagrad --sparse-opt rowwise_adagrad --lr 0.006 --quiet --out "$OUT/ovl_${kb}_$r" > "$OUT/ovl_${kb}_$r.out"
+      echo "{\"kb\":$kb,\"round\":$r,\"load\":$(cut -d' ' -f1 /proc/loadavg),\"report\":$(cat "$OUT/ovl_${kb}_$r/report.json")}" >> "$OUT/overlap.jsonl"
+      rm -f "$OUT/ovl_${kb}_$r/"*.safetensors
+    done
+  done
+fi
 
 python3 - "$OUT" <<'EOF'
-import json, os, re, sys
+import json, os, re, statistics, sys
 out = sys.argv[1]
-r = json.load(open(os.path.join(out, "bytes.json")))
-N = r["world"]
-pl = r.get("planner", {})
-rows = []
-ar_model = pl["allreduce_payload"] * 2 * (N - 1) / N  # dense + data-parallel tables, reduce-scatter + all-gather
-for q, b in enumerate(r["bytes_per_step"]):
-    ps, pr = pl["send"][q], pl["recv"][q]
-    ar = b["allreduce"] + b["dp"]
-    meas = b["pooled"] + b["grads"] + ar
-    model = ps + pr + ar_model
-    rows.append({"rank": q, "fwd": b["pooled"], "plan_send": ps, "bwd": b["grads"], "plan_recv": pr,
-                 "fwd_err": (b["pooled"] - ps) / ps if ps else None, "bwd_err": (b["grads"] - pr) / pr if pr else None,
-                 "allreduce": ar, "plan_allreduce": ar_model, "allreduce_err": (ar - ar_model) / ar_model,
-                 "total": meas, "plan_total": model, "total_err": (meas - model) / model,
-                 "ids_not_modelled": b["ids"]})
-tot_fwd = sum(x["fwd"] for x in rows); tot_plan = sum(x["plan_send"] for x in rows)
-types = [p["type"] for p in r["placement"]]
-res = {"bytes": {"world": N, "batch_per_rank": r["batch_per_rank"], "placement": {t: types.count(t) for t in set(types)},
-                 "ranks": rows, "max_abs_total_err": max(abs(x["total_err"]) for x in rows),
-                 "total_fwd": tot_fwd, "total_plan": tot_plan}}
+res = {}
+if os.path.exists(os.path.join(out, "bytes.json")):
+    r = json.load(open(os.path.join(out, "bytes.json")))
+    N = r["world"]
+    pl = r.get("planner", {})
+    rows = []
+    ar_model = pl["allreduce_payload"] * 2 * (N - 1) / N  # dense + data-parallel tables, reduce-scatter + all-gather
+    for q, b in enumerate(r["bytes_per_step"]):
+        ps, pr = pl["send"][q], pl["recv"][q]
+        ar = b["allreduce"] + b["dp"]
+        meas = b["pooled"] + b["grads"] + ar
+        model = ps + pr + ar_model
+        rows.append({"rank": q, "fwd": b["pooled"], "plan_send": ps, "bwd": b["grads"], "plan_recv": pr,
+                     "fwd_err": (b["pooled"] - ps) / ps if ps else None, "bwd_err": (b["grads"] - pr) / pr if pr else None,
+                     "allreduce": ar, "plan_allreduce": ar_model, "allreduce_err": (ar - ar_model) / ar_model,
+                     "total": meas, "plan_total": model, "total_err": (meas - model) / model,
+                     "ids_not_modelled": b["ids"]})
+    tot_fwd = sum(x["fwd"] for x in rows); tot_plan = sum(x["plan_send"] for x in rows)
+    types = [p["type"] for p in r["placement"]]
+    res["bytes"] = {"world": N, "batch_per_rank": r["batch_per_rank"], "placement": {t: types.count(t) for t in set(types)},
+                    "ranks": rows, "max_abs_total_err": max(abs(x["total_err"]) for x in rows),
+                    "total_fwd": tot_fwd, "total_plan": tot_plan}
 def rep(name):
     p = os.path.join(out, name, "report.json")
     return json.load(open(p)) if os.path.exists(p) else None
@@ -108,11 +135,25 @@ if a1 is not None: q["one_process"] = a1; q["optimum"] = opt
 for n in ["q_2_fp32", "q_2_fp16", "q_2_bf16", "q_4_1d", "q_4_2d_k1", "q_4_2d_k8"]:
     x = rep(n)
     if x and x.get("test"): q[n] = x["test"]["auc"]
-res["quality_auc"] = q
-t1 = open(os.path.join(out, "t_one.out")).read()
-m = re.search(r"\(([0-9.]+) examples/s\)", t1)
-t2 = rep("t_2")
-res["throughput"] = {"one_process_2threads": float(m.group(1)) if m else None,
-                     "two_ranks_1thread": t2["examples_per_s"] if t2 else None}
+if q: res["quality_auc"] = q
+if os.path.exists(os.path.join(out, "t_one.out")):
+    t1 = open(os.path.join(out, "t_one.out")).read()
+    m = re.search(r"\(([0-9.]+) examples/s\)", t1)
+    t2 = rep("t_2")
+    res["throughput"] = {"one_process_2threads": float(m.group(1)) if m else None,
+                         "two_ranks_1thread": t2["examples_per_s"] if t2 else None}
+if os.path.exists(os.path.join(out, "overlap.jsonl")):
+    runs = [json.loads(l) for l in open(os.path.join(out, "overlap.jsonl")) if l.strip()]
+    ov = {}
+    for kb in sorted({x["kb"] for x in runs}):
+        xs = [x for x in runs if x["kb"] == kb]
+        med = lambda f: statistics.median(f(x) for x in xs)
+        ov["bucket_kb_%d" % kb] = {
+            "runs": len(xs), "buckets": xs[0]["report"].get("allreduce_buckets"),
+            "examples_per_s": med(lambda x: x["report"]["examples_per_s"]),
+            "dense_backward_ms": med(lambda x: max(t["dense_backward"] for t in x["report"]["seconds_per_step"]) * 1e3),
+            "allreduce_wait_ms": med(lambda x: max(t["allreduce_wait"] for t in x["report"]["seconds_per_step"]) * 1e3),
+            "load": [x["load"] for x in xs]}
+    res["overlap"] = ov
 print(json.dumps(res))
 EOF

@@ -20,16 +20,17 @@
  * forward/backward on the local batch; (5) backward all-to-all: d loss / d pooled goes to
  * every holder of the table; (6) each holder runs the fused sparse update over the global
  * batch (duplicate ids reduced once, in global batch order, as one process would);
- * (7) dense all-reduce (its reduce-scatter posted before (5) and completed after (6))
- * and step. Data-parallel tables are pooled by every rank over
+ * (7) dense all-reduce in buckets of layers, each posted during (4) as soon as the
+ * backward has finished its layers and completed after (6); the dense step. Data-parallel tables are pooled by every rank over
  * the whole batch and updated identically everywhere.
  * Gradients are scaled so that the step equals one process training on the global
  * batch: each rank's mean-loss gradient is weighted by B_r / sum B.
  * Results: bitwise the same for the same world size, data and thread count; equal to
  * single-process training on the global batch within float rounding (the dense
  * gradient's summation order differs). Mean pooling is pooled as sums by the holders
- * and divided by the bag size at the example's rank. Not supported yet: column-wise
- * sharding, per-id weights, sequence features, non-dense table kinds.
+ * and divided by the bag size at the example's rank. Not supported yet: per-id
+ * weights, sequence features, non-dense table kinds, column-wise pieces under
+ * row-wise AdaGrad.
  * Communication precision: the pooled vectors and their gradients may travel as fp16
  * or bf16 (rounded to nearest even; the ids and the dense all-reduce stay exact).
  */
@@ -76,6 +77,11 @@ typedef struct {
      * piece j on rank (owner + j) mod G. Not with row-wise AdaGrad (its accumulator
      * spans the row). */
     int col_width;
+    /* The dense gradient all-reduce goes in buckets of whole layers of about bucket_kb
+     * KiB (0 = 512), each started as soon as the backward has finished its layers, so
+     * it overlaps the rest of the dense backward and the backward all-to-all; < 0: one
+     * bucket, started after the whole dense backward. The result is the same bits either way. */
+    int bucket_kb;
 } em_dist_cfg;
 
 /* A placement for cfg->model over `world` ranks (in groups of cfg->group for 2D) from
@@ -119,6 +125,12 @@ typedef struct {
     double total;
 } em_dist_bytes;
 void em_dist_last_bytes(const em_dist *d, em_dist_bytes *out);
+/* Last step: seconds in the dense backward (buckets posted along the way) and seconds
+ * then spent waiting for the all-reduce after the backward all-to-all and sparse
+ * update (the exposed part of the all-reduce). */
+void em_dist_last_times(const em_dist *d, double *dense_backward_s, double *allreduce_wait_s);
+/* The number of all-reduce buckets. */
+int em_dist_buckets(const em_dist *d);
 
 /* Collective. Rank 0 writes one checkpoint in the single-process layout (em_dlrm_save:
  * readable by ember eval / serve / train --resume at any world size); extra metadata
@@ -151,6 +163,11 @@ typedef struct {
     double *plan_send, *plan_recv; /* out, rank 0, AUTO: [G] the planner's one-direction all-to-all bytes
                                       per step leaving / reaching each rank of a group (em_free) */
     double plan_allreduce;       /* out, AUTO: the planner's all-reduce payload (bytes) */
+    int bucket_kb;               /* em_dist_cfg.bucket_kb */
+    int buckets;                 /* out: the dense all-reduce's buckets */
+    double mean_bwd_s, mean_ar_wait_s; /* out: this rank's mean seconds per step in the dense backward and
+                                          waiting for the all-reduce after it (em_dist_last_times) */
+    double *rank_times;          /* out, rank 0: [2 N] every rank's (mean_bwd_s, mean_ar_wait_s) (em_free) */
 } em_dist_opts;
 em_status em_dist_train_run(const em_train_cfg *cfg, em_dist_opts *o, em_pool *pool, em_train_result *res,
                             float **test_labels, size_t *n_test);

@@ -175,6 +175,19 @@ em_status em_dlrm_forward_backward(em_dlrm *m, const em_batch *b, double *loss, 
  * read (they may be released). Not for sequence models (EM_ERR_UNSUPPORTED). */
 em_status em_dlrm_dense_backward_with(em_dlrm *m, const em_batch *b, const float *pooled, float *dpooled,
                                       double *loss, em_pool *pool);
+/* A gradient-ready callback for em_dlrm_dense_backward_ready: called on the calling
+ * thread as soon as a layer's gradients are final, with that layer's range [lo, hi) of
+ * the gradient block (weights then bias). Layers finish last to first, so the ranges
+ * come in descending, contiguous order, ending at lo = 0; a caller can start
+ * communicating a gradient while the layers below it are still being differentiated. */
+typedef void (*em_dlrm_grad_ready_fn)(void *ud, size_t lo, size_t hi);
+/* em_dlrm_dense_backward_with, calling ready (nullable) after each dense layer. */
+em_status em_dlrm_dense_backward_ready(em_dlrm *m, const em_batch *b, const float *pooled, float *dpooled,
+                                       double *loss, em_dlrm_grad_ready_fn ready, void *ud, em_pool *pool);
+/* The dense layers' ranges in the gradient block, in layer order (bottom first):
+ * lo[l] = the first element of layer l's weights; lo[n] = the end of the last layer's
+ * bias. Returns n (the number of layers); lo holds n + 1 entries (n <= 2 * EM_DLRM_MAX_LAYERS). */
+int em_dlrm_layer_offsets(const em_dlrm *m, size_t *lo);
 /* The dense optimizer step over the gradient block as it stands (e.g. all-reduced);
  * counts one step. */
 em_status em_dlrm_dense_step(em_dlrm *m, em_pool *pool);

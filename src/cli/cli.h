@@ -160,4 +160,11 @@ int cmd_stream(int argc, char **argv);
 int cmd_exfm(int argc, char **argv);
 int cmd_inspect(int argc, char **argv);
 
+/* `mpirun -np N ember train` (cmd_train_dist.c): the distributed options of ember train. */
+typedef struct {
+    const char *sharding, *comm_prec;
+    int group, sync_every, bucket_kb;
+} cli_dist_args;
+int cli_train_dist(em_train_cfg *tc, int threads, const cli_dist_args *a, const char *test_prob, int quiet);
+
 #endif

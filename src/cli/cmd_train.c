@@ -18,8 +18,6 @@
 #include "ember/dist.h"
 
 /* cmd_train_dist.c: the rest of `ember train` under mpirun. */
-int cli_train_dist(em_train_cfg *tc, int threads, const char *sharding, const char *comm_prec, int group, int sync_every,
-                   const char *test_prob, int quiet);
 
 typedef struct {
     em_train_cfg tc;
@@ -39,8 +37,7 @@ typedef struct {
     int hsp[3], hsp_given;
     double seq_flops, seq_events; /* forward FLOPs and events per example, for the report */
     cli_tables_opts tab;          /* --tables, --dyn-*, --fiited-* (cli_tables.c) */
-    const char *sharding, *comm_prec; /* under mpirun (cmd_train_dist.c) */
-    int group, sync_every;
+    cli_dist_args dist; /* under mpirun (cmd_train_dist.c) */
     char out_buf[1024], train_buf[1200], test_buf[1200], prob_buf[1200];
     /* curves for report.html: (examples, value) points, thinned 2:1 when full */
     int n_loss, n_auc;
@@ -113,13 +110,16 @@ static const cli_opt opts[] = {
             train_ctx, tc.resume),
     OPT_INT("batch", "N", "examples per step (default 128; under mpirun: per rank)", train_ctx, tc.batch, 1, 1 << 20),
     OPT_STR("sharding", "KIND", "under mpirun: auto (the planner's placement) | table | row | column | data (default auto)", train_ctx,
-            sharding),
+            dist.sharding),
     OPT_STR("comm-prec", "P", "under mpirun: fp32 | fp16 | bf16 pooled embeddings and their gradients (default fp32)",
-            train_ctx, comm_prec),
+            train_ctx, dist.comm_prec),
     OPT_INT("group", "G", "under mpirun: 2D sparse parallelism, replica groups of G ranks (default: one group of all)",
-            train_ctx, group, 1, 1 << 20),
+            train_ctx, dist.group, 1, 1 << 20),
     OPT_INT("sync-every", "K", "under mpirun with --group: average the table replicas every K steps (default 1)", train_ctx,
-            sync_every, 1, 1 << 30),
+            dist.sync_every, 1, 1 << 30),
+    OPT_INT("bucket-kb", "N", "under mpirun: the dense all-reduce in buckets of whole layers of about N KiB, each started "
+            "as soon as the backward has its gradients (default 512); 0: one bucket after the whole backward",
+            train_ctx, dist.bucket_kb, 0, 1 << 20),
     OPT_INT("epochs", "N", "passes over the training data (default 1)", train_ctx, tc.epochs, 1, 1000),
     OPT_DOUBLE_POS("lr", "F", "learning rate of both optimizers (default 0.1)", train_ctx, lr),
     OPT_DOUBLE_POS("dense-lr", "F", "learning rate of the dense optimizer", train_ctx, dense_lr),
@@ -461,6 +461,7 @@ int cmd_train(int argc, char **argv) {
     memset(&c, 0, sizeof c);
     c.tc = em_train_default();
     c.threads = 2;
+    c.dist.bucket_kb = 512;
     c.lr = c.dense_lr = c.sparse_lr = NAN;
     c.dense_kind = c.sparse_kind = EM_OPT_SGD;
     c.gen_rows = 1000000, c.gen_test_rows = 100000;
@@ -497,7 +498,7 @@ int cmd_train(int argc, char **argv) {
     c.tc.out_dir = c.out_buf;
 
     if (em_dist_launched()) /* mpirun -np N ember train ... */
-        return cli_train_dist(&c.tc, c.threads, c.sharding, c.comm_prec, c.group, c.sync_every, c.test_prob, c.quiet);
+        return cli_train_dist(&c.tc, c.threads, &c.dist, c.test_prob, c.quiet);
     em_pool *pool = NULL;
     if ((st = em_pool_create(&pool, c.threads))) {
         cli_fail("train", st);

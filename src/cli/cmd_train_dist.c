@@ -12,9 +12,6 @@
 #include "cli/cli.h"
 #include "ember/dist.h"
 
-int cli_train_dist(em_train_cfg *tc, int threads, const char *sharding, const char *comm_prec, int group, int sync_every,
-                   const char *test_prob, int quiet);
-
 static void on_event(void *ud, const em_train_event *ev) {
     const int *quiet = ud;
     if (ev->kind == EM_EV_PROGRESS && !*quiet)
@@ -29,8 +26,9 @@ static void print_m(const char *label, const em_metrics *m) {
            m->logloss, m->ne, m->calibration, m->accuracy, (size_t)m->n);
 }
 
-int cli_train_dist(em_train_cfg *tc, int threads, const char *sharding, const char *comm_prec, int group, int sync_every,
-                   const char *test_prob, int quiet) {
+int cli_train_dist(em_train_cfg *tc, int threads, const cli_dist_args *a, const char *test_prob, int quiet) {
+    const char *sharding = a->sharding, *comm_prec = a->comm_prec;
+    const int group = a->group, sync_every = a->sync_every;
     em_dist_opts o;
     memset(&o, 0, sizeof o);
     o.sharding = EM_SHARD_AUTO;
@@ -52,6 +50,7 @@ int cli_train_dist(em_train_cfg *tc, int threads, const char *sharding, const ch
     }
     o.prec = (em_comm_prec)p;
     o.group = group, o.sync_every = sync_every > 0 ? sync_every : 1;
+    o.bucket_kb = a->bucket_kb > 0 ? a->bucket_kb : -1;
     if (!tc->train_path) {
         fprintf(stderr, "ember train: under mpirun --train is required (generate the data first with ember gen)\n");
         return 2;
@@ -85,7 +84,7 @@ int cli_train_dist(em_train_cfg *tc, int threads, const char *sharding, const ch
         fprintf(stderr, "rank %d: ", rank);
         cli_fail("train", st);
         em_free(y);
-        em_free(o.rank_bytes), em_free(o.plan_send), em_free(o.plan_recv);
+        em_free(o.rank_bytes), em_free(o.rank_times), em_free(o.plan_send), em_free(o.plan_recv);
         em_pool_free(pool);
         em_dist_finalize();
         return 1;
@@ -135,6 +134,10 @@ int cli_train_dist(em_train_cfg *tc, int threads, const char *sharding, const ch
                     fprintf(f, "%s{\"ids\":%.0f,\"pooled\":%.0f,\"grads\":%.0f,\"dp\":%.0f,\"allreduce\":%.0f,\"sync\":%.0f,"
                                "\"total\":%.0f}", q ? "," : "", b->ids, b->pooled, b->grads, b->dp, b->allreduce, b->sync, b->total);
                 }
+                fprintf(f, "],\"allreduce_buckets\":%d,\"bucket_kb\":%d,\"seconds_per_step\":[", o.buckets, a->bucket_kb);
+                for (int q = 0; q < world && o.rank_times; q++)
+                    fprintf(f, "%s{\"dense_backward\":%.6f,\"allreduce_wait\":%.6f}", q ? "," : "", o.rank_times[2 * q],
+                            o.rank_times[2 * q + 1]);
                 fprintf(f, "]");
                 if (o.plan_send && o.plan_recv) {
                     const int g = group > 0 ? group : world;
@@ -151,7 +154,7 @@ int cli_train_dist(em_train_cfg *tc, int threads, const char *sharding, const ch
         }
     }
     em_free(y);
-    em_free(o.rank_bytes), em_free(o.plan_send), em_free(o.plan_recv);
+    em_free(o.rank_bytes), em_free(o.rank_times), em_free(o.plan_send), em_free(o.plan_recv);
     em_pool_free(pool);
     em_dist_finalize();
     return 0;

@@ -20,6 +20,7 @@
  *   checkpoints go through rank 0 in the single-process layout (em_dlrm_save/load),
  *             so a run saved at N ranks resumes at M ranks, or in one process.
  */
+#include <limits.h>
 #include <mpi.h>
 #include <stdlib.h>
 #include <string.h>
@@ -102,6 +103,16 @@ typedef struct {
     size_t cap; /* bytes */
 } buf;
 
+/* One bucket of the dense all-reduce: the gradient range [lo, lo + n), reduce-scattered
+ * (part q of every rank's range to rank q, by MPI_Ialltoallv) as soon as its layers'
+ * gradients are final, summed in rank order, then all-gathered (MPI_Iallgatherv). */
+typedef struct {
+    size_t lo, n;
+    int *cnt, *dis, *rcnt, *rdis; /* [N] */
+    float *r;                     /* [N * (this rank's part)] the parts received */
+    MPI_Request rs, ag;
+} arbucket;
+
 struct em_dist {
     em_dist_cfg cfg;
     int rank, world, D, T;     /* world rank and size N */
@@ -131,9 +142,14 @@ struct em_dist {
     int G;                 /* the group's batch (all the exchanges see) */
     int64_t Gw;            /* the global batch over all groups */
     int *scnt, *sdis, *rcnt, *rdis; /* [N] MPI counts and displacements */
-    int *ar_cnt, *ar_dis, *ar_rcnt, *ar_rdis; /* [N] the same for the dense all-reduce in flight */
-    MPI_Request ar_req;
-    int ar_posted;
+    /* the dense gradient all-reduce, in buckets of whole layers (last layer first) */
+    arbucket *bk;
+    int nbk;
+    int ar_next;           /* buckets [0, ar_next) have their reduce-scatter posted */
+    int ar_ag;             /* buckets [0, ar_ag) have their all-gather posted */
+    float *ar_g, ar_w;     /* the gradient block being reduced, its weight B_r / (global batch) */
+    MPI_Comm rscomm, agcomm; /* the buckets' reduce-scatters, their all-gathers (each in bucket order) */
+    double t_bwd, t_wait;  /* last step: dense backward, exposed all-reduce wait (seconds) */
     buf sbuf, rbuf;
     buf gidx, goff;        /* the global batch's bags over my shards (int64) */
     buf gout;              /* (G, kn, D) pooled over my shards; then the gradient */
@@ -245,6 +261,42 @@ static em_status make_shards(em_dist *d) {
     return EM_OK;
 }
 
+/* The dense all-reduce's buckets: whole layers, last to first (the order the backward
+ * finishes them), a bucket closed once it holds cfg.bucket_kb KiB; bucket_kb < 0: one
+ * bucket, the whole block. Called once the dense replica exists. */
+static em_status make_buckets(em_dist *d) {
+    size_t lo[2 * EM_DLRM_MAX_LAYERS + 1], n;
+    const int nl = em_dlrm_layer_offsets(d->m, lo);
+    em_dlrm_dense_block(d->m, 1, &n);
+    if (lo[nl] != n) return em_errorf(EM_ERR_UNSUPPORTED, "dist: distributed training of a sequence model is not supported");
+    const size_t cap = d->cfg.bucket_kb < 0 ? n + 1 : (size_t)(d->cfg.bucket_kb ? d->cfg.bucket_kb : 512) * 256;
+    if (!(d->bk = em_calloc((size_t)nl + 1, sizeof(arbucket)))) return em_errorf(EM_ERR_NOMEM, "dist: out of memory");
+    size_t hi = n;
+    for (int l = nl - 1; l >= 0; l--) /* close a bucket at layer l when it is full or l = 0 */
+        if (hi - lo[l] >= cap || l == 0) {
+            if (hi - lo[l] > (size_t)INT_MAX) return em_errorf(EM_ERR_UNSUPPORTED, "dist: a dense layer over 2^31 parameters");
+            d->bk[d->nbk++] = (arbucket){.lo = lo[l], .n = hi - lo[l]};
+            hi = lo[l];
+        }
+    const int W = d->world;
+    for (int k = 0; k < d->nbk; k++) {
+        arbucket *b = &d->bk[k];
+        b->cnt = em_calloc((size_t)W, sizeof(int)), b->dis = em_calloc((size_t)W, sizeof(int));
+        b->rcnt = em_calloc((size_t)W, sizeof(int)), b->rdis = em_calloc((size_t)W, sizeof(int));
+        size_t mlo, mhi;
+        em_split(b->n, d->rank, W, &mlo, &mhi);
+        b->r = em_malloc(((mhi - mlo) * (size_t)W + 1) * sizeof(float));
+        if (!b->cnt || !b->dis || !b->rcnt || !b->rdis || !b->r) return em_errorf(EM_ERR_NOMEM, "dist: out of memory");
+        for (int q = 0; q < W; q++) {
+            size_t a, z;
+            em_split(b->n, q, W, &a, &z);
+            b->cnt[q] = (int)(z - a), b->dis[q] = (int)a;
+            b->rcnt[q] = (int)(mhi - mlo), b->rdis[q] = (int)((size_t)q * (mhi - mlo));
+        }
+    }
+    return EM_OK;
+}
+
 static em_status create_local(em_dist *d, const em_dist_cfg *cfg) {
     d->cfg = *cfg;
     d->rank = em_dist_rank(), d->world = em_dist_world();
@@ -255,6 +307,8 @@ static em_status create_local(em_dist *d, const em_dist_cfg *cfg) {
     d->M = d->world / d->gsize, d->grank = d->rank % d->gsize, d->rep = d->rank / d->gsize;
     MPI_Comm_split(MPI_COMM_WORLD, d->rep, d->rank, &d->gcomm);
     MPI_Comm_split(MPI_COMM_WORLD, d->grank, d->rank, &d->rcomm);
+    MPI_Comm_dup(MPI_COMM_WORLD, &d->rscomm);
+    MPI_Comm_dup(MPI_COMM_WORLD, &d->agcomm);
     if ((st = make_shards(d))) return st;
     /* momentum-scaled row-wise AdaGrad: the accumulator over the M replicas */
     if (d->M > 1 && cfg->model.sparse_opt.kind == EM_OPT_ROWWISE_ADAGRAD) d->cfg.model.sparse_opt.replicas = d->M;
@@ -310,9 +364,7 @@ static em_status create_local(em_dist *d, const em_dist_cfg *cfg) {
     d->boff = em_calloc(W + 1, sizeof(int64_t));
     d->scnt = em_calloc(W, sizeof(int)), d->sdis = em_calloc(W, sizeof(int));
     d->rcnt = em_calloc(W, sizeof(int)), d->rdis = em_calloc(W, sizeof(int));
-    d->ar_cnt = em_calloc(W, sizeof(int)), d->ar_dis = em_calloc(W, sizeof(int));
-    d->ar_rcnt = em_calloc(W, sizeof(int)), d->ar_rdis = em_calloc(W, sizeof(int));
-    if (!d->ar_cnt || !d->ar_dis || !d->ar_rcnt || !d->ar_rdis) return em_errorf(EM_ERR_NOMEM, "dist: out of memory");
+    if ((st = make_buckets(d))) return st;
     if (!d->Bw || !d->Bs || !d->boff || !d->scnt || !d->sdis || !d->rcnt || !d->rdis) return em_errorf(EM_ERR_NOMEM, "dist: out of memory");
     return EM_OK;
 }
@@ -343,7 +395,13 @@ void em_dist_free(em_dist *d) {
     if (d->gcomm != MPI_COMM_NULL && d->gcomm) MPI_Comm_free(&d->gcomm);
     if (d->rcomm != MPI_COMM_NULL && d->rcomm) MPI_Comm_free(&d->rcomm);
     em_free(d->Bw), em_free(d->Bs), em_free(d->boff), em_free(d->scnt), em_free(d->sdis), em_free(d->rcnt), em_free(d->rdis);
-    em_free(d->ar_cnt), em_free(d->ar_dis), em_free(d->ar_rcnt), em_free(d->ar_rdis);
+    for (int k = 0; k < d->nbk; k++) {
+        arbucket *b = &d->bk[k];
+        em_free(b->cnt), em_free(b->dis), em_free(b->rcnt), em_free(b->rdis), em_free(b->r);
+    }
+    em_free(d->bk);
+    if (d->rscomm != MPI_COMM_NULL && d->rscomm) MPI_Comm_free(&d->rscomm);
+    if (d->agcomm != MPI_COMM_NULL && d->agcomm) MPI_Comm_free(&d->agcomm);
     buf *bs[] = {&d->sbuf, &d->rbuf, &d->gidx, &d->goff, &d->gout, &d->pooled, &d->dpooled, &d->red, &d->hit, &d->scale, &d->tmp, &d->goutc, &d->goffc,
                   &d->dpidx, &d->dpoff, &d->dpout, &d->dpgrad, &d->dprows, &d->spack};
     for (size_t i = 0; i < sizeof bs / sizeof bs[0]; i++) em_free(bs[i]->p);
@@ -353,6 +411,11 @@ void em_dist_free(em_dist *d) {
 em_dlrm *em_dist_dense(em_dist *d) { return d->m; }
 int64_t em_dist_step_count(const em_dist *d) { return d->step; }
 void em_dist_last_bytes(const em_dist *d, em_dist_bytes *out) { *out = d->bytes; }
+void em_dist_last_times(const em_dist *d, double *dense_backward_s, double *allreduce_wait_s) {
+    if (dense_backward_s) *dense_backward_s = d->t_bwd;
+    if (allreduce_wait_s) *allreduce_wait_s = d->t_wait;
+}
+int em_dist_buckets(const em_dist *d) { return d->nbk; }
 
 void em_dist_set_lr(em_dist *d, float dense_lr, float sparse_lr) {
     em_dlrm_set_lr(d->m, dense_lr, sparse_lr);
@@ -799,49 +862,68 @@ static em_status allreduce_sum(em_dist *d, MPI_Comm comm, float *v, size_t n, do
     return EM_OK;
 }
 
-/* Step 7: the dense gradient summed over all N ranks, overlapped with the backward
- * all-to-all and the sparse update: allreduce_start posts the reduce-scatter
- * (MPI_Ialltoallv, on its own count arrays) as soon as the dense backward is done;
- * MPI progresses it inside the backward exchange's calls; allreduce_finish waits, sums
- * in rank order and all-gathers. A gradient over RED_CHUNK floats takes the blocking
- * path in allreduce_finish. */
-static em_status allreduce_start(em_dist *d, float *g, size_t n) {
+/* Step 7: the dense gradient summed over all N ranks, in buckets overlapped with the
+ * dense backward, the backward all-to-all and the sparse update. The dense backward
+ * calls ar_ready as each layer's gradient is final (last layer first): the range is
+ * weighted, and every bucket whose layers are all done gets its reduce-scatter posted;
+ * ar_progress lets MPI move the posted ones (Open MPI progresses non-blocking
+ * collectives only inside MPI calls) and, in bucket order, sums each finished one in
+ * rank order and posts its all-gather; ar_finish completes the rest. Every element is
+ * summed in rank order 0..N-1 whatever the buckets, so the result is bitwise that of
+ * one all-reduce of the whole block. Reduce-scatters and all-gathers each have their
+ * own communicator, and every rank posts both in bucket order. */
+static void ar_reduce_post(em_dist *d, arbucket *b) {
     const int W = d->world;
-    d->ar_posted = 0;
-    if (W == 1 || n > RED_CHUNK) return EM_OK;
-    em_status st = grow(&d->red, (RED_CHUNK + (size_t)W) * sizeof(float));
-    if (st) return st;
-    for (int q = 0; q < W; q++) {
-        size_t lo, hi;
-        em_split(n, q, W, &lo, &hi);
-        d->ar_cnt[q] = (int)(hi - lo), d->ar_dis[q] = (int)lo;
-    }
-    size_t mlo, mhi;
-    em_split(n, d->rank, W, &mlo, &mhi);
-    const size_t mn = mhi - mlo;
-    for (int p = 0; p < W; p++) d->ar_rcnt[p] = (int)mn, d->ar_rdis[p] = (int)((size_t)p * mn);
-    MPI_Ialltoallv(g, d->ar_cnt, d->ar_dis, MPI_FLOAT, d->red.p, d->ar_rcnt, d->ar_rdis, MPI_FLOAT, MPI_COMM_WORLD, &d->ar_req);
-    d->ar_posted = 1;
-    return EM_OK;
-}
-
-static em_status allreduce_finish(em_dist *d, float *g, size_t n) {
-    if (!d->ar_posted) return allreduce_sum(d, MPI_COMM_WORLD, g, n, &d->bytes.allreduce);
-    const int W = d->world;
-    MPI_Wait(&d->ar_req, MPI_STATUS_IGNORE);
-    d->ar_posted = 0;
-    size_t mlo, mhi;
-    em_split(n, d->rank, W, &mlo, &mhi);
-    const size_t mn = mhi - mlo;
-    const float *r = d->red.p;
-    for (size_t i = 0; i < mn; i++) { /* rank order 0..W-1, as allreduce_sum */
-        float acc = r[i];
-        for (int p = 1; p < W; p++) acc += r[(size_t)p * mn + i];
+    const size_t mn = (size_t)b->rcnt[0], mlo = (size_t)b->dis[d->rank];
+    float *g = d->ar_g + b->lo;
+    for (size_t i = 0; i < mn; i++) { /* rank order 0..W-1 */
+        float acc = b->r[i];
+        for (int p = 1; p < W; p++) acc += b->r[(size_t)p * mn + i];
         g[mlo + i] = acc;
     }
-    MPI_Allgatherv(MPI_IN_PLACE, 0, MPI_FLOAT, g, d->ar_cnt, d->ar_dis, MPI_FLOAT, MPI_COMM_WORLD);
-    d->bytes.allreduce = (double)(n - mn) * sizeof(float) * 2.0;
-    return EM_OK;
+    MPI_Iallgatherv(MPI_IN_PLACE, 0, MPI_FLOAT, g, b->cnt, b->dis, MPI_FLOAT, d->agcomm, &b->ag);
+}
+
+static void ar_progress(em_dist *d) {
+    while (d->ar_ag < d->ar_next) {
+        int done = 0;
+        MPI_Test(&d->bk[d->ar_ag].rs, &done, MPI_STATUS_IGNORE);
+        if (!done) return;
+        ar_reduce_post(d, &d->bk[d->ar_ag++]);
+    }
+}
+
+static void ar_post_upto(em_dist *d, size_t lo) { /* every unposted bucket starting at or above lo */
+    while (d->ar_next < d->nbk && d->bk[d->ar_next].lo >= lo) {
+        arbucket *b = &d->bk[d->ar_next++];
+        MPI_Ialltoallv(d->ar_g + b->lo, b->cnt, b->dis, MPI_FLOAT, b->r, b->rcnt, b->rdis, MPI_FLOAT, d->rscomm, &b->rs);
+    }
+    ar_progress(d);
+}
+
+static void ar_ready(void *ud, size_t lo, size_t hi) {
+    em_dist *d = ud;
+    for (size_t i = lo; i < hi; i++) d->ar_g[i] *= d->ar_w;
+    if (d->world > 1) ar_post_upto(d, lo);
+}
+
+static void ar_begin(em_dist *d, float *g, float w) {
+    d->ar_g = g, d->ar_w = w, d->ar_next = d->ar_ag = 0;
+}
+
+static void ar_finish(em_dist *d) {
+    d->bytes.allreduce = 0;
+    if (d->world == 1) return;
+    ar_post_upto(d, 0); /* a rank without examples (or whose backward failed) posts them all here */
+    while (d->ar_ag < d->nbk) {
+        arbucket *b = &d->bk[d->ar_ag++];
+        MPI_Wait(&b->rs, MPI_STATUS_IGNORE);
+        ar_reduce_post(d, b);
+    }
+    for (int k = 0; k < d->nbk; k++) {
+        MPI_Wait(&d->bk[k].ag, MPI_STATUS_IGNORE);
+        d->bytes.allreduce += (double)(d->bk[k].n - (size_t)d->bk[k].rcnt[0]) * sizeof(float) * 2.0;
+    }
 }
 
 /* 2D: every shard's weights and optimizer state averaged over its M replicas (one per
@@ -991,25 +1073,34 @@ em_status em_dist_train_step(em_dist *d, const em_batch *local, double *loss, em
     size_t n;
     float *g = em_dlrm_dense_block(d->m, 1, &n);
     double l = 0;
-    st = grow(&d->dpooled, (size_t)(B ? B : 1) * TD * sizeof(float));
-    if (!st && B) st = em_dlrm_dense_backward_with(d->m, local, d->pooled.p, d->dpooled.p, &l, pool);
-    if ((st = agree(st))) return st;
     /* weights: dense B_r / (global batch): the all-reduced step is one process's on
      * the global batch; sparse M B_r / (global batch): each replica group steps with
      * M times its share of the global gradient, and the replicas' average is the global
-     * step (exactly so for SGD, whatever the groups' batch sizes). In 1D both are the same. */
+     * step (exactly so for SGD, whatever the groups' batch sizes). In 1D both are the same.
+     * The dense weight is applied layer by layer in ar_ready, as the buckets go out. */
     const float w = d->Gw ? (float)B / (float)d->Gw : 0.f, ws = (float)d->M * w;
+    ar_begin(d, g, w);
+    if (!B) memset(g, 0, n * sizeof(float));
+    double t0 = em_now();
+    st = grow(&d->dpooled, (size_t)(B ? B : 1) * TD * sizeof(float));
+    if (!st && B) st = em_dlrm_dense_backward_ready(d->m, local, d->pooled.p, d->dpooled.p, &l, ar_ready, d, pool);
+    d->t_bwd = em_now() - t0;
+    /* every bucket not posted yet goes out now (a rank without examples, or whose
+     * backward failed): the others' collectives wait on them */
+    if (d->world > 1) ar_post_upto(d, 0);
+    if ((st = agree(st))) {
+        ar_finish(d);
+        return st;
+    }
     if (B) {
         float *dp = d->dpooled.p;
         for (size_t i = 0; i < (size_t)B * TD; i++) dp[i] *= ws;
-        for (size_t i = 0; i < n; i++) g[i] *= w;
-    } else {
-        memset(g, 0, n * sizeof(float));
     }
-    if ((st = agree(allreduce_start(d, g, n)))) return st;
     st = backward_dist(d, local, pool);
-    em_status ar = allreduce_finish(d, g, n); /* completes even if the backward failed */
-    if ((st = agree(st ? st : ar))) return st;
+    t0 = em_now();
+    ar_finish(d); /* completes even if the backward failed */
+    d->t_wait = em_now() - t0;
+    if ((st = agree(st))) return st;
     if ((st = agree(dp_backward(d, local, d->dpooled.p, pool)))) return st;
     if ((st = agree(em_dlrm_dense_step(d->m, pool)))) return st;
     d->step++;

@@ -212,6 +212,7 @@ em_status em_dist_train_run(const em_train_cfg *cfg, em_dist_opts *o, em_pool *p
     uint64_t saved_pos = 0;
     o->place.prec = o->prec;
     o->place.group = o->group, o->place.sync_every = o->sync_every;
+    o->place.bucket_kb = o->bucket_kb;
     if (cfg->resume) {
         if ((st = resume_meta(cfg->resume, &o->place.model, &s.epoch, &saved_world, &saved_pos))) return st;
     } else {
@@ -255,6 +256,7 @@ em_status em_dist_train_run(const em_train_cfg *cfg, em_dist_opts *o, em_pool *p
     s.t0 = em_now();
     double last_progress = s.t0, loss_sum = 0, last_loss = NAN;
     em_dist_bytes bsum = {0};
+    double tsum[2] = {0, 0};
     int64_t loss_n = 0, steps_run = 0;
     int stop = 0;
     for (; s.epoch < cfg->epochs && !stop; s.epoch++, s.slice_pos = 0) {
@@ -276,6 +278,9 @@ em_status em_dist_train_run(const em_train_cfg *cfg, em_dist_opts *o, em_pool *p
             em_dist_last_bytes(s.d, &by);
             bsum.ids += by.ids, bsum.pooled += by.pooled, bsum.grads += by.grads, bsum.dp += by.dp;
             bsum.allreduce += by.allreduce, bsum.sync += by.sync, bsum.total += by.total;
+            double tb, tw;
+            em_dist_last_times(s.d, &tb, &tw);
+            tsum[0] += tb, tsum[1] += tw;
             steps_run++;
             if (b) s.slice_pos = b->end_pos - s.lo;
             int g = b ? b->B : 0, gsum = 0;
@@ -330,12 +335,17 @@ em_status em_dist_train_run(const em_train_cfg *cfg, em_dist_opts *o, em_pool *p
         const double k = 1.0 / (double)steps_run;
         o->mean_bytes = (em_dist_bytes){bsum.ids * k, bsum.pooled * k, bsum.grads * k, bsum.dp * k, bsum.allreduce * k,
                                         bsum.sync * k, bsum.total * k};
+        o->mean_bwd_s = tsum[0] * k, o->mean_ar_wait_s = tsum[1] * k;
     }
-    if (s.rank == 0 && !(o->rank_bytes = em_calloc((size_t)s.world, sizeof(em_dist_bytes))))
+    o->buckets = em_dist_buckets(s.d);
+    if (s.rank == 0 && (!(o->rank_bytes = em_calloc((size_t)s.world, sizeof(em_dist_bytes))) ||
+                        !(o->rank_times = em_calloc(2 * (size_t)s.world, sizeof(double)))))
         st = em_errorf(EM_ERR_NOMEM, "dist: out of memory");
     if ((st = agree(st))) goto done;
     MPI_Gather(&o->mean_bytes, (int)sizeof(em_dist_bytes), MPI_BYTE, o->rank_bytes, (int)sizeof(em_dist_bytes), MPI_BYTE, 0,
                MPI_COMM_WORLD);
+    const double tm[2] = {o->mean_bwd_s, o->mean_ar_wait_s};
+    MPI_Gather(tm, 2, MPI_DOUBLE, o->rank_times, 2, MPI_DOUBLE, 0, MPI_COMM_WORLD);
     if ((st = em_dist_sync(s.d))) goto done; /* 2D: the replicas' average is the model */
     if (cfg->out_dir) {
         if ((st = checkpoint(&s))) goto done;

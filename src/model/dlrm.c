@@ -369,7 +369,8 @@ static void relu_mask(float *d, const float *out, size_t n, em_pool *pool) {
 
 /* Backward of the dense part (and the sequence tower's); leaves the pooled-embedding
  * gradient in demb. */
-static em_status backward(em_dlrm *m, const em_batch *b, const em_dlrm_head_hook *hook, em_pool *pool) {
+static em_status backward(em_dlrm *m, const em_batch *b, const em_dlrm_head_hook *hook, em_dlrm_grad_ready_fn ready,
+                          void *ud, em_pool *pool) {
     const int B = b->B, n = m->n_layers;
     const size_t TD = (size_t)m->cfg.num_tables * (size_t)m->cfg.dim;
     /* Every dense gradient, dinter and each dx[l] but two is written exactly once per
@@ -391,6 +392,7 @@ static em_status backward(em_dlrm *m, const em_batch *b, const em_dlrm_head_hook
         if (l != n - 1) relu_mask(m->dx[l], m->x[l], (size_t)B * (size_t)L->out, pool);
         em_linear_backward_set(layer_din(m, l), m->grads + L->w, m->grads + L->b, m->dx[l], layer_in(m, l),
                                m->params + L->w, B, L->in, L->out, pool);
+        if (ready) ready(ud, L->w, L->b + (size_t)L->out);
         if (l == n - 1 && dh) {
             float *din = layer_din(m, l);
             for (size_t i = 0; i < (size_t)B * (size_t)L->in; i++) din[i] += dh[i];
@@ -438,7 +440,7 @@ static em_status forward_backward(em_dlrm *m, const em_batch *b, const em_dlrm_h
     em_status st = forward(m, b, NULL, 1, pool);
     if (st) return st;
     if (loss) *loss = em_bce_logits_forward(m->x[m->n_layers - 1], b->label, (size_t)b->B);
-    return backward(m, b, hook, pool);
+    return backward(m, b, hook, NULL, NULL, pool);
 }
 
 /* Grow an array of `size`-byte elements to hold n (by half again). */
@@ -525,6 +527,17 @@ em_status em_dlrm_train_step_hook(em_dlrm *m, const em_batch *b, const em_dlrm_h
 
 em_status em_dlrm_dense_backward_with(em_dlrm *m, const em_batch *b, const float *pooled, float *dpooled,
                                       double *loss, em_pool *pool) {
+    return em_dlrm_dense_backward_ready(m, b, pooled, dpooled, loss, NULL, NULL, pool);
+}
+
+int em_dlrm_layer_offsets(const em_dlrm *m, size_t *lo) {
+    for (int l = 0; l < m->n_layers; l++) lo[l] = m->L[l].w;
+    lo[m->n_layers] = m->n_mlp;
+    return m->n_layers;
+}
+
+em_status em_dlrm_dense_backward_ready(em_dlrm *m, const em_batch *b, const float *pooled, float *dpooled,
+                                       double *loss, em_dlrm_grad_ready_fn ready, void *ud, em_pool *pool) {
     if (m->seq) return em_errorf(EM_ERR_UNSUPPORTED, "model: distributed training of a sequence model is not supported");
     if (!pooled || !dpooled) return em_errorf(EM_ERR_INVALID, "model: dense_backward_with needs pooled and dpooled");
     em_status st = check_batch(m, b);
@@ -533,7 +546,7 @@ em_status em_dlrm_dense_backward_with(em_dlrm *m, const em_batch *b, const float
     memcpy(m->emb_out, pooled, n * sizeof(float)); /* the interaction's backward reads its input there */
     if ((st = forward(m, b, m->emb_out, 1, pool))) return st;
     if (loss) *loss = em_bce_logits_forward(m->x[m->n_layers - 1], b->label, (size_t)b->B);
-    if ((st = backward(m, b, NULL, pool))) return st;
+    if ((st = backward(m, b, NULL, ready, ud, pool))) return st;
     memcpy(dpooled, m->demb, n * sizeof(float));
     return EM_OK;
 }

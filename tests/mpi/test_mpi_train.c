@@ -506,6 +506,56 @@ static void test_2d_rowwise_sync(void) {
     }
 }
 
+/* The dense all-reduce in buckets of layers, posted during the dense backward: the
+ * same bits as one all-reduce after it, whatever the buckets (every element is summed
+ * in rank order); a rank without examples (step 3) posts its buckets all at once. */
+static void test_buckets(void) {
+    em_dlrm_cfg c = small_cfg(EM_OPT_ROWWISE_ADAGRAD, EM_OPT_ADAM, EM_POOL_SUM);
+    c.n_bot = 4, c.bot[1] = 64, c.bot[2] = 32, c.bot[3] = D; /* layers of 320, 2080, 264, 1536, 65 floats */
+    c.top[1] = 64;
+    const int kb[3] = {-1, 0, 1}, want[3] = {1, 1, 4};
+    float *p0 = NULL, *w0[T] = {0};
+    size_t n = 0;
+    for (int i = 0; i < 3; i++) {
+        em_dist_cfg dc = placement(&c, "mixed");
+        dc.bucket_kb = kb[i];
+        em_dist *d;
+        CHECK_OK(em_dist_create(&d, &dc, NULL));
+        CHECK(em_dist_buckets(d) == want[i]);
+        train_dist(d, &c, 0, STEPS);
+        const float *p = em_dlrm_dense_block(em_dist_dense(d), 0, &n);
+        if (!p0) {
+            p0 = malloc(n * sizeof(float));
+            memcpy(p0, p, n * sizeof(float));
+        } else {
+            CHECK(memcmp(p0, p, n * sizeof(float)) == 0);
+        }
+        for (int t = 0; t < T; t++) {
+            const size_t rows = (size_t)c.rows[t];
+            float *w = malloc(rows * D * sizeof(float));
+            CHECK_OK(em_dist_gather_table(d, t, w, NULL));
+            if (!w0[t]) {
+                w0[t] = w;
+            } else {
+                CHECK(memcmp(w0[t], w, rows * D * sizeof(float)) == 0);
+                free(w);
+            }
+        }
+        double tb = -1, tw = -1;
+        em_dist_last_times(d, &tb, &tw);
+        CHECK(tb >= 0 && tw >= 0);
+        em_dist_free(d);
+    }
+    /* and the same model as one process within float tolerance */
+    double ref_loss;
+    em_dlrm *ref = train_ref(&c, STEPS, &ref_loss);
+    size_t nr;
+    CHECK(rel_err_f(p0, em_dlrm_dense_block(ref, 0, &nr), n, 1e-3) < 2e-4 && nr == n);
+    em_dlrm_free(ref);
+    free(p0);
+    for (int t = 0; t < T; t++) free(w0[t]);
+}
+
 int main(int argc, char **argv) {
     if (em_dist_init(&argc, &argv)) {
         fprintf(stderr, "MPI init failed\n");
@@ -522,7 +572,8 @@ int main(int argc, char **argv) {
                                    {"planner_placement", test_planner_placement},
                                    {"bytes", test_bytes},
                                    {"2d_sgd_equivalence", test_2d_sgd_equivalence},
-                                   {"2d_rowwise_sync", test_2d_rowwise_sync}};
+                                   {"2d_rowwise_sync", test_2d_rowwise_sync},
+                                   {"buckets", test_buckets}};
     int rc = t_run(cases, (int)(sizeof cases / sizeof cases[0]), argc, argv);
     int worst = 0;
     MPI_Allreduce(&rc, &worst, 1, MPI_INT, MPI_MAX, MPI_COMM_WORLD);
