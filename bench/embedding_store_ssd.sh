@@ -5,8 +5,10 @@
 # embedding memory limit, against the same model with every row in memory (--tables
 # dynamic, no budget: the same values, bitwise). Reports test AUC of both, training
 # throughput (runs alternated, REPS pairs; medians and the median of the pair ratios,
-# since other work on the machine moves absolute figures), the cache hit rate, the peak
-# RSS and the store's size on disk.
+# since other work on the machine moves absolute figures), the cache hit rate, the
+# prefetch's share of it (`ember train` loads the next batch's rows in the background
+# while the current one trains: rows it loaded that a forward then found, from the final
+# checkpoint's ssd.meta counters, training only), the peak RSS and the store's size on disk.
 #
 # The memory limit: the in-memory run's tables hold TABLE_MB (rows, optimizer state,
 # per-row metadata, hash; `tables: dynamic, ... MB held`); the SSD run may use
@@ -56,6 +58,22 @@ run() {
   /usr/bin/time -f "%M" -o "$OUT/$name.rss" "$EMBER" train "${common[@]}" "$@" --out "$OUT/$name" > "$OUT/$name.log" 2>&1
   local ck="$OUT/$name/checkpoint.safetensors"
   if [[ -d "$ck.ssd" ]]; then du -sm "$ck.ssd" | cut -f1 > "$OUT/$name.disk"; else echo 0 > "$OUT/$name.disk"; fi
+  # the SSD tier's counters at the final checkpoint (after training, before the test
+  # evaluation): ssd.counts I64[11] of CKPT.ssd/ssd.meta (safetensors)
+  python3 - "$ck.ssd/ssd.meta" > "$OUT/$name.counts" <<'PY'
+import json, os, struct, sys
+p = sys.argv[1]
+if not os.path.exists(p):
+    print("{}"); sys.exit(0)
+b = open(p, "rb").read()
+n = struct.unpack("<Q", b[:8])[0]
+h = json.loads(b[8:8 + n])
+lo, hi = h["ssd.counts"]["data_offsets"]
+c = struct.unpack("<11q", b[8 + n + lo:8 + n + hi])
+names = ["step", "disk_rows", "rows", "hits", "misses", "prefetch_hits", "evictions", "writebacks", "prefetched",
+         "bytes_written", "bytes_read"]
+print(json.dumps(dict(zip(names, c))))
+PY
   [[ -n "${KEEP:-}" ]] || rm -rf "$ck" "$ck.ssd" "$OUT/store"
   log "$name: $(grep -o '"examples_per_s":[0-9.]*' "$OUT/$name/report.json"), $(grep '^tables:' "$OUT/$name.log")"
 }
@@ -85,14 +103,17 @@ def load(name):
     return {"auc": r["test"]["auc"], "logloss": r["test"]["logloss"], "ex_s": r["run"]["examples_per_s"],
             "rss_mb": int(open(f"{out}/{name}.rss").read().split()[-1]) / 1024.0,
             "disk_mb": int(open(f"{out}/{name}.disk").read()), "load": float(open(f"{out}/{name}.load").read()),
-            "hit_rate": float(hit.group(1)) if hit else None, "tables": (re.search(r"^tables: .*$", log, re.M) or [""])[0]}
+            "hit_rate": float(hit.group(1)) if hit else None, "tables": (re.search(r"^tables: .*$", log, re.M) or [""])[0],
+            "counts": json.load(open(f"{out}/{name}.counts"))}
 mem = [load(f"mem{r}") for r in range(1, reps + 1)]
 ssd = [load(f"ssd{r}") for r in range(1, reps + 1)]
 for i in range(reps):
     print(f"pair {i + 1}: in-memory {mem[i]['ex_s']:.0f} ex/s (load {mem[i]['load']}), SSD {ssd[i]['ex_s']:.0f} ex/s "
           f"(load {ssd[i]['load']}), ratio {ssd[i]['ex_s'] / mem[i]['ex_s']:.3f}; AUC {mem[i]['auc']:.5f} vs "
-          f"{ssd[i]['auc']:.5f}; hit rate {ssd[i]['hit_rate']}; RSS {mem[i]['rss_mb']:.0f} vs {ssd[i]['rss_mb']:.0f} MB",
-          file=sys.stderr)
+          f"{ssd[i]['auc']:.5f}; hit rate {ssd[i]['hit_rate']}; RSS {mem[i]['rss_mb']:.0f} vs {ssd[i]['rss_mb']:.0f} MB; "
+          f"training counters {ssd[i]['counts']}", file=sys.stderr)
+c = ssd[0]["counts"]
+look = c.get("hits", 0) + c.get("misses", 0)
 ratios = [s["ex_s"] / m["ex_s"] for s, m in zip(ssd, mem)]
 res = {"issue3_ssd": {
     "train_rows": rows, "table_mb_in_memory": table_mb, "limit_mb": limit_mb, "row_cache_mb": cache_mb,
@@ -100,7 +121,11 @@ res = {"issue3_ssd": {
     "auc_in_memory": mem[0]["auc"], "auc_ssd": ssd[0]["auc"], "auc_diff": round(mem[0]["auc"] - ssd[0]["auc"], 6),
     "ex_s_in_memory": statistics.median(m["ex_s"] for m in mem), "ex_s_ssd": statistics.median(s["ex_s"] for s in ssd),
     "throughput_ratio_median": round(statistics.median(ratios), 3), "throughput_ratios": [round(x, 3) for x in ratios],
-    "hit_rate": ssd[0]["hit_rate"], "peak_rss_mb_in_memory": round(max(m["rss_mb"] for m in mem), 1),
+    "hit_rate": ssd[0]["hit_rate"],
+    "train_hit_rate": round(c["hits"] / look, 4) if look else None,
+    "train_prefetch_hits": c.get("prefetch_hits"), "train_prefetched": c.get("prefetched"),
+    "train_hit_rate_without_prefetch_hits": round((c["hits"] - c["prefetch_hits"]) / look, 4) if look else None,
+    "peak_rss_mb_in_memory": round(max(m["rss_mb"] for m in mem), 1),
     "peak_rss_mb_ssd": round(max(s["rss_mb"] for s in ssd), 1),
     "auc_within_0.001": abs(mem[0]["auc"] - ssd[0]["auc"]) <= 0.001, "throughput_ge_50pct": statistics.median(ratios) >= 0.5}}
 print(json.dumps(res))

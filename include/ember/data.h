@@ -45,7 +45,8 @@ typedef struct {
 } em_batch_seq;
 
 /* One mini-batch, in the layout the model consumes. Owned by the reader; valid until
- * the next em_reader_next() or em_reader_free(). */
+ * the next em_reader_next() (with em_reader_cfg.hold = 2: the second next) or
+ * em_reader_free(). */
 typedef struct {
     int B;                 /* examples in this batch (the last one may be short) */
     int num_dense, num_sparse;
@@ -119,6 +120,10 @@ typedef struct {
                                   seek there instead of reading skip lines. It must be a line start
                                   of the file (else EM_ERR_CORRUPT). 0 = read and count lines.
                                   Ignored for binary files (they seek by record). */
+    int hold;                  /* batches the caller may hold at once: 0 or 1 = the last one
+                                  (valid until the next em_reader_next); 2 = the last two (a
+                                  batch stays valid until the second em_reader_next after it:
+                                  look at batch i + 1 while batch i is in use). One more slot. */
 } em_reader_cfg;
 
 typedef struct em_reader em_reader;
@@ -134,7 +139,7 @@ typedef struct {
 
 em_status em_reader_open(em_reader **out, const em_reader_cfg *cfg);
 /* Next batch, or EM_ERR_EOF at the end of the stream. Memory is bounded by
- * (prefetch + 2) batches whatever the file size. */
+ * (prefetch + hold + 1) batches whatever the file size. */
 em_status em_reader_next(em_reader *r, const em_batch **out);
 void em_reader_stats_get(const em_reader *r, em_reader_stats *out);
 void em_reader_free(em_reader *r); /* NULL is a no-op; joins the prefetch thread */

@@ -54,6 +54,8 @@ typedef struct {
     uint64_t train_limit;       /* use only the first N lines of the training file; 0 = all */
     uint64_t test_limit;
     double progress_every_s;    /* seconds between progress events (default 0.5) */
+    int no_lookahead;           /* 1: SSD tables do not load the next batch's rows while the
+                                   current batch trains (only timing differs; for tests) */
     void (*on_event)(void *ud, const em_train_event *ev);
     void *ud;
 } em_train_cfg;

@@ -4,8 +4,8 @@
  * converter.
  *
  * Memory is bounded whatever the file size: one 1 MiB read buffer plus a ring of
- * prefetch + 1 batch slots (a slot holds the batch arrays and the raw ids of its
- * examples). Nothing is allocated after em_reader_open().
+ * prefetch + hold batch slots (a slot holds the batch arrays and the raw ids of its
+ * examples; hold = 1 by default). Nothing is allocated after em_reader_open().
  *
  * Positions. A position counts input lines (TSV) or records (binary) from the start of
  * the file, malformed lines included. Batch b covers [first_pos, end_pos) and ends
@@ -17,8 +17,11 @@
  *
  * Threading. With prefetch = 0 batches are parsed on the caller's thread into one
  * slot. With prefetch > 0 a producer thread fills the slots in ring order and the
- * consumer takes them in the same order; the slot handed out by em_reader_next stays
- * owned by the caller until the next call. Both paths run the same produce() on the
+ * consumer takes them in the same order; the slots handed out by em_reader_next stay
+ * owned by the caller until `hold` more calls (1: until the next call; 2: the caller
+ * may keep the previous batch while it looks at the next one). The held slots are the
+ * `nheld` ring positions just before q_head, so the ring stays contiguous: ready slots
+ * follow them, free slots follow the ready ones. Both paths run the same produce() on the
  * same state, so batches are identical. Statistics travel with each slot (malformed
  * count and first error of that batch) and are applied when the consumer receives
  * it, so em_reader_stats_get() describes what was delivered, never what the thread
@@ -175,12 +178,13 @@ struct em_reader {
 
     slot *slots;
     int nslots;
-    /* ring: slots q_head .. q_head+q_count-1 are ready; `held` is with the caller */
+    /* ring: slots q_head .. q_head+q_count-1 are ready; the nheld before q_head are with
+     * the caller (at most hold) */
     pthread_mutex_t mu;
     pthread_cond_t cv_ready, cv_free;
     int sync_init, thread_started;
     pthread_t thread;
-    int q_head, q_count, held, stop;
+    int q_head, q_count, nheld, hold, stop;
 
     int finished; /* the consumer has seen EOF or an error */
     em_status final_status;
@@ -448,7 +452,7 @@ static void *producer_main(void *arg) {
     em_reader *r = arg;
     for (;;) {
         pthread_mutex_lock(&r->mu);
-        while (!r->stop && r->q_count + (r->held >= 0) >= r->nslots)
+        while (!r->stop && r->q_count + r->nheld >= r->nslots)
             pthread_cond_wait(&r->cv_free, &r->mu);
         if (r->stop) {
             pthread_mutex_unlock(&r->mu);
@@ -582,8 +586,8 @@ em_status em_reader_open(em_reader **out, const em_reader_cfg *cfg) {
     *out = NULL;
     if (!cfg || !cfg->path || cfg->batch_size < 1 || cfg->num_dense < 0 || cfg->num_dense > 4096 ||
         cfg->num_sparse < 0 || cfg->num_sparse > 64 || cfg->prefetch < 0 ||
-        cfg->prefetch > MAX_PREFETCH || (cfg->num_sparse && !cfg->table_rows))
-        return em_errorf(EM_ERR_INVALID, "reader: bad config (path, batch_size >= 1, num_sparse <= 64, table_rows, 0 <= prefetch <= %d)",
+        cfg->prefetch > MAX_PREFETCH || cfg->hold < 0 || cfg->hold > 2 || (cfg->num_sparse && !cfg->table_rows))
+        return em_errorf(EM_ERR_INVALID, "reader: bad config (path, batch_size >= 1, num_sparse <= 64, table_rows, 0 <= prefetch <= %d, 0 <= hold <= 2)",
                          MAX_PREFETCH);
     for (int f = 0; f < cfg->num_sparse; f++)
         if (cfg->table_rows[f] < 1)
@@ -607,14 +611,14 @@ em_status em_reader_open(em_reader **out, const em_reader_cfg *cfg) {
     em_reader *r = em_calloc(1, sizeof *r);
     if (!r) return em_errorf(EM_ERR_NOMEM, "reader: out of memory");
     r->fd = -1;
-    r->held = -1;
+    r->hold = cfg->hold > 1 ? cfg->hold : 1;
     r->B = cfg->batch_size, r->nd = cfg->num_dense, r->ns = cfg->num_sparse;
     r->strict = cfg->strict, r->prefetch = cfg->prefetch;
     r->skip = cfg->skip;
     r->skip_bytes = cfg->skip ? cfg->skip_bytes : 0;
     r->end = cfg->limit ? cfg->limit : UINT64_MAX;
     r->skipped = cfg->skip == 0;
-    r->nslots = cfg->prefetch + 1;
+    r->nslots = cfg->prefetch + r->hold;
     em_status s = EM_OK;
     r->nseq = cfg->num_seq, r->seq_cap = cfg->seq_max_len;
     r->path = em_strdup(cfg->path);
@@ -684,21 +688,22 @@ em_status em_reader_next(em_reader *r, const em_batch **out) {
         return em_errorf(r->final_status, "%s", r->final_err);
     }
     slot *s;
-    if (!r->thread_started) {
-        s = &r->slots[0];
+    if (!r->thread_started) { /* the ring of `hold` slots, in turn */
+        s = &r->slots[r->q_head];
+        r->q_head = (r->q_head + 1) % r->nslots;
         produce(r, s);
     } else {
         pthread_mutex_lock(&r->mu);
-        if (r->held >= 0) { /* the caller is done with the previous batch */
-            r->held = -1;
+        if (r->nheld >= r->hold) { /* the caller is done with its oldest batch */
+            r->nheld--;
             pthread_cond_signal(&r->cv_free);
         }
         while (r->q_count == 0) pthread_cond_wait(&r->cv_ready, &r->mu);
-        r->held = r->q_head;
+        s = &r->slots[r->q_head];
+        r->nheld++;
         r->q_head = (r->q_head + 1) % r->nslots;
         r->q_count--;
         pthread_mutex_unlock(&r->mu);
-        s = &r->slots[r->held];
     }
     em_reader_stats *st = &r->stats;
     st->lines += s->batch.end_pos - s->batch.first_pos;

@@ -7,6 +7,15 @@
  * training file at that position, so batch boundaries and order are exactly those
  * of an uninterrupted run. Checkpoints are written atomically (em_st_write), so a run
  * killed while writing leaves the previous checkpoint intact.
+ *
+ * Lookahead (SSD tables, unless cfg->no_lookahead): the loop takes batch i + 1 from the
+ * reader (em_reader_cfg.hold = 2 keeps batch i valid meanwhile) before it trains batch
+ * i, and the training step of batch i starts the background load of batch i + 1's rows
+ * (em_dlrm_prefetch from a head hook: after batch i's forward has pinned its rows,
+ * before its backward), so RocksDB reads overlap batch i's backward and update. The
+ * hook changes no value, batches and their order are the reader's, and the position
+ * recorded is still that of the last trained batch; reader statistics reported are
+ * those of the trained batches (the looked-ahead one is not counted until trained).
  */
 #include <errno.h>
 #include <math.h>
@@ -175,6 +184,19 @@ static em_status evaluate(run_state *s, em_metrics *out, double train_loss) {
     return EM_OK;
 }
 
+/* The lookahead's head hook: start loading the next batch's rows (changes nothing). */
+typedef struct {
+    em_dlrm *m;
+    const em_batch *next;
+} lookahead;
+
+static em_status lookahead_fn(void *ud, const em_batch *b, const float *h, int H, const float *logits, float *dlogit,
+                              const float **dh, em_pool *pool) {
+    (void)b, (void)h, (void)H, (void)logits, (void)dlogit, (void)dh, (void)pool;
+    const lookahead *la = ud;
+    return la->next ? em_dlrm_prefetch(la->m, la->next) : EM_OK;
+}
+
 em_status em_train_run(const em_train_cfg *cfg, em_pool *pool, em_train_result *res, em_dlrm **model_out) {
     memset(res, 0, sizeof *res);
     if (model_out) *model_out = NULL;
@@ -221,17 +243,27 @@ em_status em_train_run(const em_train_cfg *cfg, em_pool *pool, em_train_result *
     double last_progress = s.t0, loss_sum = 0, last_loss = NAN;
     int64_t loss_n = 0;
     int stop = 0;
+    const int look = !cfg->no_lookahead && mc->tables.kind == EM_TABLES_SSD;
+    lookahead la = {s.m, NULL};
+    const em_dlrm_head_hook la_hook = {lookahead_fn, &la};
     for (; s.epoch < cfg->epochs && !stop; s.epoch++, s.pos = 0) {
         em_reader_cfg rc = {.path = cfg->train_path, .batch_size = cfg->batch, .num_dense = mc->num_dense,
                             .num_sparse = mc->num_tables, .table_rows = mc->rows, .strict = cfg->strict,
-                            .prefetch = cfg->prefetch, .skip = s.pos, .limit = cfg->train_limit};
+                            .prefetch = cfg->prefetch, .skip = s.pos, .limit = cfg->train_limit,
+                            .hold = look ? 2 : 1};
         em_model_reader_seq(mc, &rc);
         if ((st = em_reader_open(&r, &rc))) goto done;
-        const em_batch *b;
+        const em_batch *b, *nb = NULL;
+        em_reader_stats trained; /* the reader's counters up to batch b */
         double ts = em_now();
-        while ((st = em_reader_next(r, &b)) == EM_OK) {
+        st = em_reader_next(r, &b);
+        while (st == EM_OK) {
             double loss;
-            if ((st = em_dlrm_train_step(s.m, b, &loss, pool))) goto done;
+            em_reader_stats_get(r, &trained);
+            em_status nst = EM_OK; /* the next batch's status; an error is returned after b is trained */
+            if (look) nst = em_reader_next(r, &nb);
+            la.next = look && nst == EM_OK ? nb : NULL;
+            if ((st = em_dlrm_train_step_hook(s.m, b, look ? &la_hook : NULL, &loss, pool))) goto done;
             s.pos = b->end_pos;
             s.examples += (uint64_t)b->B;
             loss_sum += loss, loss_n++;
@@ -239,7 +271,7 @@ em_status em_train_run(const em_train_cfg *cfg, em_pool *pool, em_train_result *
             double now = em_now();
             int last_step = cfg->max_steps && step >= cfg->max_steps;
             if (now - last_progress >= (cfg->progress_every_s > 0 ? cfg->progress_every_s : 0.5) || last_step) {
-                em_reader_stats_get(r, &s.rstats);
+                s.rstats = trained;
                 last_loss = loss_sum / (double)loss_n;
                 em_train_event ev = {.kind = EM_EV_PROGRESS, .step = step, .epoch = s.epoch, .examples = s.examples,
                                      .train_loss = last_loss, .elapsed_s = now - s.t0,
@@ -262,11 +294,15 @@ em_status em_train_run(const em_train_cfg *cfg, em_pool *pool, em_train_result *
                 stop = 1;
                 break;
             }
+            if (!look) st = em_reader_next(r, &b);
+            else if ((st = nst) == EM_OK || st == EM_ERR_EOF) b = nb;
+            else st = em_reader_next(r, &b); /* the reader repeats the error with its detail */
         }
         s.train_s += em_now() - ts;
         if (st != EM_OK && st != EM_ERR_EOF) goto done;
         st = EM_OK;
-        em_reader_stats_get(r, &s.rstats);
+        if (stop) s.rstats = trained; /* not the batch looked at beyond the last step */
+        else em_reader_stats_get(r, &s.rstats);
         em_reader_free(r);
         r = NULL;
         if (stop) break;
