@@ -732,6 +732,100 @@ static void test_forward_with(void) {
     em_dlrm_free(m);
 }
 
+/* em_infer (the server's forward) against em_dlrm_forward: equal within float rounding
+ * for batches of 1 to 300 on 1, 2 and 3 threads, with D = 16 (the AVX-512 Gram-matrix
+ * interaction) and D = 4 (em_vdot), layer widths that are not multiples of 32; with
+ * AVX-512 an example's logit is the same bits in every batch and thread count; the
+ * caller's pooled embeddings give the same bits as pooling inside; a bad index is
+ * refused. */
+static void check_infer(int D) {
+    em_dlrm_cfg c = tiny_cfg();
+    c.dim = D;
+    for (int t = 0; t < NT; t++) c.rows[t] = 50 + t;
+    c.n_bot = 4, c.bot[0] = ND, c.bot[1] = 40, c.bot[2] = 24, c.bot[3] = D;
+    c.n_top = 4, c.top[0] = em_dot_interact_out_dim(NT, D), c.top[1] = 50, c.top[2] = 17, c.top[3] = 1;
+    em_dlrm *m;
+    CHECK_OK(em_dlrm_create(&m, &c, NULL));
+    enum { BMAX = 300 };
+    static float dense[BMAX * ND], want[BMAX], got[BMAX], alone[BMAX], pooled[BMAX * NT * 16];
+    static int64_t idx[BMAX * NT], off[BMAX * NT + 1];
+    em_rng rng;
+    em_rng_seed(&rng, 11);
+    for (int i = 0; i < BMAX * ND; i++) dense[i] = (float)em_rng_uniform(&rng) * 3.f;
+    /* the batch's examples are examples lo .. lo + B of one pool of BMAX: ids are a
+     * function of (example, table); every 7th bag is empty */
+    const int sizes[] = {1, 5, 13, 24, 25, 97, 300};
+    for (int nth = 1; nth <= 3; nth++) {
+        em_pool *pool;
+        CHECK_OK(em_pool_create(&pool, nth));
+        em_infer *inf;
+        CHECK_OK(em_infer_create(&inf, m, 64, nth));
+        for (size_t si = 0; si < sizeof sizes / sizeof sizes[0]; si++) {
+            const int B = sizes[si], lo = B == BMAX ? 0 : 3;
+            int64_t k = 0;
+            off[0] = 0;
+            for (int t = 0; t < NT; t++)
+                for (int i = 0; i < B; i++) {
+                    const uint64_t e = (uint64_t)(lo + i);
+                    if ((e + (uint64_t)t) % 7) idx[k++] = (int64_t)(em_mix64(e * 131 + (uint64_t)t) % (uint64_t)c.rows[t]);
+                    off[(size_t)t * B + i + 1] = k;
+                }
+            em_batch b = {.B = B, .num_dense = ND, .num_sparse = NT, .dense = dense + (size_t)lo * ND, .indices = idx,
+                          .offsets = off};
+            CHECK_OK(em_dlrm_forward(m, &b, want, NULL));
+            CHECK_OK(em_infer_forward(inf, &b, NULL, got, pool));
+            int close = 1;
+            for (int i = 0; i < B; i++) close &= fabsf(got[i] - want[i]) <= 1e-5f * (1.f + fabsf(want[i]));
+            CHECK(close);
+            CHECK_OK(em_embbag_forward(em_dlrm_embbag(m), pooled, idx, off, NULL, B, NULL));
+            CHECK_OK(em_infer_forward(inf, &b, pooled, want, pool));
+            CHECK(memcmp(want, got, (size_t)B * sizeof(float)) == 0);
+#ifdef __AVX512F__
+            if (B == BMAX && nth == 1) memcpy(alone, got, sizeof alone);
+            else if (B == BMAX) CHECK(memcmp(alone, got, sizeof alone) == 0);
+#endif
+        }
+        em_infer_free(inf);
+        em_pool_free(pool);
+    }
+#ifdef __AVX512F__
+    /* example 3 alone, and examples 3.. in a batch of 97, against the batch of 300 */
+    em_infer *inf;
+    CHECK_OK(em_infer_create(&inf, m, 1, 1));
+    for (int B = 1; B <= 97; B += 96) {
+        int64_t k = 0;
+        off[0] = 0;
+        for (int t = 0; t < NT; t++)
+            for (int i = 0; i < B; i++) {
+                const uint64_t e = (uint64_t)(3 + i);
+                if ((e + (uint64_t)t) % 7) idx[k++] = (int64_t)(em_mix64(e * 131 + (uint64_t)t) % (uint64_t)c.rows[t]);
+                off[(size_t)t * B + i + 1] = k;
+            }
+        em_batch b = {.B = B, .num_dense = ND, .num_sparse = NT, .dense = dense + 3 * ND, .indices = idx, .offsets = off};
+        CHECK_OK(em_infer_forward(inf, &b, NULL, got, NULL));
+        CHECK(memcmp(got, alone + 3, (size_t)B * sizeof(float)) == 0);
+    }
+    em_infer_free(inf);
+#endif
+    /* an index out of range is refused, naming it */
+    {
+        em_infer *inf2;
+        CHECK_OK(em_infer_create(&inf2, m, 4, 1));
+        int64_t k = 0;
+        off[0] = 0;
+        for (int t = 0; t < NT; t++) idx[k] = t == 5 ? c.rows[t] : 0, k++, off[t + 1] = k;
+        em_batch b = {.B = 1, .num_dense = ND, .num_sparse = NT, .dense = dense, .indices = idx, .offsets = off};
+        CHECK(em_infer_forward(inf2, &b, NULL, got, NULL) == EM_ERR_INVALID && strstr(em_last_error(), "table 5"));
+        em_infer_free(inf2);
+    }
+    em_dlrm_free(m);
+}
+
+static void test_infer(void) {
+    check_infer(16);
+    check_infer(4);
+}
+
 static void check_quant_server(em_qtype qt, size_t want_bytes) {
     size_t before = em_mem_in_use();
     em_server *s = start_server_tables(64, 0, 1 << 20, qt);
@@ -1274,4 +1368,4 @@ TEST_MAIN({"predict_json", test_predict_json}, {"concurrent_batching", test_conc
           {"forward_with", test_forward_with}, {"quant_tables", test_quant_tables},
           {"reload_under_load", test_reload_under_load}, {"reload_loopback_only", test_reload_loopback_only},
           {"reload_does_not_block_worker", test_reload_does_not_block_worker},
-          {"teacher_mode", test_teacher_mode})
+          {"teacher_mode", test_teacher_mode}, {"infer", test_infer})

@@ -126,6 +126,28 @@ void em_serve_stats_get(const em_server *s, em_serve_stats *out);
 /* The /metrics page into buf (NUL-terminated, truncated to cap); returns its full length. */
 size_t em_serve_metrics_text(const em_server *s, char *buf, size_t cap);
 
+/* ------------------------------------------------------------ inference path */
+/*
+ * em_infer: the inference-only forward pass the server runs (src/serve/infer.c):
+ * row chunks taken through the whole network by one worker each (one pool launch for
+ * the dense part), weights packed once at create, bias and ReLU fused into the GEMM
+ * kernel. An example's logit does not depend on the other examples of its batch, the
+ * batch size or the thread count (AVX-512 builds; elsewhere it may depend on the batch
+ * size), and equals em_dlrm_forward's up to float rounding. It reads the model's
+ * parameters in place: recreate it after the model's dense parameters change.
+ */
+typedef struct em_infer em_infer;
+/* A plain DLRM only (EM_ERR_UNSUPPORTED for a sequence model). Buffers are reserved
+ * for batches of max_batch on a pool of nth threads. */
+em_status em_infer_create(em_infer **out, em_dlrm *m, int max_batch, int nth);
+void em_infer_free(em_infer *inf); /* NULL is a no-op */
+/* logits[b->B] for batch b. pooled: the (B, T, D) pooled embeddings (quantized tables),
+ * or NULL to pool the model's own fp32 tables (in the same pass, chunk by chunk, each
+ * chunk's rows prefetched while the previous chunk computes). Batches of at most 24
+ * run on the caller alone. Allocates only when B or the pool's thread count exceeds
+ * what was reserved. */
+em_status em_infer_forward(em_infer *inf, const em_batch *b, const float *pooled, float *logits, em_pool *pool);
+
 #ifdef __cplusplus
 }
 #endif

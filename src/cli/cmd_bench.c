@@ -44,11 +44,13 @@
 #include <sys/resource.h>
 
 #include "cli/cli.h"
+#include "core/blas.h"
 #include "ember/attn_padded.h"
+#include "ember/serve.h"
 
 typedef struct {
     const char *config, *opt, *dump;
-    int batch, threads, heads, head_dim, max_len, causal, infer, stages;
+    int batch, threads, heads, head_dim, max_len, causal, infer, stages, model_path;
     long long steps, warmup, seed;
     double lr, mean_len;
 } bench_ctx;
@@ -59,6 +61,8 @@ static const cli_opt bench_opts[] = {
     OPT_STR("opt", "NAME", "sgd (dense and sparse SGD) | adagrad | rowwise_adagrad (dense AdaGrad) (default sgd)", bench_ctx,
             opt),
     OPT_FLAG("infer", "kaggle / embheavy: time inference only (forward, no backward)", bench_ctx, infer),
+    OPT_FLAG("model-path", "--infer: time em_dlrm_forward (the training forward's tiled layers) instead of em_infer", bench_ctx,
+             model_path),
     OPT_FLAG("stages", "--infer: also time each stage of the forward (pooling, every layer, interaction)", bench_ctx, stages),
     OPT_INT("steps", "N", "timed steps (default 50; jattn 20, attn_padded 3; --infer 100k examples, 50..20000 steps)",
             bench_ctx, steps, 1, 1LL << 40),
@@ -296,6 +300,45 @@ static char *bench_stages(const bench_ctx *c, const em_dlrm_cfg *m, em_dlrm *mod
 
 /* `ember bench --workload kaggle|embheavy --infer`: forward passes only (see the file
  * comment). batches[NB] are the preloaded inputs. */
+/* The forward's GEMMs alone, each layer one OpenBLAS call over the whole batch with
+ * OpenBLAS's own `threads` threads (bias, ReLU and interaction left out): the best
+ * OpenBLAS does on this model's inference shapes, the "model-shape roofline". Median
+ * of 7 timings of 3 passes, in ms per pass. OpenBLAS is set back to one thread. */
+void openblas_set_num_threads(int num_threads);
+static double gemm_roofline_ms(const bench_ctx *c, const em_dlrm_cfg *m, em_dlrm *model) {
+    const int B = c->batch, nb = m->n_bot - 1, nt = m->n_top - 1;
+    int w = 0;
+    for (int i = 0; i < m->n_bot; i++) w = m->bot[i] > w ? m->bot[i] : w;
+    for (int i = 0; i < m->n_top; i++) w = m->top[i] > w ? m->top[i] : w;
+    float *x = em_calloc((size_t)B * (size_t)w, sizeof(float)), *y = em_calloc((size_t)B * (size_t)w, sizeof(float));
+    if (!x || !y) {
+        em_free(x), em_free(y);
+        return -1;
+    }
+    for (size_t i = 0; i < (size_t)B * (size_t)w; i++) x[i] = 0.01f * (float)(i % 13);
+    em_blas_init();
+    openblas_set_num_threads(c->threads);
+    double t[7];
+    for (int r = -1; r < 7; r++) {
+        const double t0 = em_now();
+        for (int it = 0; it < 3; it++)
+            for (int l = 0; l < nb + nt; l++) {
+                char name[32];
+                const int top = l >= nb, i = top ? l - nb : l, I = top ? m->top[i] : m->bot[i],
+                          O = top ? m->top[i + 1] : m->bot[i + 1];
+                snprintf(name, sizeof name, "%s.%d.weight", top ? "top" : "bot", i);
+                const float *W = em_dlrm_param(model, name, 0, NULL);
+                cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, B, O, I, 1.f, (l & 1) ? y : x, I, W, I, 0.f,
+                            (l & 1) ? x : y, O);
+            }
+        if (r >= 0) t[r] = (em_now() - t0) / 3;
+    }
+    openblas_set_num_threads(1);
+    qsort(t, 7, sizeof t[0], cmp_double);
+    em_free(x), em_free(y);
+    return 1e3 * t[3];
+}
+
 static int bench_infer(const bench_ctx *c, const em_dlrm_cfg *m, em_dlrm *model, em_batch *batches, int NB,
                        em_pool *pool) {
     const int B = c->batch, T = m->num_tables, D = m->dim;
@@ -310,11 +353,23 @@ static int bench_infer(const bench_ctx *c, const em_dlrm_cfg *m, em_dlrm *model,
         fprintf(stderr, "ember bench: out of memory\n");
         return 1;
     }
-    em_status st = EM_OK;
+    em_infer *inf = NULL;
+    em_status st = c->model_path ? EM_OK : em_infer_create(&inf, model, B, em_pool_nth(pool));
+    /* the two paths' answers on the first batch: the largest difference */
+    double maxdiff = 0;
+    if (!st) st = em_dlrm_forward(model, &batches[0], pooled, pool); /* pooled: scratch (B <= B T D) */
+    if (!st && inf) {
+        st = em_infer_forward(inf, &batches[0], NULL, logits, pool);
+        for (int i = 0; !st && i < B; i++) {
+            const double d = fabs((double)logits[i] - (double)pooled[i]) / (1.0 + fabs((double)pooled[i]));
+            if (d > maxdiff) maxdiff = d;
+        }
+    }
     double check = 0, secs = 0;
     for (long long s = 0; !st && s < c->warmup + c->steps; s++) {
         const double t0 = em_now();
-        st = em_dlrm_forward(model, &batches[s % NB], logits, pool);
+        st = inf ? em_infer_forward(inf, &batches[s % NB], NULL, logits, pool)
+                 : em_dlrm_forward(model, &batches[s % NB], logits, pool);
         const double t1 = em_now();
         if (s >= c->warmup) ms[s - c->warmup] = 1e3 * (t1 - t0), secs += t1 - t0;
         check += logits[0];
@@ -327,7 +382,7 @@ static int bench_infer(const bench_ctx *c, const em_dlrm_cfg *m, em_dlrm *model,
         const double t0 = em_now();
         st = em_embbag_forward(bag, pooled, b->indices, b->offsets, b->per_id_w, B, pool);
         const double t1 = em_now();
-        if (!st) st = em_dlrm_forward_with(model, b, pooled, logits, pool);
+        if (!st) st = inf ? em_infer_forward(inf, b, pooled, logits, pool) : em_dlrm_forward_with(model, b, pooled, logits, pool);
         const double t2 = em_now();
         emb_s += t1 - t0, dense_s += t2 - t1;
         check += logits[0];
@@ -336,19 +391,23 @@ static int bench_infer(const bench_ctx *c, const em_dlrm_cfg *m, em_dlrm *model,
         cli_fail("bench", st);
         return 1;
     }
+    em_infer_free(inf);
+    const double roof_ms = gemm_roofline_ms(c, m, model);
     char *stages = c->stages ? bench_stages(c, m, model, batches, NB, pooled, pool) : NULL;
     if (c->stages && !stages) return 1;
     qsort(ms, (size_t)c->steps, sizeof(double), cmp_double);
     const double n = (double)c->steps, per = secs / n;
     struct rusage ru;
     getrusage(RUSAGE_SELF, &ru);
-    printf("{\"config\":\"%s\",\"mode\":\"infer\",\"batch\":%d,\"threads\":%d,\"steps\":%lld,\"distinct_batches\":%d,"
+    printf("{\"config\":\"%s\",\"mode\":\"infer\",\"path\":\"%s\",\"max_rel_diff_vs_model\":%.3g,"
+           "\"gemm_roofline_ms\":%.4f,\"gemm_roofline_gflops\":%.2f,\"batch\":%d,\"threads\":%d,\"steps\":%lld,\"distinct_batches\":%d,"
            "\"examples_per_s\":%.1f,\"ms_per_batch\":%.4f,\"gflops\":%.2f,"
            "\"us_p50\":%.2f,\"us_p90\":%.2f,\"us_p99\":%.2f,\"us_min\":%.2f,\"us_max\":%.2f,"
            "\"ms_embed\":%.4f,\"ms_dense\":%.4f,\"dense_gflops\":%.2f,"
            "\"fwd_flop_per_example\":%.0f,\"mlp_flop\":%.0f,\"interaction_flop\":%.0f,"
            "\"peak_rss_mb\":%.1f,\"checksum\":%.6g%s%s}\n",
-           c->config, B, c->threads, c->steps, NB, (double)B / per, 1e3 * per, flop * B / per / 1e9,
+           c->config, c->model_path ? "model" : "infer", maxdiff, roof_ms, mlp * B / (roof_ms * 1e-3) / 1e9, B, c->threads,
+           c->steps, NB, (double)B / per, 1e3 * per, flop * B / per / 1e9,
            1e3 * pct(ms, c->steps, 0.5), 1e3 * pct(ms, c->steps, 0.9), 1e3 * pct(ms, c->steps, 0.99), 1e3 * ms[0],
            1e3 * ms[c->steps - 1], 1e3 * emb_s / n, 1e3 * dense_s / n, flop * B / (dense_s / n) / 1e9, flop, mlp, inter,
            (double)ru.ru_maxrss / 1024.0, check, stages ? "," : "", stages ? stages : "");

@@ -11,8 +11,8 @@
  * (table-major offsets, ids reduced modulo the table's rows, missing = empty bag)
  * into buffers allocated once at create time, so the hot path allocates nothing.
  *
- * An example's answer does not depend on which other examples share its batch beyond
- * float rounding inside sgemm (every row is computed independently).
+ * An example's answer does not depend on which other examples share its batch (em_infer
+ * computes every row alone, in the same order; AVX-512 builds).
  *
  * Models and hot reload: the batcher reads the served model (s->cur) without the
  * lock because only it replaces that pointer while it runs. A reloader prepares a
@@ -22,14 +22,16 @@
  * frees it: by then no batch can be using it. The batcher also swaps a pending model
  * before it exits, so a reloader never waits on a batcher that has gone.
  * With quantized tables the batcher pools from the em_qbag into the model's pooled
- * buffer and runs em_dlrm_forward_with; otherwise em_dlrm_forward.
+ * buffer and runs em_infer_forward on it; otherwise em_infer_forward pools itself.
  *
- * Tiny batches (at most INLINE_BATCH examples: single-example traffic at low load) run
- * on the batcher thread alone, without the pool: a forward pass is ~10 pool launches,
- * and for one example each launch's wake-up of the other worker costs more than its
- * share of the work (ember bench --infer --batch 1, 2 threads: p50 54-876 us against
- * 41-48 us on one thread, on the shared machine). The layers' tiles do not depend on
- * the thread count, so the answers are the same bits either way.
+ * The forward pass is em_infer (infer.c, ember/serve.h): row chunks through the whole
+ * network, one pool launch a pass, and a batch of at most 24 examples (single-example
+ * traffic at low load) on the batcher thread alone, without waking the pool: for one
+ * example a launch's wake-up of the other worker costs more than its share of the
+ * work (ember bench --infer --batch 1, 2 threads: p50 54-876 us against 41-48 us on
+ * one thread, on the shared machine). Quantized tables are pooled with em_qbag first,
+ * without the pool up to INLINE_BATCH examples. An example's answer does not depend on
+ * its batch, so the cut changes no bits.
  *
  * Teacher mode: after each forward pass the batcher appends one DAS record per
  * example that came with an id (the raw logit, the request's vertical, the served
@@ -78,16 +80,20 @@ void em__batch_free(em_server *s) {
 void em__model_free(em__model *mm) {
     if (!mm) return;
     em_qbag_free(mm->q);
+    em_infer_free(mm->inf);
     em_free(mm->pooled);
     em_dlrm_free(mm->m);
     em_free(mm);
 }
 
-/* Forward of batch b on model mm into logits. */
+/* Forward of batch b on model mm into logits: em_infer (infer.c), which pools the
+ * model's fp32 tables itself and runs a small batch on this thread alone; quantized
+ * tables are pooled first (on this thread alone for a tiny batch). */
 static em_status model_forward(em__model *mm, const em_batch *b, float *logits, em_pool *pool) {
-    if (!mm->q) return em_dlrm_forward(mm->m, b, logits, pool);
-    em_status st = em_qbag_forward(mm->q, mm->pooled, b->indices, b->offsets, b->per_id_w, b->B, pool);
-    return st ? st : em_dlrm_forward_with(mm->m, b, mm->pooled, logits, pool);
+    if (!mm->q) return em_infer_forward(mm->inf, b, NULL, logits, pool);
+    em_status st = em_qbag_forward(mm->q, mm->pooled, b->indices, b->offsets, b->per_id_w, b->B,
+                                   b->B <= INLINE_BATCH ? NULL : pool);
+    return st ? st : em_infer_forward(mm->inf, b, mm->pooled, logits, pool);
 }
 
 em_status em__model_make(em_server *s, em_dlrm *m, em_pool *pool, em__model **out) {
@@ -123,6 +129,7 @@ em_status em__model_make(em_server *s, em_dlrm *m, em_pool *pool, em__model **ou
     } else {
         for (size_t t = 0; t < T; t++) mm->table_bytes += (size_t)c->rows[t] * D * sizeof(float);
     }
+    if ((st = em_infer_create(&mm->inf, m, (int)B, s->pool ? em_pool_nth(s->pool) : 1))) goto fail;
     /* warm-up: a full batch of all-missing examples makes the model allocate its
      * activations for max_batch now rather than on the first busy request */
     wb.B = (int)B, wb.num_dense = s->nd, wb.num_sparse = s->ns;
@@ -170,7 +177,7 @@ static em_status run_batch(em_server *s, em__req **reqs, int k, int lo, int cnt)
                 s->b.offsets[o++] = nnz;
             }
         }
-    em_status st = model_forward(s->cur, &s->b, s->logits, B <= INLINE_BATCH ? NULL : s->pool);
+    em_status st = model_forward(s->cur, &s->b, s->logits, s->pool);
     if (st) return st;
     em__hist_observe(&s->m.batch, (double)B);
     uint64_t mb = atomic_load(&s->m.max_batch);

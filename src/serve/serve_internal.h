@@ -75,6 +75,7 @@ typedef struct {
  * batcher, freed by whoever swapped it out once the batcher has let go of it. */
 typedef struct {
     em_dlrm *m;
+    em_infer *inf;              /* the inference path over m's dense part (infer.c) */
     em_qbag *q;
     float *pooled;              /* (max_batch, T, D) when q */
     int64_t step;

@@ -1,0 +1,524 @@
+/*
+ * infer.c - the inference-only forward pass of a plain DLRM (em_infer, ember/serve.h):
+ * what the server's batcher and `ember bench --infer` run.
+ *
+ * The training forward (model/dlrm.c) cuts every layer's GEMM into tiles that depend
+ * on the shape only, each one single-threaded sgemm call, and launches the pool once
+ * per layer (about 10 launches and barriers a pass). That keeps training bitwise
+ * independent of the thread count, but at inference shapes (K = 13 for the first
+ * layer, N = 16 and N = 1 at the ends, a 367-wide interaction) it ran at ~60% of the
+ * large-GEMM rate. Here:
+ *
+ *  - Row chunks. The batch is cut into chunks of CHUNK examples; a worker takes a whole
+ *    chunk through the bottom MLP, the interaction and the top MLP before taking the
+ *    next (an atomic counter), with its activations in two per-worker buffers that stay
+ *    in its L2. One pool launch for the dense part, no barrier between layers.
+ *  - Packed weights, fused bias and ReLU (AVX-512 builds). Each layer's weights are
+ *    packed once, at create, into panels of 32 (or 16) output columns, k-major, zero-
+ *    padded to the panel width; a register-blocked kernel computes 12 rows x 32
+ *    columns at a time (24 zmm accumulators) starting from the bias, one FMA per k in
+ *    order k = 0..K-1, and applies the ReLU as it stores. The activations are read in
+ *    place (broadcast loads), never packed or copied. The last layer (N = 1) is a
+ *    16-wide panel with 15 zero columns, stored masked.
+ *  - Interaction: per example, the pairwise dots of the 16-float vectors (D = 16: one
+ *    zmm each; other D: em_vdot), in torch.tril_indices order.
+ *
+ * Determinism. Every output element of every layer is bias + sum_k x_k w_k with the
+ * FMAs in k order, whatever the chunk, the row block or the worker: an example's
+ * logit depends on the example alone, bitwise, not on the batch it shares, the batch
+ * size or the thread count. It differs from the training forward's (OpenBLAS's
+ * K-blocking, bias added first) only by float rounding (tests: 1e-5 relative).
+ * Without AVX-512 the same chunks run OpenBLAS (bias, sgemm with beta = 1, ReLU);
+ * their answers then depend on the chunk shapes, i.e. on the batch size only.
+ *
+ * The embedding pooling of the model's own fp32 tables is em_embbag_forward over the
+ * whole batch (its own launch); quantized tables are pooled by the caller (em_qbag).
+ */
+#include <stdatomic.h>
+#include <string.h>
+
+#include "core/blas.h"
+#include "core/simd.h"
+#include "ember/embbag.h"
+#include "ember/nn.h"
+#include "ember/serve.h"
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#define EM_INFER_AVX512 1
+#endif
+
+#define CHUNK 96   /* examples per work chunk (8 row blocks of 12) */
+#define MR 12      /* rows per register block */
+#define SINGLE 24  /* batches up to this run as one chunk on the caller (no pool launch) */
+#define MAXL (2 * EM_DLRM_MAX_LAYERS + 2)
+
+typedef struct {
+    int in, out, relu;
+    const float *w, *b; /* the model's (out, in) weights and (out) bias */
+    float *pk;          /* packed panels (AVX-512): panel p at pk + in * 32 * p, width pw[p] */
+    float *pb;          /* bias padded to the packed width */
+    int np;             /* panels */
+} ilayer;
+
+struct em_infer {
+    em_dlrm *m;
+    int nd, T, D, n_bot, n_top, width; /* width: widest activation (incl. interaction) */
+    ilayer L[MAXL];
+    const float *tw[EM_DLRM_MAX_TABLES]; /* the model's fp32 tables (fused pooling) */
+    int64_t rows[EM_DLRM_MAX_TABLES];
+    em_pooling pooling;
+    float *pooled;      /* (cap_b, T, D): the model's own tables pooled, when fused */
+    int cap_b;
+    float *scratch;     /* nth x 2 x CHUNK x width */
+    int cap_nth;
+};
+
+/* ------------------------------------------------------- embedding prefetch */
+
+/* While a worker computes one chunk it prefetches the embedding rows of the next chunk
+ * it will pool, a few rows after every kernel call: the random row reads (DRAM
+ * latency, the pooling's whole cost) then overlap the GEMMs instead of following
+ * them, and the pooling finds its rows in the caches. */
+typedef struct {
+    const em_infer *inf;
+    const int64_t *idx, *off;
+    int B, r0, r1, t;
+    int64_t k, kend;
+} pfcur;
+
+#define PF_PER_CALL 8
+
+static void pf_start(pfcur *p, const em_infer *inf, const int64_t *idx, const int64_t *off, int B, int r0, int r1) {
+    p->inf = inf, p->idx = idx, p->off = off, p->B = B, p->r0 = r0, p->r1 = r1, p->t = 0;
+    p->k = off[r0], p->kend = off[r1];
+}
+
+static inline void pf_step(pfcur *p) {
+    if (!p) return;
+    const em_infer *inf = p->inf;
+    const size_t rb = (size_t)inf->D * sizeof(float);
+    for (int n = 0; n < PF_PER_CALL && p->t < inf->T;) {
+        if (p->k >= p->kend) {
+            if (++p->t >= inf->T) break;
+            p->k = p->off[(size_t)p->t * p->B + p->r0], p->kend = p->off[(size_t)p->t * p->B + p->r1];
+            continue;
+        }
+        const uint64_t r = (uint64_t)p->idx[p->k++];
+        if (r >= (uint64_t)inf->rows[p->t]) continue;
+        const char *a = (const char *)(inf->tw[p->t] + r * (uint64_t)inf->D);
+        for (size_t o = 0; o < rb; o += 64) __builtin_prefetch(a + o, 0, 2);
+        __builtin_prefetch(a + rb - 1, 0, 2);
+        n++;
+    }
+}
+
+/* ------------------------------------------------------------------ kernels */
+
+#ifdef EM_INFER_AVX512
+/* C[r, 0 .. 16 NV) for r < mr (mr <= MR, a compile-time constant after inlining) =
+ * relu?(bias + A[r, :] . panel), the panel k-major with 16 NV floats per k; columns at
+ * or beyond ncol are not stored. */
+static inline __attribute__((always_inline)) void kern(const int mr, const int NV, const float *A, int lda,
+                                                       const float *P, const float *bias, int K, float *C, int ldc,
+                                                       int ncol, int relu) {
+    __m512 acc[MR][2];
+    const __m512 b0 = _mm512_loadu_ps(bias), b1 = NV > 1 ? _mm512_loadu_ps(bias + 16) : b0;
+#pragma GCC unroll 12
+    for (int r = 0; r < mr; r++) acc[r][0] = b0, acc[r][1] = b1;
+    for (int k = 0; k < K; k++) {
+        const __m512 w0 = _mm512_loadu_ps(P + (size_t)k * 16 * NV);
+        const __m512 w1 = NV > 1 ? _mm512_loadu_ps(P + (size_t)k * 16 * NV + 16) : w0;
+#pragma GCC unroll 12
+        for (int r = 0; r < mr; r++) {
+            const __m512 a = _mm512_set1_ps(A[(size_t)r * lda + k]);
+            acc[r][0] = _mm512_fmadd_ps(a, w0, acc[r][0]);
+            if (NV > 1) acc[r][1] = _mm512_fmadd_ps(a, w1, acc[r][1]);
+        }
+    }
+    const __m512 z = _mm512_setzero_ps();
+    const __mmask16 m0 = ncol >= 16 ? 0xffff : (__mmask16)((1u << ncol) - 1);
+    const __mmask16 m1 = ncol >= 32 ? 0xffff : ncol <= 16 ? 0 : (__mmask16)((1u << (ncol - 16)) - 1);
+#pragma GCC unroll 12
+    for (int r = 0; r < mr; r++) {
+        __m512 v0 = acc[r][0], v1 = acc[r][1];
+        if (relu) v0 = _mm512_max_ps(v0, z), v1 = _mm512_max_ps(v1, z);
+        _mm512_mask_storeu_ps(C + (size_t)r * ldc, m0, v0);
+        if (NV > 1) _mm512_mask_storeu_ps(C + (size_t)r * ldc + 16, m1, v1);
+    }
+}
+
+static void kern_12_2(const float *A, int lda, const float *P, const float *b, int K, float *C, int ldc, int n, int relu) {
+    kern(12, 2, A, lda, P, b, K, C, ldc, n, relu);
+}
+static void kern_4_2(const float *A, int lda, const float *P, const float *b, int K, float *C, int ldc, int n, int relu) {
+    kern(4, 2, A, lda, P, b, K, C, ldc, n, relu);
+}
+static void kern_1_2(const float *A, int lda, const float *P, const float *b, int K, float *C, int ldc, int n, int relu) {
+    kern(1, 2, A, lda, P, b, K, C, ldc, n, relu);
+}
+static void kern_12_1(const float *A, int lda, const float *P, const float *b, int K, float *C, int ldc, int n, int relu) {
+    kern(12, 1, A, lda, P, b, K, C, ldc, n, relu);
+}
+static void kern_4_1(const float *A, int lda, const float *P, const float *b, int K, float *C, int ldc, int n, int relu) {
+    kern(4, 1, A, lda, P, b, K, C, ldc, n, relu);
+}
+static void kern_1_1(const float *A, int lda, const float *P, const float *b, int K, float *C, int ldc, int n, int relu) {
+    kern(1, 1, A, lda, P, b, K, C, ldc, n, relu);
+}
+
+/* Panel p of a layer covers columns [32 p, 32 p + 32); the last one is 16 wide when
+ * at most 16 columns are left. */
+static int panel_width(const ilayer *L, int p) { return L->out - 32 * p > 16 ? 32 : 16; }
+
+/* out(M, O) = relu?(in(M, I) W^T + b), rows of `in` ldi apart, of out ldo apart. */
+static void layer_fwd(const ilayer *L, const float *in, int ldi, float *out, int ldo, int M, pfcur *pf) {
+    const int K = L->in;
+    for (int r0 = 0; r0 < M;) {
+        const int mr = M - r0 >= MR ? MR : M - r0 >= 4 ? 4 : 1;
+        for (int p = 0; p < L->np; p++) {
+            const int c0 = 32 * p, pw = panel_width(L, p), n = L->out - c0;
+            const float *P = L->pk + (size_t)K * 32 * p, *b = L->pb + c0;
+            const float *A = in + (size_t)r0 * ldi;
+            float *C = out + (size_t)r0 * ldo + c0;
+            if (pw == 32) {
+                if (mr == MR) kern_12_2(A, ldi, P, b, K, C, ldo, n, L->relu);
+                else if (mr == 4) kern_4_2(A, ldi, P, b, K, C, ldo, n, L->relu);
+                else kern_1_2(A, ldi, P, b, K, C, ldo, n, L->relu);
+            } else {
+                if (mr == MR) kern_12_1(A, ldi, P, b, K, C, ldo, n, L->relu);
+                else if (mr == 4) kern_4_1(A, ldi, P, b, K, C, ldo, n, L->relu);
+                else kern_1_1(A, ldi, P, b, K, C, ldo, n, L->relu);
+            }
+            pf_step(pf);
+        }
+        r0 += mr;
+    }
+}
+
+static int pack_layer(ilayer *L) {
+    const int K = L->in, O = L->out;
+    L->np = (O + 31) / 32;
+    const size_t cols = (size_t)32 * L->np;
+    L->pk = em_calloc(cols * (size_t)(K > 0 ? K : 1), sizeof(float));
+    L->pb = em_calloc(cols, sizeof(float));
+    if (!L->pk || !L->pb) return -1;
+    for (int p = 0; p < L->np; p++) {
+        const int pw = panel_width(L, p);
+        float *P = L->pk + (size_t)K * 32 * p;
+        for (int k = 0; k < K; k++)
+            for (int c = 0; c < pw && 32 * p + c < O; c++) P[(size_t)k * pw + c] = L->w[(size_t)(32 * p + c) * K + k];
+    }
+    memcpy(L->pb, L->b, (size_t)O * sizeof(float));
+    return 0;
+}
+
+static inline float dot16(const float *a, const float *b) {
+    return _mm512_reduce_add_ps(_mm512_mul_ps(_mm512_loadu_ps(a), _mm512_loadu_ps(b)));
+}
+#else
+static void layer_fwd(const ilayer *L, const float *in, int ldi, float *out, int ldo, int M, pfcur *pf) {
+    pf_step(pf);
+    for (int r = 0; r < M; r++) memcpy(out + (size_t)r * ldo, L->b, (size_t)L->out * sizeof(float));
+    if (L->in > 0)
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, M, L->out, L->in, 1.f, in, ldi, L->w, L->in, 1.f, out,
+                    ldo);
+    if (L->relu)
+        for (int r = 0; r < M; r++) em_relu_forward(out + (size_t)r * ldo, out + (size_t)r * ldo, (size_t)L->out);
+}
+static int pack_layer(ilayer *L) {
+    (void)L;
+    return 0;
+}
+#endif
+
+#ifdef EM_INFER_AVX512
+/* 16x16 transpose of r[0..16) in place (rows of 16 floats). */
+static inline void tr16(__m512 r[16]) {
+    __m512 t[16];
+    for (int i = 0; i < 16; i += 2) t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]), t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+#define EM_LO(x, y) _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(x), _mm512_castps_pd(y)))
+#define EM_HI(x, y) _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(x), _mm512_castps_pd(y)))
+    for (int i = 0; i < 16; i += 4) {
+        r[i] = EM_LO(t[i], t[i + 2]), r[i + 1] = EM_HI(t[i], t[i + 2]);
+        r[i + 2] = EM_LO(t[i + 1], t[i + 3]), r[i + 3] = EM_HI(t[i + 1], t[i + 3]);
+    }
+#undef EM_LO
+#undef EM_HI
+    for (int i = 0; i < 16; i += 8)
+        for (int j = 0; j < 4; j++) {
+            t[i + j] = _mm512_shuffle_f32x4(r[i + j], r[i + j + 4], 0x88);
+            t[i + j + 4] = _mm512_shuffle_f32x4(r[i + j], r[i + j + 4], 0xdd);
+        }
+    for (int j = 0; j < 8; j++) {
+        r[j] = _mm512_shuffle_f32x4(t[j], t[j + 8], 0x88);
+        r[j + 8] = _mm512_shuffle_f32x4(t[j], t[j + 8], 0xdd);
+    }
+}
+#endif
+
+/* out row = [bot (D), Z_ij = T_i . T_j for i = 1..T, j < i], T_0 = bot, T_i = emb[i-1].
+ * D = 16 (AVX-512, T <= 31): per example the Gram rows of emb against [bot, emb] as one
+ * small GEMM through the layer kernel (the 16 x 32 right operand is the transposed
+ * vectors), then the strict lower triangle copied out; each Z_ij is then an FMA chain
+ * over d = 0..15. Otherwise one em_vdot per pair. */
+static void interact_rows(float *out, int ldo, const float *bot, int ldb, const float *emb, int T, int D, int M) {
+#ifdef EM_INFER_AVX512
+    if (D == 16 && T <= 31) {
+        float P[16 * 32] __attribute__((aligned(64)));
+        float G[31 * 32] __attribute__((aligned(64)));
+        static const float zero[32];
+        for (int r = 0; r < M; r++) {
+            const float *e = emb + (size_t)r * T * 16, *v0 = bot + (size_t)r * ldb;
+            float *o = out + (size_t)r * ldo, *z = o + 16;
+            __m512 a[16], b[16];
+            a[0] = _mm512_loadu_ps(v0);
+            for (int i = 1; i < 16; i++) a[i] = i <= T ? _mm512_loadu_ps(e + (size_t)(i - 1) * 16) : _mm512_setzero_ps();
+            for (int i = 0; i < 16; i++) b[i] = 16 + i <= T ? _mm512_loadu_ps(e + (size_t)(15 + i) * 16) : _mm512_setzero_ps();
+            tr16(a), tr16(b);
+            for (int k = 0; k < 16; k++) _mm512_store_ps(P + 32 * k, a[k]), _mm512_store_ps(P + 32 * k + 16, b[k]);
+            /* G[i-1][j] = emb[i-1] . T_j, i = 1..T */
+            int r0 = 0;
+            for (; r0 + MR <= T; r0 += MR) kern_12_2(e + (size_t)r0 * 16, 16, P, zero, 16, G + 32 * r0, 32, 32, 0);
+            for (; r0 + 4 <= T; r0 += 4) kern_4_2(e + (size_t)r0 * 16, 16, P, zero, 16, G + 32 * r0, 32, 32, 0);
+            for (; r0 < T; r0++) kern_1_2(e + (size_t)r0 * 16, 16, P, zero, 16, G + 32 * r0, 32, 32, 0);
+            _mm512_storeu_ps(o, a[0] = _mm512_loadu_ps(v0));
+            for (int i = 1; i <= T; i++) {
+                const float *g = G + 32 * (i - 1);
+                const __mmask16 m0 = i >= 16 ? 0xffff : (__mmask16)((1u << i) - 1);
+                _mm512_mask_storeu_ps(z, m0, _mm512_load_ps(g));
+                if (i > 16) _mm512_mask_storeu_ps(z + 16, (__mmask16)((1u << (i - 16)) - 1), _mm512_load_ps(g + 16));
+                z += i;
+            }
+        }
+        return;
+    }
+#endif
+    const float *V[EM_DLRM_MAX_TABLES + 1];
+    for (int r = 0; r < M; r++) {
+        float *o = out + (size_t)r * ldo, *z = o + D;
+        V[0] = bot + (size_t)r * ldb;
+        for (int t = 0; t < T; t++) V[t + 1] = emb + ((size_t)r * T + t) * D;
+        memcpy(o, V[0], (size_t)D * sizeof(float));
+        for (int i = 1; i <= T; i++)
+            for (int j = 0; j < i; j++) *z++ = em_vdot(V[i], V[j], (size_t)D);
+    }
+}
+
+/* Pool rows [r0, r1) of the batch from the model's fp32 tables into pooled (B, T, D),
+ * as em_embbag_forward does (in index order, em_vadd / em_vaxpy, mean scaled after);
+ * -1 on an index out of range. */
+static int pool_rows(const em_infer *inf, float *pooled, const int64_t *idx, const int64_t *off, const float *pw, int B,
+                     int r0, int r1) {
+    const int T = inf->T;
+    const size_t D = (size_t)inf->D;
+    for (int t = 0; t < T; t++) {
+        const float *W = inf->tw[t];
+        const uint64_t rows = (uint64_t)inf->rows[t];
+        const int64_t *o = off + (size_t)t * B;
+        const int64_t kend = o[r1];
+        for (int b = r0; b < r1; b++) {
+            float *dst = pooled + ((size_t)b * T + t) * D;
+            const int64_t k0 = o[b], k1 = o[b + 1];
+            memset(dst, 0, D * sizeof(float));
+            for (int64_t k = k0; k < k1; k++) {
+                if (k + 8 < kend) {
+                    const uint64_t rp = (uint64_t)idx[k + 8];
+                    if (rp < rows) __builtin_prefetch(W + rp * D, 0, 3);
+                }
+                const uint64_t r = (uint64_t)idx[k];
+                if (r >= rows) return -1;
+                if (pw) em_vaxpy(dst, pw[k], W + r * D, D);
+                else em_vadd(dst, W + r * D, D);
+            }
+            if (inf->pooling == EM_POOL_MEAN && k1 > k0) em_vscale(dst, 1.0f / (float)(k1 - k0), D);
+        }
+    }
+    return 0;
+}
+
+/* ---------------------------------------------------------------- the pass */
+
+typedef struct {
+    em_infer *inf;
+    const em_batch *b;
+    const float *dense, *pooled;
+    float *pool_out;    /* non-NULL: pool each chunk here first (the model's own tables) */
+    float *logits;
+    int B, cs, nchunks; /* cs: rows per chunk (<= CHUNK) */
+    atomic_int next;
+    atomic_int bad;     /* an index out of range: the chunk's first row */
+} pass_arg;
+
+static void run_chunk(em_infer *inf, const float *dense, const float *pooled, float *logits, int r0, int M,
+                      float *buf0, float *buf1, pfcur *pf) {
+    const int W = inf->width, nb = inf->n_bot - 1, nt = inf->n_top - 1;
+    const float *in = dense + (size_t)r0 * inf->nd;
+    int ldi = inf->nd;
+    float *cur = buf0, *nxt = buf1;
+    for (int l = 0; l < nb; l++) {
+        layer_fwd(&inf->L[l], in, ldi, cur, W, M, pf);
+        in = cur, ldi = W;
+        float *t = cur;
+        cur = nxt, nxt = t;
+    }
+    /* in: the bottom output (M, D) with stride W; the interaction into cur */
+    interact_rows(cur, W, in, W, pooled + (size_t)r0 * inf->T * inf->D, inf->T, inf->D, M);
+    in = cur, ldi = W;
+    {
+        float *t = cur;
+        cur = nxt, nxt = t;
+    }
+    for (int l = 0; l < nt; l++) {
+        const ilayer *L = &inf->L[nb + l];
+        if (l == nt - 1) { /* the logit column straight into logits */
+            layer_fwd(L, in, ldi, logits + r0, 1, M, pf);
+            break;
+        }
+        layer_fwd(L, in, ldi, cur, W, M, pf);
+        in = cur, ldi = W;
+        float *t = cur;
+        cur = nxt, nxt = t;
+    }
+}
+
+/* A worker takes the ticket of its next chunk before computing the current one, so
+ * that it can prefetch that chunk's embedding rows meanwhile. */
+static void pass_task(void *p, int ith, int nth) {
+    (void)nth;
+    pass_arg *a = p;
+    em_infer *inf = a->inf;
+    float *buf0 = inf->scratch + (size_t)ith * 2 * CHUNK * (size_t)inf->width, *buf1 = buf0 + (size_t)CHUNK * inf->width;
+    const em_batch *b = a->b;
+    int c = atomic_fetch_add_explicit(&a->next, 1, memory_order_relaxed);
+    while (c < a->nchunks) {
+        const int cs = a->cs, r0 = c * cs, M = a->B - r0 < cs ? a->B - r0 : cs;
+        const int nx = atomic_fetch_add_explicit(&a->next, 1, memory_order_relaxed);
+        pfcur pf, *pfp = NULL;
+        if (a->pool_out) {
+            if (pool_rows(inf, a->pool_out, b->indices, b->offsets, b->per_id_w, a->B, r0, r0 + M)) {
+                atomic_store(&a->bad, 1);
+                return;
+            }
+            if (nx < a->nchunks) {
+                const int n0 = nx * cs, n1 = a->B - n0 < cs ? a->B : n0 + cs;
+                pf_start(&pf, inf, b->indices, b->offsets, a->B, n0, n1);
+                pfp = &pf;
+            }
+        }
+        run_chunk(inf, a->dense, a->pool_out ? a->pool_out : a->pooled, a->logits, r0, M, buf0, buf1, pfp);
+        c = nx;
+    }
+}
+
+/* ------------------------------------------------------------------- API */
+
+void em_infer_free(em_infer *inf) {
+    if (!inf) return;
+    for (int l = 0; l < MAXL; l++) em_free(inf->L[l].pk), em_free(inf->L[l].pb);
+    em_free(inf->pooled);
+    em_free(inf->scratch);
+    em_free(inf);
+}
+
+static int reserve(em_infer *inf, int B, int nth) {
+    if (nth > inf->cap_nth) {
+        float *s = em_malloc((size_t)nth * 2 * CHUNK * (size_t)inf->width * sizeof(float));
+        if (!s) return -1;
+        em_free(inf->scratch);
+        inf->scratch = s, inf->cap_nth = nth;
+    }
+    if (B > inf->cap_b && em_dlrm_embbag(inf->m)) {
+        float *p = em_malloc((size_t)B * inf->T * inf->D * sizeof(float));
+        if (!p) return -1;
+        em_free(inf->pooled);
+        inf->pooled = p, inf->cap_b = B;
+    }
+    return 0;
+}
+
+em_status em_infer_create(em_infer **out, em_dlrm *m, int max_batch, int nth) {
+    *out = NULL;
+    if (!m) return em_errorf(EM_ERR_INVALID, "infer: NULL model");
+    const em_dlrm_cfg *c = em_dlrm_config(m);
+    if (c->seq.num_seq) return em_errorf(EM_ERR_UNSUPPORTED, "infer: sequence models are not supported");
+    em_infer *inf = em_calloc(1, sizeof *inf);
+    if (!inf) return em_errorf(EM_ERR_NOMEM, "infer: out of memory");
+    inf->m = m;
+    inf->nd = c->num_dense, inf->T = c->num_tables, inf->D = c->dim;
+    inf->n_bot = c->n_bot, inf->n_top = c->n_top;
+    inf->pooling = c->pooling;
+    for (int t = 0; t < c->num_tables; t++) inf->rows[t] = c->rows[t];
+    inf->width = em_dot_interact_out_dim(c->num_tables, c->dim);
+    const int nb = c->n_bot - 1, nt = c->n_top - 1;
+    for (int l = 0; l < nb + nt; l++) {
+        ilayer *L = &inf->L[l];
+        char name[32];
+        const int top = l >= nb, i = top ? l - nb : l;
+        snprintf(name, sizeof name, "%s.%d.weight", top ? "top" : "bot", i);
+        L->w = em_dlrm_param(m, name, 0, NULL);
+        snprintf(name, sizeof name, "%s.%d.bias", top ? "top" : "bot", i);
+        L->b = em_dlrm_param(m, name, 0, NULL);
+        L->in = top ? c->top[i] : c->bot[i];
+        L->out = top ? c->top[i + 1] : c->bot[i + 1];
+        L->relu = l != nb + nt - 1;
+        if (!L->w || !L->b) {
+            em_infer_free(inf);
+            return em_errorf(EM_ERR_INVALID, "infer: the model has no %s", name);
+        }
+        if (L->out > inf->width) inf->width = L->out;
+        if (pack_layer(L)) {
+            em_infer_free(inf);
+            return em_errorf(EM_ERR_NOMEM, "infer: out of memory");
+        }
+    }
+    inf->width = (inf->width + 15) / 16 * 16; /* rows of the scratch start on 64 bytes */
+    if (reserve(inf, max_batch, nth < 1 ? 1 : nth)) {
+        em_infer_free(inf);
+        return em_errorf(EM_ERR_NOMEM, "infer: out of memory");
+    }
+    *out = inf;
+    return EM_OK;
+}
+
+em_status em_infer_forward(em_infer *inf, const em_batch *b, const float *pooled, float *logits, em_pool *pool) {
+    if (!inf || !b || !logits) return em_errorf(EM_ERR_INVALID, "infer: NULL argument");
+    if (b->B < 0 || b->num_dense != inf->nd || b->num_sparse != inf->T)
+        return em_errorf(EM_ERR_INVALID, "infer: batch of %d examples with %d dense / %d sparse features, the model has %d / %d",
+                         b->B, b->num_dense, b->num_sparse, inf->nd, inf->T);
+    const int B = b->B;
+    if (B == 0) return EM_OK;
+    const int nth = em_pool_nth(pool);
+    float *pool_out = NULL;
+    if (!pooled && !em_dlrm_embbag(inf->m))
+        return em_errorf(EM_ERR_INVALID, "infer: the model's tables were released; pass the pooled embeddings");
+    if (reserve(inf, pooled ? 0 : B, nth)) return em_errorf(EM_ERR_NOMEM, "infer: out of memory");
+    if (!pooled) { /* pool the model's own tables chunk by chunk, in the same pass */
+        em_embbag *e = em_dlrm_embbag(inf->m);
+        const int64_t *off = b->offsets;
+        if (!off || off[0] != 0) return em_errorf(EM_ERR_INVALID, "infer: offsets must start at 0");
+        for (size_t u = 0; u < (size_t)B * inf->T; u++)
+            if (off[u + 1] < off[u]) return em_errorf(EM_ERR_INVALID, "infer: offsets decrease at bag %zu", u);
+        if (off[(size_t)B * inf->T] && !b->indices) return em_errorf(EM_ERR_INVALID, "infer: indices is NULL");
+        for (int t = 0; t < inf->T; t++) inf->tw[t] = em_embbag_weights(e, t);
+        pool_out = inf->pooled;
+    }
+    em_blas_init();
+    /* chunks: at most CHUNK rows, at least 2 per worker when the batch allows, and
+     * one (no pool launch) up to SINGLE rows; answers do not depend on the cut */
+    int cs = CHUNK;
+    if (B <= SINGLE) cs = B;
+    else {
+        int want = ((B + 2 * nth - 1) / (2 * nth) + MR - 1) / MR * MR;
+        if (want < cs) cs = want;
+    }
+    pass_arg a = {.inf = inf, .b = b, .dense = b->dense, .pooled = pooled, .pool_out = pool_out, .logits = logits, .B = B,
+                  .cs = cs, .nchunks = (B + cs - 1) / cs};
+    atomic_init(&a.next, 0);
+    atomic_init(&a.bad, 0);
+    if (a.nchunks == 1) pass_task(&a, 0, 1);
+    else em_pool_run(pool, pass_task, &a);
+    if (atomic_load(&a.bad)) /* em_embbag_forward names the bad index */
+        return em_embbag_forward(em_dlrm_embbag(inf->m), inf->pooled, b->indices, b->offsets, b->per_id_w, B, NULL);
+    return EM_OK;
+}
