@@ -732,6 +732,40 @@ static void test_forward_with(void) {
     em_dlrm_free(m);
 }
 
+/* A small request that finds the server idle runs at once on its HTTP thread
+ * (inline_max): it does not wait max_wait_us for company; a larger one goes through
+ * the batcher and does. */
+static void test_inline_when_idle(void) {
+    em_server *s = start_server(64, 1500000, 1 << 20); /* max_wait 1.5 s */
+    CHECK(s);
+    if (!s) return;
+    const int port = em_serve_port(s);
+    http_resp r;
+    float p[NLINES];
+    for (int i = 0; i < 3; i++) {
+        char *j = examples_json(i, i + 1);
+        const double t0 = em_now();
+        CHECK(post_json(port, j, &r) == 0);
+        CHECK(em_now() - t0 < 1.0);
+        free(j);
+        CHECK(r.status == 200 && parse_probs(r.body, p, 1) == 1);
+        CHECK_NEAR(p[0], g_want[i], 1e-6);
+        free(r.body);
+    }
+    char *j = examples_json(0, 20); /* over inline_max (16): batched, waits max_wait */
+    const double t0 = em_now();
+    CHECK(post_json(port, j, &r) == 0);
+    CHECK(em_now() - t0 >= 1.4);
+    free(j);
+    CHECK(r.status == 200 && parse_probs(r.body, p, 20) == 20);
+    for (int i = 0; i < 20; i++) CHECK_NEAR(p[i], g_want[i], 1e-6);
+    free(r.body);
+    em_serve_stats st;
+    em_serve_stats_get(s, &st);
+    CHECK(st.examples == 23);
+    em_serve_free(s);
+}
+
 /* em_infer (the server's forward) against em_dlrm_forward: equal within float rounding
  * for batches of 1 to 300 on 1, 2 and 3 threads, with D = 16 (the AVX-512 Gram-matrix
  * interaction) and D = 4 (em_vdot), layer widths that are not multiples of 32; with
@@ -1368,4 +1402,5 @@ TEST_MAIN({"predict_json", test_predict_json}, {"concurrent_batching", test_conc
           {"forward_with", test_forward_with}, {"quant_tables", test_quant_tables},
           {"reload_under_load", test_reload_under_load}, {"reload_loopback_only", test_reload_loopback_only},
           {"reload_does_not_block_worker", test_reload_does_not_block_worker},
-          {"teacher_mode", test_teacher_mode}, {"infer", test_infer})
+          {"teacher_mode", test_teacher_mode}, {"infer", test_infer},
+          {"inline_when_idle", test_inline_when_idle})

@@ -63,6 +63,9 @@ typedef struct {
     int threads;        /* HTTP worker threads (libmicrohttpd thread pool), >= 1 */
     int max_batch;      /* examples per forward pass, >= 1 */
     int max_wait_us;    /* longest wait for more requests once one is queued, >= 0 */
+    int inline_max;     /* a request of at most this many examples that finds the server idle
+                         * (no pass running, nothing queued) runs on its HTTP worker thread at
+                         * once, without the batcher; 0 = every request goes to the batcher */
     size_t max_body;    /* request bodies larger than this get 413; 16 bytes .. 2 GiB */
     int max_conns;      /* open connections at most (request slots), >= threads */
     em_qtype tables;    /* EM_QT_FP32 (the model's own tables), EM_QT_FP16 or EM_QT_INT8 */
@@ -73,7 +76,7 @@ typedef struct {
     int log_flush_ms;       /* teacher mode: write the log out and fsync it this often, > 0 */
 } em_serve_cfg;
 
-/* 127.0.0.1:8080, 4 threads, max batch 256, max wait 200 us, 1 MiB bodies, 64 connections,
+/* 127.0.0.1:8080, 4 threads, max batch 256, max wait 200 us, inline_max 16, 1 MiB bodies, 64 connections,
  * fp32 tables, no model path, no prediction log (flush every 1000 ms when set). */
 em_serve_cfg em_serve_default(void);
 

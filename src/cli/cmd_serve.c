@@ -23,7 +23,7 @@
 
 typedef struct {
     const char *model, *bind, *tables, *log;
-    int port, threads, infer_threads, max_batch, max_wait_us, max_conns, log_flush_ms;
+    int port, threads, infer_threads, max_batch, max_wait_us, inline_max, max_conns, log_flush_ms;
     int64_t max_body;
 } serve_ctx;
 
@@ -38,6 +38,10 @@ static const cli_opt serve_opts[] = {
     OPT_INT("max-batch", "N", "examples per forward pass (default 256)", serve_ctx, max_batch, 1, 1 << 20),
     OPT_INT("max-wait-us", "N", "longest wait for more requests to batch (default 200)", serve_ctx, max_wait_us, 0,
             10000000),
+    OPT_INT("inline-max", "N",
+            "a request of at most N examples that finds the server idle runs at once on its HTTP thread, "
+            "without the batcher (default 16; 0 = always batch)",
+            serve_ctx, inline_max, 0, 1 << 20),
     OPT_INT("max-body", "BYTES", "larger request bodies get 413 (default 1048576, at most 2 GiB)", serve_ctx, max_body, 16,
             1LL << 31),
     OPT_INT("max-conns", "N", "open connections at most (default 64)", serve_ctx, max_conns, 1, 65536),
@@ -52,7 +56,7 @@ static const cli_opt serve_opts[] = {
 int cmd_serve(int argc, char **argv) {
     em_serve_cfg d = em_serve_default();
     serve_ctx c = {.port = d.port, .threads = d.threads, .infer_threads = 2, .max_batch = d.max_batch,
-                   .max_wait_us = d.max_wait_us, .max_conns = d.max_conns, .max_body = (int64_t)d.max_body,
+                   .max_wait_us = d.max_wait_us, .inline_max = d.inline_max, .max_conns = d.max_conns, .max_body = (int64_t)d.max_body,
                    .log_flush_ms = d.log_flush_ms};
     char *pos[1];
     int npos;
@@ -89,7 +93,7 @@ int cmd_serve(int argc, char **argv) {
     int64_t step = em_dlrm_step_count(m);
     em_serve_cfg cfg = d;
     cfg.bind = c.bind, cfg.port = c.port, cfg.threads = c.threads, cfg.max_batch = c.max_batch;
-    cfg.max_wait_us = c.max_wait_us, cfg.max_body = (size_t)c.max_body, cfg.max_conns = c.max_conns;
+    cfg.max_wait_us = c.max_wait_us, cfg.inline_max = c.inline_max, cfg.max_body = (size_t)c.max_body, cfg.max_conns = c.max_conns;
     cfg.tables = qt, cfg.model_path = c.model;
     cfg.log_path = c.log, cfg.log_flush_ms = c.log_flush_ms;
     em_server *s;

@@ -216,6 +216,7 @@ void *em__batcher_main(void *arg) {
     for (;;) {
         while (!s->q_head && !s->stop && !s->pending) pthread_cond_wait(&s->queue_cv, &s->mu);
         if (s->pending) { /* between two batches: swap in the reloaded model */
+            while (s->busy) pthread_cond_wait(&s->idle_cv, &s->mu); /* an inline pass may use cur */
             s->retired = s->cur;
             s->cur = s->pending;
             s->pending = NULL;
@@ -228,6 +229,7 @@ void *em__batcher_main(void *arg) {
         int k = 0, total = 0;
         s->taken[k++] = pop(s);
         total = s->taken[0]->n;
+        s->gathering = 1;
         if (total < cap && s->cfg.max_wait_us > 0) {
             struct timespec dl;
             clock_gettime(CLOCK_REALTIME, &dl);
@@ -253,6 +255,9 @@ void *em__batcher_main(void *arg) {
                 s->taken[k++] = pop(s);
             }
         }
+        while (s->busy) pthread_cond_wait(&s->idle_cv, &s->mu); /* an inline pass is running */
+        s->gathering = 0;
+        s->busy = 1;
         pthread_mutex_unlock(&s->mu);
 
         em_status st = EM_OK;
@@ -264,6 +269,8 @@ void *em__batcher_main(void *arg) {
         }
 
         pthread_mutex_lock(&s->mu);
+        s->busy = 0;
+        pthread_cond_broadcast(&s->idle_cv);
         for (int j = 0; j < k; j++) {
             memcpy(s->taken[j]->version, s->cur->version, sizeof s->cur->version);
             s->taken[j]->st = st;
@@ -282,6 +289,19 @@ em_status em__submit(em_server *s, em__req *r) {
     if (s->stop) {
         pthread_mutex_unlock(&s->mu);
         return em_errorf(EM_ERR_INVALID, "server is stopping");
+    }
+    if (r->n <= s->cfg.inline_max && r->n <= s->cfg.max_batch && !s->busy && !s->gathering && !s->q_head && !s->pending && s->batcher_live) {
+        /* idle: run it here, now (no handoff to the batcher and back, no max_wait) */
+        s->busy = 1;
+        pthread_mutex_unlock(&s->mu);
+        em_status st = run_batch(s, &r, 1, 0, r->n);
+        pthread_mutex_lock(&s->mu);
+        memcpy(r->version, s->cur->version, sizeof s->cur->version);
+        r->st = st, r->done = 1;
+        s->busy = 0;
+        pthread_cond_broadcast(&s->idle_cv);
+        pthread_mutex_unlock(&s->mu);
+        return st;
     }
     if (s->q_tail) s->q_tail->next = r;
     else s->q_head = r;

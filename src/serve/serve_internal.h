@@ -100,8 +100,11 @@ struct em_server {
     struct MHD_Daemon *daemon;
     int port;
 
-    pthread_mutex_t mu;         /* guards the free list, the queue, done flags, stop */
+    pthread_mutex_t mu;         /* guards the free list, the queue, done flags, stop, busy, gathering */
     pthread_cond_t queue_cv;    /* batcher: work queued or stop */
+    int busy;                   /* under mu: a forward pass runs on cur (the batcher's or an inline one) */
+    int gathering;              /* under mu: the batcher holds requests while it waits for more */
+    pthread_cond_t idle_cv;     /* busy went to 0 */
     em__req *slots, *free_list, *q_head, *q_tail;
     int stop, batcher_running;
     pthread_t batcher;

@@ -38,7 +38,7 @@
 #include "serve/serve_internal.h"
 
 em_serve_cfg em_serve_default(void) {
-    em_serve_cfg c = {.bind = NULL, .port = 8080, .threads = 4, .max_batch = 256, .max_wait_us = 200,
+    em_serve_cfg c = {.bind = NULL, .port = 8080, .threads = 4, .max_batch = 256, .max_wait_us = 200, .inline_max = 16,
                       .max_body = (size_t)1 << 20, .max_conns = 64, .tables = EM_QT_FP32, .model_path = NULL,
                       .log_path = NULL, .log_flush_ms = 1000};
     return c;
@@ -366,6 +366,8 @@ em_status em_serve_create(em_server **out, em_dlrm *model, em_pool *pool, const 
         st = em_errorf(EM_ERR_INVALID, "serve: max_batch %d not in [1, 2^20]", cfg->max_batch);
     else if (cfg->max_wait_us < 0 || cfg->max_wait_us > 10000000)
         st = em_errorf(EM_ERR_INVALID, "serve: max_wait_us %d not in [0, 10^7]", cfg->max_wait_us);
+    else if (cfg->inline_max < 0)
+        st = em_errorf(EM_ERR_INVALID, "serve: inline_max %d is negative", cfg->inline_max);
     else if (cfg->max_body < 16 || cfg->max_body > ((size_t)1 << 31))
         st = em_errorf(EM_ERR_INVALID, "serve: max_body %zu not in [16 bytes, 2 GiB]", cfg->max_body);
     else if (cfg->max_conns < cfg->threads || cfg->max_conns > 65536)
@@ -392,6 +394,7 @@ em_status em_serve_create(em_server **out, em_dlrm *model, em_pool *pool, const 
     s->nd = em_dlrm_config(model)->num_dense, s->ns = em_dlrm_config(model)->num_tables;
     pthread_mutex_init(&s->mu, NULL);
     pthread_cond_init(&s->queue_cv, NULL);
+    pthread_cond_init(&s->idle_cv, NULL);
     pthread_mutex_init(&s->reload_mu, NULL);
     pthread_cond_init(&s->reload_cv, NULL);
     pthread_cond_init(&s->flush_cv, NULL);
@@ -555,6 +558,7 @@ void em_serve_free(em_server *s) {
     em_pool_free(s->pool);
     em_free(s->model_path);
     pthread_cond_destroy(&s->queue_cv);
+    pthread_cond_destroy(&s->idle_cv);
     pthread_mutex_destroy(&s->mu);
     pthread_cond_destroy(&s->reload_cv);
     pthread_mutex_destroy(&s->reload_mu);
