@@ -28,9 +28,11 @@
  * Results: bitwise the same for the same world size, data and thread count; equal to
  * single-process training on the global batch within float rounding (the dense
  * gradient's summation order differs). Mean pooling is pooled as sums by the holders
- * and divided by the bag size at the example's rank. Not supported yet: per-id
- * weights, sequence features, non-dense table kinds, column-wise pieces under
- * row-wise AdaGrad.
+ * and divided by the bag size at the example's rank. Under row-wise AdaGrad the
+ * holders of a column-wise table's pieces add up their pieces' sums of squares per
+ * touched row (one all-gather in the group), so every piece steps with the whole row's
+ * accumulator, as one process would. Not supported yet: per-id weights, sequence
+ * features, non-dense table kinds.
  * Communication precision: the pooled vectors and their gradients may travel as fp16
  * or bf16 (rounded to nearest even; the ids and the dense all-reduce stay exact).
  */
@@ -56,6 +58,7 @@ int em_dist_world(void);
 int em_dist_launched(void);
 
 typedef enum { EM_COMM_FP32 = 0, EM_COMM_FP16, EM_COMM_BF16 } em_comm_prec;
+#define EM_DIST_MAX_PIECES 16 /* column-wise pieces per table placed one by one (pieces_given) */
 const char *em_comm_prec_name(em_comm_prec p);
 /* "fp32" | "fp16" | "bf16"; -1 when unknown. */
 int em_comm_prec_parse(const char *s);
@@ -74,9 +77,11 @@ typedef struct {
     int group;
     int sync_every;
     /* EM_SHARD_COLUMN: the table's columns in pieces of col_width (dividing D; 0 = D/2),
-     * piece j on rank (owner + j) mod G. Not with row-wise AdaGrad (its accumulator
-     * spans the row). */
+     * piece j on rank (owner + j) mod G, or, when pieces_given, on piece_owner[t][j]
+     * (the planner's placement; D / col_width <= EM_DIST_MAX_PIECES). */
     int col_width;
+    int pieces_given;
+    int16_t piece_owner[EM_DLRM_MAX_TABLES][EM_DIST_MAX_PIECES];
     /* The dense gradient all-reduce goes in buckets of whole layers of about bucket_kb
      * KiB (0 = 512), each started as soon as the backward has finished its layers, so
      * it overlaps the rest of the dense backward and the backward all-to-all; < 0: one
@@ -86,8 +91,9 @@ typedef struct {
 
 /* A placement for cfg->model over `world` ranks (in groups of cfg->group for 2D) from
  * the planner (ember/plan.h: lookups, all-to-all bytes and memory balanced with
- * Karmarkar-Karp); column-wise pieces are not used (the trainer has no column-wise
- * sharding yet). */
+ * Karmarkar-Karp), its column-wise pieces included (placed one by one: pieces_given);
+ * a table the planner would cut into pieces that do not divide D evenly, or into more
+ * than EM_DIST_MAX_PIECES, is placed whole. */
 em_status em_dist_plan(em_dist_cfg *cfg, int world, int batch, em_plan **plan_out);
 
 typedef struct em_dist em_dist;

@@ -85,6 +85,20 @@ em_status em_embbag_backward_update(em_embbag *e, const float *dout, const int64
 em_status em_embbag_update_rows(em_embbag *e, int t, const int64_t *rows, const float *grads, size_t n,
                                 em_pool *pool);
 
+/* Row-wise AdaGrad over a row cut into column pieces held apart (column-wise sharding):
+ * the accumulator's increment is the mean square of the whole row's gradient, so the
+ * holders of a row's pieces add up their pieces' sums of squares first.
+ * em_embbag_rows_sumsq: for the pairs as em_embbag_update_rows takes them, the sum of
+ * squares of each touched row's summed gradient (weight decay included), in ascending
+ * row order, into sumsq (room for n); *nuniq = the touched rows. Updates nothing.
+ * em_embbag_update_rows_sumsq: em_embbag_update_rows, with row-wise AdaGrad's increment
+ * taken as sumsq[j] / full_dim for the j-th touched row in ascending order (the other
+ * optimizers ignore sumsq). */
+em_status em_embbag_rows_sumsq(em_embbag *e, int t, const int64_t *rows, const float *grads, size_t n, float *sumsq,
+                               size_t *nuniq, em_pool *pool);
+em_status em_embbag_update_rows_sumsq(em_embbag *e, int t, const int64_t *rows, const float *grads, size_t n,
+                                      const float *sumsq, int full_dim, em_pool *pool);
+
 /* Change the learning rate (schedules). */
 void em_embbag_set_lr(em_embbag *e, float lr);
 

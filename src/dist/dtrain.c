@@ -154,6 +154,8 @@ struct em_dist {
     buf gidx, goff;        /* the global batch's bags over my shards (int64) */
     buf gout;              /* (G, kn, D) pooled over my shards; then the gradient */
     buf goutc, goffc;      /* (G, kc, cw) the same for column-wise pieces; their offsets rebased */
+    int cw_rw;             /* column-wise pieces under row-wise AdaGrad (in the group): pieces' sums of squares exchanged */
+    buf cwrows, cwgrad, cwss, cwall; /* their (row, gradient) pairs, my pieces' sums of squares, everyone's */
     buf hit, scale;        /* row-wise block membership (bytes), mean-pooling factors */
     buf tmp;               /* rank 0: a row-wise shard in transit (checkpoints) */
     uint8_t *touched;      /* 2D: per local row of my shards (mine order), touched since the last average */
@@ -178,13 +180,16 @@ static int holds(const em_dist *d, int q, int s) { return d->held_by[(size_t)q *
 
 /* Every rank agrees on the status of a collective phase: the worst one wins, and a
  * rank that did not fail itself reports which rank did. */
-static em_status agree(em_status st) {
+/* agree over a communicator */
+static em_status agree_in(MPI_Comm comm, em_status st) {
     int mine = (int)st, worst = 0;
-    MPI_Allreduce(&mine, &worst, 1, MPI_INT, MPI_MAX, MPI_COMM_WORLD);
+    MPI_Allreduce(&mine, &worst, 1, MPI_INT, MPI_MAX, comm);
     if (!worst) return EM_OK;
     if (!st) return em_errorf((em_status)worst, "dist: another rank failed (status %s)", em_status_str((em_status)worst));
     return st;
 }
+
+static em_status agree(em_status st) { return agree_in(MPI_COMM_WORLD, st); }
 
 /* ------------------------------------------------------------ create */
 
@@ -207,14 +212,19 @@ static em_status check_cfg(const em_dist_cfg *c, int world) {
         return em_errorf(EM_ERR_INVALID, "dist: unknown communication precision %d", (int)c->prec);
     for (int t = 0; t < c->model.num_tables; t++) {
         const em_shard_type ty = c->type[t];
-        if (ty == EM_SHARD_COLUMN && c->model.sparse_opt.kind == EM_OPT_ROWWISE_ADAGRAD)
-            return em_errorf(EM_ERR_UNSUPPORTED,
-                             "dist: table %d: column-wise sharding with row-wise AdaGrad (its accumulator spans the whole row); "
-                             "use sgd or adagrad, or another sharding", t);
         if (ty != EM_SHARD_TABLE && ty != EM_SHARD_ROW && ty != EM_SHARD_DATA && ty != EM_SHARD_COLUMN)
             return em_errorf(EM_ERR_INVALID, "dist: table %d: no sharding type", t);
         if ((ty == EM_SHARD_TABLE || ty == EM_SHARD_COLUMN) && (c->owner[t] < 0 || c->owner[t] >= G))
             return em_errorf(EM_ERR_INVALID, "dist: table %d: owner rank %d not in [0, %d) (the group)", t, c->owner[t], G);
+        if (ty == EM_SHARD_COLUMN && c->pieces_given) {
+            if (c->model.dim / cw > EM_DIST_MAX_PIECES)
+                return em_errorf(EM_ERR_INVALID, "dist: table %d: %d column pieces placed one by one (at most %d)", t,
+                                 c->model.dim / cw, EM_DIST_MAX_PIECES);
+            for (int j = 0; j < c->model.dim / cw; j++)
+                if (c->piece_owner[t][j] < 0 || c->piece_owner[t][j] >= G)
+                    return em_errorf(EM_ERR_INVALID, "dist: table %d: piece %d on rank %d, not in [0, %d) (the group)", t, j,
+                                     (int)c->piece_owner[t][j], G);
+        }
     }
     return EM_OK;
 }
@@ -248,9 +258,14 @@ static em_status make_shards(em_dist *d) {
     for (int t = 0; t < d->T; t++)
         if (d->cfg.type[t] == EM_SHARD_COLUMN)
             for (int j = 0; j < npieces; j++)
-                d->sh[s++] = (shard){t, EM_SHARD_COLUMN, (d->cfg.owner[t] + j) % d->gsize, 0, mc->rows[t], 1, j * d->cw, d->cw};
+                d->sh[s++] = (shard){t, EM_SHARD_COLUMN,
+                                     d->cfg.pieces_given ? d->cfg.piece_owner[t][j] : (d->cfg.owner[t] + j) % d->gsize, 0,
+                                     mc->rows[t], 1, j * d->cw, d->cw};
     for (s = 0; s < n; s++)
         for (int q = 0; q < d->gsize; q++) d->held_by[(size_t)q * n + s] = d->sh[s].holder == q;
+    d->cw_rw = 0;
+    for (int t = 0; t < d->T; t++)
+        if (d->cfg.type[t] == EM_SHARD_COLUMN && mc->sparse_opt.kind == EM_OPT_ROWWISE_ADAGRAD) d->cw_rw = 1;
     d->nmine = d->kn = d->kc = 0;
     for (s = 0; s < n; s++)
         if (holds(d, d->grank, s)) {
@@ -402,7 +417,7 @@ void em_dist_free(em_dist *d) {
     em_free(d->bk);
     if (d->rscomm != MPI_COMM_NULL && d->rscomm) MPI_Comm_free(&d->rscomm);
     if (d->agcomm != MPI_COMM_NULL && d->agcomm) MPI_Comm_free(&d->agcomm);
-    buf *bs[] = {&d->sbuf, &d->rbuf, &d->gidx, &d->goff, &d->gout, &d->pooled, &d->dpooled, &d->red, &d->hit, &d->scale, &d->tmp, &d->goutc, &d->goffc,
+    buf *bs[] = {&d->sbuf, &d->rbuf, &d->gidx, &d->goff, &d->gout, &d->pooled, &d->dpooled, &d->red, &d->hit, &d->scale, &d->tmp, &d->goutc, &d->goffc, &d->cwrows, &d->cwgrad, &d->cwss, &d->cwall,
                   &d->dpidx, &d->dpoff, &d->dpout, &d->dpgrad, &d->dprows, &d->spack};
     for (size_t i = 0; i < sizeof bs / sizeof bs[0]; i++) em_free(bs[i]->p);
     em_free(d);
@@ -742,6 +757,93 @@ static em_status pool_and_output_dist(em_dist *d, const em_batch *b, em_pool *po
 /* Steps 5-6: d loss / d pooled (already weighted) to every holder of each table (a
  * column-wise piece gets its columns); the holders' fused sparse update over the
  * global batch. */
+/* Column-wise pieces under row-wise AdaGrad. The accumulator of a row grows by the mean
+ * square of the whole row's gradient, and a piece sees only its columns: every holder
+ * sums the squares of each touched row's gradient over its piece (em_embbag_rows_sumsq:
+ * duplicates summed in global batch order, rows ascending; every piece of a table sees
+ * the same ids, so the same rows), the group all-gathers them, and each holder adds the
+ * table's pieces in piece order and steps with that (em_embbag_update_rows_sumsq). The
+ * pieces' accumulators thus stay equal. Collective over the group (every rank, with or
+ * without pieces). */
+/* Piece kk's (row, gradient) pairs over the group's batch, in batch order; returns n. */
+static size_t piece_pairs(const em_dist *d, int kk, int64_t *rows, float *gr) {
+    const int G = d->G, kc = d->kc;
+    const size_t cw = (size_t)d->cw;
+    const int64_t *gidx = d->gidx.p, *goffc = d->goffc.p, base = ((const int64_t *)d->goff.p)[(size_t)d->kn * G];
+    const float *go = d->goutc.p;
+    size_t n = 0;
+    for (int e = 0; e < G; e++)
+        for (int64_t i = goffc[(size_t)kk * G + e]; i < goffc[(size_t)kk * G + e + 1]; i++, n++) {
+            rows[n] = gidx[base + i];
+            memcpy(gr + n * cw, go + ((size_t)e * (size_t)kc + (size_t)kk) * cw, cw * sizeof(float));
+        }
+    return n;
+}
+
+static em_status pieces_rowwise(em_dist *d, em_pool *pool) {
+    const int W = d->gsize, G = d->G, kc = d->kc, cw = d->cw;
+    const int64_t *goffc = d->goffc.p;
+    const size_t npairs = kc && G ? (size_t)(goffc[(size_t)kc * G] - goffc[0]) : 0;
+    em_status st = grow(&d->cwrows, (npairs + 1) * sizeof(int64_t));
+    if (!st) st = grow(&d->cwgrad, (npairs + 1) * (size_t)cw * sizeof(float));
+    if (!st) st = grow(&d->cwss, (npairs + 1) * sizeof(float));
+    int *cnt = em_calloc(2 * (size_t)W + (size_t)d->nsh + 1, sizeof(int)), *dis = cnt + W, *len = dis + W;
+    if (!st && !cnt) st = em_errorf(EM_ERR_NOMEM, "dist: out of memory");
+    /* my pieces' sums of squares, back to back in my shard order; len[s] per shard */
+    size_t mine_n = 0;
+    for (int kk = 0; kk < kc && !st; kk++) {
+        int64_t *rows = d->cwrows.p;
+        float *gr = d->cwgrad.p;
+        const size_t n = piece_pairs(d, kk, rows, gr);
+        size_t nu = 0;
+        st = em_embbag_rows_sumsq(d->embc, kk, rows, gr, n, (float *)d->cwss.p + mine_n, &nu, pool);
+        len[d->mine[d->kn + kk]] = (int)nu, mine_n += nu;
+    }
+    if ((st = agree_in(d->gcomm, st))) {
+        em_free(cnt);
+        return st;
+    }
+    /* every rank's piece lengths (max-reduced: each is set by its holder only), then the sums */
+    MPI_Allreduce(MPI_IN_PLACE, len, d->nsh, MPI_INT, MPI_MAX, d->gcomm);
+    size_t all = 0;
+    for (int q = 0; q < W; q++) {
+        size_t c = 0;
+        for (int s = 0; s < d->nsh; s++)
+            if (holds(d, q, s) && d->sh[s].type == EM_SHARD_COLUMN) c += (size_t)len[s];
+        cnt[q] = (int)c, dis[q] = (int)all, all += c;
+    }
+    if ((st = agree_in(d->gcomm, grow(&d->cwall, (all + 1) * sizeof(float))))) {
+        em_free(cnt);
+        return st;
+    }
+    float *ss = d->cwall.p;
+    MPI_Allgatherv(d->cwss.p, cnt[d->grank], MPI_FLOAT, ss, cnt, dis, MPI_FLOAT, d->gcomm);
+    /* where each piece's sums start in ss */
+    int64_t *at = em_malloc(((size_t)d->nsh + 1) * sizeof(int64_t));
+    if (!at) st = em_errorf(EM_ERR_NOMEM, "dist: out of memory");
+    for (int q = 0; q < W && at; q++) {
+        int64_t o = dis[q];
+        for (int s = 0; s < d->nsh; s++)
+            if (holds(d, q, s) && d->sh[s].type == EM_SHARD_COLUMN) at[s] = o, o += len[s];
+    }
+    for (int kk = 0; kk < kc && !st; kk++) {
+        const int s0 = d->mine[d->kn + kk], t = d->sh[s0].t;
+        const size_t nu = (size_t)len[s0];
+        float *tot = (float *)d->cwss.p; /* reused: the row totals */
+        for (size_t j = 0; j < nu; j++) tot[j] = 0;
+        for (int s = 0; s < d->nsh; s++) /* the table's pieces in piece (shard) order */
+            if (d->sh[s].t == t && d->sh[s].type == EM_SHARD_COLUMN)
+                for (size_t j = 0; j < nu; j++) tot[j] += ss[at[s] + (int64_t)j];
+        int64_t *rows = d->cwrows.p;
+        float *gr = d->cwgrad.p;
+        const size_t n = piece_pairs(d, kk, rows, gr);
+        st = em_embbag_update_rows_sumsq(d->embc, kk, rows, gr, n, tot, d->D, pool);
+    }
+    em_free(at);
+    em_free(cnt);
+    return st;
+}
+
 static em_status backward_dist(em_dist *d, const em_batch *b, em_pool *pool) {
     const int W = d->gsize, K = d->nmine, G = d->G, B = b ? b->B : 0;
     const size_t D = (size_t)d->D, TD = (size_t)d->T * D;
@@ -816,6 +918,7 @@ static em_status backward_dist(em_dist *d, const em_batch *b, em_pool *pool) {
             for (int64_t i = goff[(size_t)k * G]; i < goff[(size_t)(k + 1) * G]; i++) d->touched[d->toff[k] + gidx[i]] = 1;
     }
     if (d->kn && (st = em_embbag_backward_update(d->emb, d->gout.p, d->gidx.p, d->goff.p, NULL, NULL, G, pool))) return st;
+    if (d->cw_rw) return pieces_rowwise(d, pool);
     if (d->kc) {
         const int64_t base = ((const int64_t *)d->goff.p)[(size_t)d->kn * G];
         st = em_embbag_backward_update(d->embc, d->goutc.p, (const int64_t *)d->gidx.p + base, d->goffc.p, NULL, NULL, G, pool);
@@ -1382,7 +1485,8 @@ em_status em_dist_plan(em_dist_cfg *cfg, int world, int batch, em_plan **plan_ou
     pc.batch = batch > 0 ? batch : pc.batch;
     pc.comm_bytes = cfg->prec == EM_COMM_FP32 ? 4 : 2;
     pc.algo = EM_PLAN_KK;
-    pc.cw_min_dim = 1 << 30; /* no column-wise pieces: not supported by the trainer yet */
+    /* column-wise pieces only of even widths, at most EM_DIST_MAX_PIECES of them */
+    if (pc.cw_width < 1 || mc->dim % pc.cw_width != 0 || mc->dim / pc.cw_width > EM_DIST_MAX_PIECES) pc.cw_min_dim = 1 << 30;
     double dense = 0, flops = 0;
     for (int i = 0; i + 1 < mc->n_bot; i++) dense += (double)mc->bot[i] * mc->bot[i + 1] + mc->bot[i + 1], flops += 2.0 * mc->bot[i] * mc->bot[i + 1];
     for (int i = 0; i + 1 < mc->n_top; i++) dense += (double)mc->top[i] * mc->top[i + 1] + mc->top[i + 1], flops += 2.0 * mc->top[i] * mc->top[i + 1];
@@ -1391,12 +1495,20 @@ em_status em_dist_plan(em_dist_cfg *cfg, int world, int batch, em_plan **plan_ou
     em_status st = em_plan_create(&p, specs, T, &pc);
     em_free(specs);
     if (st) return st;
+    cfg->pieces_given = 0;
     for (int t = 0; t < T; t++) {
-        cfg->type[t] = p->type[t] == EM_SHARD_COLUMN ? EM_SHARD_TABLE : p->type[t];
+        cfg->type[t] = p->type[t];
         cfg->owner[t] = 0;
+        if (p->type[t] == EM_SHARD_COLUMN) cfg->pieces_given = 1, cfg->col_width = pc.cw_width;
     }
-    for (int i = 0; i < p->nshards; i++)
-        if (p->shards[i].type == EM_SHARD_TABLE || p->shards[i].type == EM_SHARD_COLUMN) cfg->owner[p->shards[i].table] = p->shards[i].rank;
+    for (int i = 0; i < p->nshards; i++) {
+        const em_shard *h = &p->shards[i];
+        if (h->type == EM_SHARD_TABLE) cfg->owner[h->table] = h->rank;
+        if (h->type == EM_SHARD_COLUMN) {
+            cfg->owner[h->table] = h->col0 == 0 ? h->rank : cfg->owner[h->table];
+            cfg->piece_owner[h->table][h->col0 / pc.cw_width] = (int16_t)h->rank;
+        }
+    }
     if (plan_out) *plan_out = p;
     else em_plan_free(p);
     return EM_OK;

@@ -720,6 +720,9 @@ typedef struct {
     const float *grads;
     const uint64_t *sorted;
     size_t n, nuniq;
+    float *sumsq_out;      /* non-NULL: write each unique row's sum of squares, update nothing */
+    const float *sumsq_in; /* non-NULL (row-wise AdaGrad): each unique row's sum of squares over the full row */
+    float inv_dim;         /* 1 / the full row's dimension, with sumsq_in */
 } rows_arg;
 
 static void rows_task(void *p, int ith, int nth) {
@@ -739,11 +742,15 @@ static void rows_task(void *p, int ith, int nth) {
         memset(g, 0, D * sizeof(float));
         for (size_t q = p0; q < p1; q++) em_vadd(g, a->grads + (size_t)(uint32_t)a->sorted[q] * D, D);
         if (wd != 0.f) em_vaxpy(g, wd, wr, D);
+        if (a->sumsq_out) {
+            a->sumsq_out[j] = em_vsumsq(g, D);
+            continue;
+        }
         switch (e->opt.kind) {
         case EM_OPT_SGD: em_vaxpy(wr, -lr, g, D); break;
         case EM_OPT_ADAGRAD: em__adagrad_row(wr, S + r * D, g, D, lr, eps); break;
         default: { /* EM_OPT_ROWWISE_ADAGRAD */
-            float m = S[r * spr] + em_vsumsq(g, D) / (float)D;
+            float m = S[r * spr] + (a->sumsq_in ? a->sumsq_in[j] * a->inv_dim : em_vsumsq(g, D) / (float)D);
             S[r * spr] = m;
             em_vaxpy(wr, -(lr / rowwise_den(m, eps, e->opt.replicas)), g, D);
             break;
@@ -752,13 +759,16 @@ static void rows_task(void *p, int ith, int nth) {
     }
 }
 
-em_status em_embbag_update_rows(em_embbag *e, int t, const int64_t *rows, const float *grads, size_t n,
-                                em_pool *pool) {
+static em_status rows_run(em_embbag *e, int t, const int64_t *rows, const float *grads, size_t n, float *sumsq_out,
+                          const float *sumsq_in, int full_dim, size_t *nuniq, em_pool *pool) {
+    if (nuniq) *nuniq = 0;
     if (!e) return em_errorf(EM_ERR_INVALID, "embbag update_rows: NULL object");
     if (t < 0 || t >= e->T) return em_errorf(EM_ERR_INVALID, "embbag update_rows: table %d of %d", t, e->T);
     if (n == 0) return EM_OK;
     if (!rows || !grads) return em_errorf(EM_ERR_INVALID, "embbag update_rows: NULL rows or gradients");
     if (n >= UINT32_MAX) return em_errorf(EM_ERR_INVALID, "embbag update_rows: %zu pairs (at most 2^32 - 2)", n);
+    if (sumsq_in && full_dim < e->D)
+        return em_errorf(EM_ERR_INVALID, "embbag update_rows: full row dimension %d below the table's %d", full_dim, e->D);
     const tbl *tb = &e->tabs[t];
     for (size_t j = 0; j < n; j++)
         if ((uint64_t)rows[j] >= (uint64_t)tb->rows)
@@ -777,7 +787,25 @@ em_status em_embbag_update_rows(em_embbag *e, int t, const int64_t *rows, const 
         u += r != prev;
         prev = r;
     }
-    rows_arg a = {e, t, grads, s, n, u};
+    if (nuniq) *nuniq = u;
+    rows_arg a = {e, t, grads, s, n, u, sumsq_out, sumsq_in, sumsq_in ? 1.0f / (float)full_dim : 0.f};
     em_pool_run(u >= 64 ? pool : NULL, rows_task, &a);
     return EM_OK;
+}
+
+em_status em_embbag_update_rows(em_embbag *e, int t, const int64_t *rows, const float *grads, size_t n,
+                                em_pool *pool) {
+    return rows_run(e, t, rows, grads, n, NULL, NULL, 0, NULL, pool);
+}
+
+em_status em_embbag_rows_sumsq(em_embbag *e, int t, const int64_t *rows, const float *grads, size_t n, float *sumsq,
+                               size_t *nuniq, em_pool *pool) {
+    if (n && !sumsq) return em_errorf(EM_ERR_INVALID, "embbag rows_sumsq: NULL output");
+    return rows_run(e, t, rows, grads, n, sumsq, NULL, 0, nuniq, pool);
+}
+
+em_status em_embbag_update_rows_sumsq(em_embbag *e, int t, const int64_t *rows, const float *grads, size_t n,
+                                      const float *sumsq, int full_dim, em_pool *pool) {
+    if (n && !sumsq) return em_errorf(EM_ERR_INVALID, "embbag update_rows_sumsq: NULL sums of squares");
+    return rows_run(e, t, rows, grads, n, NULL, sumsq, full_dim, NULL, pool);
 }

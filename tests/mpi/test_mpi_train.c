@@ -191,14 +191,8 @@ static void check_equivalence(em_optim_kind sparse, em_optim_kind dense, em_pool
     double ref_loss;
     em_dlrm *ref = train_ref(&c, STEPS, &ref_loss);
     const char *kinds[] = {"table", "row", "data", "mixed", "column", "mixedc"};
-    /* column-wise pieces cannot share a row-wise AdaGrad accumulator: refused */
-    const int nk = sparse == EM_OPT_ROWWISE_ADAGRAD ? 4 : 6;
-    if (sparse == EM_OPT_ROWWISE_ADAGRAD) {
-        em_dist_cfg dc = placement(&c, "column");
-        em_dist *x = NULL;
-        CHECK(em_dist_create(&x, &dc, NULL) == EM_ERR_UNSUPPORTED && !x);
-    }
-    for (int k = 0; k < nk; k++) {
+    /* column-wise under row-wise AdaGrad: the pieces' sums of squares are added up */
+    for (int k = 0; k < 6; k++) {
         em_dist_cfg dc = placement(&c, kinds[k]);
         if (k == 4) dc.col_width = 2; /* 4 pieces of 2 columns */
         em_dist *d;
@@ -283,7 +277,7 @@ static void test_checkpoint_reshard(void) {
     long long tag = g_rank == 0 ? (long long)getpid() : 0;
     MPI_Bcast(&tag, 1, MPI_LONG_LONG, 0, MPI_COMM_WORLD);
     snprintf(path, sizeof path, "/tmp/ember_test_mpi_%lld.st", tag);
-    em_dist_cfg a = placement(&c, "table"), b = placement(&c, "mixed");
+    em_dist_cfg a = placement(&c, "table"), b = placement(&c, "mixedc"); /* b: column-wise pieces too */
     em_dist *d;
     CHECK_OK(em_dist_create(&d, &a, NULL));
     train_dist(d, &c, 0, 3);
@@ -336,7 +330,7 @@ static void test_checkpoint_reshard(void) {
     if (r) {
         train_dist(r, &c, 3, STEPS - 3);
         double e = compare(r, ref, 1);
-        if (g_rank == 0) printf("  resharded table -> mixed at step 3: max rel err %.2e vs one process\n", e);
+        if (g_rank == 0) printf("  resharded table -> mixed with column-wise at step 3: max rel err %.2e vs one process\n", e);
         CHECK(e < 2e-4);
     }
     em_dist_free(r);
@@ -556,6 +550,54 @@ static void test_buckets(void) {
     for (int t = 0; t < T; t++) free(w0[t]);
 }
 
+/* Wide tables (D = 512): the planner cuts them into column-wise pieces of 128 and
+ * places each piece; training on that placement (row-wise AdaGrad across the pieces)
+ * equals one process. */
+static void test_planner_columns(void) {
+    em_dlrm_cfg c = small_cfg(EM_OPT_ROWWISE_ADAGRAD, EM_OPT_ADAGRAD, EM_POOL_SUM);
+    const int WD = 512;
+    c.dim = WD, c.bot[2] = WD, c.top[0] = WD + T * (T + 1) / 2;
+    em_dist_cfg dc;
+    memset(&dc, 0, sizeof dc);
+    dc.model = c;
+    em_plan *p = NULL;
+    CHECK_OK(em_dist_plan(&dc, g_world, G / g_world, &p));
+    em_plan_free(p);
+    int ncol = 0;
+    for (int t = 0; t < T; t++) ncol += dc.type[t] == EM_SHARD_COLUMN;
+    CHECK(ncol > 0 && dc.pieces_given && dc.col_width == 128);
+    double ref_loss;
+    em_dlrm *ref = train_ref(&c, 3, &ref_loss);
+    em_dist *d;
+    CHECK_OK(em_dist_create(&d, &dc, NULL));
+    if (!d) {
+        em_dlrm_free(ref);
+        return;
+    }
+    double loss = train_dist(d, &c, 0, 3);
+    size_t n, nr;
+    double e = rel_err_f(em_dlrm_dense_block(em_dist_dense(d), 0, &n), em_dlrm_dense_block(ref, 0, &nr), n, 1e-3);
+    for (int t = 0; t < T; t++) {
+        const size_t rows = (size_t)c.rows[t];
+        float *w = malloc(rows * WD * sizeof(float)), *st = malloc(rows * sizeof(float));
+        char name[32];
+        snprintf(name, sizeof name, "emb.%d.weight", t);
+        CHECK_OK(em_dist_gather_table(d, t, w, st));
+        double et = rel_err_f(w, em_dlrm_param(ref, name, 0, NULL), rows * WD, 1e-3);
+        size_t sc = 0;
+        const float *sr = em_embbag_state(em_dlrm_embbag(ref), t, &sc);
+        double es = rel_err_f(st, sr, sc, 1e-3);
+        if (et > e) e = et;
+        if (es > e) e = es;
+        free(w), free(st);
+    }
+    if (g_rank == 0) printf("  planner, D = %d: %d tables column-wise, max rel err %.2e\n", WD, ncol, e);
+    CHECK(n == nr && e < 2e-4);
+    CHECK_NEAR(loss, ref_loss, 1e-4 * 3);
+    em_dist_free(d);
+    em_dlrm_free(ref);
+}
+
 int main(int argc, char **argv) {
     if (em_dist_init(&argc, &argv)) {
         fprintf(stderr, "MPI init failed\n");
@@ -570,6 +612,7 @@ int main(int argc, char **argv) {
                                    {"reduced_precision", test_reduced_precision},
                                    {"checkpoint_reshard", test_checkpoint_reshard},
                                    {"planner_placement", test_planner_placement},
+                                   {"planner_columns", test_planner_columns},
                                    {"bytes", test_bytes},
                                    {"2d_sgd_equivalence", test_2d_sgd_equivalence},
                                    {"2d_rowwise_sync", test_2d_rowwise_sync},
