@@ -13,9 +13,14 @@
  * (a fixed pseudo-random dout), one warm-up pass and three timed passes; the figure is
  * the median pass. A pass over a dynamic table after the first keeps inserting: the
  * budget holds fewer rows than the stream has ids, so evicted ids come back as new.
+ * The warm-up pass (untimed) also checks the budget of every dynamic table after every
+ * forward (the peak of a step: the batch's new rows are in, nothing more is allocated
+ * until the next forward) and after every backward: rows <= em_dyn_budget_rows and
+ * bytes <= MAX_BYTES_PER_TABLE.
  * Output: one JSON line with ids/s of both, their ratio, the dynamic table's rows,
- * bytes and evictions, and the checkpoint check (save, load into a fresh table, compare
- * every id, row, count and state).
+ * bytes and evictions, the largest table's bytes and rows at any checked moment, the
+ * number of checks over budget, and the checkpoint check (save, load into a fresh table,
+ * compare every id, row, count and state).
  * Build: cc -O2 -Iinclude bench/embstore_ops.c BUILD/libem_data.a BUILD/libem_sparse.a
  *        BUILD/libem_optim.a BUILD/libem_core.a -lopenblas -ljansson -lxxhash -lpthread -lm
  */
@@ -96,6 +101,8 @@ int main(int argc, char **argv) {
     double ids = 0;
     for (int s = 0; s < n1; s++) ids += (double)bd[s].off[26 * bd[s].B];
     double td[4], tr[4];
+    size_t peak_tab = 0;
+    int64_t peak_rows = 0, checks_over = 0, checks = 0;
     for (int pass = 0; pass < 4; pass++) {
         double t0 = em_now();
         for (int s = 0; s < n1; s++)
@@ -106,8 +113,20 @@ int main(int argc, char **argv) {
         t0 = em_now();
         for (int s = 0; s < n1; s++) {
             const uint64_t *u = (const uint64_t *)br[s].idx;
-            if (em_dyn_forward(d, out, u, br[s].off, br[s].B, EM_DYN_TRAIN, pool) ||
-                em_dyn_backward_update(d, dout, u, br[s].off, br[s].B, pool))
+            if (em_dyn_forward(d, out, u, br[s].off, br[s].B, EM_DYN_TRAIN, pool))
+                return fprintf(stderr, "dynamic: %s\n", em_last_error()), 1;
+            for (int k = 0; k < 2 && pass == 0; k++) { /* k = 0: the step's peak; 1: after it */
+                if (k && em_dyn_backward_update(d, dout, u, br[s].off, br[s].B, pool))
+                    return fprintf(stderr, "dynamic: %s\n", em_last_error()), 1;
+                for (int t = 0; t < 26; t++) {
+                    em_dyn_stats st = em_dyn_get_stats(d, t);
+                    if (st.bytes > peak_tab) peak_tab = st.bytes;
+                    if (st.rows > peak_rows) peak_rows = st.rows;
+                    checks_over += st.rows > em_dyn_budget_rows(d) || st.bytes > max_bytes;
+                    checks++;
+                }
+            }
+            if (pass > 0 && em_dyn_backward_update(d, dout, u, br[s].off, br[s].B, pool))
                 return fprintf(stderr, "dynamic: %s\n", em_last_error()), 1;
         }
         tr[pass] = em_now() - t0;
@@ -143,10 +162,11 @@ int main(int argc, char **argv) {
            "\"dense_ids_per_s\":%.0f,\"dynamic_ids_per_s\":%.0f,\"dynamic_over_dense\":%.4f,"
            "\"dense_pass_s\":%.4f,\"dynamic_pass_s\":%.4f,\"dynamic_rows\":%lld,\"dynamic_budget_rows_per_table\":%lld,"
            "\"dynamic_bytes\":%zu,\"dynamic_max_table_bytes\":%zu,\"budget_bytes_per_table\":%zu,\"tables_over_budget\":%lld,"
+           "\"peak_table_bytes\":%zu,\"peak_table_rows\":%lld,\"budget_checks\":%lld,\"budget_checks_over\":%lld,"
            "\"inserts\":%llu,\"evictions\":%llu,\"ckpt_ids_checked\":%lld,\"ckpt_every_id_kept\":%s}\n",
            n1, B, D, nth, ids, dense_ips, dyn_ips, dyn_ips / dense_ips, td[2], tr[2], (long long)all.rows,
-           (long long)em_dyn_budget_rows(d), all.bytes, max_tab, max_bytes, (long long)over,
-           (unsigned long long)all.inserts, (unsigned long long)all.evictions, (long long)checked,
+           (long long)em_dyn_budget_rows(d), all.bytes, max_tab, max_bytes, (long long)over, peak_tab,
+           (long long)peak_rows, (long long)checks, (long long)checks_over, (unsigned long long)all.inserts, (unsigned long long)all.evictions, (long long)checked,
            ckpt_ok ? "true" : "false");
     remove(ckpt);
     return 0;

@@ -1,8 +1,9 @@
 /*
  * test_sparse_dyntable.c - dynamic embedding tables (ember/dyntable.h): no id lost or
  * merged under hash collisions and deletions (against a naive reference map), eval
- * lookups read zeros and insert nothing, eviction order by age and by frequency, the
- * budget after every step, slot reuse, admission (count sketch, probability), forward
+ * lookups read zeros and insert nothing, eviction order by age and by frequency (rows
+ * made room for before a batch's new ones go in, never the batch's own), the budget in
+ * rows and in bytes after every step and at the peak inside it, slot reuse, admission (count sketch, probability), forward
  * and fused backward + SGD / AdaGrad / row-wise AdaGrad against float64 references,
  * bitwise determinism over thread counts, checkpoint round trips, allocation failures.
  */
@@ -209,22 +210,22 @@ static void test_evict_age(void) {
     run_bag(d, s0, 3);
     em_dyn_row r1;
     CHECK(em_dyn_lookup(d, 0, 1, &r1) && r1.slot == 0);
-    run_bag(d, s1, 2); /* 5 rows: the oldest, smallest id goes: 1 */
+    run_bag(d, s1, 2); /* 3 rows + 2 new > 4: the oldest, smallest id goes first: 1 */
     CHECK(!has(d, 1) && has(d, 2) && has(d, 3) && has(d, 4) && has(d, 5));
-    run_bag(d, s2, 2); /* 6 takes 1's slot; 2 refreshed; oldest now 3 */
-    em_dyn_row r6;
-    CHECK(em_dyn_lookup(d, 0, 6, &r6) && r6.slot == 0);
+    CHECK(em_dyn_get_stats(d, 0).rows == 4);
+    run_bag(d, s2, 2); /* 2 is the batch's (kept); oldest of the others: 3 */
     CHECK(!has(d, 3) && has(d, 2) && has(d, 4) && has(d, 5) && has(d, 6));
-    run_bag(d, s3, 3); /* 7 rows -> 4: evict (1,4), (1,5), (2,2) */
+    run_bag(d, s3, 3); /* 4 rows + 3 new: evict (1,4), (1,5), (2,2) */
     CHECK(has(d, 6) && has(d, 7) && has(d, 8) && has(d, 9));
     CHECK(!has(d, 2) && !has(d, 4) && !has(d, 5));
     em_dyn_stats st = em_dyn_get_stats(d, 0);
     CHECK(st.rows == 4 && st.evictions == 5 && st.inserts == 9);
     CHECK(st.slots == EM_DYN_PAGE_ROWS);
-    /* slots: 1,2,3 -> 0,1,2; 5,4 -> 3,4; 6 reuses 0 (1's); 3's slot 2 is freed at the
-     * end of step 2 and taken by 9 (first new id of step 3); 8, 7 take fresh 5, 6 */
+    /* slots: 1,2,3 -> 0,1,2; 1 evicted before 5, 4 go in: 5 reuses 0, 4 takes fresh 3;
+     * 3 evicted: 6 reuses 2; 4, 5, 2 (slots 3, 0, 1) evicted in that order, popped LIFO:
+     * 9 -> 1, 8 -> 0, 7 -> 3 */
     uint64_t live[4] = {6, 9, 8, 7};
-    uint32_t want[4] = {0, 2, 5, 6};
+    uint32_t want[4] = {2, 1, 0, 3};
     for (int i = 0; i < 4; i++) {
         em_dyn_row rr;
         CHECK(em_dyn_lookup(d, 0, live[i], &rr) && rr.slot == want[i]);
@@ -241,44 +242,102 @@ static void test_evict_lfu(void) {
     run_bag(d, s0, 6);
     em_dyn_row rr;
     CHECK(em_dyn_lookup(d, 0, 1, &rr) && rr.count == 3);
-    run_bag(d, s1, 1); /* counts 1:3 2:2 3:1 4:1 -> evict 3 (tie with 4 by id) */
+    run_bag(d, s1, 1); /* 4 is new: of 1:3 2:2 3:1 the least used goes: 3 */
     CHECK(!has(d, 3) && has(d, 4));
-    run_bag(d, s2, 2); /* 4:2, 5:1 -> evict 5 */
-    CHECK(!has(d, 5) && has(d, 1) && has(d, 2) && has(d, 4));
-    run_bag(d, s3, 3); /* 1:3 2:2 4:2 6:3 -> evict 2 */
-    CHECK(has(d, 1) && has(d, 4) && has(d, 6) && !has(d, 2));
-    CHECK(em_dyn_get_stats(d, 0).rows == 3);
+    run_bag(d, s2, 2); /* 4 (the batch's) kept, 5 new: of 1:3 2:2 the least used: 2 */
+    CHECK(!has(d, 2) && has(d, 1) && has(d, 4) && has(d, 5));
+    run_bag(d, s3, 3); /* 6 new: of 1:3 4:2 5:1 -> evict 5 */
+    CHECK(has(d, 1) && has(d, 4) && has(d, 6) && !has(d, 5));
+    em_dyn_row r6;
+    CHECK(em_dyn_lookup(d, 0, 6, &r6) && r6.count == 3);
+    CHECK(em_dyn_get_stats(d, 0).rows == 3 && em_dyn_get_stats(d, 0).evictions == 3);
     em_dyn_free(d);
 }
 
-/* A stream of continuously new ids under a byte budget: rows and slots stay bounded. */
+/* Streams of continuously new ids (and some repeated ones) under a byte budget, with
+ * batches of up to about the budget's size: rows <= budget and table bytes <= max_bytes
+ * after every train forward (the peak of a step: nothing is allocated after it) and
+ * after every step; the budget uses most of max_bytes; every insert is an eviction or a
+ * live row. Byte budgets from below one page of rows to several, both policies, slack. */
 static void test_budget_stream(void) {
-    em_dyn_cfg c = em_dyn_default(3, 8, opt_cfg(EM_OPT_ROWWISE_ADAGRAD, 0.05f));
-    c.max_bytes = 200 * 1000;
-    c.evict_slack = 0.1f;
-    em_dyn *d = make_dyn(&c);
-    int64_t budget = em_dyn_budget_rows(d);
-    CHECK(budget == (int64_t)(c.max_bytes / em_dyn_row_bytes(d)));
-    em_rng r;
-    em_rng_seed(&r, 3);
-    uint64_t *pool = malloc(4000 * sizeof(uint64_t));
-    float *out = malloc(32 * 3 * 8 * sizeof(float));
-    int64_t maxslots = 0;
-    for (int s = 0; s < 40; s++) {
-        for (int i = 0; i < 4000; i++) pool[i] = em_rng_u64(&r); /* all new */
-        batch bt = make_batch(&r, 3, 8, 32, 6, pool, 4000);
-        step(d, &bt, out, NULL);
-        for (int t = 0; t < 3; t++) {
-            em_dyn_stats st = em_dyn_get_stats(d, t);
-            CHECK(st.rows <= budget);
-            if (st.slots > maxslots) maxslots = st.slots;
+    static const struct {
+        int D;
+        em_optim_kind opt;
+        size_t bytes;
+        em_dyn_evict ev;
+        float slack;
+        int B, maxlen;
+    } cases[] = {{8, EM_OPT_ROWWISE_ADAGRAD, 200 * 1000, EM_DYN_EVICT_AGE, 0.1f, 32, 6},
+                 {8, EM_OPT_ROWWISE_ADAGRAD, 200 * 1000, EM_DYN_EVICT_LFU, 0.0f, 300, 6},
+                 {16, EM_OPT_ADAGRAD, 3 << 20, EM_DYN_EVICT_LFU, 0.05f, 512, 8},
+                 {4, EM_OPT_SGD, 6000, EM_DYN_EVICT_AGE, 0.0f, 16, 3},
+                 {64, EM_OPT_ROWWISE_ADAGRAD, 5 << 20, EM_DYN_EVICT_AGE, 0.02f, 256, 20}};
+    for (size_t ci = 0; ci < sizeof cases / sizeof cases[0]; ci++) {
+        const int T = 3, D = cases[ci].D, B = cases[ci].B;
+        em_dyn_cfg c = em_dyn_default(T, D, opt_cfg(cases[ci].opt, 0.05f));
+        c.max_bytes = cases[ci].bytes;
+        c.evict = cases[ci].ev;
+        c.evict_slack = cases[ci].slack;
+        em_dyn *d = make_dyn(&c);
+        if (!d) continue;
+        const int64_t budget = em_dyn_budget_rows(d), approx = (int64_t)(c.max_bytes / em_dyn_row_bytes(d));
+        CHECK(budget >= 1 && budget <= approx && (approx < 1000 || budget >= approx * 7 / 10));
+        em_rng r;
+        em_rng_seed(&r, 3 + ci);
+        enum { NP = 4000 };
+        uint64_t *pool = malloc(NP * sizeof(uint64_t));
+        float *out = malloc((size_t)B * T * D * sizeof(float));
+        for (int i = 0; i < NP; i++) pool[i] = em_rng_u64(&r);
+        size_t peak = 0, over = 0;
+        int64_t peak_rows = 0;
+        for (int s = 0; s < 30; s++) {
+            for (int i = 0; i < NP; i++)
+                if (i % 4) pool[i] = em_rng_u64(&r); /* 3 of 4 new, the rest repeat */
+            batch bt = make_batch(&r, T, D, B, cases[ci].maxlen, pool, NP);
+            CHECK_OK(em_dyn_forward(d, out, bt.ids, bt.off, B, EM_DYN_TRAIN, NULL));
+            for (int pass = 0; pass < 2; pass++) {
+                for (int t = 0; t < T; t++) {
+                    em_dyn_stats st = em_dyn_get_stats(d, t);
+                    over += st.rows > budget || st.bytes > c.max_bytes;
+                    if (st.bytes > peak) peak = st.bytes;
+                    if (st.rows > peak_rows) peak_rows = st.rows;
+                }
+                if (!pass) CHECK_OK(em_dyn_backward_update(d, bt.dout, bt.ids, bt.off, B, NULL));
+            }
+            free_batch(&bt);
         }
-        free_batch(&bt);
+        em_dyn_stats all = em_dyn_get_stats(d, -1);
+        fprintf(stderr, "  D %d, %zu bytes: budget %lld rows (~%lld), peak %lld rows, %zu bytes\n", D, c.max_bytes,
+                (long long)budget, (long long)approx, (long long)peak_rows, peak);
+        CHECK(over == 0);
+        CHECK(peak_rows <= budget && peak_rows >= budget - (int64_t)((double)budget * cases[ci].slack)); /* filled */
+        CHECK(all.evictions > 0 && all.inserts == all.evictions + (uint64_t)all.rows);
+        free(pool), free(out);
+        em_dyn_free(d);
     }
-    em_dyn_stats all = em_dyn_get_stats(d, -1);
-    CHECK(all.evictions > 0 && all.inserts == all.evictions + (uint64_t)all.rows);
-    CHECK(maxslots <= ((budget + 32 * 6) / EM_DYN_PAGE_ROWS + 1) * EM_DYN_PAGE_ROWS);
-    free(pool), free(out);
+}
+
+/* A batch with more distinct ids in a table than the budget: the first `budget` of
+ * them (order of first occurrence) get rows, the others read as zeros, get no update
+ * and count as rejections; the table stays within its budget. */
+static void test_budget_batch_too_large(void) {
+    em_dyn_cfg c = em_dyn_default(1, 2, opt_cfg(EM_OPT_SGD, 0.1f));
+    c.max_rows = 3;
+    c.init_scale = 1.0f;
+    em_dyn *d = make_dyn(&c);
+    uint64_t s0[2] = {10, 11}, s1[6] = {5, 6, 5, 7, 8, 9};
+    run_bag(d, s0, 2);
+    int64_t off[2] = {0, 6};
+    float o[2], dout[2] = {1, 1};
+    CHECK_OK(em_dyn_forward(d, o, s1, off, 1, EM_DYN_TRAIN, NULL));
+    CHECK(em_dyn_get_stats(d, 0).rows == 3); /* 10, 11 evicted; 5, 6, 7 in; 8, 9 not */
+    CHECK(has(d, 5) && has(d, 6) && has(d, 7) && !has(d, 8) && !has(d, 9) && !has(d, 10) && !has(d, 11));
+    em_dyn_row r5, r6, r7;
+    em_dyn_lookup(d, 0, 5, &r5), em_dyn_lookup(d, 0, 6, &r6), em_dyn_lookup(d, 0, 7, &r7);
+    for (int i = 0; i < 2; i++) CHECK(o[i] == 2 * r5.w[i] + r6.w[i] + r7.w[i]);
+    CHECK_OK(em_dyn_backward_update(d, dout, s1, off, 1, NULL));
+    em_dyn_stats st = em_dyn_get_stats(d, 0);
+    CHECK(st.rows == 3 && st.rejections == 2 && st.evictions == 2 && st.inserts == 5);
     em_dyn_free(d);
 }
 
@@ -695,7 +754,7 @@ static void test_invalid(void) {
 
 TEST_MAIN({"no_id_lost_or_merged", test_no_id_lost_or_merged}, {"init_order_independent", test_init_order_independent},
           {"eval_reads_zeros", test_eval_reads_zeros}, {"evict_age", test_evict_age}, {"evict_lfu", test_evict_lfu},
-          {"budget_stream", test_budget_stream}, {"admit_count", test_admit_count}, {"admit_prob", test_admit_prob},
+          {"budget_stream", test_budget_stream}, {"budget_batch_too_large", test_budget_batch_too_large}, {"admit_count", test_admit_count}, {"admit_prob", test_admit_prob},
           {"ref_sgd", test_ref_sgd}, {"ref_adagrad", test_ref_adagrad}, {"ref_rowwise", test_ref_rowwise},
           {"threads_bitwise", test_threads_bitwise}, {"checkpoint_roundtrip", test_checkpoint_roundtrip},
           {"alloc_failures", test_alloc_failures}, {"invalid", test_invalid})

@@ -12,9 +12,8 @@
  *   ... the model computes dout (B, T, D) ...
  *   em_dyn_backward_update(d, dout, ids, offsets, B, pool);        update, end the step
  * The train forward records each id's row for the backward, which must follow with the
- * same batch. The step ends in the backward: the step counter advances and tables over
- * their budget are evicted down to it. An EM_DYN_EVAL forward only reads: an id not in
- * its table reads as zeros and nothing is inserted or counted.
+ * same batch (the step ends there: the step counter advances). An EM_DYN_EVAL forward
+ * only reads: an id not in its table reads as zeros and nothing is inserted or counted.
  *
  * Per row: the weights (D floats), the optimizer state beside them (AdaGrad D floats,
  * row-wise AdaGrad 1, SGD none) and metadata: id, count (occurrences in training
@@ -39,23 +38,34 @@
  * A rejected id reads as zeros and gets no update (counted in stats.rejections once per
  * batch in which it appears).
  *
- * Eviction (end of every step, per table, when live rows > the budget): the budget is
- * max_rows, or max_bytes / em_dyn_row_bytes(), whichever is smaller (0 = no limit).
- * Rows are removed in a total order until live rows <= budget * (1 - evict_slack):
+ * Budget (per table, 0 = no limit): max_rows, or with max_bytes the largest row count
+ * whose memory fits in max_bytes (em_dyn_budget_rows(): whole pages, the hash at load
+ * <= 1/2 rounded to a power of two, free list, page table, sketch and eviction scratch;
+ * about max_bytes / em_dyn_row_bytes() when large), whichever is smaller. It is a bound
+ * at every moment, not only between steps: a table never holds more rows, and with
+ * max_bytes em_dyn_get_stats().bytes never exceeds max_bytes, in the middle of a step
+ * included (pages, page table and hash are never grown past what the budget needs).
+ * Eviction (in the training forward, per table, before the batch's new rows go in): when
+ * live rows + the batch's admitted new ids > the budget, rows the batch does not use
+ * are removed in a total order until live + new <= budget * (1 - evict_slack):
  *   EM_DYN_EVICT_AGE  smallest last step first, ties by smaller id;
  *   EM_DYN_EVICT_LFU  smallest count first, ties by smaller id.
- * The evicted set is thus fully determined by the table's content. Freed slots go on a
- * free list (LIFO, pushed in eviction order) and are reused before new ones.
- * evict_slack (0 .. 0.5) evicts a little more at once so that a stream of new ids
- * selects victims every few steps instead of every step.
- * The budget holds after every step; inside a step the new rows of one batch may
- * exceed it until the step ends.
+ * The evicted set is thus fully determined by the table's content and the batch. Freed
+ * slots go on a free list (LIFO, pushed in eviction order) and are reused before new
+ * ones. evict_slack (0 .. 0.5) evicts a little more at once so that a stream of new ids
+ * selects victims every few steps instead of every step. A batch with more distinct
+ * admitted ids in a table than the budget leaves room for: the ones beyond it (last in
+ * order of first occurrence) are not inserted; they read as zeros and get no update,
+ * counted in stats.rejections like ids refused by admission. A checkpoint with more
+ * rows than the budget loads whole and is evicted down by the next training forward.
  *
  * Hash: open addressing with linear probing over a power-of-two array of (id, slot),
  * home bucket em_mix64(id) & (capacity - 1), load factor <= 1/2 (grown by rehashing the
  * entries only: rows never move), backward-shift deletion (no tombstones).
- * Rows live in pages of EM_DYN_PAGE_ROWS slots; pages are never moved or freed before
- * the table is (slots are reused), so memory tracks the peak of live rows + one batch.
+ * Rows live in pages of EM_DYN_PAGE_ROWS slots (smaller pages, a power of two of at least
+ * 64 slots, under a byte budget of fewer than 16k rows); pages are never moved or freed
+ * before the table is (slots are reused), so memory tracks the peak of live rows: with a
+ * budget, at most the budget; without, the peak of live rows + one batch.
  *
  * Determinism: each table's lookup/insert phase runs on one worker, visiting the
  * batch's unique ids in order of first occurrence, so slots, counts and initial values
@@ -111,8 +121,9 @@ void em_dyn_free(em_dyn *d); /* NULL is a no-op */
 int em_dyn_num_tables(const em_dyn *d);
 int em_dyn_dim(const em_dyn *d);
 int64_t em_dyn_step(const em_dyn *d); /* steps ended so far */
-/* Bytes a row counts against max_bytes: weights + state + metadata + its share of the
- * hash table at the maximum load factor + its free-list and eviction scratch. */
+/* Bytes a row costs: weights + state + metadata + its share of the hash table at the
+ * maximum load factor + its free-list and eviction scratch (max_bytes / this is about
+ * the byte budget's rows; em_dyn_budget_rows() is exact). */
 size_t em_dyn_row_bytes(const em_dyn *d);
 /* The row budget of a table that the config implies (0 = none). */
 int64_t em_dyn_budget_rows(const em_dyn *d);
@@ -134,7 +145,7 @@ em_status em_dyn_forward(em_dyn *d, float *out, const uint64_t *ids, const int64
 em_status em_dyn_backward_update(em_dyn *d, const float *dout, const uint64_t *ids, const int64_t *offsets, int B,
                                  em_pool *pool);
 
-/* End a step without a backward (e.g. a forward-only warm-up): evict, advance. */
+/* End a step without a backward (e.g. a forward-only warm-up): advance. */
 void em_dyn_end_step(em_dyn *d);
 
 /* A row of table t seen from outside: pointers into the table (valid until the next
@@ -154,7 +165,7 @@ int64_t em_dyn_ids(const em_dyn *d, int t, uint64_t *ids, int64_t cap);
 
 typedef struct {
     int64_t rows;       /* live rows */
-    int64_t slots;      /* allocated row slots (pages * EM_DYN_PAGE_ROWS) */
+    int64_t slots;      /* allocated row slots (pages * slots per page) */
     int64_t capacity;   /* hash buckets */
     size_t bytes;       /* bytes the table holds (pages, hash, free list, sketch) */
     uint64_t inserts, evictions, rejections;

@@ -3,7 +3,8 @@
  * probing hash table from 64-bit id to a row slot, rows in never-moving pages, per-row
  * metadata, admission, budgeted eviction, and the fused sparse optimizer.
  *
- * Layout of a table: pages of EM_DYN_PAGE_ROWS slots, each one allocation holding the
+ * Layout of a table: pages of P slots (EM_DYN_PAGE_ROWS; fewer, a power of two >= 64,
+ * for a byte budget of under 16k rows, so that page granularity costs little), each one allocation holding the
  * rows (stride D + S floats: the weights, then the optimizer state beside them, so an
  * update touches one contiguous run) followed by the slots' metadata {id, count, last}
  * (count < 0 marks a free slot). The hash array holds {id, slot} pairs (16 bytes) so a
@@ -11,9 +12,17 @@
  *
  * Memory is reserved before any table is changed: a train forward first grows, per
  * table, the pages, the free-list/eviction scratch and the hash array to hold every
- * position of the batch as a new row; only then do the workers run, and they never
- * allocate. So an allocation failure leaves every table as it was, and the end-of-step
- * eviction (which needs scratch) cannot fail.
+ * position of the batch as a new row (with a budget: up to the budget, no further);
+ * only then do the workers run, and they never allocate. So an allocation failure
+ * leaves every table as it was, and the eviction (which needs scratch) cannot fail.
+ *
+ * Budget: a table never holds more than `budget` rows, at any moment: the rows a batch
+ * adds are made room for before they are inserted (step 2 below), never evicted after.
+ * With max_bytes the budget is the largest row count whose layout (whole pages, the
+ * power-of-two hash at load <= 1/2, free list, page table, sketch, eviction scratch)
+ * fits in max_bytes (layout_bytes), and the pages, page table and hash are never grown
+ * past what that count needs, so em_dyn_get_stats().bytes <= max_bytes at every moment,
+ * including the peak inside a step.
  *
  * Train forward, per table on one worker (tables taken from an atomic counter):
  *  1. dedup: the table's positions in batch order go through a small scratch hash
@@ -21,20 +30,24 @@
  *     number u, numbered by first occurrence, and each unique its occurrence count.
  *  2. lookup/insert: the uniques in order u = 0, 1, ... are probed in the table (the
  *     hash buckets of a few uniques ahead are prefetched); found rows get count +=
- *     occurrences and last = step; new ones go through admission and are inserted
- *     (slot from the free list, else the next fresh one). The order is a function of
- *     the batch alone, so slots do not depend on the thread count.
+ *     occurrences and last = step; new ones go through admission. If the admitted new
+ *     ones do not fit in the budget, rows the batch does not use (last < step) are
+ *     evicted first (see End of step below for how), down to budget * (1 - slack)
+ *     with the new ones; new ones that still do not fit (a batch with more distinct
+ *     ids than the budget) are rejected, the last ones in first-occurrence order.
+ *     Then the admitted new ones are inserted in order (slot from the free list,
+ *     else the next fresh one). The order is a function of the batch and the table
+ *     alone, so slots do not depend on the thread count.
  *  3. CSR of positions per unique (counting sort, batch order kept) for the backward,
  *     and the slot of each position for pooling.
  *  4. pooling of the table's bags in index order (rows a few positions ahead prefetched).
  * Eval forward: per table, each position probes the table read-only.
  * Backward: a queue of chunks of unique ids per table; a unique's gradient is summed
  * over its positions in batch order and the optimizer applied once, by one worker.
- * End of step (each table over budget on one worker, tables spread over the pool; the
- * public em_dyn_end_step runs them on the caller): a key per live row ((last, id) or
- * (count, id)), quickselect of the k smallest (the set is unique: the keys are
- * distinct), sorted, removed from the hash with backward-shift deletion and pushed on
- * the free list in that order.
+ * Eviction (in step 2, by the table's worker with its own scratch): a key per live
+ * row the batch does not use ((last, id) or (count, id)), quickselect of the k
+ * smallest (the set is unique: the keys are distinct), sorted, removed from the hash
+ * with backward-shift deletion and pushed on the free list in that order.
  */
 #include "ember/dyntable.h"
 
@@ -49,15 +62,16 @@
 #include "sparse/rowops.h"
 
 #define NONE UINT32_MAX
-#define PSHIFT 12 /* log2(EM_DYN_PAGE_ROWS) */
-#define PMASK ((uint32_t)EM_DYN_PAGE_ROWS - 1)
+#define NEWROW (UINT32_MAX - 1) /* step 2: an admitted id not inserted yet */
+#define PSHIFT_MAX 12           /* log2(EM_DYN_PAGE_ROWS) */
+#define PSHIFT_MIN 6
 #define HASH_PREFETCH 8
 #define ROW_PREFETCH 8
 #define CHUNKS_PER_WORKER 8
 #define CMS_DEPTH 4
 #define MAX_SLOTS ((uint64_t)1 << 31)
 
-_Static_assert(EM_DYN_PAGE_ROWS == 1 << PSHIFT, "page shift");
+_Static_assert(EM_DYN_PAGE_ROWS == 1 << PSHIFT_MAX, "page shift");
 
 typedef struct {
     uint64_t id;
@@ -96,7 +110,11 @@ struct em_dyn {
     int T, D;
     size_t S, stride;   /* state floats per row; floats per row slot */
     size_t page_bytes;  /* rows + metadata of one page */
+    int pshift;         /* a page holds prows = 1 << pshift slots */
+    uint32_t pmask;
+    size_t prows;
     int64_t budget;     /* rows, 0 = none */
+    size_t budget_pages; /* pages the budget needs: the page table's size (0: grows freely) */
     int64_t step;
     dtab *tabs;
     /* batch scratch, grown on demand */
@@ -118,10 +136,10 @@ struct em_dyn {
 /* ------------------------------------------------------------ row access */
 
 static inline float *row_ptr(const em_dyn *d, const dtab *tb, uint32_t s) {
-    return (float *)tb->pages[s >> PSHIFT] + (size_t)(s & PMASK) * d->stride;
+    return (float *)tb->pages[s >> d->pshift] + (size_t)(s & d->pmask) * d->stride;
 }
 static inline rmeta *meta_ptr(const em_dyn *d, const dtab *tb, uint32_t s) {
-    return (rmeta *)(tb->pages[s >> PSHIFT] + (size_t)EM_DYN_PAGE_ROWS * d->stride * sizeof(float)) + (s & PMASK);
+    return (rmeta *)(tb->pages[s >> d->pshift] + d->prows * d->stride * sizeof(float)) + (s & d->pmask);
 }
 
 /* ------------------------------------------------------------------ hash */
@@ -169,10 +187,16 @@ static void hdel(dtab *tb, uint64_t id) {
     tb->h[i].slot = NONE;
 }
 
-/* Grow the hash so that `rows` entries keep the load factor <= 1/2. */
-static em_status hreserve(dtab *tb, uint64_t rows) {
+/* Buckets of a hash holding `rows` entries at load factor <= 1/2. */
+static size_t hash_buckets(uint64_t rows) {
     size_t need = 16;
     while ((uint64_t)need < 2 * rows) need <<= 1;
+    return need;
+}
+
+/* Grow the hash so that `rows` entries keep the load factor <= 1/2. */
+static em_status hreserve(dtab *tb, uint64_t rows) {
+    size_t need = hash_buckets(rows);
     if (need <= tb->hcap) return EM_OK;
     hent *h = em_malloc(need * sizeof(hent));
     if (!h) return em_errorf(EM_ERR_NOMEM, "dyntable: no memory for a hash of %zu buckets", need);
@@ -188,24 +212,25 @@ static em_status hreserve(dtab *tb, uint64_t rows) {
 
 /* ----------------------------------------------------------------- pages */
 
-static size_t tab_slots(const dtab *tb) { return tb->npages * (size_t)EM_DYN_PAGE_ROWS; }
+static size_t tab_slots(const em_dyn *d, const dtab *tb) { return tb->npages * d->prows; }
 
 /* Make room for `extra` new rows without further allocation: pages, the free list
  * (capacity = slots, so evictions never allocate) and the hash. */
 static em_status reserve_rows(em_dyn *d, dtab *tb, uint64_t extra) {
-    uint64_t avail = tb->nfree + (tab_slots(tb) - tb->fresh);
+    uint64_t avail = tb->nfree + (tab_slots(d, tb) - tb->fresh);
     if (extra > avail) {
-        uint64_t need = tab_slots(tb) + (extra - avail);
+        uint64_t need = tab_slots(d, tb) + (extra - avail);
         if (need > MAX_SLOTS) return em_errorf(EM_ERR_INVALID, "dyntable: more than 2^31 rows in one table");
-        size_t np = (size_t)((need + EM_DYN_PAGE_ROWS - 1) / EM_DYN_PAGE_ROWS);
+        size_t np = (size_t)((need + d->prows - 1) / d->prows);
         if (np > tb->cap_pages) {
             size_t cp = tb->cap_pages * 2 > np ? tb->cap_pages * 2 : np;
+            if (d->budget_pages && np <= d->budget_pages && cp > d->budget_pages) cp = d->budget_pages;
             char **pg = em_realloc(tb->pages, cp * sizeof(char *));
             if (!pg) return em_errorf(EM_ERR_NOMEM, "dyntable: no memory for the page table");
             tb->pages = pg, tb->cap_pages = cp;
         }
-        uint32_t *fl = em_malloc(np * EM_DYN_PAGE_ROWS * sizeof(uint32_t));
-        if (!fl) return em_errorf(EM_ERR_NOMEM, "dyntable: no memory for a free list of %zu slots", np * EM_DYN_PAGE_ROWS);
+        uint32_t *fl = em_malloc(np * d->prows * sizeof(uint32_t));
+        if (!fl) return em_errorf(EM_ERR_NOMEM, "dyntable: no memory for a free list of %zu slots", np * d->prows);
         size_t have = tb->npages;
         while (tb->npages < np) {
             char *p = em_malloc(d->page_bytes);
@@ -213,8 +238,8 @@ static em_status reserve_rows(em_dyn *d, dtab *tb, uint64_t extra) {
                 em_free(fl);
                 return em_errorf(EM_ERR_NOMEM, "dyntable: no memory for a page of %zu bytes", d->page_bytes);
             }
-            rmeta *m = (rmeta *)(p + (size_t)EM_DYN_PAGE_ROWS * d->stride * sizeof(float));
-            for (size_t i = 0; i < EM_DYN_PAGE_ROWS; i++) m[i].id = 0, m[i].count = -1, m[i].last = -1;
+            rmeta *m = (rmeta *)(p + d->prows * d->stride * sizeof(float));
+            for (size_t i = 0; i < d->prows; i++) m[i].id = 0, m[i].count = -1, m[i].last = -1;
             tb->pages[tb->npages++] = p;
         }
         (void)have;
@@ -240,7 +265,7 @@ static em_status ensure_ev(em_dyn *d, const dtab *tabs, int nth) {
     if (!d->budget) return EM_OK;
     size_t need = 0;
     for (int t = 0; t < d->T; t++)
-        if (tab_slots(&tabs[t]) > need) need = tab_slots(&tabs[t]);
+        if (tab_slots(d, &tabs[t]) > need) need = tab_slots(d, &tabs[t]);
     if (need <= d->cap_ev && nth <= d->ev_nth) return EM_OK;
     if (need < d->cap_ev) need = d->cap_ev;
     if (nth < d->ev_nth) nth = d->ev_nth;
@@ -282,6 +307,16 @@ void em_dyn_free(em_dyn *d) {
 
 size_t em_dyn_row_bytes(const em_dyn *d) {
     return d->stride * sizeof(float) + sizeof(rmeta) + 2 * sizeof(hent) + sizeof(uint32_t) + sizeof(struct evk);
+}
+
+/* The most a table of r rows holds: whole pages for r slots, their page table, free
+ * list and eviction scratch, the hash for r rows, the sketch (what tab_bytes counts,
+ * plus the eviction scratch em_dyn_row_bytes counts). Non-decreasing in r. */
+static size_t layout_bytes(const em_dyn *d, uint64_t r) {
+    const size_t np = (size_t)((r + d->prows - 1) / d->prows), slots = np * d->prows;
+    return np * (d->page_bytes + sizeof(char *)) + slots * (sizeof(uint32_t) + sizeof(struct evk)) +
+           hash_buckets(r) * sizeof(hent) +
+           (d->cfg.admit == EM_DYN_ADMIT_COUNT ? (size_t)CMS_DEPTH * d->cfg.cms_width * sizeof(uint32_t) : 0);
 }
 
 static uint64_t tab_seed(uint64_t seed, int t) { return em_mix64(seed ^ (0x9e3779b97f4a7c15ull * (uint64_t)(t + 1))); }
@@ -331,13 +366,31 @@ em_status em_dyn_create(em_dyn **out, const em_dyn_cfg *cfg) {
     d->D = cfg->dim;
     d->S = S;
     d->stride = (size_t)cfg->dim + S;
-    d->page_bytes = (size_t)EM_DYN_PAGE_ROWS * (d->stride * sizeof(float) + sizeof(rmeta));
     d->gstride = ((size_t)cfg->dim + 15) / 16 * 16;
+    d->pshift = PSHIFT_MAX;
     int64_t budget = cfg->max_rows;
     if (cfg->max_bytes) {
-        int64_t bb = (int64_t)(cfg->max_bytes / em_dyn_row_bytes(d));
-        if (bb < 1) bb = 1;
-        if (!budget || bb < budget) budget = bb;
+        /* pages of about a quarter of the budget or less, so that whole pages waste
+         * little of it; then the largest row count whose layout fits */
+        int64_t r0 = (int64_t)(cfg->max_bytes / em_dyn_row_bytes(d));
+        if (budget && budget < r0) r0 = budget;
+        if (r0 < 1) r0 = 1;
+        while (d->pshift > PSHIFT_MIN && ((int64_t)1 << d->pshift) > r0 / 4) d->pshift--;
+    }
+    d->prows = (size_t)1 << d->pshift;
+    d->pmask = (uint32_t)d->prows - 1;
+    d->page_bytes = d->prows * (d->stride * sizeof(float) + sizeof(rmeta));
+    if (cfg->max_bytes) {
+        int64_t lo = 1, hi = (int64_t)(cfg->max_bytes / em_dyn_row_bytes(d)); /* layout_bytes(r) >= r * row bytes */
+        if (budget && budget < hi) hi = budget;
+        if (hi < 1) hi = 1;
+        while (lo < hi) { /* the largest r in [1, hi] that fits (1 if none does) */
+            int64_t mid = lo + (hi - lo + 1) / 2;
+            if (layout_bytes(d, (uint64_t)mid) <= cfg->max_bytes) lo = mid;
+            else hi = mid - 1;
+        }
+        budget = lo;
+        d->budget_pages = (size_t)((uint64_t)(budget + (int64_t)d->prows - 1) / d->prows);
     }
     d->budget = budget;
     d->tabs = em_calloc((size_t)d->T, sizeof(dtab));
@@ -533,8 +586,10 @@ static void pool_table(run_arg *a, int t, const uint32_t *pslot) {
     }
 }
 
-/* Steps 1-4 of the file comment for table t. */
-static void train_table(run_arg *a, int t) {
+static size_t evict_rows(em_dyn *d, dtab *tb, struct evk *ev, size_t k);
+
+/* Steps 1-4 of the file comment for table t; ev: the worker's eviction scratch. */
+static void train_table(run_arg *a, int t, struct evk *ev) {
     em_dyn *d = a->d;
     dtab *tb = &d->tabs[t];
     const int B = a->B;
@@ -566,8 +621,9 @@ static void train_table(run_arg *a, int t) {
         }
     tb->nuniq = U;
 
-    /* 2. lookup / admit / insert, in order of first occurrence */
+    /* 2. lookup / admit, in order of first occurrence; room under the budget; insert */
     const size_t hm = tb->hcap - 1;
+    int64_t nnew = 0;
     for (uint32_t u = 0; u < U; u++) {
         if (u + HASH_PREFETCH < U) __builtin_prefetch(&tb->h[uhash[u + HASH_PREFETCH] & hm], 0, 3);
         uint32_t s = hfind(tb, uid[u], uhash[u]);
@@ -576,11 +632,32 @@ static void train_table(run_arg *a, int t) {
             m->count += ucnt[u];
             m->last = d->step;
         } else if (admit(d, tb, uid[u], ucnt[u])) {
-            s = insert_row(d, tb, uid[u], uhash[u], (int64_t)ucnt[u]);
+            s = NEWROW;
+            nnew++;
         } else {
             tb->rejections++;
         }
         uslot[u] = s;
+    }
+    int64_t room = nnew;
+    if (d->budget && tb->live + nnew > d->budget) {
+        int64_t target = d->budget - (int64_t)((double)d->budget * (double)d->cfg.evict_slack);
+        if (target < 0) target = 0;
+        int64_t k = tb->live + nnew - target;
+        if (k > tb->live) k = tb->live;
+        evict_rows(d, tb, ev, (size_t)k);
+        room = d->budget - tb->live;
+        if (room < 0) room = 0;
+    }
+    for (uint32_t u = 0; u < U; u++) {
+        if (uslot[u] != NEWROW) continue;
+        if (room > 0) {
+            uslot[u] = insert_row(d, tb, uid[u], uhash[u], (int64_t)ucnt[u]);
+            room--;
+        } else { /* the batch alone has more distinct ids than the budget */
+            uslot[u] = NONE;
+            tb->rejections++;
+        }
     }
 
     /* 3. positions per unique in batch order; slot per position */
@@ -623,11 +700,13 @@ static void eval_table(run_arg *a, int t) {
 }
 
 static void train_task(void *p, int ith, int nth) {
+    (void)nth;
     run_arg *a = p;
+    struct evk *ev = a->d->ev ? a->d->ev + (size_t)ith * a->d->cap_ev : NULL;
     for (;;) {
         size_t t = atomic_fetch_add_explicit(&a->next, 1, memory_order_relaxed);
         if (t >= (size_t)a->d->T) break;
-        train_table(a, (int)t);
+        train_table(a, (int)t, ev);
     }
 }
 
@@ -671,7 +750,9 @@ em_status em_dyn_forward(em_dyn *d, float *out, const uint64_t *ids, const int64
         while (mc < 2 * tb->n) mc <<= 1;
         tb->mbeg = mo, tb->mcap = mc;
         mo += mc;
-        if ((st = reserve_rows(d, tb, tb->n))) return st;
+        uint64_t extra = tb->n; /* every position a new row, but never past the budget */
+        if (d->budget) extra = tb->live >= d->budget ? 0 : tb->n < (uint64_t)(d->budget - tb->live) ? tb->n : (uint64_t)(d->budget - tb->live);
+        if ((st = reserve_rows(d, tb, extra))) return st;
     }
     if ((st = ensure_ev(d, d->tabs, em_pool_nth(pool)))) return st;
     if (B) em_pool_run(pool, train_task, &a);
@@ -682,8 +763,6 @@ em_status em_dyn_forward(em_dyn *d, float *out, const uint64_t *ids, const int64
 }
 
 /* --------------------------------------------------------------- backward */
-
-static void evict_task(void *p, int ith, int nth);
 
 static void update_uniques(run_arg *a, int t, size_t j0, size_t j1, float *restrict g) {
     em_dyn *d = a->d;
@@ -759,7 +838,7 @@ em_status em_dyn_backward_update(em_dyn *d, const float *dout, const uint64_t *i
                                  tb->kbeg + p);
     }
     int nth = em_pool_nth(pool);
-    if ((st = ensure_workers(d, nth)) || (st = ensure_ev(d, d->tabs, nth))) return st;
+    if ((st = ensure_workers(d, nth))) return st;
     size_t nq = 0, tot = 0;
     for (int t = 0; t < d->T; t++) tot += d->tabs[t].nuniq;
     for (int t = 0; t < d->T; t++) {
@@ -771,10 +850,6 @@ em_status em_dyn_backward_update(em_dyn *d, const float *dout, const uint64_t *i
     run_arg a = {d, NULL, dout, ids, offsets, B, nq, 0};
     if (nq) em_pool_run(pool, update_task, &a);
     d->pending = 0;
-    if (d->budget) {
-        atomic_store_explicit(&a.next, 0, memory_order_relaxed);
-        em_pool_run(pool, evict_task, &a);
-    }
     d->step++;
     return EM_OK;
 }
@@ -842,20 +917,21 @@ static void evk_sort(struct evk *a, size_t lo, size_t hi) { /* inclusive bounds 
     }
 }
 
-static void evict_table(em_dyn *d, dtab *tb, struct evk *ev) {
-    int64_t target = d->budget - (int64_t)((double)d->budget * (double)d->cfg.evict_slack);
-    if (target < 0) target = 0;
-    size_t k = (size_t)(tb->live - target), n = 0;
+/* Evict the k lowest-ranked rows (fewer if fewer are evictable) among those the batch
+ * in flight does not use (last < step: the batch's rows were stamped in step 2). */
+static size_t evict_rows(em_dyn *d, dtab *tb, struct evk *ev, size_t k) {
+    size_t n = 0;
     const int lfu = d->cfg.evict == EM_DYN_EVICT_LFU;
     for (uint32_t s = 0; s < tb->fresh; s++) {
         const rmeta *m = meta_ptr(d, tb, s);
-        if (m->count < 0) continue;
+        if (m->count < 0 || m->last == d->step) continue;
         ev[n].k = lfu ? m->count : m->last;
         ev[n].id = m->id;
         ev[n].slot = s;
         n++;
     }
-    EM_ASSERT((int64_t)n == tb->live && k <= n);
+    EM_ASSERT((int64_t)n <= tb->live);
+    if (k > n) k = n;
     if (k < n) evk_select(ev, n, k);
     if (k) evk_sort(ev, 0, k - 1);
     for (size_t i = 0; i < k; i++) {
@@ -866,25 +942,11 @@ static void evict_table(em_dyn *d, dtab *tb, struct evk *ev) {
     }
     tb->live -= (int64_t)k;
     tb->evictions += k;
+    return k;
 }
 
-/* Tables are independent: each is evicted by one worker with its own scratch. */
-static void evict_task(void *p, int ith, int nth) {
-    run_arg *a = p;
-    em_dyn *d = a->d;
-    struct evk *ev = d->ev + (size_t)ith * d->cap_ev;
-    for (;;) {
-        size_t t = atomic_fetch_add_explicit(&a->next, 1, memory_order_relaxed);
-        if (t >= (size_t)d->T) break;
-        if (d->tabs[t].live > d->budget) evict_table(d, &d->tabs[t], ev);
-    }
-}
-
-void em_dyn_end_step(em_dyn *d) {
+void em_dyn_end_step(em_dyn *d) { /* tables are within their budget already */
     d->pending = 0;
-    if (d->budget)
-        for (int t = 0; t < d->T; t++)
-            if (d->tabs[t].live > d->budget) evict_table(d, &d->tabs[t], d->ev);
     d->step++;
 }
 
@@ -919,7 +981,7 @@ int64_t em_dyn_ids(const em_dyn *d, int t, uint64_t *ids, int64_t cap) {
 
 static size_t tab_bytes(const em_dyn *d, const dtab *tb) {
     return tb->npages * d->page_bytes + tb->cap_pages * sizeof(char *) + tb->hcap * sizeof(hent) +
-           tab_slots(tb) * sizeof(uint32_t) + (tb->cms ? (size_t)CMS_DEPTH * d->cfg.cms_width * sizeof(uint32_t) : 0);
+           tab_slots(d, tb) * sizeof(uint32_t) + (tb->cms ? (size_t)CMS_DEPTH * d->cfg.cms_width * sizeof(uint32_t) : 0);
 }
 
 em_dyn_stats em_dyn_get_stats(const em_dyn *d, int t) {
@@ -930,7 +992,7 @@ em_dyn_stats em_dyn_get_stats(const em_dyn *d, int t) {
         if (t >= 0 && i != t) continue;
         const dtab *tb = &d->tabs[i];
         s.rows += tb->live;
-        s.slots += (int64_t)tab_slots(tb);
+        s.slots += (int64_t)tab_slots(d, tb);
         s.capacity += (int64_t)tb->hcap;
         s.bytes += tab_bytes(d, tb);
         s.inserts += tb->inserts, s.evictions += tb->evictions, s.rejections += tb->rejections;
