@@ -55,7 +55,7 @@ RESUME=${RESUME:-}
 RETRY=${RETRY:-0}
 OTHERS_MAX=${OTHERS_MAX:-10}
 SERVE_PEAK=${SERVE_PEAK:-"--max-batch 2048 --threads 4;--max-batch 4096 --threads 8 --max-body 4194304;--max-batch 1024 --threads 4"}
-SERVE_LAT=${SERVE_LAT:-"--infer-threads 2 --max-wait-us 200;--infer-threads 1 --max-wait-us 0"}
+SERVE_LAT=${SERVE_LAT:-"--infer-threads 2 --max-wait-us 200;--infer-threads 2 --max-wait-us 0;--infer-threads 2 --max-wait-us 200 --inline-max 0"}
 PY=/usr/bin/python3
 mkdir -p "$OUT"
 scripts/deps.sh
@@ -465,6 +465,14 @@ if st:
                      "gflops": g(med(q[k]["gflops"] for q in st)),
                      "share": round(med(q[k]["ms"] / t for q, t in zip(st, tot)), 4)} for k, z in enumerate(st[0])]
 eb["dense_fraction_of_sgemm"] = round(eb["dense_gflops"] / res["sgemm_gflops"], 4)
+# the model-shape roofline: the forward's own GEMMs, one OpenBLAS call per layer over the
+# batch on 2 OpenBLAS threads, timed in the same process (ember bench --infer)
+rf = [x["r"]["gemm_roofline_gflops"] for x in side("ember", 2048) if "gemm_roofline_gflops" in x["r"]]
+if rf:
+    eb["gemm_roofline_gflops_runs"] = rf
+    eb["fraction_of_gemm_roofline_runs"] = [round(x["r"]["gflops"] / x["r"]["gemm_roofline_gflops"], 4)
+                                            for x in side("ember", 2048) if "gemm_roofline_gflops" in x["r"]]
+    eb["fraction_of_gemm_roofline"] = round(med(eb["fraction_of_gemm_roofline_runs"]), 4)
 torch_best, torch_best_b = 0, None
 for b in (1, 256, 2048):
     if side("torch", b):
@@ -536,6 +544,9 @@ e = sys.stderr
 print("sgemm %.1f GFLOP/s best (%.1f median; %s kernels); in-process b2048 %.0f ex/s = %.1f GFLOP/s = %.1f%% of sgemm"
       % (res["sgemm_gflops"], res["sgemm_gflops_median"], res["openblas"]["used"], eb["examples_per_s"], eb["gflops"],
          100 * eb["fraction_of_sgemm"]), file=e)
+if "fraction_of_gemm_roofline" in eb:
+    print("in-process b2048 against the model's own GEMMs (OpenBLAS, one call per layer): %.1f%%; same-round sgemm: %s"
+          % (100 * eb["fraction_of_gemm_roofline"], eb.get("fraction_of_same_round_sgemm")), file=e)
 if torch_best:
     print("PyTorch best %.0f ex/s (batch %d); HTTP peak %.0f ex/s (%.2fx)"
           % (torch_best, torch_best_b, res["http_peak"]["examples_per_s"], ratio or 0), file=e)

@@ -145,8 +145,8 @@ typedef struct em_infer em_infer;
 em_status em_infer_create(em_infer **out, em_dlrm *m, int max_batch, int nth);
 void em_infer_free(em_infer *inf); /* NULL is a no-op */
 /* logits[b->B] for batch b. pooled: the (B, T, D) pooled embeddings (quantized tables),
- * or NULL to pool the model's own fp32 tables (in the same pass, chunk by chunk, each
- * chunk's rows prefetched while the previous chunk computes). Batches of at most 24
+ * or NULL to pool the model's own fp32 tables (in the same pass: each worker pools its
+ * chunk of the batch before computing it). Batches of at most 24
  * run on the caller alone. Allocates only when B or the pool's thread count exceeds
  * what was reserved. */
 em_status em_infer_forward(em_infer *inf, const em_batch *b, const float *pooled, float *logits, em_pool *pool);

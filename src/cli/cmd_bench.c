@@ -9,7 +9,8 @@
  * Ids are uniform random, dense features uniform in [0, 1), labels Bernoulli(0.5);
  * 8 distinct batches are generated up front and cycled, so only training is timed.
  *
- * --infer: inference only (em_dlrm_forward, no backward, no update) on the same kind of
+ * --infer: inference only (em_infer_forward, the server's forward pass (ember/serve.h);
+ * --model-path: em_dlrm_forward, the training forward's layers) on the same kind of
  * batches, timed call by call: examples/s over the whole timed loop, ms per batch,
  * per-call latency percentiles (the figure that matters at --batch 1), and GFLOP/s on
  * the forward FLOPs per example (2 per multiply-add): the MLP GEMMs
@@ -18,7 +19,12 @@
  * counted). Small batches cycle through more distinct batches (about 64k ids per
  * table in all, 8 to 4096 batches) so that embedding rows are not all cache-hot. A second
  * loop of the same length times the two halves of the forward apart: pooling
- * (em_embbag_forward) and the dense part (em_dlrm_forward_with on the pooled rows).
+ * (em_embbag_forward) and the dense part (em_infer_forward or em_dlrm_forward_with on
+ * the pooled rows). Also printed: the process's CPU time per batch (every thread,
+ * spinning included: a figure that moves less than wall time on a shared machine),
+ * the largest relative difference between the two paths' logits on the first batch,
+ * and gemm_roofline: the forward's GEMMs alone, one OpenBLAS call per layer over the
+ * whole batch on --threads OpenBLAS threads (the model-shape roofline).
  * --stages adds a third loop that runs the forward's stages one call at a time on the
  * model's own weights, in the model's order (pooling, bottom layers, interaction, top
  * layers, the same ember/nn.h calls em_dlrm_forward makes), timing each: the median ms
@@ -339,6 +345,14 @@ static double gemm_roofline_ms(const bench_ctx *c, const em_dlrm_cfg *m, em_dlrm
     return 1e3 * t[3];
 }
 
+/* CPU seconds of the whole process so far (user + system, every thread). */
+static double cpu_seconds(void) {
+    struct rusage ru;
+    getrusage(RUSAGE_SELF, &ru);
+    return (double)ru.ru_utime.tv_sec + 1e-6 * (double)ru.ru_utime.tv_usec + (double)ru.ru_stime.tv_sec +
+           1e-6 * (double)ru.ru_stime.tv_usec;
+}
+
 static int bench_infer(const bench_ctx *c, const em_dlrm_cfg *m, em_dlrm *model, em_batch *batches, int NB,
                        em_pool *pool) {
     const int B = c->batch, T = m->num_tables, D = m->dim;
@@ -365,8 +379,9 @@ static int bench_infer(const bench_ctx *c, const em_dlrm_cfg *m, em_dlrm *model,
             if (d > maxdiff) maxdiff = d;
         }
     }
-    double check = 0, secs = 0;
+    double check = 0, secs = 0, cpu0 = 0;
     for (long long s = 0; !st && s < c->warmup + c->steps; s++) {
+        if (s == c->warmup) cpu0 = cpu_seconds();
         const double t0 = em_now();
         st = inf ? em_infer_forward(inf, &batches[s % NB], NULL, logits, pool)
                  : em_dlrm_forward(model, &batches[s % NB], logits, pool);
@@ -374,17 +389,18 @@ static int bench_infer(const bench_ctx *c, const em_dlrm_cfg *m, em_dlrm *model,
         if (s >= c->warmup) ms[s - c->warmup] = 1e3 * (t1 - t0), secs += t1 - t0;
         check += logits[0];
     }
+    const double cpu_s = cpu_seconds() - cpu0; /* all threads, spinning included */
     /* the same calls again, pooling and dense part timed apart */
-    double emb_s = 0, dense_s = 0;
+    double emb_s = 0, dense_s = 0, emb_cpu = 0, dense_cpu = 0;
     em_embbag *bag = em_dlrm_embbag(model);
     for (long long s = 0; !st && s < c->steps; s++) {
         const em_batch *b = &batches[(c->warmup + s) % NB];
-        const double t0 = em_now();
+        const double c0 = cpu_seconds(), t0 = em_now();
         st = em_embbag_forward(bag, pooled, b->indices, b->offsets, b->per_id_w, B, pool);
-        const double t1 = em_now();
+        const double c1 = cpu_seconds(), t1 = em_now();
         if (!st) st = inf ? em_infer_forward(inf, b, pooled, logits, pool) : em_dlrm_forward_with(model, b, pooled, logits, pool);
-        const double t2 = em_now();
-        emb_s += t1 - t0, dense_s += t2 - t1;
+        const double c2 = cpu_seconds(), t2 = em_now();
+        emb_s += t1 - t0, dense_s += t2 - t1, emb_cpu += c1 - c0, dense_cpu += c2 - c1;
         check += logits[0];
     }
     if (st) {
@@ -400,16 +416,16 @@ static int bench_infer(const bench_ctx *c, const em_dlrm_cfg *m, em_dlrm *model,
     struct rusage ru;
     getrusage(RUSAGE_SELF, &ru);
     printf("{\"config\":\"%s\",\"mode\":\"infer\",\"path\":\"%s\",\"max_rel_diff_vs_model\":%.3g,"
-           "\"gemm_roofline_ms\":%.4f,\"gemm_roofline_gflops\":%.2f,\"batch\":%d,\"threads\":%d,\"steps\":%lld,\"distinct_batches\":%d,"
+           "\"gemm_roofline_ms\":%.4f,\"gemm_roofline_gflops\":%.2f,\"cpu_ms_per_batch\":%.4f,\"batch\":%d,\"threads\":%d,\"steps\":%lld,\"distinct_batches\":%d,"
            "\"examples_per_s\":%.1f,\"ms_per_batch\":%.4f,\"gflops\":%.2f,"
            "\"us_p50\":%.2f,\"us_p90\":%.2f,\"us_p99\":%.2f,\"us_min\":%.2f,\"us_max\":%.2f,"
-           "\"ms_embed\":%.4f,\"ms_dense\":%.4f,\"dense_gflops\":%.2f,"
+           "\"ms_embed\":%.4f,\"ms_dense\":%.4f,\"dense_gflops\":%.2f,\"cpu_ms_embed\":%.4f,\"cpu_ms_dense\":%.4f,"
            "\"fwd_flop_per_example\":%.0f,\"mlp_flop\":%.0f,\"interaction_flop\":%.0f,"
            "\"peak_rss_mb\":%.1f,\"checksum\":%.6g%s%s}\n",
-           c->config, c->model_path ? "model" : "infer", maxdiff, roof_ms, mlp * B / (roof_ms * 1e-3) / 1e9, B, c->threads,
+           c->config, c->model_path ? "model" : "infer", maxdiff, roof_ms, mlp * B / (roof_ms * 1e-3) / 1e9, 1e3 * cpu_s / (double)c->steps, B, c->threads,
            c->steps, NB, (double)B / per, 1e3 * per, flop * B / per / 1e9,
            1e3 * pct(ms, c->steps, 0.5), 1e3 * pct(ms, c->steps, 0.9), 1e3 * pct(ms, c->steps, 0.99), 1e3 * ms[0],
-           1e3 * ms[c->steps - 1], 1e3 * emb_s / n, 1e3 * dense_s / n, flop * B / (dense_s / n) / 1e9, flop, mlp, inter,
+           1e3 * ms[c->steps - 1], 1e3 * emb_s / n, 1e3 * dense_s / n, flop * B / (dense_s / n) / 1e9, 1e3 * emb_cpu / n, 1e3 * dense_cpu / n, flop, mlp, inter,
            (double)ru.ru_maxrss / 1024.0, check, stages ? "," : "", stages ? stages : "");
     free(stages);
     em_free(logits), em_free(pooled);

@@ -31,8 +31,15 @@
  * Without AVX-512 the same chunks run OpenBLAS (bias, sgemm with beta = 1, ReLU);
  * their answers then depend on the chunk shapes, i.e. on the batch size only.
  *
- * The embedding pooling of the model's own fp32 tables is em_embbag_forward over the
- * whole batch (its own launch); quantized tables are pooled by the caller (em_qbag).
+ * Pooling. With the model's own fp32 tables a worker pools its chunk's bags itself,
+ * just before computing the chunk (as em_embbag_forward does: index order, the same
+ * adds, rows a few indices ahead prefetched), so a pass is one pool launch and the
+ * pooled rows are still in cache for the interaction. Tried and dropped: prefetching
+ * the next chunk's rows a few at a time between kernel calls, to overlap the random
+ * row reads with the GEMMs (more CPU time per batch, not less: the rows were evicted
+ * again before use and the prefetches slowed the kernel), and a prefetch pass over
+ * the whole chunk before pooling it (no better). Quantized tables are pooled by the
+ * caller (em_qbag_forward) and passed in.
  */
 #include <stdatomic.h>
 #include <string.h>
@@ -73,45 +80,6 @@ struct em_infer {
     float *scratch;     /* nth x 2 x CHUNK x width */
     int cap_nth;
 };
-
-/* ------------------------------------------------------- embedding prefetch */
-
-/* While a worker computes one chunk it prefetches the embedding rows of the next chunk
- * it will pool, a few rows after every kernel call: the random row reads (DRAM
- * latency, the pooling's whole cost) then overlap the GEMMs instead of following
- * them, and the pooling finds its rows in the caches. */
-typedef struct {
-    const em_infer *inf;
-    const int64_t *idx, *off;
-    int B, r0, r1, t;
-    int64_t k, kend;
-} pfcur;
-
-#define PF_PER_CALL 8
-
-static void pf_start(pfcur *p, const em_infer *inf, const int64_t *idx, const int64_t *off, int B, int r0, int r1) {
-    p->inf = inf, p->idx = idx, p->off = off, p->B = B, p->r0 = r0, p->r1 = r1, p->t = 0;
-    p->k = off[r0], p->kend = off[r1];
-}
-
-static inline void pf_step(pfcur *p) {
-    if (!p) return;
-    const em_infer *inf = p->inf;
-    const size_t rb = (size_t)inf->D * sizeof(float);
-    for (int n = 0; n < PF_PER_CALL && p->t < inf->T;) {
-        if (p->k >= p->kend) {
-            if (++p->t >= inf->T) break;
-            p->k = p->off[(size_t)p->t * p->B + p->r0], p->kend = p->off[(size_t)p->t * p->B + p->r1];
-            continue;
-        }
-        const uint64_t r = (uint64_t)p->idx[p->k++];
-        if (r >= (uint64_t)inf->rows[p->t]) continue;
-        const char *a = (const char *)(inf->tw[p->t] + r * (uint64_t)inf->D);
-        for (size_t o = 0; o < rb; o += 64) __builtin_prefetch(a + o, 0, 2);
-        __builtin_prefetch(a + rb - 1, 0, 2);
-        n++;
-    }
-}
 
 /* ------------------------------------------------------------------ kernels */
 
@@ -172,7 +140,7 @@ static void kern_1_1(const float *A, int lda, const float *P, const float *b, in
 static int panel_width(const ilayer *L, int p) { return L->out - 32 * p > 16 ? 32 : 16; }
 
 /* out(M, O) = relu?(in(M, I) W^T + b), rows of `in` ldi apart, of out ldo apart. */
-static void layer_fwd(const ilayer *L, const float *in, int ldi, float *out, int ldo, int M, pfcur *pf) {
+static void layer_fwd(const ilayer *L, const float *in, int ldi, float *out, int ldo, int M) {
     const int K = L->in;
     for (int r0 = 0; r0 < M;) {
         const int mr = M - r0 >= MR ? MR : M - r0 >= 4 ? 4 : 1;
@@ -190,7 +158,6 @@ static void layer_fwd(const ilayer *L, const float *in, int ldi, float *out, int
                 else if (mr == 4) kern_4_1(A, ldi, P, b, K, C, ldo, n, L->relu);
                 else kern_1_1(A, ldi, P, b, K, C, ldo, n, L->relu);
             }
-            pf_step(pf);
         }
         r0 += mr;
     }
@@ -217,8 +184,7 @@ static inline float dot16(const float *a, const float *b) {
     return _mm512_reduce_add_ps(_mm512_mul_ps(_mm512_loadu_ps(a), _mm512_loadu_ps(b)));
 }
 #else
-static void layer_fwd(const ilayer *L, const float *in, int ldi, float *out, int ldo, int M, pfcur *pf) {
-    pf_step(pf);
+static void layer_fwd(const ilayer *L, const float *in, int ldi, float *out, int ldo, int M) {
     for (int r = 0; r < M; r++) memcpy(out + (size_t)r * ldo, L->b, (size_t)L->out * sizeof(float));
     if (L->in > 0)
         cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, M, L->out, L->in, 1.f, in, ldi, L->w, L->in, 1.f, out,
@@ -322,8 +288,8 @@ static int pool_rows(const em_infer *inf, float *pooled, const int64_t *idx, con
             const int64_t k0 = o[b], k1 = o[b + 1];
             memset(dst, 0, D * sizeof(float));
             for (int64_t k = k0; k < k1; k++) {
-                if (k + 8 < kend) {
-                    const uint64_t rp = (uint64_t)idx[k + 8];
+                if (k + 12 < kend) {
+                    const uint64_t rp = (uint64_t)idx[k + 12];
                     if (rp < rows) __builtin_prefetch(W + rp * D, 0, 3);
                 }
                 const uint64_t r = (uint64_t)idx[k];
@@ -351,13 +317,13 @@ typedef struct {
 } pass_arg;
 
 static void run_chunk(em_infer *inf, const float *dense, const float *pooled, float *logits, int r0, int M,
-                      float *buf0, float *buf1, pfcur *pf) {
+                      float *buf0, float *buf1) {
     const int W = inf->width, nb = inf->n_bot - 1, nt = inf->n_top - 1;
     const float *in = dense + (size_t)r0 * inf->nd;
     int ldi = inf->nd;
     float *cur = buf0, *nxt = buf1;
     for (int l = 0; l < nb; l++) {
-        layer_fwd(&inf->L[l], in, ldi, cur, W, M, pf);
+        layer_fwd(&inf->L[l], in, ldi, cur, W, M);
         in = cur, ldi = W;
         float *t = cur;
         cur = nxt, nxt = t;
@@ -372,42 +338,33 @@ static void run_chunk(em_infer *inf, const float *dense, const float *pooled, fl
     for (int l = 0; l < nt; l++) {
         const ilayer *L = &inf->L[nb + l];
         if (l == nt - 1) { /* the logit column straight into logits */
-            layer_fwd(L, in, ldi, logits + r0, 1, M, pf);
+            layer_fwd(L, in, ldi, logits + r0, 1, M);
             break;
         }
-        layer_fwd(L, in, ldi, cur, W, M, pf);
+        layer_fwd(L, in, ldi, cur, W, M);
         in = cur, ldi = W;
         float *t = cur;
         cur = nxt, nxt = t;
     }
 }
 
-/* A worker takes the ticket of its next chunk before computing the current one, so
- * that it can prefetch that chunk's embedding rows meanwhile. */
+/* Workers take chunks from a shared counter; each pools its chunk's bags first when
+ * the pass pools the model's own tables. */
 static void pass_task(void *p, int ith, int nth) {
     (void)nth;
     pass_arg *a = p;
     em_infer *inf = a->inf;
     float *buf0 = inf->scratch + (size_t)ith * 2 * CHUNK * (size_t)inf->width, *buf1 = buf0 + (size_t)CHUNK * inf->width;
     const em_batch *b = a->b;
-    int c = atomic_fetch_add_explicit(&a->next, 1, memory_order_relaxed);
-    while (c < a->nchunks) {
+    for (;;) {
+        const int c = atomic_fetch_add_explicit(&a->next, 1, memory_order_relaxed);
+        if (c >= a->nchunks) break;
         const int cs = a->cs, r0 = c * cs, M = a->B - r0 < cs ? a->B - r0 : cs;
-        const int nx = atomic_fetch_add_explicit(&a->next, 1, memory_order_relaxed);
-        pfcur pf, *pfp = NULL;
-        if (a->pool_out) {
-            if (pool_rows(inf, a->pool_out, b->indices, b->offsets, b->per_id_w, a->B, r0, r0 + M)) {
-                atomic_store(&a->bad, 1);
-                return;
-            }
-            if (nx < a->nchunks) {
-                const int n0 = nx * cs, n1 = a->B - n0 < cs ? a->B : n0 + cs;
-                pf_start(&pf, inf, b->indices, b->offsets, a->B, n0, n1);
-                pfp = &pf;
-            }
+        if (a->pool_out && pool_rows(inf, a->pool_out, b->indices, b->offsets, b->per_id_w, a->B, r0, r0 + M)) {
+            atomic_store(&a->bad, 1);
+            return;
         }
-        run_chunk(inf, a->dense, a->pool_out ? a->pool_out : a->pooled, a->logits, r0, M, buf0, buf1, pfp);
-        c = nx;
+        run_chunk(inf, a->dense, a->pool_out ? a->pool_out : a->pooled, a->logits, r0, M, buf0, buf1);
     }
 }
 
