@@ -9,7 +9,7 @@
  * layer, N = 16 and N = 1 at the ends, a 367-wide interaction) it ran at ~60% of the
  * large-GEMM rate. Here:
  *
- *  - Row chunks. The batch is cut into chunks of CHUNK examples; a worker takes a whole
+ *  - Row chunks. The batch is cut into chunks of CHUNK (48) examples; a worker takes a whole
  *    chunk through the bottom MLP, the interaction and the top MLP before taking the
  *    next (an atomic counter), with its activations in two per-worker buffers that stay
  *    in its L2. One pool launch for the dense part, no barrier between layers.
@@ -55,9 +55,10 @@
 #define EM_INFER_AVX512 1
 #endif
 
-#define CHUNK 96   /* examples per work chunk (8 row blocks of 12) */
+#define CHUNK 48   /* examples per work chunk (4 row blocks of 12) */
 #define MR 12      /* rows per register block */
 #define SINGLE 24  /* batches up to this run as one chunk on the caller (no pool launch) */
+#define PF_AHEAD 16 /* embedding rows prefetched ahead of the pooling */
 #define MAXL (2 * EM_DLRM_MAX_LAYERS + 2)
 
 typedef struct {
@@ -278,19 +279,33 @@ static int pool_rows(const em_infer *inf, float *pooled, const int64_t *idx, con
                      int r0, int r1) {
     const int T = inf->T;
     const size_t D = (size_t)inf->D;
+    /* the prefetch cursor runs PF_AHEAD indices ahead through the chunk's bags, table
+     * after table (tp: its table, kp its index, kp_end the end of tp's bags) */
+    int tp = 0;
+    int64_t kp = off[r0], kp_end = off[r1];
+    for (int n = 0; n < PF_AHEAD; n++) {
+        while (kp >= kp_end && tp < T) {
+            if (++tp < T) kp = off[(size_t)tp * B + r0], kp_end = off[(size_t)tp * B + r1];
+        }
+        if (tp >= T) break;
+        const uint64_t rp = (uint64_t)idx[kp++];
+        if (rp < (uint64_t)inf->rows[tp]) __builtin_prefetch(inf->tw[tp] + rp * D, 0, 3);
+    }
     for (int t = 0; t < T; t++) {
         const float *W = inf->tw[t];
         const uint64_t rows = (uint64_t)inf->rows[t];
         const int64_t *o = off + (size_t)t * B;
-        const int64_t kend = o[r1];
         for (int b = r0; b < r1; b++) {
             float *dst = pooled + ((size_t)b * T + t) * D;
             const int64_t k0 = o[b], k1 = o[b + 1];
             memset(dst, 0, D * sizeof(float));
             for (int64_t k = k0; k < k1; k++) {
-                if (k + 12 < kend) {
-                    const uint64_t rp = (uint64_t)idx[k + 12];
-                    if (rp < rows) __builtin_prefetch(W + rp * D, 0, 3);
+                while (kp >= kp_end && tp < T) {
+                    if (++tp < T) kp = off[(size_t)tp * B + r0], kp_end = off[(size_t)tp * B + r1];
+                }
+                if (tp < T) {
+                    const uint64_t rp = (uint64_t)idx[kp++];
+                    if (rp < (uint64_t)inf->rows[tp]) __builtin_prefetch(inf->tw[tp] + rp * D, 0, 3);
                 }
                 const uint64_t r = (uint64_t)idx[k];
                 if (r >= rows) return -1;
