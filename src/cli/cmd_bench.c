@@ -24,7 +24,8 @@
  * spinning included: a figure that moves less than wall time on a shared machine),
  * the largest relative difference between the two paths' logits on the first batch,
  * and gemm_roofline: the forward's GEMMs alone, one OpenBLAS call per layer over the
- * whole batch on --threads OpenBLAS threads (the model-shape roofline).
+ * whole batch on --threads OpenBLAS threads (the model-shape roofline); and per CPU
+ * second, the forward's GFLOP against one-thread sgemm 2048x512x512's (thread CPU time).
  * --stages adds a third loop that runs the forward's stages one call at a time on the
  * model's own weights, in the model's order (pooling, bottom layers, interaction, top
  * layers, the same ember/nn.h calls em_dlrm_forward makes), timing each: the median ms
@@ -48,6 +49,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/resource.h>
+#include <time.h>
 
 #include "cli/cli.h"
 #include "core/blas.h"
@@ -353,6 +355,33 @@ static double cpu_seconds(void) {
            1e-6 * (double)ru.ru_stime.tv_usec;
 }
 
+/* sgemm 2048x512x512 on one OpenBLAS thread, in GFLOP per second of this thread's CPU
+ * time (median of 7): the peak per core-second, a figure that other processes on the
+ * machine move far less than wall-clock rates. */
+static double sgemm_cpu_gflops(void) {
+    const int M = 2048, N = 512, K = 512;
+    float *A = em_calloc((size_t)M * K, sizeof(float)), *Bm = em_calloc((size_t)N * K, sizeof(float)),
+          *C = em_calloc((size_t)M * N, sizeof(float));
+    if (!A || !Bm || !C) {
+        em_free(A), em_free(Bm), em_free(C);
+        return -1;
+    }
+    for (size_t i = 0; i < (size_t)M * K; i++) A[i] = 0.1f * (float)(i % 7);
+    for (size_t i = 0; i < (size_t)N * K; i++) Bm[i] = 0.1f * (float)(i % 5);
+    em_blas_init();
+    double g[7];
+    for (int r = -1; r < 7; r++) {
+        struct timespec a, b;
+        clock_gettime(CLOCK_THREAD_CPUTIME_ID, &a);
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, M, N, K, 1.f, A, K, Bm, K, 0.f, C, N);
+        clock_gettime(CLOCK_THREAD_CPUTIME_ID, &b);
+        if (r >= 0) g[r] = 2.0 * M * N * K / ((double)(b.tv_sec - a.tv_sec) + 1e-9 * (double)(b.tv_nsec - a.tv_nsec)) / 1e9;
+    }
+    qsort(g, 7, sizeof g[0], cmp_double);
+    em_free(A), em_free(Bm), em_free(C);
+    return g[3];
+}
+
 static int bench_infer(const bench_ctx *c, const em_dlrm_cfg *m, em_dlrm *model, em_batch *batches, int NB,
                        em_pool *pool) {
     const int B = c->batch, T = m->num_tables, D = m->dim;
@@ -408,7 +437,7 @@ static int bench_infer(const bench_ctx *c, const em_dlrm_cfg *m, em_dlrm *model,
         return 1;
     }
     em_infer_free(inf);
-    const double roof_ms = gemm_roofline_ms(c, m, model);
+    const double roof_ms = gemm_roofline_ms(c, m, model), sg_cpu = sgemm_cpu_gflops();
     char *stages = c->stages ? bench_stages(c, m, model, batches, NB, pooled, pool) : NULL;
     if (c->stages && !stages) return 1;
     qsort(ms, (size_t)c->steps, sizeof(double), cmp_double);
@@ -416,13 +445,15 @@ static int bench_infer(const bench_ctx *c, const em_dlrm_cfg *m, em_dlrm *model,
     struct rusage ru;
     getrusage(RUSAGE_SELF, &ru);
     printf("{\"config\":\"%s\",\"mode\":\"infer\",\"path\":\"%s\",\"max_rel_diff_vs_model\":%.3g,"
-           "\"gemm_roofline_ms\":%.4f,\"gemm_roofline_gflops\":%.2f,\"cpu_ms_per_batch\":%.4f,\"batch\":%d,\"threads\":%d,\"steps\":%lld,\"distinct_batches\":%d,"
+           "\"gemm_roofline_ms\":%.4f,\"gemm_roofline_gflops\":%.2f,\"cpu_ms_per_batch\":%.4f,"
+           "\"gflops_per_cpu_s\":%.2f,\"sgemm_1t_gflops_per_cpu_s\":%.2f,\"batch\":%d,\"threads\":%d,\"steps\":%lld,\"distinct_batches\":%d,"
            "\"examples_per_s\":%.1f,\"ms_per_batch\":%.4f,\"gflops\":%.2f,"
            "\"us_p50\":%.2f,\"us_p90\":%.2f,\"us_p99\":%.2f,\"us_min\":%.2f,\"us_max\":%.2f,"
            "\"ms_embed\":%.4f,\"ms_dense\":%.4f,\"dense_gflops\":%.2f,\"cpu_ms_embed\":%.4f,\"cpu_ms_dense\":%.4f,"
            "\"fwd_flop_per_example\":%.0f,\"mlp_flop\":%.0f,\"interaction_flop\":%.0f,"
            "\"peak_rss_mb\":%.1f,\"checksum\":%.6g%s%s}\n",
-           c->config, c->model_path ? "model" : "infer", maxdiff, roof_ms, mlp * B / (roof_ms * 1e-3) / 1e9, 1e3 * cpu_s / (double)c->steps, B, c->threads,
+           c->config, c->model_path ? "model" : "infer", maxdiff, roof_ms, mlp * B / (roof_ms * 1e-3) / 1e9, 1e3 * cpu_s / (double)c->steps,
+           flop * B * (double)c->steps / cpu_s / 1e9, sg_cpu, B, c->threads,
            c->steps, NB, (double)B / per, 1e3 * per, flop * B / per / 1e9,
            1e3 * pct(ms, c->steps, 0.5), 1e3 * pct(ms, c->steps, 0.9), 1e3 * pct(ms, c->steps, 0.99), 1e3 * ms[0],
            1e3 * ms[c->steps - 1], 1e3 * emb_s / n, 1e3 * dense_s / n, flop * B / (dense_s / n) / 1e9, 1e3 * emb_cpu / n, 1e3 * dense_cpu / n, flop, mlp, inter,
