@@ -1,7 +1,9 @@
 /*
  * dyntable.c - dynamic, collisionless embedding tables (ember/dyntable.h): a linear-
  * probing hash table from 64-bit id to a row slot, rows in never-moving pages, per-row
- * metadata, admission, budgeted eviction, and the fused sparse optimizer.
+ * metadata, admission, budgeted eviction, and the fused sparse optimizer. The hash, the
+ * batch bookkeeping (dedup, CSR, backward queue), initial rows, pooling and the fused
+ * update are sparse/rowstore.h's, shared with the SSD tier's row cache (ssdtier.c).
  *
  * Layout of a table: pages of P slots (EM_DYN_PAGE_ROWS; fewer, a power of two >= 64,
  * for a byte budget of under 16k rows, so that page granularity costs little), each one allocation holding the
@@ -59,15 +61,13 @@
 
 #include "core/simd.h"
 #include "ember/safetensors.h"
-#include "sparse/rowops.h"
+#include "sparse/rowstore.h"
 
-#define NONE UINT32_MAX
-#define NEWROW (UINT32_MAX - 1) /* step 2: an admitted id not inserted yet */
-#define PSHIFT_MAX 12           /* log2(EM_DYN_PAGE_ROWS) */
+#define NONE EM__NONE
+#define NEWROW (EM__NONE - 1) /* step 2: an admitted id not inserted yet */
+#define PSHIFT_MAX 12         /* log2(EM_DYN_PAGE_ROWS) */
 #define PSHIFT_MIN 6
 #define HASH_PREFETCH 8
-#define ROW_PREFETCH 8
-#define CHUNKS_PER_WORKER 8
 #define CMS_DEPTH 4
 #define MAX_SLOTS ((uint64_t)1 << 31)
 
@@ -79,17 +79,9 @@ typedef struct {
 } rmeta;
 
 typedef struct {
-    uint64_t id;
-    uint32_t slot; /* NONE: empty bucket */
-    uint32_t pad;
-} hent;
-
-typedef struct {
-    /* hash */
-    hent *h;
-    size_t hcap; /* power of two (0 before the first insert) */
-    /* pages */
-    char **pages;
+    em__idmap map; /* id -> slot (table tag 0) */
+    /* pages: rows (stride floats each), then the slots' metadata */
+    float **pages;
     size_t npages, cap_pages;
     uint32_t fresh;  /* slots [fresh, npages * PAGE_ROWS) were never used */
     uint32_t *freel; /* capacity npages * PAGE_ROWS */
@@ -98,11 +90,6 @@ typedef struct {
     uint32_t *cms; /* CMS_DEPTH * cms_width, or NULL */
     uint64_t seed; /* per-table stream */
     uint64_t inserts, evictions, rejections;
-    /* per train batch */
-    size_t kbeg, n;    /* positions [kbeg, kbeg + n) */
-    size_t nuniq;
-    size_t mbeg, mcap; /* dedup map region */
-    int nchunks;
 } dtab;
 
 struct em_dyn {
@@ -117,10 +104,7 @@ struct em_dyn {
     size_t budget_pages; /* pages the budget needs: the page table's size (0: grows freely) */
     int64_t step;
     dtab *tabs;
-    /* batch scratch, grown on demand */
-    size_t cap_nnz, cap_map;
-    uint64_t *uid, *uhash;
-    uint32_t *ucnt, *ustart, *uslot, *pos2u, *pos2b, *plist, *pslot, *map;
+    em__ubatch ub; /* the batch of the last train forward, backward scratch */
     int pending; /* a train forward awaits its backward */
     int pend_B;
     size_t pend_nnz;
@@ -128,86 +112,30 @@ struct em_dyn {
     struct evk { int64_t k; uint64_t id; uint32_t slot; } *ev; /* ev_nth blocks of cap_ev */
     size_t cap_ev;
     int ev_nth;
-    int cap_nth;
-    float *gbuf; size_t gstride;
-    struct qitem { int t, part; } *queue;
 };
 
 /* ------------------------------------------------------------ row access */
 
+static inline em__rowpages rows_of(const em_dyn *d, const dtab *tb) {
+    return (em__rowpages){tb->pages, d->pshift, d->pmask, d->stride};
+}
 static inline float *row_ptr(const em_dyn *d, const dtab *tb, uint32_t s) {
-    return (float *)tb->pages[s >> d->pshift] + (size_t)(s & d->pmask) * d->stride;
+    return tb->pages[s >> d->pshift] + (size_t)(s & d->pmask) * d->stride;
 }
 static inline rmeta *meta_ptr(const em_dyn *d, const dtab *tb, uint32_t s) {
-    return (rmeta *)(tb->pages[s >> d->pshift] + d->prows * d->stride * sizeof(float)) + (s & d->pmask);
+    return (rmeta *)(tb->pages[s >> d->pshift] + d->prows * d->stride) + (s & d->pmask);
 }
 
 /* ------------------------------------------------------------------ hash */
 
-static inline uint32_t hfind(const dtab *tb, uint64_t id, uint64_t hv) {
-    if (!tb->hcap) return NONE;
-    size_t m = tb->hcap - 1, i = (size_t)hv & m;
-    for (;;) {
-        const hent *e = &tb->h[i];
-        if (e->slot == NONE) return NONE;
-        if (e->id == id) return e->slot;
-        i = (i + 1) & m;
-    }
-}
-
-/* The id must be absent and the load factor leave room (reserved beforehand). */
-static inline void hput(dtab *tb, uint64_t id, uint64_t hv, uint32_t slot) {
-    size_t m = tb->hcap - 1, i = (size_t)hv & m;
-    while (tb->h[i].slot != NONE) i = (i + 1) & m;
-    tb->h[i].id = id;
-    tb->h[i].slot = slot;
-}
-
-/* Backward-shift deletion: the entries after the hole that may move into it (their
- * home bucket is not in the cyclic range (hole, j]) are shifted back, so probes never
- * meet a premature empty bucket and no tombstones accumulate. */
-static void hdel(dtab *tb, uint64_t id) {
-    size_t m = tb->hcap - 1, i = (size_t)em_mix64(id) & m;
-    while (tb->h[i].id != id || tb->h[i].slot == NONE) {
-        EM_ASSERT(tb->h[i].slot != NONE);
-        i = (i + 1) & m;
-    }
-    size_t j = i;
-    for (;;) {
-        j = (j + 1) & m;
-        if (tb->h[j].slot == NONE) break;
-        size_t home = (size_t)em_mix64(tb->h[j].id) & m;
-        /* move unless home lies cyclically in (i, j] */
-        int in_range = i <= j ? (home > i && home <= j) : (home > i || home <= j);
-        if (!in_range) {
-            tb->h[i] = tb->h[j];
-            i = j;
-        }
-    }
-    tb->h[i].slot = NONE;
-}
-
+static inline uint32_t hfind(const dtab *tb, uint64_t id, uint64_t hv) { return em__idmap_find(&tb->map, 0, id, hv); }
+static inline void hput(dtab *tb, uint64_t id, uint64_t hv, uint32_t slot) { em__idmap_put(&tb->map, 0, id, hv, slot); }
+static void hdel(dtab *tb, uint64_t id) { em__idmap_del(&tb->map, 0, id, NULL); }
 /* Buckets of a hash holding `rows` entries at load factor <= 1/2. */
-static size_t hash_buckets(uint64_t rows) {
-    size_t need = 16;
-    while ((uint64_t)need < 2 * rows) need <<= 1;
-    return need;
-}
-
+static size_t hash_buckets(uint64_t rows) { return em__idmap_buckets(rows); }
 /* Grow the hash so that `rows` entries keep the load factor <= 1/2. */
 static em_status hreserve(dtab *tb, uint64_t rows) {
-    size_t need = hash_buckets(rows);
-    if (need <= tb->hcap) return EM_OK;
-    hent *h = em_malloc(need * sizeof(hent));
-    if (!h) return em_errorf(EM_ERR_NOMEM, "dyntable: no memory for a hash of %zu buckets", need);
-    for (size_t i = 0; i < need; i++) h[i].slot = NONE, h[i].id = 0, h[i].pad = 0;
-    hent *old = tb->h;
-    size_t ocap = tb->hcap;
-    tb->h = h, tb->hcap = need;
-    for (size_t i = 0; i < ocap; i++)
-        if (old[i].slot != NONE) hput(tb, old[i].id, em_mix64(old[i].id), old[i].slot);
-    em_free(old);
-    return EM_OK;
+    return em__idmap_reserve(&tb->map, hash_buckets(rows), NULL, "dyntable");
 }
 
 /* ----------------------------------------------------------------- pages */
@@ -225,7 +153,7 @@ static em_status reserve_rows(em_dyn *d, dtab *tb, uint64_t extra) {
         if (np > tb->cap_pages) {
             size_t cp = tb->cap_pages * 2 > np ? tb->cap_pages * 2 : np;
             if (d->budget_pages && np <= d->budget_pages && cp > d->budget_pages) cp = d->budget_pages;
-            char **pg = em_realloc(tb->pages, cp * sizeof(char *));
+            float **pg = em_realloc(tb->pages, cp * sizeof(float *));
             if (!pg) return em_errorf(EM_ERR_NOMEM, "dyntable: no memory for the page table");
             tb->pages = pg, tb->cap_pages = cp;
         }
@@ -233,12 +161,12 @@ static em_status reserve_rows(em_dyn *d, dtab *tb, uint64_t extra) {
         if (!fl) return em_errorf(EM_ERR_NOMEM, "dyntable: no memory for a free list of %zu slots", np * d->prows);
         size_t have = tb->npages;
         while (tb->npages < np) {
-            char *p = em_malloc(d->page_bytes);
+            float *p = em_malloc(d->page_bytes);
             if (!p) {
                 em_free(fl);
                 return em_errorf(EM_ERR_NOMEM, "dyntable: no memory for a page of %zu bytes", d->page_bytes);
             }
-            rmeta *m = (rmeta *)(p + d->prows * d->stride * sizeof(float));
+            rmeta *m = (rmeta *)(p + d->prows * d->stride);
             for (size_t i = 0; i < d->prows; i++) m[i].id = 0, m[i].count = -1, m[i].last = -1;
             tb->pages[tb->npages++] = p;
         }
@@ -254,7 +182,7 @@ static void tab_free(dtab *tb) {
     for (size_t i = 0; i < tb->npages; i++) em_free(tb->pages[i]);
     em_free(tb->pages);
     em_free(tb->freel);
-    em_free(tb->h);
+    em_free(tb->map.h);
     em_free(tb->cms);
     memset(tb, 0, sizeof *tb);
 }
@@ -299,14 +227,13 @@ void em_dyn_free(em_dyn *d) {
     if (d->tabs)
         for (int t = 0; t < d->T; t++) tab_free(&d->tabs[t]);
     em_free(d->tabs);
-    em_free(d->uid), em_free(d->uhash), em_free(d->ucnt), em_free(d->ustart), em_free(d->uslot);
-    em_free(d->pos2u), em_free(d->pos2b), em_free(d->plist), em_free(d->pslot), em_free(d->map);
-    em_free(d->ev), em_free(d->gbuf), em_free(d->queue);
+    em__ubatch_free(&d->ub);
+    em_free(d->ev);
     em_free(d);
 }
 
 size_t em_dyn_row_bytes(const em_dyn *d) {
-    return d->stride * sizeof(float) + sizeof(rmeta) + 2 * sizeof(hent) + sizeof(uint32_t) + sizeof(struct evk);
+    return d->stride * sizeof(float) + sizeof(rmeta) + 2 * sizeof(em__hent) + sizeof(uint32_t) + sizeof(struct evk);
 }
 
 /* The most a table of r rows holds: whole pages for r slots, their page table, free
@@ -314,31 +241,18 @@ size_t em_dyn_row_bytes(const em_dyn *d) {
  * plus the eviction scratch em_dyn_row_bytes counts). Non-decreasing in r. */
 static size_t layout_bytes(const em_dyn *d, uint64_t r) {
     const size_t np = (size_t)((r + d->prows - 1) / d->prows), slots = np * d->prows;
-    return np * (d->page_bytes + sizeof(char *)) + slots * (sizeof(uint32_t) + sizeof(struct evk)) +
-           hash_buckets(r) * sizeof(hent) +
+    return np * (d->page_bytes + sizeof(float *)) + slots * (sizeof(uint32_t) + sizeof(struct evk)) +
+           hash_buckets(r) * sizeof(em__hent) +
            (d->cfg.admit == EM_DYN_ADMIT_COUNT ? (size_t)CMS_DEPTH * d->cfg.cms_width * sizeof(uint32_t) : 0);
 }
-
-static uint64_t tab_seed(uint64_t seed, int t) { return em_mix64(seed ^ (0x9e3779b97f4a7c15ull * (uint64_t)(t + 1))); }
 
 em_status em_dyn_create(em_dyn **out, const em_dyn_cfg *cfg) {
     if (!out) return em_errorf(EM_ERR_INVALID, "dyntable: out is NULL");
     *out = NULL;
     if (!cfg) return em_errorf(EM_ERR_INVALID, "dyntable: no config");
-    if (cfg->num_tables < 1) return em_errorf(EM_ERR_INVALID, "dyntable: %d tables (need >= 1)", cfg->num_tables);
-    if (cfg->dim < 1) return em_errorf(EM_ERR_INVALID, "dyntable: dim %d (need >= 1)", cfg->dim);
-    if (cfg->pooling != EM_POOL_SUM && cfg->pooling != EM_POOL_MEAN)
-        return em_errorf(EM_ERR_INVALID, "dyntable: unknown pooling %d", (int)cfg->pooling);
     size_t S;
-    switch (cfg->opt.kind) {
-    case EM_OPT_SGD: S = 0; break;
-    case EM_OPT_ADAGRAD: S = (size_t)cfg->dim; break;
-    case EM_OPT_ROWWISE_ADAGRAD: S = 1; break;
-    default:
-        return em_errorf(EM_ERR_INVALID, "dyntable: optimizer %d is not a sparse optimizer (sgd, adagrad, rowwise_adagrad)",
-                         (int)cfg->opt.kind);
-    }
-    if (!(cfg->init_scale >= 0.f)) return em_errorf(EM_ERR_INVALID, "dyntable: init_scale %g (need >= 0)", (double)cfg->init_scale);
+    em_status cst = em__check_rows_cfg("dyntable", cfg->num_tables, cfg->dim, cfg->pooling, cfg->opt.kind, cfg->init_scale, &S);
+    if (cst) return cst;
     uint32_t cmsw = cfg->cms_width ? cfg->cms_width : 65536;
     switch (cfg->admit) {
     case EM_DYN_ADMIT_ALWAYS: break;
@@ -366,7 +280,6 @@ em_status em_dyn_create(em_dyn **out, const em_dyn_cfg *cfg) {
     d->D = cfg->dim;
     d->S = S;
     d->stride = (size_t)cfg->dim + S;
-    d->gstride = ((size_t)cfg->dim + 15) / 16 * 16;
     d->pshift = PSHIFT_MAX;
     int64_t budget = cfg->max_rows;
     if (cfg->max_bytes) {
@@ -394,12 +307,12 @@ em_status em_dyn_create(em_dyn **out, const em_dyn_cfg *cfg) {
     }
     d->budget = budget;
     d->tabs = em_calloc((size_t)d->T, sizeof(dtab));
-    if (!d->tabs) {
+    if (!d->tabs || em__ubatch_init(&d->ub, d->T, d->D, "dyntable") != EM_OK) {
         em_dyn_free(d);
         return em_errorf(EM_ERR_NOMEM, "dyntable: no memory for %d tables", cfg->num_tables);
     }
     for (int t = 0; t < d->T; t++) {
-        d->tabs[t].seed = tab_seed(cfg->seed, t);
+        d->tabs[t].seed = em__tab_seed(cfg->seed, t);
         if (cfg->admit == EM_DYN_ADMIT_COUNT) {
             d->tabs[t].cms = em_calloc((size_t)CMS_DEPTH * cmsw, sizeof(uint32_t));
             if (!d->tabs[t].cms) {
@@ -422,22 +335,7 @@ void em_dyn_set_lr(em_dyn *d, float lr) { d->cfg.opt.lr = lr; }
 
 /* The initial weights depend on (seed, table, id) only. */
 static void init_row(const em_dyn *d, const dtab *tb, uint64_t id, float *w) {
-    const size_t D = (size_t)d->D;
-    const float a = d->cfg.init_scale;
-    if (a == 0.f) {
-        memset(w, 0, D * sizeof(float));
-    } else {
-        /* element i: the top 24 bits of a counter-mode splitmix64 stream keyed by
-         * (table seed, id), mapped to [-a, a): cheaper than seeding a generator per row
-         * (rows are born at the rate of new ids), and exact in float */
-        const uint64_t key = em_mix64(tb->seed ^ em_mix64(id));
-        for (size_t i = 0; i < D; i++) {
-            float u = (float)(em_mix64(key + i) >> 40) * (1.0f / 16777216.0f); /* [0, 1) */
-            w[i] = a * (2.0f * u - 1.0f);
-        }
-    }
-    float *s = w + D;
-    for (size_t i = 0; i < d->S; i++) s[i] = d->cfg.opt.init_accum;
+    em__row_init(w, (size_t)d->D, d->S, tb->seed, id, d->cfg.init_scale, d->cfg.opt.init_accum);
 }
 
 static uint32_t alloc_slot(dtab *tb) {
@@ -480,65 +378,8 @@ static int admit(const em_dyn *d, dtab *tb, uint64_t id, uint32_t c) {
     }
 }
 
-/* ---------------------------------------------------------------- scratch */
-
-static em_status ensure_batch(em_dyn *d, size_t nnz, size_t mapn) {
-    if (nnz > d->cap_nnz) {
-        size_t cap = d->cap_nnz + d->cap_nnz / 2;
-        if (cap < nnz) cap = nnz;
-        size_t c1 = cap + (size_t)d->T + 1;
-        uint64_t *uid = em_malloc(cap * 8), *uhash = em_malloc(cap * 8);
-        uint32_t *ucnt = em_malloc(cap * 4), *ustart = em_malloc(c1 * 4), *uslot = em_malloc(cap * 4),
-                 *pos2u = em_malloc(cap * 4), *pos2b = em_malloc(cap * 4), *plist = em_malloc(cap * 4),
-                 *pslot = em_malloc(cap * 4);
-        if (!uid || !uhash || !ucnt || !ustart || !uslot || !pos2u || !pos2b || !plist || !pslot) {
-            em_free(uid), em_free(uhash), em_free(ucnt), em_free(ustart), em_free(uslot);
-            em_free(pos2u), em_free(pos2b), em_free(plist), em_free(pslot);
-            return em_errorf(EM_ERR_NOMEM, "dyntable: no memory for the scratch of %zu ids", nnz);
-        }
-        em_free(d->uid), em_free(d->uhash), em_free(d->ucnt), em_free(d->ustart), em_free(d->uslot);
-        em_free(d->pos2u), em_free(d->pos2b), em_free(d->plist), em_free(d->pslot);
-        d->uid = uid, d->uhash = uhash, d->ucnt = ucnt, d->ustart = ustart, d->uslot = uslot;
-        d->pos2u = pos2u, d->pos2b = pos2b, d->plist = plist, d->pslot = pslot;
-        d->cap_nnz = cap;
-        d->pending = 0; /* the recorded batch is gone */
-    }
-    if (mapn > d->cap_map) {
-        size_t cap = d->cap_map + d->cap_map / 2;
-        if (cap < mapn) cap = mapn;
-        uint32_t *m = em_malloc(cap * 4);
-        if (!m) return em_errorf(EM_ERR_NOMEM, "dyntable: no memory for a dedup map of %zu buckets", mapn);
-        em_free(d->map);
-        d->map = m, d->cap_map = cap;
-    }
-    return EM_OK;
-}
-
-static em_status ensure_workers(em_dyn *d, int nth) {
-    if (nth <= d->cap_nth) return EM_OK;
-    float *g = em_malloc((size_t)nth * d->gstride * sizeof(float));
-    struct qitem *q = em_malloc(((size_t)d->T + (size_t)nth * CHUNKS_PER_WORKER) * sizeof *q);
-    if (!g || !q) {
-        em_free(g), em_free(q);
-        return em_errorf(EM_ERR_NOMEM, "dyntable: no memory for the scratch of %d workers", nth);
-    }
-    em_free(d->gbuf), em_free(d->queue);
-    d->gbuf = g, d->queue = q, d->cap_nth = nth;
-    return EM_OK;
-}
-
 static em_status check_offsets(const em_dyn *d, const int64_t *off, int B, size_t *nnz) {
-    if (!off) return em_errorf(EM_ERR_INVALID, "dyntable: offsets is NULL");
-    if (off[0] != 0) return em_errorf(EM_ERR_INVALID, "dyntable: offsets[0] = %lld, expected 0", (long long)off[0]);
-    size_t nb = (size_t)d->T * (size_t)B;
-    for (size_t u = 0; u < nb; u++)
-        if (off[u + 1] < off[u])
-            return em_errorf(EM_ERR_INVALID, "dyntable: table %d, example %d: offsets[%zu] = %lld < offsets[%zu] = %lld",
-                             (int)(u / (size_t)B), (int)(u % (size_t)B), u + 1, (long long)off[u + 1], u,
-                             (long long)off[u]);
-    *nnz = (size_t)off[nb];
-    if (*nnz >= (size_t)UINT32_MAX) return em_errorf(EM_ERR_INVALID, "dyntable: %zu ids in one batch (at most 2^32 - 2)", *nnz);
-    return EM_OK;
+    return em__check_offsets("dyntable", d->T, off, B, nnz);
 }
 
 /* ---------------------------------------------------------------- forward */
@@ -554,78 +395,26 @@ typedef struct {
     atomic_size_t next;
 } run_arg;
 
-static inline void prefetch_lines(const void *p, size_t bytes, int write) {
-    const char *c = p, *last = c + bytes - 1;
-    for (; c < last; c += 64) {
-        if (write) __builtin_prefetch(c, 1, 3);
-        else __builtin_prefetch(c, 0, 3);
-    }
-    if (write) __builtin_prefetch(last, 1, 3);
-    else __builtin_prefetch(last, 0, 3);
-}
-
-/* Pool the bags of table t from the slots of its positions. */
-static void pool_table(run_arg *a, int t, const uint32_t *pslot) {
-    em_dyn *d = a->d;
-    dtab *tb = &d->tabs[t];
-    const int B = a->B, T = d->T;
-    const size_t D = (size_t)d->D, kbeg = tb->kbeg, n = tb->n;
-    const int64_t *off = a->off + (size_t)t * (size_t)B;
-    for (int b = 0; b < B; b++) {
-        float *o = a->out + ((size_t)b * (size_t)T + (size_t)t) * D;
-        memset(o, 0, D * sizeof(float));
-        const int64_t k0 = off[b], k1 = off[b + 1];
-        for (int64_t k = k0; k < k1; k++) {
-            size_t p = (size_t)k - kbeg;
-            if (p + ROW_PREFETCH < n && pslot[p + ROW_PREFETCH] != NONE)
-                prefetch_lines(row_ptr(d, tb, pslot[p + ROW_PREFETCH]), D * sizeof(float), 0);
-            uint32_t s = pslot[p];
-            if (s != NONE) em_vadd(o, row_ptr(d, tb, s), D);
-        }
-        if (d->cfg.pooling == EM_POOL_MEAN && k1 > k0) em_vscale(o, 1.0f / (float)(k1 - k0), D);
-    }
-}
-
 static size_t evict_rows(em_dyn *d, dtab *tb, struct evk *ev, size_t k);
 
 /* Steps 1-4 of the file comment for table t; ev: the worker's eviction scratch. */
 static void train_table(run_arg *a, int t, struct evk *ev) {
     em_dyn *d = a->d;
+    em__ubatch *ub = &d->ub;
     dtab *tb = &d->tabs[t];
-    const int B = a->B;
-    const size_t kbeg = tb->kbeg, n = tb->n;
-    const int64_t *off = a->off + (size_t)t * (size_t)B;
-    const uint64_t *ids = a->ids;
-    uint64_t *uid = d->uid + kbeg, *uhash = d->uhash + kbeg;
-    uint32_t *ucnt = d->ucnt + kbeg, *uslot = d->uslot + kbeg, *pos2u = d->pos2u + kbeg, *pos2b = d->pos2b + kbeg;
-    uint32_t *ustart = d->ustart + kbeg + (size_t)t, *plist = d->plist + kbeg, *pslot = d->pslot + kbeg;
-    uint32_t *map = d->map + tb->mbeg;
-    const size_t mm = tb->mcap - 1;
+    const size_t kbeg = ub->tab[t].kbeg, n = ub->tab[t].n;
+    const uint64_t *uid = ub->uid + kbeg, *uhash = ub->uhash + kbeg;
+    const uint32_t *ucnt = ub->ucnt + kbeg, *pos2u = ub->pos2u + kbeg;
+    uint32_t *uslot = ub->uslot + kbeg, *pslot = ub->pslot + kbeg;
 
     /* 1. dedup in batch order */
-    memset(map, 0xff, tb->mcap * sizeof(uint32_t));
-    uint32_t U = 0;
-    for (int b = 0; b < B; b++)
-        for (int64_t k = off[b]; k < off[b + 1]; k++) {
-            const uint64_t id = ids[k], hv = em_mix64(id);
-            size_t i = (size_t)(hv >> 32) & mm; /* high bits: the table uses the low ones */
-            uint32_t u;
-            while ((u = map[i]) != NONE && uid[u] != id) i = (i + 1) & mm;
-            if (u == NONE) {
-                u = map[i] = U++;
-                uid[u] = id, uhash[u] = hv, ucnt[u] = 0;
-            }
-            size_t p = (size_t)k - kbeg;
-            pos2u[p] = u, pos2b[p] = (uint32_t)b;
-            ucnt[u]++;
-        }
-    tb->nuniq = U;
+    const uint32_t U = em__ubatch_dedup(ub, t, a->ids, a->off, a->B, 0);
 
     /* 2. lookup / admit, in order of first occurrence; room under the budget; insert */
-    const size_t hm = tb->hcap - 1;
+    const size_t hm = tb->map.cap - 1;
     int64_t nnew = 0;
     for (uint32_t u = 0; u < U; u++) {
-        if (u + HASH_PREFETCH < U) __builtin_prefetch(&tb->h[uhash[u + HASH_PREFETCH] & hm], 0, 3);
+        if (u + HASH_PREFETCH < U) __builtin_prefetch(&tb->map.h[uhash[u + HASH_PREFETCH] & hm], 0, 3);
         uint32_t s = hfind(tb, uid[u], uhash[u]);
         if (s != NONE) {
             rmeta *m = meta_ptr(d, tb, s);
@@ -661,20 +450,11 @@ static void train_table(run_arg *a, int t, struct evk *ev) {
     }
 
     /* 3. positions per unique in batch order; slot per position */
-    uint32_t acc = 0;
-    for (uint32_t u = 0; u < U; u++) {
-        ustart[u] = acc;
-        acc += ucnt[u];
-        ucnt[u] = ustart[u]; /* becomes the fill cursor */
-    }
-    ustart[U] = acc;
-    for (size_t p = 0; p < n; p++) {
-        uint32_t u = pos2u[p];
-        plist[ucnt[u]++] = (uint32_t)p;
-        pslot[p] = uslot[u];
-    }
+    em__ubatch_csr(ub, t);
+    for (size_t p = 0; p < n; p++) pslot[p] = uslot[pos2u[p]];
     /* 4. pooling */
-    pool_table(a, t, pslot);
+    const em__rowpages rp = rows_of(d, tb);
+    em__pool_table(a->out, ub, t, a->off, a->B, (size_t)d->D, d->cfg.pooling == EM_POOL_MEAN, &rp);
 }
 
 /* Eval: read-only probes; absent ids read as zeros. */
@@ -685,13 +465,14 @@ static void eval_table(run_arg *a, int t) {
     const size_t D = (size_t)d->D;
     const int64_t *off = a->off + (size_t)t * (size_t)B;
     const int64_t kend = off[B];
-    const size_t hm = tb->hcap ? tb->hcap - 1 : 0;
+    const size_t hm = tb->map.cap ? tb->map.cap - 1 : 0;
     for (int b = 0; b < B; b++) {
         float *o = a->out + ((size_t)b * (size_t)T + (size_t)t) * D;
         memset(o, 0, D * sizeof(float));
         const int64_t k0 = off[b], k1 = off[b + 1];
         for (int64_t k = k0; k < k1; k++) {
-            if (tb->hcap && k + HASH_PREFETCH < kend) __builtin_prefetch(&tb->h[em_mix64(a->ids[k + HASH_PREFETCH]) & hm], 0, 3);
+            if (tb->map.cap && k + HASH_PREFETCH < kend)
+                __builtin_prefetch(&tb->map.h[em_mix64(a->ids[k + HASH_PREFETCH]) & hm], 0, 3);
             uint32_t s = hfind(tb, a->ids[k], em_mix64(a->ids[k]));
             if (s != NONE) em_vadd(o, row_ptr(d, tb, s), D);
         }
@@ -734,24 +515,13 @@ em_status em_dyn_forward(em_dyn *d, float *out, const uint64_t *ids, const int64
         return EM_OK;
     }
     d->pending = 0;
-    size_t mapn = 0;
-    for (int t = 0; t < d->T; t++) {
-        size_t n = (size_t)(offsets[(size_t)(t + 1) * (size_t)B] - offsets[(size_t)t * (size_t)B]), mc = 4;
-        while (mc < 2 * n) mc <<= 1;
-        mapn += mc;
-    }
-    if ((st = ensure_batch(d, nnz, mapn))) return st;
-    size_t mo = 0;
+    int grew;
+    if ((st = em__ubatch_begin(&d->ub, offsets, B, nnz, "dyntable", &grew))) return st;
     for (int t = 0; t < d->T; t++) {
         dtab *tb = &d->tabs[t];
-        tb->kbeg = (size_t)offsets[(size_t)t * (size_t)B];
-        tb->n = (size_t)offsets[(size_t)(t + 1) * (size_t)B] - tb->kbeg;
-        size_t mc = 4;
-        while (mc < 2 * tb->n) mc <<= 1;
-        tb->mbeg = mo, tb->mcap = mc;
-        mo += mc;
-        uint64_t extra = tb->n; /* every position a new row, but never past the budget */
-        if (d->budget) extra = tb->live >= d->budget ? 0 : tb->n < (uint64_t)(d->budget - tb->live) ? tb->n : (uint64_t)(d->budget - tb->live);
+        const uint64_t n = d->ub.tab[t].n;
+        uint64_t extra = n; /* every position a new row, but never past the budget */
+        if (d->budget) extra = tb->live >= d->budget ? 0 : n < (uint64_t)(d->budget - tb->live) ? n : (uint64_t)(d->budget - tb->live);
         if ((st = reserve_rows(d, tb, extra))) return st;
     }
     if ((st = ensure_ev(d, d->tabs, em_pool_nth(pool)))) return st;
@@ -764,57 +534,19 @@ em_status em_dyn_forward(em_dyn *d, float *out, const uint64_t *ids, const int64
 
 /* --------------------------------------------------------------- backward */
 
-static void update_uniques(run_arg *a, int t, size_t j0, size_t j1, float *restrict g) {
-    em_dyn *d = a->d;
-    dtab *tb = &d->tabs[t];
-    const int T = d->T, B = a->B;
-    const size_t D = (size_t)d->D, kbeg = tb->kbeg, rowbytes = D * sizeof(float);
-    const uint32_t *uslot = d->uslot + kbeg, *ustart = d->ustart + kbeg + (size_t)t, *plist = d->plist + kbeg,
-                   *pos2b = d->pos2b + kbeg;
-    const int64_t *off = a->off + (size_t)t * (size_t)B;
-    const int mean = d->cfg.pooling == EM_POOL_MEAN;
-    const em_optim_kind kind = d->cfg.opt.kind;
-    const float lr = d->cfg.opt.lr, eps = d->cfg.opt.eps, wd = d->cfg.opt.weight_decay;
-    const float *dout = a->dout + (size_t)t * D;
-    const size_t dstride = (size_t)T * D;
-    (void)B;
-    for (size_t j = j0; j < j1; j++) {
-        if (j + ROW_PREFETCH < j1 && uslot[j + ROW_PREFETCH] != NONE)
-            prefetch_lines(row_ptr(d, tb, uslot[j + ROW_PREFETCH]), d->stride * sizeof(float), 1);
-        const uint32_t s = uslot[j];
-        if (s == NONE) continue;
-        float *wr = row_ptr(d, tb, s);
-        memset(g, 0, rowbytes);
-        for (uint32_t q = ustart[j]; q < ustart[j + 1]; q++) {
-            uint32_t b = pos2b[plist[q]];
-            float sc = mean ? 1.0f / (float)(off[b + 1] - off[b]) : 1.0f;
-            em_vaxpy(g, sc, dout + (size_t)b * dstride, D);
-        }
-        if (wd != 0.f) em_vaxpy(g, wd, wr, D);
-        switch (kind) {
-        case EM_OPT_SGD: em_vaxpy(wr, -lr, g, D); break;
-        case EM_OPT_ADAGRAD: em__adagrad_row(wr, wr + D, g, D, lr, eps); break;
-        default: {
-            float m = wr[D] + em_vsumsq(g, D) / (float)D;
-            wr[D] = m;
-            em_vaxpy(wr, -(lr / (sqrtf(m) + eps)), g, D);
-            break;
-        }
-        }
-    }
-}
-
 static void update_task(void *p, int ith, int nth) {
+    (void)nth;
     run_arg *a = p;
     em_dyn *d = a->d;
-    float *g = d->gbuf + (size_t)ith * d->gstride;
-    for (;;) {
-        size_t i = atomic_fetch_add_explicit(&a->next, 1, memory_order_relaxed);
-        if (i >= a->nqueue) break;
-        struct qitem q = d->queue[i];
-        size_t lo, hi;
-        em_split(d->tabs[q.t].nuniq, q.part, d->tabs[q.t].nchunks, &lo, &hi);
-        if (lo < hi) update_uniques(a, q.t, lo, hi, g);
+    const em__ubatch *ub = &d->ub;
+    float *g = ub->gbuf + (size_t)ith * ub->gstride;
+    int t;
+    size_t lo, hi;
+    while (em__ubatch_take(ub, &a->next, a->nqueue, &t, &lo, &hi)) {
+        const em__rowpages rp = rows_of(d, &d->tabs[t]);
+        if (lo < hi)
+            em__update_uniques(ub, t, a->off, a->B, a->dout, (size_t)d->D, d->cfg.pooling == EM_POOL_MEAN, &d->cfg.opt, &rp,
+                               lo, hi, g);
     }
 }
 
@@ -828,25 +560,10 @@ em_status em_dyn_backward_update(em_dyn *d, const float *dout, const uint64_t *i
         return em_errorf(EM_ERR_INVALID, "dyntable backward: no train forward of this batch (B %d, %zu ids) precedes it", B, nnz);
     if (nnz && !ids) return em_errorf(EM_ERR_INVALID, "dyntable backward: ids is NULL");
     /* the recorded batch must be this one (a sequential pass, cheap next to the update) */
-    for (int t = 0; t < d->T; t++) {
-        const dtab *tb = &d->tabs[t];
-        const uint64_t *uid = d->uid + tb->kbeg;
-        const uint32_t *pos2u = d->pos2u + tb->kbeg;
-        for (size_t p = 0; p < tb->n; p++)
-            if (uid[pos2u[p]] != ids[tb->kbeg + p])
-                return em_errorf(EM_ERR_INVALID, "dyntable backward: id %zu differs from the train forward's batch",
-                                 tb->kbeg + p);
-    }
+    if ((st = em__ubatch_check_ids(&d->ub, ids, "dyntable backward"))) return st;
     int nth = em_pool_nth(pool);
-    if ((st = ensure_workers(d, nth))) return st;
-    size_t nq = 0, tot = 0;
-    for (int t = 0; t < d->T; t++) tot += d->tabs[t].nuniq;
-    for (int t = 0; t < d->T; t++) {
-        dtab *tb = &d->tabs[t];
-        tb->nchunks = !tb->nuniq ? 0 : nth == 1 ? 1 : 1 + (int)(tb->nuniq * (size_t)nth * CHUNKS_PER_WORKER / tot);
-        for (int c = 0; c < tb->nchunks; c++) d->queue[nq++] = (struct qitem){t, c};
-    }
-    /* the queue holds at most T + nth * CHUNKS_PER_WORKER items */
+    if ((st = em__ubatch_workers(&d->ub, nth, "dyntable"))) return st;
+    size_t nq = em__ubatch_queue(&d->ub, nth);
     run_arg a = {d, NULL, dout, ids, offsets, B, nq, 0};
     if (nq) em_pool_run(pool, update_task, &a);
     d->pending = 0;
@@ -860,62 +577,7 @@ static inline int evk_less(const struct evk *x, const struct evk *y) {
     return x->k < y->k || (x->k == y->k && x->id < y->id);
 }
 
-static inline void evk_swap(struct evk *a, size_t i, size_t j) {
-    struct evk t = a[i];
-    a[i] = a[j];
-    a[j] = t;
-}
-
-/* Hoare-free Lomuto partition around the median of three (keys are distinct). */
-static size_t evk_partition(struct evk *a, size_t lo, size_t hi) {
-    size_t mid = lo + (hi - lo) / 2;
-    if (evk_less(&a[mid], &a[lo])) evk_swap(a, mid, lo);
-    if (evk_less(&a[hi], &a[lo])) evk_swap(a, hi, lo);
-    if (evk_less(&a[mid], &a[hi])) evk_swap(a, mid, hi); /* a[hi] is the median */
-    struct evk piv = a[hi];
-    size_t i = lo;
-    for (size_t j = lo; j < hi; j++)
-        if (evk_less(&a[j], &piv)) evk_swap(a, i++, j);
-    evk_swap(a, i, hi);
-    return i;
-}
-
-/* Put the k smallest in a[0..k) (any order). */
-static void evk_select(struct evk *a, size_t n, size_t k) {
-    size_t lo = 0, hi = n - 1;
-    while (lo < hi) {
-        size_t p = evk_partition(a, lo, hi);
-        if (p == k) return;
-        if (p < k) lo = p + 1;
-        else {
-            if (p == 0) return;
-            hi = p - 1;
-        }
-    }
-}
-
-static void evk_sort(struct evk *a, size_t lo, size_t hi) { /* inclusive bounds */
-    while (hi > lo) {
-        if (hi - lo < 16) {
-            for (size_t i = lo + 1; i <= hi; i++) {
-                struct evk x = a[i];
-                size_t j = i;
-                while (j > lo && evk_less(&x, &a[j - 1])) a[j] = a[j - 1], j--;
-                a[j] = x;
-            }
-            return;
-        }
-        size_t p = evk_partition(a, lo, hi);
-        if (p - lo < hi - p) {
-            if (p > lo) evk_sort(a, lo, p - 1);
-            lo = p + 1;
-        } else {
-            evk_sort(a, p + 1, hi);
-            if (p == 0) return;
-            hi = p - 1;
-        }
-    }
-}
+EM__SELECT_DEFINE(evk, struct evk, evk_less)
 
 /* Evict the k lowest-ranked rows (fewer if fewer are evictable) among those the batch
  * in flight does not use (last < step: the batch's rows were stamped in step 2). */
@@ -980,7 +642,7 @@ int64_t em_dyn_ids(const em_dyn *d, int t, uint64_t *ids, int64_t cap) {
 }
 
 static size_t tab_bytes(const em_dyn *d, const dtab *tb) {
-    return tb->npages * d->page_bytes + tb->cap_pages * sizeof(char *) + tb->hcap * sizeof(hent) +
+    return tb->npages * d->page_bytes + tb->cap_pages * sizeof(float *) + tb->map.cap * sizeof(em__hent) +
            tab_slots(d, tb) * sizeof(uint32_t) + (tb->cms ? (size_t)CMS_DEPTH * d->cfg.cms_width * sizeof(uint32_t) : 0);
 }
 
@@ -993,7 +655,7 @@ em_dyn_stats em_dyn_get_stats(const em_dyn *d, int t) {
         const dtab *tb = &d->tabs[i];
         s.rows += tb->live;
         s.slots += (int64_t)tab_slots(d, tb);
-        s.capacity += (int64_t)tb->hcap;
+        s.capacity += (int64_t)tb->map.cap;
         s.bytes += tab_bytes(d, tb);
         s.inserts += tb->inserts, s.evictions += tb->evictions, s.rejections += tb->rejections;
     }

@@ -1,6 +1,8 @@
 /*
  * ssdtier.c - the SSD tier's row cache, forward, fused backward and prefetch
- * (ember/ssdtier.h). RocksDB access, value encoding and checkpoints are in ssdtier_db.c.
+ * (ember/ssdtier.h). RocksDB access, value encoding and checkpoints are in ssdtier_db.c;
+ * the id hash, the batch bookkeeping, initial rows, pooling and the fused update are
+ * sparse/rowstore.h's, the same code as the dynamic tables' (so the two agree bitwise).
  *
  * Cache: slots of (D + S) floats in pages of 4096 that never move (the page tables are
  * sized for the capacity at create, so a prefetch may add pages while the backward reads
@@ -44,52 +46,15 @@
 #include <string.h>
 
 #include "core/simd.h"
-#include "sparse/rowops.h"
-
-#define ROW_PREFETCH 8
-#define CHUNKS_PER_WORKER 8
+#include "sparse/rowstore.h"
 
 /* ------------------------------------------------------------------ hash */
 
-static inline uint64_t khash(const em_ssd *s, int t, uint64_t id) { return em_mix64(id ^ s->tabs[t].salt); }
+static inline uint64_t khash(const em_ssd *s, int t, uint64_t id) { return em__idhash(id, s->salt[t]); }
 
-static inline uint32_t hfind(const em_ssd *s, int t, uint64_t id, uint64_t hv) {
-    if (!s->hcap) return SSD_NONE;
-    size_t m = s->hcap - 1, i = (size_t)hv & m;
-    for (;;) {
-        const ssd_hent *e = &s->h[i];
-        if (e->slot == SSD_NONE) return SSD_NONE;
-        if (e->id == id && e->t == t) return e->slot;
-        i = (i + 1) & m;
-    }
-}
-
-static inline void hput(em_ssd *s, int t, uint64_t id, uint64_t hv, uint32_t slot) {
-    size_t m = s->hcap - 1, i = (size_t)hv & m;
-    while (s->h[i].slot != SSD_NONE) i = (i + 1) & m;
-    s->h[i].id = id, s->h[i].t = t, s->h[i].slot = slot;
-}
-
-/* Backward-shift deletion (as dyntable.c). */
-static void hdel(em_ssd *s, int t, uint64_t id) {
-    size_t m = s->hcap - 1, i = (size_t)khash(s, t, id) & m;
-    while (s->h[i].id != id || s->h[i].t != t || s->h[i].slot == SSD_NONE) {
-        EM_ASSERT(s->h[i].slot != SSD_NONE);
-        i = (i + 1) & m;
-    }
-    size_t j = i;
-    for (;;) {
-        j = (j + 1) & m;
-        if (s->h[j].slot == SSD_NONE) break;
-        size_t home = (size_t)khash(s, s->h[j].t, s->h[j].id) & m;
-        int in_range = i <= j ? (home > i && home <= j) : (home > i || home <= j);
-        if (!in_range) {
-            s->h[i] = s->h[j];
-            i = j;
-        }
-    }
-    s->h[i].slot = SSD_NONE;
-}
+static inline uint32_t hfind(const em_ssd *s, int t, uint64_t id, uint64_t hv) { return em__idmap_find(&s->map, t, id, hv); }
+static inline void hput(em_ssd *s, int t, uint64_t id, uint64_t hv, uint32_t slot) { em__idmap_put(&s->map, t, id, hv, slot); }
+static void hdel(em_ssd *s, int t, uint64_t id) { em__idmap_del(&s->map, t, id, s->salt); }
 
 static size_t pow2_at_least(uint64_t n) {
     size_t c = 16;
@@ -101,17 +66,7 @@ static size_t pow2_at_least(uint64_t n) {
 static em_status hreserve(em_ssd *s, uint64_t rows) {
     size_t need = pow2_at_least(2 * rows);
     if (need > s->hmax) need = s->hmax;
-    if (need <= s->hcap) return EM_OK;
-    ssd_hent *h = em_malloc(need * sizeof *h);
-    if (!h) return em_errorf(EM_ERR_NOMEM, "ssdtier: no memory for a cache index of %zu buckets", need);
-    for (size_t i = 0; i < need; i++) h[i].id = 0, h[i].t = 0, h[i].slot = SSD_NONE;
-    ssd_hent *old = s->h;
-    size_t ocap = s->hcap;
-    s->h = h, s->hcap = need;
-    for (size_t i = 0; i < ocap; i++)
-        if (old[i].slot != SSD_NONE) hput(s, old[i].t, old[i].id, khash(s, old[i].t, old[i].id), old[i].slot);
-    em_free(old);
-    return EM_OK;
+    return em__idmap_reserve(&s->map, need, s->salt, "ssdtier");
 }
 
 /* ----------------------------------------------------------------- slots */
@@ -181,38 +136,7 @@ static inline int evk_less(const ssd_evk *x, const ssd_evk *y) {
     return x->id < y->id;
 }
 
-static inline void evk_swap(ssd_evk *a, size_t i, size_t j) {
-    ssd_evk t = a[i];
-    a[i] = a[j];
-    a[j] = t;
-}
-
-static size_t evk_partition(ssd_evk *a, size_t lo, size_t hi) {
-    size_t mid = lo + (hi - lo) / 2;
-    if (evk_less(&a[mid], &a[lo])) evk_swap(a, mid, lo);
-    if (evk_less(&a[hi], &a[lo])) evk_swap(a, hi, lo);
-    if (evk_less(&a[mid], &a[hi])) evk_swap(a, mid, hi);
-    ssd_evk piv = a[hi];
-    size_t i = lo;
-    for (size_t j = lo; j < hi; j++)
-        if (evk_less(&a[j], &piv)) evk_swap(a, i++, j);
-    evk_swap(a, i, hi);
-    return i;
-}
-
-/* The k smallest into a[0..k) (keys are distinct: (t, id) is). */
-static void evk_select(ssd_evk *a, size_t n, size_t k) {
-    size_t lo = 0, hi = n - 1;
-    while (lo < hi) {
-        size_t p = evk_partition(a, lo, hi);
-        if (p == k) return;
-        if (p < k) lo = p + 1;
-        else {
-            if (p == 0) return;
-            hi = p - 1;
-        }
-    }
-}
+EM__SELECT_DEFINE(evk, ssd_evk, evk_less) /* the k smallest (keys are distinct: (t, id) is) */
 
 static int cmp_key(const void *pa, const void *pb) {
     const ssd_evk *a = pa, *b = pb;
@@ -293,14 +217,12 @@ static size_t slot_bytes(const em_ssd *s) {
     return s->stride * sizeof(float) + sizeof(ssd_meta) + sizeof(ssd_evk) + sizeof(uint32_t);
 }
 
-size_t em_ssd_row_bytes(const em_ssd *s) { return slot_bytes(s) + 2 * sizeof(ssd_hent); }
+size_t em_ssd_row_bytes(const em_ssd *s) { return slot_bytes(s) + 2 * sizeof(em__hent); }
 
 static size_t bytes_for(const em_ssd *s, uint64_t n) {
     uint64_t pages = (n + SSD_PAGE_ROWS - 1) / SSD_PAGE_ROWS;
-    return (size_t)(n * slot_bytes(s) + pow2_at_least(2 * n) * sizeof(ssd_hent) + pages * 2 * sizeof(void *));
+    return (size_t)(n * slot_bytes(s) + pow2_at_least(2 * n) * sizeof(em__hent) + pages * 2 * sizeof(void *));
 }
-
-static uint64_t tab_seed(uint64_t seed, int t) { return em_mix64(seed ^ (0x9e3779b97f4a7c15ull * (uint64_t)(t + 1))); }
 
 void em_ssd_free(em_ssd *s) {
     if (!s) return;
@@ -308,12 +230,11 @@ void em_ssd_free(em_ssd *s) {
     em__ssd_db_close(s);
     if (s->path) em__ssd_workdir_remove(s);
     for (size_t p = 0; p < s->npages; p++) em_free(s->rpages[p]), em_free(s->mpages[p]);
-    em_free(s->rpages), em_free(s->mpages), em_free(s->freel), em_free(s->h), em_free(s->ev);
-    em_free(s->tabs);
-    em_free(s->uid), em_free(s->uhash), em_free(s->ucnt), em_free(s->ustart), em_free(s->uslot);
-    em_free(s->pos2u), em_free(s->pos2b), em_free(s->plist), em_free(s->pslot), em_free(s->map), em_free(s->miss);
+    em_free(s->rpages), em_free(s->mpages), em_free(s->freel), em_free(s->map.h), em_free(s->ev);
+    em_free(s->tabs), em_free(s->salt);
+    em__ubatch_free(&s->ub);
+    em_free(s->miss);
     em__ssd_io_free(&s->io);
-    em_free(s->gbuf), em_free(s->queue);
     em_free(s->pf_ids), em_free(s->pf_uid), em_free(s->pf_uhash), em_free(s->pf_ut), em_free(s->pf_map);
     em_free(s->pf_tbeg);
     em__ssd_io_free(&s->pf_io);
@@ -325,20 +246,9 @@ em_status em_ssd_create(em_ssd **out, const em_ssd_cfg *cfg) {
     if (!out) return em_errorf(EM_ERR_INVALID, "ssdtier: out is NULL");
     *out = NULL;
     if (!cfg) return em_errorf(EM_ERR_INVALID, "ssdtier: no config");
-    if (cfg->num_tables < 1) return em_errorf(EM_ERR_INVALID, "ssdtier: num_tables %d (need >= 1)", cfg->num_tables);
-    if (cfg->dim < 1) return em_errorf(EM_ERR_INVALID, "ssdtier: dim %d (need >= 1)", cfg->dim);
-    if (cfg->pooling != EM_POOL_SUM && cfg->pooling != EM_POOL_MEAN)
-        return em_errorf(EM_ERR_INVALID, "ssdtier: unknown pooling %d", (int)cfg->pooling);
     size_t S;
-    switch (cfg->opt.kind) {
-    case EM_OPT_SGD: S = 0; break;
-    case EM_OPT_ADAGRAD: S = (size_t)cfg->dim; break;
-    case EM_OPT_ROWWISE_ADAGRAD: S = 1; break;
-    default:
-        return em_errorf(EM_ERR_INVALID, "ssdtier: opt.kind %d is not a sparse optimizer (sgd, adagrad, rowwise_adagrad)",
-                         (int)cfg->opt.kind);
-    }
-    if (!(cfg->init_scale >= 0.f)) return em_errorf(EM_ERR_INVALID, "ssdtier: init_scale %g (need >= 0)", (double)cfg->init_scale);
+    em_status cst = em__check_rows_cfg("ssdtier", cfg->num_tables, cfg->dim, cfg->pooling, cfg->opt.kind, cfg->init_scale, &S);
+    if (cst) return cst;
     if (!cfg->path || !*cfg->path) return em_errorf(EM_ERR_INVALID, "ssdtier: no path for the working directory");
     if (cfg->policy != EM_SSD_LRU && cfg->policy != EM_SSD_LFU)
         return em_errorf(EM_ERR_INVALID, "ssdtier: unknown policy %d", (int)cfg->policy);
@@ -353,7 +263,6 @@ em_status em_ssd_create(em_ssd **out, const em_ssd_cfg *cfg) {
     s->T = cfg->num_tables, s->D = cfg->dim, s->S = S;
     s->stride = (size_t)cfg->dim + S;
     s->vbytes = s->stride * sizeof(float) + 2 * sizeof(int64_t);
-    s->gstride = ((size_t)cfg->dim + 15) / 16 * 16;
 
     /* capacity: the most slots whose structures fit in cache_bytes */
     uint64_t n = cfg->cache_bytes / em_ssd_row_bytes(s);
@@ -374,10 +283,12 @@ em_status em_ssd_create(em_ssd **out, const em_ssd_cfg *cfg) {
     s->mpages = em_calloc(s->max_pages, sizeof(ssd_meta *));
     s->freel = em_malloc((size_t)n * sizeof(uint32_t));
     s->tabs = em_calloc((size_t)s->T, sizeof(ssd_tab));
+    s->salt = em_malloc((size_t)s->T * sizeof(uint64_t));
     s->pf_tbeg = em_malloc(((size_t)s->T + 1) * sizeof(int64_t));
     size_t pl = strlen(cfg->path);
     s->path = em_malloc(pl + 1), s->dbpath = em_malloc(pl + 4), s->marker = em_malloc(pl + 16);
-    if (!s->rpages || !s->mpages || !s->freel || !s->tabs || !s->pf_tbeg || !s->path || !s->dbpath || !s->marker) {
+    if (!s->rpages || !s->mpages || !s->freel || !s->tabs || !s->salt || !s->pf_tbeg || !s->path || !s->dbpath ||
+        !s->marker || em__ubatch_init(&s->ub, s->T, s->D, "ssdtier") != EM_OK) {
         em_free(s->path), em_free(s->dbpath), em_free(s->marker);
         s->path = s->dbpath = s->marker = NULL;
         em_ssd_free(s);
@@ -387,8 +298,8 @@ em_status em_ssd_create(em_ssd **out, const em_ssd_cfg *cfg) {
     snprintf(s->dbpath, pl + 4, "%s/db", cfg->path);
     snprintf(s->marker, pl + 16, "%s/EMBER_SSD", cfg->path);
     for (int t = 0; t < s->T; t++) {
-        s->tabs[t].seed = tab_seed(cfg->seed, t);
-        s->tabs[t].salt = em_mix64(0x5bd1e9955bd1e995ull * (uint64_t)(t + 1));
+        s->tabs[t].seed = em__tab_seed(cfg->seed, t);
+        s->salt[t] = em_mix64(0x5bd1e9955bd1e995ull * (uint64_t)(t + 1));
     }
     em_status st = em__ssd_workdir_init(s);
     if (st) {
@@ -414,64 +325,24 @@ void em_ssd_set_lr(em_ssd *s, float lr) { s->cfg.opt.lr = lr; }
 
 /* ----------------------------------------------------------- batch scratch */
 
-static em_status ensure_batch(em_ssd *s, size_t nnz, size_t mapn) {
-    if (nnz > s->cap_nnz) {
-        size_t cap = s->cap_nnz + s->cap_nnz / 2;
-        if (cap < nnz) cap = nnz;
-        size_t c1 = cap + (size_t)s->T + 1;
-        uint64_t *uid = em_malloc(cap * 8), *uhash = em_malloc(cap * 8);
-        uint32_t *ucnt = em_malloc(cap * 4), *ustart = em_malloc(c1 * 4), *uslot = em_malloc(cap * 4),
-                 *pos2u = em_malloc(cap * 4), *pos2b = em_malloc(cap * 4), *plist = em_malloc(cap * 4),
-                 *pslot = em_malloc(cap * 4), *miss = em_malloc(cap * 4);
-        if (!uid || !uhash || !ucnt || !ustart || !uslot || !pos2u || !pos2b || !plist || !pslot || !miss) {
-            em_free(uid), em_free(uhash), em_free(ucnt), em_free(ustart), em_free(uslot);
-            em_free(pos2u), em_free(pos2b), em_free(plist), em_free(pslot), em_free(miss);
-            return em_errorf(EM_ERR_NOMEM, "ssdtier: no memory for the scratch of %zu ids", nnz);
-        }
-        em_free(s->uid), em_free(s->uhash), em_free(s->ucnt), em_free(s->ustart), em_free(s->uslot);
-        em_free(s->pos2u), em_free(s->pos2b), em_free(s->plist), em_free(s->pslot), em_free(s->miss);
-        s->uid = uid, s->uhash = uhash, s->ucnt = ucnt, s->ustart = ustart, s->uslot = uslot;
-        s->pos2u = pos2u, s->pos2b = pos2b, s->plist = plist, s->pslot = pslot, s->miss = miss;
-        s->cap_nnz = cap;
-    }
-    if (mapn > s->cap_map) {
-        size_t cap = s->cap_map + s->cap_map / 2;
-        if (cap < mapn) cap = mapn;
-        uint32_t *m = em_malloc(cap * 4);
-        if (!m) return em_errorf(EM_ERR_NOMEM, "ssdtier: no memory for a dedup map of %zu buckets", mapn);
-        em_free(s->map);
-        s->map = m, s->cap_map = cap;
+/* The batch's scratch (and its miss list and I/O buffers) for nnz ids, laid out. */
+static em_status begin_batch(em_ssd *s, const int64_t *offsets, int B, size_t nnz) {
+    int grew;
+    em_status st = em__ubatch_begin(&s->ub, offsets, B, nnz, "ssdtier", &grew);
+    if (st) return st;
+    if (s->ub.cap_nnz > s->cap_miss) {
+        uint32_t *miss = em_malloc(s->ub.cap_nnz * sizeof(uint32_t));
+        if (!miss) return em_errorf(EM_ERR_NOMEM, "ssdtier: no memory for the scratch of %zu ids", nnz);
+        em_free(s->miss);
+        s->miss = miss, s->cap_miss = s->ub.cap_nnz;
     }
     return em__ssd_io_reserve(&s->io, nnz);
 }
 
-static em_status ensure_workers(em_ssd *s, int nth) {
-    if (nth <= s->cap_nth) return EM_OK;
-    float *g = em_malloc((size_t)nth * s->gstride * sizeof(float));
-    struct ssd_qitem *q = em_malloc(((size_t)s->T + (size_t)nth * CHUNKS_PER_WORKER) * sizeof *q);
-    if (!g || !q) {
-        em_free(g), em_free(q);
-        return em_errorf(EM_ERR_NOMEM, "ssdtier: no memory for the scratch of %d workers", nth);
-    }
-    em_free(s->gbuf), em_free(s->queue);
-    s->gbuf = g, s->queue = q, s->cap_nth = nth;
-    return EM_OK;
-}
-
 static em_status check_offsets(const em_ssd *s, const char *what, const int64_t *off, int B, size_t *nnz) {
-    if (B < 0) return em_errorf(EM_ERR_INVALID, "ssdtier %s: batch size %d", what, B);
-    if (!off) return em_errorf(EM_ERR_INVALID, "ssdtier %s: offsets is NULL", what);
-    if (off[0] != 0) return em_errorf(EM_ERR_INVALID, "ssdtier %s: offsets[0] = %lld, expected 0", what, (long long)off[0]);
-    size_t nb = (size_t)s->T * (size_t)B;
-    for (size_t u = 0; u < nb; u++)
-        if (off[u + 1] < off[u])
-            return em_errorf(EM_ERR_INVALID, "ssdtier %s: table %d, example %d: offsets[%zu] = %lld < offsets[%zu] = %lld",
-                             what, (int)(u / (size_t)B), (int)(u % (size_t)B), u + 1, (long long)off[u + 1], u,
-                             (long long)off[u]);
-    *nnz = (size_t)off[nb];
-    if (*nnz >= (size_t)UINT32_MAX)
-        return em_errorf(EM_ERR_INVALID, "ssdtier %s: %zu ids in one batch (at most 2^32 - 2)", what, *nnz);
-    return EM_OK;
+    char who[40];
+    snprintf(who, sizeof who, "ssdtier %s", what);
+    return em__check_offsets(who, s->T, off, B, nnz);
 }
 
 /* ---------------------------------------------------------------- forward */
@@ -492,40 +363,13 @@ typedef struct {
 /* Phase A of the file comment for table t. */
 static void dedup_table(run_arg *a, int t) {
     em_ssd *s = a->s;
-    ssd_tab *tb = &s->tabs[t];
-    const int B = a->B;
-    const size_t kbeg = tb->kbeg, n = tb->n;
-    const int64_t *off = a->off + (size_t)t * (size_t)B;
-    uint64_t *uid = s->uid + kbeg, *uhash = s->uhash + kbeg;
-    uint32_t *ucnt = s->ucnt + kbeg, *uslot = s->uslot + kbeg, *pos2u = s->pos2u + kbeg, *pos2b = s->pos2b + kbeg;
-    uint32_t *ustart = s->ustart + kbeg + (size_t)t, *plist = s->plist + kbeg;
-    uint32_t *map = s->map + tb->mbeg;
-    const size_t mm = tb->mcap - 1;
-    memset(map, 0xff, tb->mcap * sizeof(uint32_t));
-    uint32_t U = 0;
-    for (int b = 0; b < B; b++)
-        for (int64_t k = off[b]; k < off[b + 1]; k++) {
-            const uint64_t id = a->ids[k], hv = khash(s, t, id);
-            size_t i = (size_t)(hv >> 32) & mm;
-            uint32_t u;
-            while ((u = map[i]) != SSD_NONE && uid[u] != id) i = (i + 1) & mm;
-            if (u == SSD_NONE) {
-                u = map[i] = U++;
-                uid[u] = id, uhash[u] = hv, ucnt[u] = 0;
-            }
-            size_t p = (size_t)k - kbeg;
-            pos2u[p] = u, pos2b[p] = (uint32_t)b;
-            ucnt[u]++;
-        }
-    tb->nuniq = U;
+    em__ubatch *ub = &s->ub;
+    const uint32_t U = em__ubatch_dedup(ub, t, a->ids, a->off, a->B, s->salt[t]);
+    const size_t kbeg = ub->tab[t].kbeg;
+    const uint64_t *uid = ub->uid + kbeg, *uhash = ub->uhash + kbeg;
+    uint32_t *uslot = ub->uslot + kbeg;
     for (uint32_t u = 0; u < U; u++) uslot[u] = hfind(s, t, uid[u], uhash[u]);
-    /* positions per unique in batch order (ucnt stays the count; ustart the CSR) */
-    uint32_t acc = 0;
-    for (uint32_t u = 0; u < U; u++) ustart[u] = acc, acc += ucnt[u];
-    ustart[U] = acc;
-    for (size_t p = 0; p < n; p++) plist[ustart[pos2u[p]]++] = (uint32_t)p;
-    for (uint32_t u = U; u > 0; u--) ustart[u] = ustart[u - 1];
-    ustart[0] = 0;
+    em__ubatch_csr(ub, t); /* positions per unique in batch order (ucnt stays the count) */
 }
 
 static void dedup_task(void *p, int ith, int nth) {
@@ -551,12 +395,12 @@ static void read_task(void *p, int ith, int nth) {
 static void finish_table(run_arg *a, int t) {
     em_ssd *s = a->s;
     ssd_tab *tb = &s->tabs[t];
-    const int B = a->B, T = s->T;
-    const size_t D = (size_t)s->D, kbeg = tb->kbeg, n = tb->n;
-    const uint32_t *uslot = s->uslot + kbeg, *ucnt = s->ucnt + kbeg, *pos2u = s->pos2u + kbeg;
-    uint32_t *pslot = s->pslot + kbeg;
+    const em__ubatch *ub = &s->ub;
+    const size_t kbeg = ub->tab[t].kbeg, n = ub->tab[t].n;
+    const uint32_t *uslot = ub->uslot + kbeg, *ucnt = ub->ucnt + kbeg, *pos2u = ub->pos2u + kbeg;
+    uint32_t *pslot = ub->pslot + kbeg;
     tb->created = 0;
-    for (size_t u = 0; u < tb->nuniq; u++) {
+    for (size_t u = 0; u < ub->tab[t].nuniq; u++) {
         ssd_meta *m = ssd_meta_of(s, uslot[u]);
         if (a->train) {
             if (!m->live) m->live = 1, m->count = 0, tb->created++;
@@ -569,19 +413,8 @@ static void finish_table(run_arg *a, int t) {
         uint32_t slot = uslot[pos2u[p]];
         pslot[p] = ssd_meta_of(s, slot)->live ? slot : SSD_NONE;
     }
-    const int64_t *off = a->off + (size_t)t * (size_t)B;
-    for (int b = 0; b < B; b++) {
-        float *o = a->out + ((size_t)b * (size_t)T + (size_t)t) * D;
-        memset(o, 0, D * sizeof(float));
-        const int64_t k0 = off[b], k1 = off[b + 1];
-        for (int64_t k = k0; k < k1; k++) {
-            size_t p = (size_t)k - kbeg;
-            if (p + ROW_PREFETCH < n && pslot[p + ROW_PREFETCH] != SSD_NONE)
-                __builtin_prefetch(ssd_row(s, pslot[p + ROW_PREFETCH]), 0, 3);
-            if (pslot[p] != SSD_NONE) em_vadd(o, ssd_row(s, pslot[p]), D);
-        }
-        if (s->cfg.pooling == EM_POOL_MEAN && k1 > k0) em_vscale(o, 1.0f / (float)(k1 - k0), D);
-    }
+    const em__rowpages rp = ssd_rows(s);
+    em__pool_table(a->out, ub, t, a->off, a->B, (size_t)s->D, s->cfg.pooling == EM_POOL_MEAN, &rp);
 }
 
 static void finish_task(void *p, int ith, int nth) {
@@ -597,8 +430,8 @@ static void finish_task(void *p, int ith, int nth) {
 static void unpin_batch(em_ssd *s) {
     if (!s->pinned_batch) return;
     for (int t = 0; t < s->T; t++) {
-        const ssd_tab *tb = &s->tabs[t];
-        for (size_t u = 0; u < tb->nuniq; u++) ssd_meta_of(s, s->uslot[tb->kbeg + u])->pinned = 0;
+        const em__ubtab *bt = &s->ub.tab[t];
+        for (size_t u = 0; u < bt->nuniq; u++) ssd_meta_of(s, s->ub.uslot[bt->kbeg + u])->pinned = 0;
     }
     s->pinned_batch = 0;
     s->npinned = 0;
@@ -609,15 +442,15 @@ static void unpin_batch(em_ssd *s) {
 static void undo_loads(em_ssd *s, size_t nassigned) {
     for (size_t i = 0; i < nassigned; i++) give_slot(s, s->io.slot[i]);
     for (int t = 0; t < s->T; t++) {
-        ssd_tab *tb = &s->tabs[t];
-        for (size_t u = 0; u < tb->nuniq; u++) {
-            uint32_t slot = s->uslot[tb->kbeg + u];
+        em__ubtab *bt = &s->ub.tab[t];
+        for (size_t u = 0; u < bt->nuniq; u++) {
+            uint32_t slot = s->ub.uslot[bt->kbeg + u];
             if (slot != SSD_NONE) {
                 ssd_meta *m = ssd_meta_of(s, slot);
                 if (m->t >= 0) m->pinned = 0;
             }
         }
-        tb->nuniq = 0;
+        bt->nuniq = 0;
     }
 }
 
@@ -633,25 +466,9 @@ em_status em_ssd_forward(em_ssd *s, float *out, const uint64_t *ids, const int64
     unpin_batch(s);
     s->pending = 0;
     const int train = mode == EM_SSD_TRAIN, nth = em_pool_nth(pool);
-    size_t mapn = 0;
-    for (int t = 0; t < s->T; t++) {
-        size_t n = (size_t)(offsets[(size_t)(t + 1) * (size_t)B] - offsets[(size_t)t * (size_t)B]), mc = 4;
-        while (mc < 2 * n) mc <<= 1;
-        mapn += mc;
-    }
-    if ((st = ensure_batch(s, nnz, mapn)) || (st = ensure_workers(s, nth))) return st;
+    if ((st = begin_batch(s, offsets, B, nnz)) || (st = em__ubatch_workers(&s->ub, nth, "ssdtier"))) return st;
     struct wres *res = em_malloc((size_t)nth * sizeof *res);
     if (!res) return em_errorf(EM_ERR_NOMEM, "ssdtier forward: no memory");
-    size_t mo = 0;
-    for (int t = 0; t < s->T; t++) {
-        ssd_tab *tb = &s->tabs[t];
-        tb->kbeg = (size_t)offsets[(size_t)t * (size_t)B];
-        tb->n = (size_t)offsets[(size_t)(t + 1) * (size_t)B] - tb->kbeg;
-        size_t mc = 4;
-        while (mc < 2 * tb->n) mc <<= 1;
-        tb->mbeg = mo, tb->mcap = mc, tb->nuniq = 0;
-        mo += mc;
-    }
     run_arg a = {s, out, NULL, ids, offsets, B, train, 0, 0, 0, res};
     if (B) em_pool_run(pool, dedup_task, &a);
 
@@ -659,12 +476,12 @@ em_status em_ssd_forward(em_ssd *s, float *out, const uint64_t *ids, const int64
     size_t M = 0, U = 0;
     uint64_t hits = 0, pfh = 0;
     for (int t = 0; t < s->T; t++) {
-        const ssd_tab *tb = &s->tabs[t];
-        U += tb->nuniq;
-        for (size_t u = 0; u < tb->nuniq; u++) {
-            uint32_t slot = s->uslot[tb->kbeg + u];
+        const em__ubtab *bt = &s->ub.tab[t];
+        U += bt->nuniq;
+        for (size_t u = 0; u < bt->nuniq; u++) {
+            uint32_t slot = s->ub.uslot[bt->kbeg + u];
             if (slot == SSD_NONE) {
-                s->miss[M++] = (uint32_t)(tb->kbeg + u); /* global unique index */
+                s->miss[M++] = (uint32_t)(bt->kbeg + u); /* global unique index */
                 continue;
             }
             ssd_meta *m = ssd_meta_of(s, slot);
@@ -689,10 +506,10 @@ em_status em_ssd_forward(em_ssd *s, float *out, const uint64_t *ids, const int64
         int t = 0;
         for (size_t i = 0; i < M; i++) {
             size_t g = s->miss[i];
-            while (g >= s->tabs[t].kbeg + s->tabs[t].nuniq) t++;
-            uint64_t id = s->uid[g];
-            uint32_t slot = take_slot(s, t, id, s->uhash[g], 1, 0);
-            s->uslot[g] = slot;
+            while (g >= s->ub.tab[t].kbeg + s->ub.tab[t].nuniq) t++;
+            uint64_t id = s->ub.uid[g];
+            uint32_t slot = take_slot(s, t, id, s->ub.uhash[g], 1, 0);
+            s->ub.uslot[g] = slot;
             s->io.slot[i] = slot;
             em__ssd_key(s->io.keys + i * SSD_KEY_BYTES, t, id);
         }
@@ -716,8 +533,8 @@ em_status em_ssd_forward(em_ssd *s, float *out, const uint64_t *ids, const int64
     for (int t = 0; t < s->T; t++) s->rows += s->tabs[t].created, s->tabs[t].rows += s->tabs[t].created;
     s->hits += hits, s->misses += M, s->prefetch_hits += pfh;
     for (int t = 0; t < s->T; t++) {
-        const ssd_tab *tb = &s->tabs[t];
-        for (size_t u = 0; u < tb->nuniq; u++) ssd_meta_of(s, s->uslot[tb->kbeg + u])->pf = 0;
+        const em__ubtab *bt = &s->ub.tab[t];
+        for (size_t u = 0; u < bt->nuniq; u++) ssd_meta_of(s, s->ub.uslot[bt->kbeg + u])->pf = 0;
     }
     em_free(res);
     if (train) {
@@ -739,55 +556,20 @@ fail:
 
 /* --------------------------------------------------------------- backward */
 
-static void update_uniques(run_arg *a, int t, size_t j0, size_t j1, float *restrict g) {
-    em_ssd *s = a->s;
-    const ssd_tab *tb = &s->tabs[t];
-    const int T = s->T;
-    const size_t D = (size_t)s->D, kbeg = tb->kbeg, rowbytes = D * sizeof(float);
-    const uint32_t *uslot = s->uslot + kbeg, *ustart = s->ustart + kbeg + (size_t)t, *plist = s->plist + kbeg,
-                   *pos2b = s->pos2b + kbeg;
-    const int64_t *off = a->off + (size_t)t * (size_t)a->B;
-    const int mean = s->cfg.pooling == EM_POOL_MEAN;
-    const em_optim_kind kind = s->cfg.opt.kind;
-    const float lr = s->cfg.opt.lr, eps = s->cfg.opt.eps, wd = s->cfg.opt.weight_decay;
-    const float *dout = a->dout + (size_t)t * D;
-    const size_t dstride = (size_t)T * D;
-    for (size_t j = j0; j < j1; j++) {
-        if (j + ROW_PREFETCH < j1) __builtin_prefetch(ssd_row(s, uslot[j + ROW_PREFETCH]), 1, 3);
-        const uint32_t slot = uslot[j];
-        float *wr = ssd_row(s, slot);
-        memset(g, 0, rowbytes);
-        for (uint32_t q = ustart[j]; q < ustart[j + 1]; q++) {
-            uint32_t b = pos2b[plist[q]];
-            float sc = mean ? 1.0f / (float)(off[b + 1] - off[b]) : 1.0f;
-            em_vaxpy(g, sc, dout + (size_t)b * dstride, D);
-        }
-        if (wd != 0.f) em_vaxpy(g, wd, wr, D);
-        switch (kind) {
-        case EM_OPT_SGD: em_vaxpy(wr, -lr, g, D); break;
-        case EM_OPT_ADAGRAD: em__adagrad_row(wr, wr + D, g, D, lr, eps); break;
-        default: {
-            float m = wr[D] + em_vsumsq(g, D) / (float)D;
-            wr[D] = m;
-            em_vaxpy(wr, -(lr / (sqrtf(m) + eps)), g, D);
-            break;
-        }
-        }
-        ssd_meta_of(s, slot)->dirty = 1;
-    }
-}
-
 static void update_task(void *p, int ith, int nth) {
+    (void)nth;
     run_arg *a = p;
     em_ssd *s = a->s;
-    float *g = s->gbuf + (size_t)ith * s->gstride;
-    for (;;) {
-        size_t i = atomic_fetch_add_explicit(&a->next, 1, memory_order_relaxed);
-        if (i >= a->nqueue) break;
-        struct ssd_qitem q = s->queue[i];
-        size_t lo, hi;
-        em_split(s->tabs[q.t].nuniq, q.part, s->tabs[q.t].nchunks, &lo, &hi);
-        if (lo < hi) update_uniques(a, q.t, lo, hi, g);
+    const em__ubatch *ub = &s->ub;
+    float *g = ub->gbuf + (size_t)ith * ub->gstride;
+    const em__rowpages rp = ssd_rows(s);
+    int t;
+    size_t lo, hi;
+    while (em__ubatch_take(ub, &a->next, a->nqueue, &t, &lo, &hi)) {
+        em__update_uniques(ub, t, a->off, a->B, a->dout, (size_t)s->D, s->cfg.pooling == EM_POOL_MEAN, &s->cfg.opt, &rp, lo,
+                           hi, g);
+        const uint32_t *uslot = ub->uslot + ub->tab[t].kbeg;
+        for (size_t j = lo; j < hi; j++) ssd_meta_of(s, uslot[j])->dirty = 1; /* a save may have cleaned them */
     }
 }
 
@@ -801,24 +583,10 @@ em_status em_ssd_backward_update(em_ssd *s, const float *dout, const uint64_t *i
         return em_errorf(EM_ERR_INVALID, "ssdtier backward: no train forward of this batch (B %d, %zu ids) precedes it", B,
                          nnz);
     if (nnz && !ids) return em_errorf(EM_ERR_INVALID, "ssdtier backward: ids is NULL");
-    for (int t = 0; t < s->T; t++) {
-        const ssd_tab *tb = &s->tabs[t];
-        const uint64_t *uid = s->uid + tb->kbeg;
-        const uint32_t *pos2u = s->pos2u + tb->kbeg;
-        for (size_t p = 0; p < tb->n; p++)
-            if (uid[pos2u[p]] != ids[tb->kbeg + p])
-                return em_errorf(EM_ERR_INVALID, "ssdtier backward: id %zu differs from the train forward's batch",
-                                 tb->kbeg + p);
-    }
+    if ((st = em__ubatch_check_ids(&s->ub, ids, "ssdtier backward"))) return st;
     int nth = em_pool_nth(pool);
-    if ((st = ensure_workers(s, nth))) return st;
-    size_t nq = 0, tot = 0;
-    for (int t = 0; t < s->T; t++) tot += s->tabs[t].nuniq;
-    for (int t = 0; t < s->T; t++) {
-        ssd_tab *tb = &s->tabs[t];
-        tb->nchunks = !tb->nuniq ? 0 : nth == 1 ? 1 : 1 + (int)(tb->nuniq * (size_t)nth * CHUNKS_PER_WORKER / tot);
-        for (int c = 0; c < tb->nchunks; c++) s->queue[nq++] = (struct ssd_qitem){t, c};
-    }
+    if ((st = em__ubatch_workers(&s->ub, nth, "ssdtier"))) return st;
+    size_t nq = em__ubatch_queue(&s->ub, nth);
     run_arg a = {s, NULL, dout, ids, offsets, B, 1, nq, 0, 0, NULL};
     if (nq) em_pool_run(pool, update_task, &a);
     s->pending = 0; /* the pins stay until the next forward: a running prefetch relies on them */
@@ -1024,7 +792,7 @@ em_ssd_stats em_ssd_get_stats(em_ssd *s) {
     r.capacity_rows = s->cap_rows;
     size_t pages = 0;
     for (size_t p = 0; p < s->npages; p++) pages += page_rows(s, p);
-    r.cache_bytes = pages * (s->stride * sizeof(float) + sizeof(ssd_meta)) + s->hcap * sizeof(ssd_hent) +
+    r.cache_bytes = pages * (s->stride * sizeof(float) + sizeof(ssd_meta)) + s->map.cap * sizeof(em__hent) +
                     s->cap_ev * sizeof(ssd_evk) + (size_t)s->cap_rows * sizeof(uint32_t) + s->max_pages * 2 * sizeof(void *);
     r.disk_rows = s->disk_rows;
     r.rows = s->rows;
@@ -1040,8 +808,8 @@ void em__ssd_cache_clear(em_ssd *s) {
         uint32_t n = page_rows(s, p);
         for (uint32_t i = 0; i < n; i++) s->mpages[p][i].t = -1, s->mpages[p][i].pinned = 0;
     }
-    for (size_t i = 0; i < s->hcap; i++) s->h[i].slot = SSD_NONE;
+    for (size_t i = 0; i < s->map.cap; i++) s->map.h[i].slot = SSD_NONE;
     s->fresh = 0, s->nfree = 0, s->used = 0;
-    for (int t = 0; t < s->T; t++) s->tabs[t].nuniq = 0;
+    for (int t = 0; t < s->T; t++) s->ub.tab[t].nuniq = 0;
     s->pending = 0, s->pinned_batch = 0, s->npinned = 0;
 }

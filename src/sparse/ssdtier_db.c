@@ -61,18 +61,7 @@ void em__ssd_encode(const em_ssd *s, char *v, const float *row, int64_t count, i
 /* As em_dyn's init_row: element i is the top 24 bits of splitmix64(key + i), key from
  * (table seed, id), mapped to [-a, a). */
 void em__ssd_init_row(const em_ssd *s, int t, uint64_t id, float *w) {
-    const size_t D = (size_t)s->D;
-    const float a = s->cfg.init_scale;
-    if (a == 0.f) {
-        memset(w, 0, D * sizeof(float));
-    } else {
-        const uint64_t key = em_mix64(s->tabs[t].seed ^ em_mix64(id));
-        for (size_t i = 0; i < D; i++) {
-            float u = (float)(em_mix64(key + i) >> 40) * (1.0f / 16777216.0f);
-            w[i] = a * (2.0f * u - 1.0f);
-        }
-    }
-    for (size_t i = 0; i < s->S; i++) w[D + i] = s->cfg.opt.init_accum;
+    em__row_init(w, (size_t)s->D, s->S, s->tabs[t].seed, id, s->cfg.init_scale, s->cfg.opt.init_accum);
 }
 
 /* -------------------------------------------------------------- batch I/O */

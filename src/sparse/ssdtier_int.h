@@ -10,8 +10,9 @@
 #include <rocksdb/c.h>
 
 #include "ember/ssdtier.h"
+#include "sparse/rowstore.h"
 
-#define SSD_NONE UINT32_MAX
+#define SSD_NONE EM__NONE
 #define SSD_PSHIFT 12 /* slots per page: 4096 */
 #define SSD_PAGE_ROWS ((uint32_t)1 << SSD_PSHIFT)
 #define SSD_PMASK (SSD_PAGE_ROWS - 1)
@@ -26,12 +27,6 @@ typedef struct {
     int32_t t;
     uint8_t dirty, pinned, ondisk, live, pf;
 } ssd_meta;
-
-typedef struct {
-    uint64_t id;
-    uint32_t slot; /* SSD_NONE: empty bucket */
-    int32_t t;
-} ssd_hent;
 
 /* An eviction candidate: the policy's rank (k1, k2, t, id), smallest evicted first. */
 typedef struct {
@@ -51,15 +46,10 @@ typedef struct {
     uint32_t *slot;      /* the slot each key is read into */
 } ssd_io;
 
-/* Per table, for the batch of the last forward. */
+/* Per table (its positions in the batch of the last forward are s->ub.tab[t]). */
 typedef struct {
-    size_t kbeg, n; /* positions [kbeg, kbeg + n) */
-    size_t nuniq;
-    size_t mbeg, mcap;
-    int nchunks;
     int64_t created;  /* rows this forward created */
     int64_t rows;     /* rows created in this table so far */
-    uint64_t salt;  /* hash salt of the table */
     uint64_t seed;  /* initial-row stream of the table (as em_dyn's) */
 } ssd_tab;
 
@@ -79,8 +69,9 @@ struct em_ssd {
     uint32_t *freel;     /* max_pages * PAGE_ROWS */
     size_t nfree;
     int64_t used;
-    ssd_hent *h;
-    size_t hcap, hmax;   /* power of two; hmax the most the byte limit allows */
+    em__idmap map;       /* (table, id) -> slot, home bucket em__idhash(id, salt[table]) */
+    size_t hmax;         /* the most buckets the byte limit allows */
+    uint64_t *salt;      /* [T] */
     ssd_evk *ev;         /* cap_ev entries */
     size_t cap_ev;
 
@@ -93,18 +84,13 @@ struct em_ssd {
 
     /* the batch of the last forward */
     ssd_tab *tabs;
-    size_t cap_nnz, cap_map;
-    uint64_t *uid, *uhash;
-    uint32_t *ucnt, *ustart, *uslot, *pos2u, *pos2b, *plist, *pslot, *map;
-    uint32_t *miss;      /* global unique numbers of the misses */
+    em__ubatch ub;       /* its ids, uniques, slots; the backward's scratch */
+    uint32_t *miss;      /* global unique numbers of the misses (cap_miss) */
+    size_t cap_miss;
     int pending, pend_B, pinned_batch;
     int64_t npinned;     /* slots pinned by the last train forward */
     size_t pend_nnz;
     ssd_io io;
-    float *gbuf;
-    size_t gstride;
-    struct ssd_qitem { int t, part; } *queue;
-    int cap_nth;
 
     /* prefetch: its own copy of the batch and scratch; the thread owns them while it runs */
     pthread_t pf_thread;
@@ -125,6 +111,7 @@ struct em_ssd {
 };
 
 /* ---- ssdtier_db.c ---- */
+static inline em__rowpages ssd_rows(const em_ssd *s) { return (em__rowpages){s->rpages, SSD_PSHIFT, SSD_PMASK, s->stride}; }
 static inline float *ssd_row(const em_ssd *s, uint32_t slot) {
     return s->rpages[slot >> SSD_PSHIFT] + (size_t)(slot & SSD_PMASK) * s->stride;
 }
