@@ -5,7 +5,9 @@
 #      (3 verticals sharing 0.5/0.3/0.2 of the traffic, ids churning, per-id weights
 #      rotating), converted to ember binary (stream.bin beside its stream.side sidecar);
 #   2. the pipeline, per seed: `ember exfm` - the teacher (D=16, 13-128-64-16, top
-#      (w)-128-64-1, 200k rows per table) streams all verticals in windows of WINDOW
+#      (w)-128-64-1, 200k rows per table; options TEACHER, by default AdaGrad lr 0.07,
+#      picked by progressive NE on a slice of seed 1: docs/BENCHMARKS.md) streams all
+#      verticals in windows of WINDOW
 #      examples, each evaluated before training (progressive), logging every
 #      prediction to teacher.das; then for each vertical 0..2 and each mode a student
 #      (D=8, 13-32-8, top (w)-32-1, 50k rows per table) streams its own vertical from
@@ -15,7 +17,8 @@
 #        serving       + distillation into its serving head
 #        aux           + the auxiliary distillation head (beta-scaled into the backbone)
 #        aux+adapter   + the student adapter's target
-#      AdaGrad (dense and sparse), lr LR, batch 128, THREADS threads;
+#      AdaGrad (dense and sparse), lr LR, batch 128, THREADS threads, extra student
+#      options STUDENT (e.g. "--distill-weight 2"); PAR seeds run at once;
 #   3. figures: per student and mode the progressive NE over its whole stream and over
 #      the second half of its windows, mean and std over the seeds, and the paired
 #      (same seed) NE change against the student alone;
@@ -24,11 +27,12 @@
 #      (`--teacher-log --distill aux+adapter`), wall time of reading + evaluation +
 #      training + join; plus the teacher's logging time (appending + fsync) pro rata
 #      of the student's examples.
-# Defaults are the issue's size (3M examples per seed, 3 seeds); ~2-3 h on 2 shared
-# cores. Last line of stdout: one JSON object.
+# Defaults are the issue's size (3M examples per seed, 3 seeds); ~25 min on 2 cores
+# shared with other jobs (load average ~10). Last line of stdout: one JSON object.
 # Env: OUT (bench/out/exfm), BUILD (build), ROWS (3000000), GEN_WINDOWS (30),
-# WINDOW (50000), SEEDS ("1 2 3"), STUDENT_FROM (ROWS/3), LR (0.05), TEACHER_LR (LR),
-# THREADS (2), OVH_V (2), REPS (3), MODES (none,serving,aux,aux+adapter).
+# WINDOW (50000), SEEDS ("1 2 3"), STUDENT_FROM (ROWS/3), LR (0.05: students),
+# TEACHER ("--teacher-lr 0.07"), STUDENT (""), THREADS (1), PAR (3), OVH_V (2), REPS (3),
+# MODES (none,serving,aux,aux+adapter).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/out/exfm}
@@ -39,8 +43,10 @@ WINDOW=${WINDOW:-50000}
 SEEDS=${SEEDS:-"1 2 3"}
 STUDENT_FROM=${STUDENT_FROM:-$((ROWS / 3))}
 LR=${LR:-0.05}
-TEACHER_LR=${TEACHER_LR:-$LR}
-THREADS=${THREADS:-2}
+TEACHER=${TEACHER:-"--teacher-lr 0.07"}
+STUDENT=${STUDENT:-""}
+THREADS=${THREADS:-1}
+PAR=${PAR:-3}
 OVH_V=${OVH_V:-2}
 REPS=${REPS:-3}
 MODES=${MODES:-none,serving,aux,aux+adapter}
@@ -66,20 +72,31 @@ make_data() { # dir, seed
 
 common=(--window "$WINDOW" --batch 128 --dense-opt adagrad --sparse-opt adagrad --lr "$LR" --threads "$THREADS" --quiet)
 
-# 2. the pipeline per seed (resumable: a finished run is reused)
-for s in $SEEDS; do
-  make_data "$OUT/data_s$s" "$s"
-  R=$OUT/run_s$s
-  want="exfm rows $ROWS window $WINDOW from $STUDENT_FROM lr $LR/$TEACHER_LR modes $MODES seed $s"
+# 2. the pipeline per seed (resumable: a finished run is reused). The seeds' pipelines
+# run as PAR concurrent processes of THREADS threads each: the models are small, and one
+# thread per process beats a 2-thread pool per process by 2-3x here (results are bitwise
+# the same for any thread count, so this changes timings only).
+for s in $SEEDS; do make_data "$OUT/data_s$s" "$s"; done
+run_seed() { # seed
+  local s=$1 R=$OUT/run_s$1
+  local want="exfm rows $ROWS window $WINDOW from $STUDENT_FROM lr $LR teacher $TEACHER student $STUDENT modes $MODES seed $s"
   if [[ -f $R.json && -f $R/STAMP && "$(cat "$R/STAMP")" == "$want" ]] && tail -1 "$R.json" | grep -q '"students"'; then
-    log "reusing $R.json"; continue
+    log "reusing $R.json"; return
   fi
   rm -rf "$R"; mkdir -p "$R"; echo "$want" > "$R/STAMP"
   log "ember exfm seed $s"
+  # shellcheck disable=SC2086 # TEACHER and STUDENT are lists of options
   $EMBER exfm --data "$OUT/data_s$s/stream.bin" --out "$R" --students 3 --modes "$MODES" --student-from "$STUDENT_FROM" \
-    --teacher-lr "$TEACHER_LR" --seed "$s" "${common[@]}" > "$R.json"
-  tail -c 300 "$R.json" >&2; echo >&2
+    $TEACHER $STUDENT --seed "$s" "${common[@]}" > "$R.json"
+  log "seed $s done: $(tail -c 200 "$R.json")"
+  rm -f "$R"/*/checkpoint.safetensors # the figures need windows.jsonl only
+}
+pids=()
+for s in $SEEDS; do
+  while (( $(jobs -rp | wc -l) >= PAR )); do sleep 2; done
+  run_seed "$s" & pids+=($!)
 done
+for p in "${pids[@]}"; do wait "$p"; done
 
 # 4. overhead of logging + joining against the plain student
 first=${SEEDS%% *}
@@ -90,7 +107,8 @@ for r in $(seq 1 "$REPS"); do
   for kind in plain exfm; do
     rm -rf "$OUT/ovh_$kind"
     extra=()
-    [[ $kind == exfm ]] && extra=(--teacher-log "$OUT/run_s$first/teacher.das" --distill aux+adapter)
+    # shellcheck disable=SC2206
+    [[ $kind == exfm ]] && extra=(--teacher-log "$OUT/run_s$first/teacher.das" --distill aux+adapter $STUDENT)
     log "overhead rep $r: $kind"
     $EMBER stream --data "$D/stream.bin" --out "$OUT/ovh_$kind" "${common[@]}" "${student[@]}" "${extra[@]}" |
       sed "s/^{/{\"kind\":\"$kind\",\"rep\":$r,/" >> "$OUT/overhead.jsonl"
@@ -124,6 +142,20 @@ for v in range(3):
             v, m, d["ne"]["mean"], d["ne"]["std"], d["ne_second_half"]["mean"], d["ne_second_half"]["std"],
             "" if m == "none" else "  vs alone %+.3f%% +- %.3f%%" % (d["delta_pct_ne"]["mean"], d["delta_pct_ne"]["std"])),
             file=sys.stderr)
+    # the teacher's progressive NE on this student's own examples (the join's report):
+    # how much better than the student alone the teacher is where the student serves
+    tne = []
+    for s in seeds:
+        n = ll = ck = 0.0
+        for line in open(f"{out}/run_s{s}/v{v}-{modes[0]}/windows.jsonl"):
+            w = json.loads(line)
+            t = w["teacher"]["eval"]
+            n += t["n"]; ll += t["n"] * t["logloss"]; ck += t["n"] * t["ctr"]
+        p = ck / n
+        tne.append(ll / n / -(p * math.log(p) + (1 - p) * math.log(1 - p)))
+    st["teacher_on_stream"] = {"ne": ms(tne), "ne_per_seed": [round(x, 6) for x in tne]}
+    print("vertical %d teacher on its stream NE %.4f +- %.4f" % (v, st["teacher_on_stream"]["ne"]["mean"],
+          st["teacher_on_stream"]["ne"]["std"]), file=sys.stderr)
     res["students"][str(v)] = st
 ov = [json.loads(l) for l in open(f"{out}/overhead.jsonl")]
 def tot(r): return r["train_s"] + r["eval_s"] + r["read_s"] + r["join_s"]
