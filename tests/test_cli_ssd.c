@@ -2,7 +2,8 @@
  * test_cli_ssd.c - SSD-tier tables end to end through the `ember` binary: train
  * --tables ssd with a row cache far smaller than the tables gives the dynamic kind's
  * test metrics exactly; eval, predict and inspect of its checkpoint (tables in
- * CKPT.ssd); an exact --resume; the scratch stores are gone when the processes end;
+ * CKPT.ssd); training prefetches the next batch's rows (the checkpoint's counters); an
+ * exact --resume; the scratch stores are gone when the processes end;
  * option errors.
  */
 #include <dirent.h>
@@ -65,6 +66,14 @@ static void test_train_eval_inspect(void) {
     char p[512];
     snprintf(p, sizeof p, "%s/ssd/checkpoint.safetensors.ssd/ssd.meta", dir);
     CHECK(stat(p, &sb) == 0);
+    /* training looked one batch ahead: the prefetch loaded rows that forwards then found
+     * (ssd.counts: 5 prefetch hits, 8 prefetched) */
+    em_st *meta = NULL;
+    CHECK_OK(em_st_open(&meta, p));
+    const int64_t *cnt = meta ? em_st_expect(meta, "ssd.counts", EM_I64, 11) : NULL;
+    CHECK(cnt && cnt[8] > 0 && cnt[5] > 0 && cnt[5] <= cnt[8]);
+    if (cnt) fprintf(stderr, "  ssd: prefetched %lld rows, %lld found by a forward\n", (long long)cnt[8], (long long)cnt[5]);
+    em_st_close(meta);
     /* eval and predict of the checkpoint */
     CHECK(run("%s eval --model %s/ssd/checkpoint.safetensors --test %s/data/test.tsv > %s/ssd.eval 2>&1", bin, dir, dir,
               dir) == 0);
