@@ -184,7 +184,9 @@ static em_status evaluate(run_state *s, em_metrics *out, double train_loss) {
     return EM_OK;
 }
 
-/* The lookahead's head hook: start loading the next batch's rows (changes nothing). */
+/* The lookahead's head hook: start loading the next batch's rows (changes nothing). A
+ * prefetch that cannot start (no memory, no thread) only loses the overlap, so it does
+ * not fail the step; errors of the load itself come back from the next forward. */
 typedef struct {
     em_dlrm *m;
     const em_batch *next;
@@ -194,7 +196,8 @@ static em_status lookahead_fn(void *ud, const em_batch *b, const float *h, int H
                               const float **dh, em_pool *pool) {
     (void)b, (void)h, (void)H, (void)logits, (void)dlogit, (void)dh, (void)pool;
     const lookahead *la = ud;
-    return la->next ? em_dlrm_prefetch(la->m, la->next) : EM_OK;
+    if (la->next) (void)em_dlrm_prefetch(la->m, la->next);
+    return EM_OK;
 }
 
 em_status em_train_run(const em_train_cfg *cfg, em_pool *pool, em_train_result *res, em_dlrm **model_out) {
