@@ -327,6 +327,7 @@ typedef struct {
     float *pool_out;    /* non-NULL: pool each chunk here first (the model's own tables) */
     float *logits;
     int B, cs, nchunks; /* cs: rows per chunk (<= CHUNK) */
+    int big, nbig;      /* rows [0, big) in nbig chunks of cs, the rest in chunks of MR */
     atomic_int next;
     atomic_int bad;     /* an index out of range: the chunk's first row */
 } pass_arg;
@@ -374,7 +375,9 @@ static void pass_task(void *p, int ith, int nth) {
     for (;;) {
         const int c = atomic_fetch_add_explicit(&a->next, 1, memory_order_relaxed);
         if (c >= a->nchunks) break;
-        const int cs = a->cs, r0 = c * cs, M = a->B - r0 < cs ? a->B - r0 : cs;
+        const int cs = c < a->nbig || !a->big ? a->cs : MR;
+        const int r0 = c < a->nbig || !a->big ? c * cs : a->big + (c - a->nbig) * MR;
+        const int M = a->B - r0 < cs ? a->B - r0 : cs;
         if (a->pool_out && pool_rows(inf, a->pool_out, b->indices, b->offsets, b->per_id_w, a->B, r0, r0 + M)) {
             atomic_store(&a->bad, 1);
             return;
@@ -478,14 +481,19 @@ em_status em_infer_forward(em_infer *inf, const em_batch *b, const float *pooled
     em_blas_init();
     /* chunks: at most CHUNK rows, at least 2 per worker when the batch allows, and
      * one (no pool launch) up to SINGLE rows; answers do not depend on the cut */
-    int cs = CHUNK;
+    int cs = CHUNK, big = 0;
     if (B <= SINGLE) cs = B;
     else {
         int want = ((B + 2 * nth - 1) / (2 * nth) + MR - 1) / MR * MR;
         if (want < cs) cs = want;
+        /* the last ~2 nth CHUNK rows in chunks of MR, so that the workers finish
+         * within one small chunk of each other */
+        if (nth > 1 && cs > MR && B > 2 * nth * CHUNK) big = (B - 2 * nth * CHUNK) / cs * cs;
     }
+    const int nbig = big / cs;
     pass_arg a = {.inf = inf, .b = b, .dense = b->dense, .pooled = pooled, .pool_out = pool_out, .logits = logits, .B = B,
-                  .cs = cs, .nchunks = (B + cs - 1) / cs};
+                  .cs = cs, .big = big, .nbig = nbig,
+                  .nchunks = big ? nbig + (B - big + MR - 1) / MR : (B + cs - 1) / cs};
     atomic_init(&a.next, 0);
     atomic_init(&a.bad, 0);
     if (a.nchunks == 1) pass_task(&a, 0, 1);
