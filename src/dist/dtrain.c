@@ -150,6 +150,7 @@ struct em_dist {
     float *ar_g, ar_w;     /* the gradient block being reduced, its weight B_r / (global batch) */
     MPI_Comm rscomm, agcomm; /* the buckets' reduce-scatters, their all-gathers (each in bucket order) */
     double t_bwd, t_wait;  /* last step: dense backward, exposed all-reduce wait (seconds) */
+    double *losses;        /* [N] every rank's loss sum of the step */
     buf sbuf, rbuf;
     buf gidx, goff;        /* the global batch's bags over my shards (int64) */
     buf gout;              /* (G, kn, D) pooled over my shards; then the gradient */
@@ -375,6 +376,7 @@ static em_status create_local(em_dist *d, const em_dist_cfg *cfg) {
     }
     const size_t W = (size_t)d->world;
     d->Bw = em_calloc(W, sizeof(int));
+    if (!(d->losses = em_calloc(W, sizeof(double)))) return em_errorf(EM_ERR_NOMEM, "dist: out of memory");
     d->Bs = em_calloc(W, sizeof(int));
     d->boff = em_calloc(W + 1, sizeof(int64_t));
     d->scnt = em_calloc(W, sizeof(int)), d->sdis = em_calloc(W, sizeof(int));
@@ -415,6 +417,7 @@ void em_dist_free(em_dist *d) {
         em_free(b->cnt), em_free(b->dis), em_free(b->rcnt), em_free(b->rdis), em_free(b->r);
     }
     em_free(d->bk);
+    em_free(d->losses);
     if (d->rscomm != MPI_COMM_NULL && d->rscomm) MPI_Comm_free(&d->rscomm);
     if (d->agcomm != MPI_COMM_NULL && d->agcomm) MPI_Comm_free(&d->agcomm);
     buf *bs[] = {&d->sbuf, &d->rbuf, &d->gidx, &d->goff, &d->gout, &d->pooled, &d->dpooled, &d->red, &d->hit, &d->scale, &d->tmp, &d->goutc, &d->goffc, &d->cwrows, &d->cwgrad, &d->cwss, &d->cwall,
@@ -443,17 +446,25 @@ void em_dist_set_lr(em_dist *d, float dense_lr, float sparse_lr) {
 /* ------------------------------------------------------------ exchanges */
 
 /* MPI_Alltoall of the send counts, then displacements; counts are in `unit` bytes. */
-static em_status plan_exchange(em_dist *d, size_t unit) {
+/* Every exchange: the counts all-to-all, then agreement in the group on whether every
+ * rank is ready (prep: this rank's status so far; a rank that failed while packing
+ * sends nothing and every rank returns the error), then the caller's exchange(). So a
+ * failure on one rank (out of memory, say) fails the step everywhere instead of
+ * leaving the others waiting in the all-to-all. */
+static em_status plan_exchange(em_dist *d, size_t unit, em_status prep) {
+    if (prep)
+        for (int q = 0; q < d->gsize; q++) d->scnt[q] = 0;
     MPI_Alltoall(d->scnt, 1, MPI_INT, d->rcnt, 1, MPI_INT, d->gcomm);
     int64_t so = 0, ro = 0;
     for (int q = 0; q < d->gsize; q++) {
         d->sdis[q] = (int)so, d->rdis[q] = (int)ro;
         so += d->scnt[q], ro += d->rcnt[q];
     }
-    if (so * (int64_t)unit > INT32_MAX || ro * (int64_t)unit > INT32_MAX)
-        return em_errorf(EM_ERR_UNSUPPORTED, "dist: one exchange over 2 GiB (use a smaller batch or more ranks)");
-    em_status st = grow(&d->rbuf, (size_t)(ro ? ro : 1) * unit);
-    return st;
+    em_status st = prep;
+    if (!st && (so * (int64_t)unit > INT32_MAX || ro * (int64_t)unit > INT32_MAX))
+        st = em_errorf(EM_ERR_UNSUPPORTED, "dist: one exchange over 2 GiB (use a smaller batch or more ranks)");
+    if (!st) st = grow(&d->rbuf, (size_t)(ro ? ro : 1) * unit);
+    return agree_in(d->gcomm, st);
 }
 
 static void exchange(em_dist *d, MPI_Datatype ty) {
@@ -477,6 +488,7 @@ static em_status input_dist(em_dist *d, const em_batch *b) {
     d->G = (int)d->boff[W];
     /* sizes: for each destination q, each shard it holds: B lengths + the ids */
     int64_t total = 0;
+    em_status st = EM_OK;
     for (int q = 0; q < W; q++) {
         int64_t n = 0;
         for (int s = 0; s < d->nsh; s++) {
@@ -491,11 +503,13 @@ static em_status input_dist(em_dist *d, const em_batch *b) {
             }
             n += m;
         }
-        if (n > INT32_MAX) return em_errorf(EM_ERR_UNSUPPORTED, "dist: over 2^31 ids for one rank in one step");
+        if (n > INT32_MAX) {
+            st = em_errorf(EM_ERR_UNSUPPORTED, "dist: over 2^31 ids for one rank in one step");
+            goto xchg;
+        }
         d->scnt[q] = (int)n, total += n;
     }
-    em_status st = grow(&d->sbuf, (size_t)(total ? total : 1) * sizeof(int64_t));
-    if (st) return st;
+    if ((st = grow(&d->sbuf, (size_t)(total ? total : 1) * sizeof(int64_t)))) goto xchg;
     int64_t *o = d->sbuf.p;
     for (int q = 0; q < W; q++)
         for (int s = 0; s < d->nsh; s++) {
@@ -514,7 +528,8 @@ static em_status input_dist(em_dist *d, const em_batch *b) {
                 len[e] = c;
             }
         }
-    if ((st = plan_exchange(d, sizeof(int64_t)))) return st;
+xchg:
+    if ((st = plan_exchange(d, sizeof(int64_t), st))) return st;
     exchange(d, MPI_INT64_T);
     d->bytes.ids = (double)(total - d->scnt[d->grank]) * sizeof(int64_t); /* what leaves the rank */
     /* assemble: shard k's bags over the global batch, sources in rank order */
@@ -664,17 +679,17 @@ static em_status pool_and_output_dist(em_dist *d, const em_batch *b, em_pool *po
     const size_t D = (size_t)d->D;
     em_status st = grow(&d->gout, (size_t)(G ? G : 1) * (size_t)(d->kn ? d->kn : 1) * D * sizeof(float));
     if (!st) st = grow(&d->goutc, (size_t)(G ? G : 1) * (size_t)(d->kc ? d->kc : 1) * (size_t)d->cw * sizeof(float));
-    if (st) return st;
+    if (st) goto xchg;
     const int64_t *goff = d->goff.p, *gidx = d->gidx.p;
-    if (d->kn && G && (st = em_embbag_forward(d->emb, d->gout.p, gidx, goff, NULL, G, pool))) return st;
+    if (d->kn && G && (st = em_embbag_forward(d->emb, d->gout.p, gidx, goff, NULL, G, pool))) goto xchg;
     if (d->kc && G) {
-        if ((st = column_offsets(d))) return st;
+        if ((st = column_offsets(d))) goto xchg;
         const int64_t base = goff[(size_t)d->kn * G];
-        if ((st = em_embbag_forward(d->embc, d->goutc.p, gidx + base, d->goffc.p, NULL, G, pool))) return st;
+        if ((st = em_embbag_forward(d->embc, d->goutc.p, gidx + base, d->goffc.p, NULL, G, pool))) goto xchg;
     }
     /* hit[k][g]: global example g has an id in my shard k (row-wise blocks) */
     size_t nhit = (size_t)K * (size_t)G;
-    if ((st = grow(&d->hit, nhit ? nhit : 1))) return st;
+    if ((st = grow(&d->hit, nhit ? nhit : 1))) goto xchg;
     uint8_t *hit = d->hit.p;
     int64_t total = 0;
     for (int q = 0; q < W; q++) {
@@ -689,10 +704,13 @@ static em_status pool_and_output_dist(em_dist *d, const em_batch *b, em_pool *po
             }
             n += (int64_t)block_bytes(d, h->type == EM_SHARD_ROW, d->Bs[q], hits, h->cols);
         }
-        if (n > INT32_MAX) return em_errorf(EM_ERR_UNSUPPORTED, "dist: pooled exchange over 2 GiB for one rank");
+        if (n > INT32_MAX) {
+            st = em_errorf(EM_ERR_UNSUPPORTED, "dist: pooled exchange over 2 GiB for one rank");
+            goto xchg;
+        }
         d->scnt[q] = (int)n, total += n;
     }
-    if ((st = grow(&d->sbuf, (size_t)(total ? total : 1)))) return st;
+    if ((st = grow(&d->sbuf, (size_t)(total ? total : 1)))) goto xchg;
     char *o = d->sbuf.p;
     for (int q = 0; q < W; q++)
         for (int k = 0; k < K; k++) {
@@ -705,7 +723,8 @@ static em_status pool_and_output_dist(em_dist *d, const em_batch *b, em_pool *po
             o = put_block(d, o, h->type == EM_SHARD_ROW, d->Bs[q], hq, hits, h->cols, src, stride, NULL);
         }
     d->bytes.pooled = (double)(total - d->scnt[d->grank]);
-    if ((st = plan_exchange(d, 1))) return st;
+xchg:
+    if ((st = plan_exchange(d, 1, st))) return st;
     exchange(d, MPI_BYTE);
     const size_t TD = (size_t)d->T * D;
     if ((st = grow(&d->pooled, (size_t)(B ? B : 1) * TD * sizeof(float)))) return st;
@@ -764,7 +783,8 @@ static em_status pool_and_output_dist(em_dist *d, const em_batch *b, em_pool *po
  * the same ids, so the same rows), the group all-gathers them, and each holder adds the
  * table's pieces in piece order and steps with that (em_embbag_update_rows_sumsq). The
  * pieces' accumulators thus stay equal. Collective over the group (every rank, with or
- * without pieces). */
+ * without pieces, and with st, the step's status so far: a failed rank joins, and
+ * every rank returns the failure). */
 /* Piece kk's (row, gradient) pairs over the group's batch, in batch order; returns n. */
 static size_t piece_pairs(const em_dist *d, int kk, int64_t *rows, float *gr) {
     const int G = d->G, kc = d->kc;
@@ -780,11 +800,11 @@ static size_t piece_pairs(const em_dist *d, int kk, int64_t *rows, float *gr) {
     return n;
 }
 
-static em_status pieces_rowwise(em_dist *d, em_pool *pool) {
-    const int W = d->gsize, G = d->G, kc = d->kc, cw = d->cw;
+static em_status pieces_rowwise(em_dist *d, em_status st, em_pool *pool) {
+    const int W = d->gsize, G = d->G, kc = st ? 0 : d->kc, cw = d->cw;
     const int64_t *goffc = d->goffc.p;
     const size_t npairs = kc && G ? (size_t)(goffc[(size_t)kc * G] - goffc[0]) : 0;
-    em_status st = grow(&d->cwrows, (npairs + 1) * sizeof(int64_t));
+    if (!st) st = grow(&d->cwrows, (npairs + 1) * sizeof(int64_t));
     if (!st) st = grow(&d->cwgrad, (npairs + 1) * (size_t)cw * sizeof(float));
     if (!st) st = grow(&d->cwss, (npairs + 1) * sizeof(float));
     int *cnt = em_calloc(2 * (size_t)W + (size_t)d->nsh + 1, sizeof(int)), *dis = cnt + W, *len = dis + W;
@@ -849,12 +869,12 @@ static em_status backward_dist(em_dist *d, const em_batch *b, em_pool *pool) {
     const size_t D = (size_t)d->D, TD = (size_t)d->T * D;
     const float *dp = d->dpooled.p;
     /* per shard: which of my examples have an id in it (row-wise), the mean pooling's 1/len */
+    int *hits = NULL;
     em_status st = grow(&d->hit, (size_t)d->nsh * (size_t)(B ? B : 1));
     if (!st) st = grow(&d->scale, (size_t)d->T * (size_t)(B ? B : 1) * sizeof(float));
-    if (st) return st;
+    if (!st && !(hits = em_calloc((size_t)d->nsh, sizeof(int)))) st = em_errorf(EM_ERR_NOMEM, "dist: out of memory");
+    if (st) goto xchg;
     uint8_t *hit = d->hit.p;
-    int *hits = em_calloc((size_t)d->nsh, sizeof(int));
-    if (!hits) return em_errorf(EM_ERR_NOMEM, "dist: out of memory");
     float *scale = d->scale.p;
     for (int t = 0; t < d->T; t++)
         for (int e = 0; e < B; e++) {
@@ -878,15 +898,12 @@ static em_status backward_dist(em_dist *d, const em_batch *b, em_pool *pool) {
         for (int s = 0; s < d->nsh; s++)
             if (holds(d, q, s)) n += (int64_t)block_bytes(d, d->sh[s].type == EM_SHARD_ROW, B, hits[s], d->sh[s].cols);
         if (n > INT32_MAX) {
-            em_free(hits);
-            return em_errorf(EM_ERR_UNSUPPORTED, "dist: gradient exchange over 2 GiB for one rank");
+            st = em_errorf(EM_ERR_UNSUPPORTED, "dist: gradient exchange over 2 GiB for one rank");
+            goto xchg;
         }
         d->scnt[q] = (int)n, total += n;
     }
-    if ((st = grow(&d->sbuf, (size_t)(total ? total : 1)))) {
-        em_free(hits);
-        return st;
-    }
+    if ((st = grow(&d->sbuf, (size_t)(total ? total : 1)))) goto xchg;
     char *o = d->sbuf.p;
     for (int q = 0; q < W; q++)
         for (int s = 0; s < d->nsh; s++) {
@@ -895,11 +912,12 @@ static em_status backward_dist(em_dist *d, const em_batch *b, em_pool *pool) {
             o = put_block(d, o, h->type == EM_SHARD_ROW, B, hit + (size_t)s * B, hits[s], h->cols,
                           dp + (size_t)h->t * D + (size_t)h->col0, TD, scale + (size_t)h->t * B);
         }
-    em_free(hits);
     d->bytes.grads = (double)(total - d->scnt[d->grank]);
-    if ((st = plan_exchange(d, 1))) return st;
+xchg:
+    em_free(hits);
+    if ((st = plan_exchange(d, 1, st))) return d->cw_rw ? pieces_rowwise(d, st, pool) : st;
     exchange(d, MPI_BYTE);
-    if (!K || !G) return EM_OK;
+    if (!K || !G) return d->cw_rw ? pieces_rowwise(d, EM_OK, pool) : EM_OK;
     /* reused: dout (G, kn, D) and (G, kc, cw) */
     memset(d->gout.p, 0, (size_t)G * (size_t)d->kn * D * sizeof(float));
     memset(d->goutc.p, 0, (size_t)G * (size_t)d->kc * (size_t)d->cw * sizeof(float));
@@ -917,8 +935,9 @@ static em_status backward_dist(em_dist *d, const em_batch *b, em_pool *pool) {
         for (int k = 0; k < K; k++)
             for (int64_t i = goff[(size_t)k * G]; i < goff[(size_t)(k + 1) * G]; i++) d->touched[d->toff[k] + gidx[i]] = 1;
     }
-    if (d->kn && (st = em_embbag_backward_update(d->emb, d->gout.p, d->gidx.p, d->goff.p, NULL, NULL, G, pool))) return st;
-    if (d->cw_rw) return pieces_rowwise(d, pool);
+    if (d->kn) st = em_embbag_backward_update(d->emb, d->gout.p, d->gidx.p, d->goff.p, NULL, NULL, G, pool);
+    if (d->cw_rw) return pieces_rowwise(d, st, pool);
+    if (st) return st;
     if (d->kc) {
         const int64_t base = ((const int64_t *)d->goff.p)[(size_t)d->kn * G];
         st = em_embbag_backward_update(d->embc, d->goutc.p, (const int64_t *)d->gidx.p + base, d->goffc.p, NULL, NULL, G, pool);
@@ -932,13 +951,14 @@ static em_status backward_dist(em_dist *d, const em_batch *b, em_pool *pool) {
  * the bytes this rank sent. */
 #define RED_CHUNK ((size_t)1 << 24)
 
-static em_status allreduce_sum(em_dist *d, MPI_Comm comm, float *v, size_t n, double *sent) {
+static em_status allreduce_sum(em_dist *d, MPI_Comm comm, float *v, size_t n, double *sent, em_status prep) {
     int W, me;
     MPI_Comm_size(comm, &W);
     MPI_Comm_rank(comm, &me);
     *sent = 0;
-    if (W == 1) return EM_OK;
-    em_status st = grow(&d->red, (RED_CHUNK + (size_t)W) * sizeof(float));
+    if (W == 1) return prep;
+    /* a rank that failed before (prep) or cannot get its scratch fails every rank here */
+    em_status st = agree_in(comm, prep ? prep : grow(&d->red, (RED_CHUNK + (size_t)W) * sizeof(float)));
     if (st) return st;
     for (size_t o = 0; o < n; o += RED_CHUNK) {
         const size_t m = n - o < RED_CHUNK ? n - o : RED_CHUNK;
@@ -1053,15 +1073,14 @@ static em_status sync_replicas(em_dist *d) {
         for (size_t r = 0; r < R; r++) n += t[r];
         if (!n) continue;
         em_status e = grow(&d->spack, n * rw * sizeof(float));
-        if (e) return e;
         float *pk = d->spack.p;
-        for (size_t r = 0, i = 0; r < R; r++)
+        for (size_t r = 0, i = 0; r < R && !e; r++)
             if (t[r]) {
                 memcpy(pk + i * rw, w + r * dim, dim * sizeof(float));
                 if (spr) memcpy(pk + i * rw + dim, st + r * spr, spr * sizeof(float));
                 i++;
             }
-        if ((e = allreduce_sum(d, d->rcomm, pk, n * rw, &s1))) return e;
+        if ((e = allreduce_sum(d, d->rcomm, pk, n * rw, &s1, e))) return e;
         sent += s1;
         for (size_t r = 0, i = 0; r < R; r++)
             if (t[r]) {
@@ -1086,7 +1105,7 @@ static em_status dp_backward(em_dist *d, const em_batch *b, const float *dp, em_
     const int B = b ? b->B : 0;
     const size_t D = (size_t)d->D, TD = (size_t)d->T * D;
     em_status st = grow(&d->dpgrad, (size_t)d->dp_len * sizeof(float));
-    if (st) return st;
+    if (st) return allreduce_sum(d, MPI_COMM_WORLD, NULL, 0, &(double){0}, st); /* fails every rank */
     float *g = d->dpgrad.p;
     memset(g, 0, (size_t)d->dp_len * sizeof(float));
     const float inv_m = 1.0f / (float)d->M;
@@ -1110,7 +1129,7 @@ static em_status dp_backward(em_dist *d, const em_batch *b, const float *dp, em_
         if (R > most) most = R;
     }
     double sent = 0;
-    if ((st = allreduce_sum(d, MPI_COMM_WORLD, g, (size_t)d->dp_len, &sent))) return st;
+    if ((st = allreduce_sum(d, MPI_COMM_WORLD, g, (size_t)d->dp_len, &sent, EM_OK))) return st;
     d->bytes.dp = sent;
     if ((st = grow(&d->dprows, most * (sizeof(int64_t) + D * sizeof(float)) + 1))) return st;
     int64_t *rows = d->dprows.p;
@@ -1209,12 +1228,9 @@ em_status em_dist_train_step(em_dist *d, const em_batch *local, double *loss, em
     d->step++;
     if (d->M > 1 && d->step % d->cfg.sync_every == 0 && (st = agree(sync_replicas(d)))) return st;
     if (loss) { /* the global batch's mean loss, summed in rank order */
-        double *all = em_malloc((size_t)d->world * sizeof(double)), lw = l * (double)B;
-        if (!all) return em_errorf(EM_ERR_NOMEM, "dist: out of memory");
-        MPI_Allgather(&lw, 1, MPI_DOUBLE, all, 1, MPI_DOUBLE, MPI_COMM_WORLD);
-        double s = 0;
-        for (int p = 0; p < d->world; p++) s += all[p];
-        em_free(all);
+        double lw = l * (double)B, s = 0;
+        MPI_Allgather(&lw, 1, MPI_DOUBLE, d->losses, 1, MPI_DOUBLE, MPI_COMM_WORLD);
+        for (int p = 0; p < d->world; p++) s += d->losses[p];
         *loss = d->Gw ? s / (double)d->Gw : 0.0;
     }
     d->bytes.total = d->bytes.ids + d->bytes.pooled + d->bytes.grads + d->bytes.dp + d->bytes.allreduce + d->bytes.sync;

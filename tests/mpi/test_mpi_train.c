@@ -598,6 +598,45 @@ static void test_planner_columns(void) {
     em_dlrm_free(ref);
 }
 
+/* Allocation failures on one rank at every point of a step: every rank returns an error
+ * for that step (or every rank succeeds), none is left waiting in a collective (a hang
+ * here is the failure: CTest's timeout). */
+static void test_alloc_failure_agreed(void) {
+    em_dlrm_cfg c = small_cfg(EM_OPT_ROWWISE_ADAGRAD, EM_OPT_ADAGRAD, EM_POOL_SUM);
+    const int victim = g_world - 1;
+    int failed_some = 0;
+    for (int k = 0; k < 40; k++) {
+        em_dist_cfg dc = placement(&c, "mixedc");
+        if (g_world == 4 && k % 2) { /* 2D: the replica averaging too */
+            dc.group = 2, dc.sync_every = 1;
+            for (int t = 0; t < T; t++) dc.owner[t] %= 2;
+        }
+        em_dist *d;
+        CHECK_OK(em_dist_create(&d, &dc, NULL));
+        if (!d) return;
+        gbatch *g = malloc(sizeof *g);
+        em_status st = EM_OK;
+        for (int s = 0; s < 2 && !st; s++) {
+            make_global(g, &c, s);
+            lbatch l;
+            slice(&l, g, s, g_rank, g_world);
+            if (g_rank == victim && s == (k % 4 == 3)) em_mem_fail_after(k / 2); /* the first step grows every buffer */
+            double loss;
+            st = em_dist_train_step(d, &l.b, &loss, NULL);
+            em_mem_fail_after(-1);
+            lfree(&l);
+        }
+        int mine = st != EM_OK, all = 0, any = 0;
+        MPI_Allreduce(&mine, &all, 1, MPI_INT, MPI_MIN, MPI_COMM_WORLD);
+        MPI_Allreduce(&mine, &any, 1, MPI_INT, MPI_MAX, MPI_COMM_WORLD);
+        CHECK(all == any); /* everyone failed or no one did */
+        failed_some += any;
+        free(g);
+        em_dist_free(d);
+    }
+    CHECK(failed_some > 0);
+}
+
 int main(int argc, char **argv) {
     if (em_dist_init(&argc, &argv)) {
         fprintf(stderr, "MPI init failed\n");
@@ -616,7 +655,8 @@ int main(int argc, char **argv) {
                                    {"bytes", test_bytes},
                                    {"2d_sgd_equivalence", test_2d_sgd_equivalence},
                                    {"2d_rowwise_sync", test_2d_rowwise_sync},
-                                   {"buckets", test_buckets}};
+                                   {"buckets", test_buckets},
+                                   {"alloc_failure_agreed", test_alloc_failure_agreed}};
     int rc = t_run(cases, (int)(sizeof cases / sizeof cases[0]), argc, argv);
     int worst = 0;
     MPI_Allreduce(&rc, &worst, 1, MPI_INT, MPI_MAX, MPI_COMM_WORLD);
