@@ -15,8 +15,8 @@
  * same (skip, limit) pair resumes a bounded run. TSV skip reads and counts lines (the
  * same line splitting as reading, so a too-long line is one line); binary skip seeks.
  *
- * Threading. With prefetch = 0 batches are parsed on the caller's thread into one
- * slot. With prefetch > 0 a producer thread fills the slots in ring order and the
+ * Threading. With prefetch = 0 batches are parsed on the caller's thread into the
+ * `hold` slots in turn. With prefetch > 0 a producer thread fills the slots in ring order and the
  * consumer takes them in the same order; the slots handed out by em_reader_next stay
  * owned by the caller until `hold` more calls (1: until the next call; 2: the caller
  * may keep the previous batch while it looks at the next one). The held slots are the
