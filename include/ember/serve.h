@@ -136,7 +136,7 @@ size_t em_serve_metrics_text(const em_server *s, char *buf, size_t cap);
  * the dense part), weights packed once at create, bias and ReLU fused into the GEMM
  * kernel. An example's logit does not depend on the other examples of its batch, the
  * batch size or the thread count (AVX-512 builds; elsewhere it may depend on the batch
- * size), and equals em_dlrm_forward's up to float rounding. It reads the model's
+ * size and thread count), and equals em_dlrm_forward's up to float rounding. It reads the model's
  * parameters in place: recreate it after the model's dense parameters change.
  */
 typedef struct em_infer em_infer;

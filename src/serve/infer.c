@@ -9,10 +9,12 @@
  * layer, N = 16 and N = 1 at the ends, a 367-wide interaction) it ran at ~60% of the
  * large-GEMM rate. Here:
  *
- *  - Row chunks. The batch is cut into chunks of CHUNK (48) examples; a worker takes a whole
- *    chunk through the bottom MLP, the interaction and the top MLP before taking the
- *    next (an atomic counter), with its activations in two per-worker buffers that stay
- *    in its L2. One pool launch for the dense part, no barrier between layers.
+ *  - Row chunks. The batch is cut into chunks of CHUNK (48) examples (the last ~2 nth
+ *    CHUNK rows into chunks of 12, so the workers finish together); a worker takes a
+ *    whole chunk through the pooling, the bottom MLP, the interaction and the top MLP
+ *    before taking the next (an atomic counter), with its activations in two
+ *    per-worker buffers that stay in its L2. One pool launch a pass, no barrier
+ *    between layers; batches of at most SINGLE run on the caller alone.
  *  - Packed weights, fused bias and ReLU (AVX-512 builds). Each layer's weights are
  *    packed once, at create, into panels of 32 (or 16) output columns, k-major, zero-
  *    padded to the panel width; a register-blocked kernel computes 12 rows x 32
@@ -20,8 +22,10 @@
  *    order k = 0..K-1, and applies the ReLU as it stores. The activations are read in
  *    place (broadcast loads), never packed or copied. The last layer (N = 1) is a
  *    16-wide panel with 15 zero columns, stored masked.
- *  - Interaction: per example, the pairwise dots of the 16-float vectors (D = 16: one
- *    zmm each; other D: em_vdot), in torch.tril_indices order.
+ *  - Interaction: per example, the Gram rows of the T pooled vectors against [bottom,
+ *    pooled] as one small product through the same kernel (D = 16: the vectors
+ *    transposed into a 16 x 32 panel with two 16x16 register transposes), the strict
+ *    lower triangle copied out in torch.tril_indices order; other D: em_vdot per pair.
  *
  * Determinism. Every output element of every layer is bias + sum_k x_k w_k with the
  * FMAs in k order, whatever the chunk, the row block or the worker: an example's
@@ -29,7 +33,8 @@
  * size or the thread count. It differs from the training forward's (OpenBLAS's
  * K-blocking, bias added first) only by float rounding (tests: 1e-5 relative).
  * Without AVX-512 the same chunks run OpenBLAS (bias, sgemm with beta = 1, ReLU);
- * their answers then depend on the chunk shapes, i.e. on the batch size only.
+ * their answers then depend on the chunk shapes, i.e. on the batch size and the
+ * thread count (deterministic for a given pair).
  *
  * Pooling. With the model's own fp32 tables a worker pools its chunk's bags itself,
  * just before computing the chunk (as em_embbag_forward does: index order, the same
