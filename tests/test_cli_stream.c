@@ -185,6 +185,18 @@ static void test_students(void) {
     CHECK(x && strstr(x, "\"teacher\":{\"examples\":36000,") && strstr(x, "\"vertical\":2,") &&
           strstr(x, "\"aux+adapter\":{"));
     free(x);
+    /* the teacher's own optimizers; the students keep theirs */
+    CHECK(run("%s exfm --data %s/d/stream.tsv --out %s/x2 --students 1 --modes none --window 3000 --rows-cap 2000 "
+              "--teacher-rows-cap 4000 --teacher-dense-opt adam --teacher-dense-lr 0.001 --teacher-sparse-opt rowwise_adagrad "
+              "--quiet > /dev/null && %s inspect %s/x2/teacher/checkpoint.safetensors > %s/x2t.txt && "
+              "%s inspect %s/x2/v0-none/checkpoint.safetensors > %s/x2s.txt",
+              bin, T, T, bin, T, T, bin, T, T) == 0);
+    x = slurp("%s/x2t.txt", T);
+    CHECK(x && strstr(x, "sparse optimizer rowwise_adagrad, dense adam"));
+    free(x);
+    x = slurp("%s/x2s.txt", T);
+    CHECK(x && strstr(x, "sparse optimizer sgd, dense sgd"));
+    free(x);
     /* usage errors: exit 2 with the option named */
     CHECK(run("%s stream --data %s/d/stream.tsv --distill nonsense 2> %s/err.txt", bin, T, T) == 2);
     char *e = slurp("%s/err.txt", T);

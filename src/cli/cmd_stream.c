@@ -227,7 +227,8 @@ typedef struct {
     int64_t trows_cap;
     int skip_teacher;
     uint64_t student_from;
-    double tlr;
+    double tlr, tdlr, tslr;          /* NAN = not given */
+    em_optim_kind tdense, tsparse; /* -1 = the students' */
 } exfm_ctx;
 
 typedef struct {
@@ -296,6 +297,12 @@ static const cli_opt xopts[] = {
     OPT_UINT("student-from", "POS", "students begin at global position POS: the teacher has streamed the examples before it "
              "(its history) when they start (default 0)", exfm_ctx, student_from, 0, 1LL << 48),
     OPT_DOUBLE_POS("teacher-lr", "F", "teacher's learning rate (default: --lr)", exfm_ctx, tlr),
+    OPT_FN("teacher-dense-opt", "NAME", "teacher's dense optimizer (default: --dense-opt)", cli_set_optim,
+           offsetof(exfm_ctx, tdense)),
+    OPT_FN("teacher-sparse-opt", "NAME", "teacher's embedding optimizer (default: --sparse-opt)", cli_set_optim,
+           offsetof(exfm_ctx, tsparse)),
+    OPT_DOUBLE_POS("teacher-dense-lr", "F", "teacher's dense learning rate (default: --teacher-lr)", exfm_ctx, tdlr),
+    OPT_DOUBLE_POS("teacher-sparse-lr", "F", "teacher's embedding learning rate (default: --teacher-lr)", exfm_ctx, tslr),
     OPT_INT("window", "N", "examples per window (default 100000; a student's windows hold its vertical only)", exfm_ctx,
             s.sc.window, 1, 1LL << 34),
     OPT_INT("batch", "N", "examples per training step (default 128)", exfm_ctx, s.sc.batch, 1, 1 << 20),
@@ -385,7 +392,8 @@ int cmd_exfm(int argc, char **argv) {
     x.modes = "none,serving,aux,aux+adapter";
     x.bot = "32", x.top = "32-1", x.tbot = "128-64", x.ttop = "128-64-1";
     x.tdim = 16, x.trows_cap = 200000;
-    x.tlr = NAN;
+    x.tlr = x.tdlr = x.tslr = NAN;
+    x.tdense = x.tsparse = (em_optim_kind)-1;
     char *pos[1];
     int npos;
     int rc = cli_parse("exfm", "--data PATH [options]", xopts, CLI_NOPTS(xopts), &x, argc, argv, pos, &npos, 0);
@@ -412,7 +420,9 @@ int cmd_exfm(int argc, char **argv) {
     em_dlrm_cfg tm, sm;
     uint64_t seed = c->sc.model.seed;
     double tlr = !isnan(x.tlr) ? x.tlr : lr;
-    em_optim_cfg tdopt = em_optim_default(c->dense_kind, (float)tlr), tsopt = em_optim_default(c->sparse_kind, (float)tlr);
+    double tdlr = !isnan(x.tdlr) ? x.tdlr : tlr, tslr = !isnan(x.tslr) ? x.tslr : tlr;
+    em_optim_cfg tdopt = em_optim_default((int)x.tdense >= 0 ? x.tdense : c->dense_kind, (float)tdlr),
+                 tsopt = em_optim_default((int)x.tsparse >= 0 ? x.tsparse : c->sparse_kind, (float)tslr);
     if (exfm_model(&tm, x.tdim, x.trows_cap, x.tbot, x.ttop, tdopt, tsopt, seed) ||
         exfm_model(&sm, c->sc.model.dim, c->rows_cap, x.bot, x.top, dopt, sopt, seed))
         return 2;
