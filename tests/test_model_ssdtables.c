@@ -12,23 +12,11 @@
 #include <unistd.h>
 
 #include "test.h"
+#include "scratch_util.h"
 
 enum { NT = 3, ND = 3, D = 8, B = 32 };
 
-static char g_dir[64];
-
-static int rm_cb(const char *p, const struct stat *sb, int flag, struct FTW *ftw) {
-    (void)sb, (void)flag, (void)ftw;
-    return remove(p);
-}
-
-static const char *tdir(void) {
-    if (!g_dir[0]) {
-        snprintf(g_dir, sizeof g_dir, "/tmp/ember-ssdm-XXXXXX");
-        if (!mkdtemp(g_dir)) abort();
-    }
-    return g_dir;
-}
+static const char *tdir(void) { return t_scratch_dir("ssdm"); }
 
 static em_dlrm_cfg cfg_for(em_table_kind kind, em_optim_kind sk, int64_t cache) {
     em_dlrm_cfg c;
@@ -205,13 +193,13 @@ static void test_roundtrip_and_continue(void) {
     ckpt_path(path2, sizeof path2, "rt2");
     snprintf(dir2, sizeof dir2, "%s.ssd", path2);
     CHECK_OK(em_dlrm_save(a, path2, NULL, 0));
-    nftw(dir, rm_cb, 16, FTW_DEPTH | FTW_PHYS);
+    t_rmtree(dir);
     CHECK(rename(dir2, dir) == 0);
     em_dlrm *c2 = NULL;
     CHECK(em_dlrm_load(&c2, path, NULL, pool) == EM_ERR_CORRUPT && strstr(em_last_error(), "step"));
     CHECK(c2 == NULL);
     /* no tables at all */
-    nftw(dir, rm_cb, 16, FTW_DEPTH | FTW_PHYS);
+    t_rmtree(dir);
     CHECK(em_dlrm_load(&c2, path, NULL, pool) != EM_OK && c2 == NULL);
 out:
     em_dlrm_free(a), em_dlrm_free(b);
@@ -261,9 +249,9 @@ static void test_config(void) {
 }
 
 static void test_cleanup(void) {
-    if (g_dir[0]) nftw(g_dir, rm_cb, 16, FTW_DEPTH | FTW_PHYS);
+    if (t_scratch[0]) t_rmtree(t_scratch);
     struct stat st;
-    CHECK(!g_dir[0] || stat(g_dir, &st) != 0);
+    CHECK(!t_scratch[0] || stat(t_scratch, &st) != 0);
 }
 
 TEST_MAIN({"equals_dynamic", test_equals_dynamic}, {"roundtrip_and_continue", test_roundtrip_and_continue},

@@ -9,6 +9,7 @@
  */
 #define _GNU_SOURCE /* nftw flags */
 #include "test.h"
+#include "scratch_util.h"
 
 #include <ftw.h>
 #include <sys/stat.h>
@@ -17,20 +18,8 @@
 #include "ember/dyntable.h"
 #include "ember/ssdtier.h"
 
-static char g_dir[64];
-
-static int rm_cb(const char *p, const struct stat *sb, int flag, struct FTW *ftw) {
-    (void)sb, (void)flag, (void)ftw;
-    return remove(p);
-}
-static void rmtree(const char *p) { nftw(p, rm_cb, 16, FTW_DEPTH | FTW_PHYS); }
-
 static const char *tdir(const char *name, char *buf, size_t cap) {
-    if (!g_dir[0]) {
-        snprintf(g_dir, sizeof g_dir, "/tmp/ember-ssd-XXXXXX");
-        if (!mkdtemp(g_dir)) abort();
-    }
-    snprintf(buf, cap, "%s/%s", g_dir, name);
+    snprintf(buf, cap, "%s/%s", t_scratch_dir("ssd"), name);
     return buf;
 }
 
@@ -424,7 +413,7 @@ static void test_restart_mid_training(void) {
     em_ssd_free(u);
     em_dyn_free(d);
     free_seq(&q);
-    rmtree(ck);
+    t_rmtree(ck);
 }
 
 /* ---------------------------------------------------- corrupt metadata */
@@ -486,7 +475,7 @@ static void test_corrupt_refused(void) {
     CHECK_OK(em_ssd_save(a, bad));
     char dbp[160];
     snprintf(dbp, sizeof dbp, "%s/db", bad);
-    rmtree(dbp);
+    t_rmtree(dbp);
     CHECK(em_ssd_load(a, bad) == EM_ERR_CORRUPT);
     /* a damaged db: CURRENT names no manifest */
     CHECK_OK(em_ssd_save(a, bad));
@@ -502,7 +491,7 @@ static void test_corrupt_refused(void) {
     CHECK(em_ssd_step(a) == 8);
     CHECK(train_both(a, NULL, &q, 0, 2, NULL, 0));
     em_ssd_free(a);
-    rmtree(ck), rmtree(bad);
+    t_rmtree(ck), t_rmtree(bad);
     free_seq(&q);
 }
 
@@ -559,7 +548,7 @@ static void test_alloc_failures(void) {
     CHECK(n < 2000 && failures > 10);
     CHECK(memcmp(ref, row, sizeof ref) == 0);
     free_seq(&q);
-    rmtree(ck);
+    t_rmtree(ck);
 }
 
 /* ------------------------------------------------------------- invalid */
@@ -617,9 +606,9 @@ static void test_invalid(void) {
 }
 
 static void test_cleanup(void) {
-    if (g_dir[0]) rmtree(g_dir);
+    if (t_scratch[0]) t_rmtree(t_scratch);
     struct stat st;
-    CHECK(!g_dir[0] || stat(g_dir, &st) != 0);
+    CHECK(!t_scratch[0] || stat(t_scratch, &st) != 0);
 }
 
 TEST_MAIN({"roundtrip_sgd", test_roundtrip_sgd}, {"roundtrip_adagrad", test_roundtrip_adagrad},

@@ -13,23 +13,11 @@
 #include <unistd.h>
 
 #include "test.h"
+#include "scratch_util.h"
 
 enum { NT = 26, ND = 13, D = 8, BATCH = 50, ROWS = 8000 };
 
-static char g_dir[64];
-
-static int rm_cb(const char *p, const struct stat *sb, int flag, struct FTW *ftw) {
-    (void)sb, (void)flag, (void)ftw;
-    return remove(p);
-}
-
-static const char *tdir(void) {
-    if (!g_dir[0]) {
-        snprintf(g_dir, sizeof g_dir, "/tmp/ember-look-XXXXXX");
-        if (!mkdtemp(g_dir)) abort();
-    }
-    return g_dir;
-}
+static const char *tdir(void) { return t_scratch_dir("look"); }
 
 static char train_path[128], test_path[128];
 
@@ -238,7 +226,7 @@ static void test_lookahead_resume(void) {
 }
 
 static void cleanup(void) {
-    if (g_dir[0]) nftw(g_dir, rm_cb, 16, FTW_DEPTH | FTW_PHYS);
+    if (t_scratch[0]) t_rmtree(t_scratch);
 }
 
 static void test_zz_cleanup(void) { cleanup(); }
