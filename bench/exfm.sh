@@ -5,8 +5,9 @@
 #      (3 verticals sharing 0.5/0.3/0.2 of the traffic, ids churning, per-id weights
 #      rotating), converted to ember binary (stream.bin beside its stream.side sidecar);
 #   2. the pipeline, per seed: `ember exfm` - the teacher (D=16, 13-128-64-16, top
-#      (w)-128-64-1, 200k rows per table; options TEACHER, by default Adam lr 0.001 for
-#      the dense part and AdaGrad lr 0.1 for the tables: docs/BENCHMARKS.md) streams all
+#      (w)-128-64-1, 200k rows per table plus a 3-row table holding the example's
+#      vertical, a product feature; options TEACHER, by default Adam lr 0.001 for the
+#      dense part and AdaGrad lr 0.1 for the tables: docs/BENCHMARKS.md) streams all
 #      verticals in windows of WINDOW
 #      examples, each evaluated before training (progressive), logging every
 #      prediction to teacher.das; then for each vertical 0..2 and each mode a student
@@ -31,7 +32,8 @@
 # shared with other jobs (load average ~10). Last line of stdout: one JSON object.
 # Env: OUT (bench/out/exfm), BUILD (build), ROWS (3000000), GEN_WINDOWS (30),
 # WINDOW (50000), SEEDS ("1 2 3"), STUDENT_FROM (ROWS/3), LR (0.05: students),
-# TEACHER ("--teacher-dense-opt adam --teacher-dense-lr 0.001 --teacher-sparse-lr 0.1"),
+# TEACHER ("--teacher-dense-opt adam --teacher-dense-lr 0.001 --teacher-sparse-lr 0.1
+# --teacher-vertical-feature 3"),
 # STUDENT (""), THREADS (1), PAR (3), OVH_V (2), REPS (3), MODES (none,serving,aux,aux+adapter).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -43,7 +45,7 @@ WINDOW=${WINDOW:-50000}
 SEEDS=${SEEDS:-"1 2 3"}
 STUDENT_FROM=${STUDENT_FROM:-$((ROWS / 3))}
 LR=${LR:-0.05}
-TEACHER=${TEACHER:-"--teacher-dense-opt adam --teacher-dense-lr 0.001 --teacher-sparse-lr 0.1"}
+TEACHER=${TEACHER:-"--teacher-dense-opt adam --teacher-dense-lr 0.001 --teacher-sparse-lr 0.1 --teacher-vertical-feature 3"}
 STUDENT=${STUDENT:-""}
 THREADS=${THREADS:-1}
 PAR=${PAR:-3}

@@ -3,7 +3,8 @@
  * in the middle of windows, twice, and resumed is bitwise the uninterrupted run
  * (parameters, per-window metrics, the teacher's prediction log); stdin gives the
  * same model as the file, and resumes by skipping what the checkpoint has seen; the
- * ExFM student verbs run on the teacher's log.
+ * ExFM student verbs run on the teacher's log; `exfm --teacher-vertical-feature` gives
+ * the teacher (only) one more table.
  */
 #include <limits.h>
 #include <signal.h>
@@ -196,6 +197,27 @@ static void test_students(void) {
     free(x);
     x = slurp("%s/x2s.txt", T);
     CHECK(x && strstr(x, "sparse optimizer sgd, dense sgd"));
+    free(x);
+    /* a teacher that sees the vertical: one more table (3 rows) in the teacher only */
+    CHECK(run("%s exfm --data %s/d/stream.tsv --out %s/x3 --students 1 --modes aux+adapter --window 3000 --rows-cap 2000 "
+              "--teacher-rows-cap 4000 --teacher-vertical-feature 3 --quiet > %s/x3.json && "
+              "%s inspect %s/x3/teacher/checkpoint.safetensors > %s/x3t.txt && "
+              "%s inspect %s/x3/v0-aux+adapter/checkpoint.safetensors > %s/x3s.txt",
+              bin, T, T, T, bin, T, T, bin, T, T) == 0);
+    x = slurp("%s/x3.json", T);
+    CHECK(x && strstr(x, "\"teacher\":{\"examples\":36000,") && strstr(x, "\"aux+adapter\":{"));
+    free(x);
+    x = slurp("%s/x3t.txt", T);
+    CHECK(x && strstr(x, "27 tables") && strstr(x, "\n26                3            3 "));
+    free(x);
+    x = slurp("%s/x3s.txt", T);
+    CHECK(x && strstr(x, "26 tables"));
+    free(x);
+    /* the vertical as a feature needs sidecars: stdin has none */
+    CHECK(run("head -100 %s/d/stream.tsv | %s stream --data - --out %s/x4 %s --vertical-feature 3 --top 386-32-1 "
+              "2> %s/err4.txt", T, bin, T, common, T) == 1);
+    x = slurp("%s/err4.txt", T);
+    CHECK(x && strstr(x, "sidecar"));
     free(x);
     /* usage errors: exit 2 with the option named */
     CHECK(run("%s stream --data %s/d/stream.tsv --distill nonsense 2> %s/err.txt", bin, T, T) == 2);

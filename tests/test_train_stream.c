@@ -3,7 +3,8 @@
  * not depend on how the stream is cut into files, a directory that grows while the
  * run waits gives the same model as one file, a stopped-and-resumed run is bitwise the
  * uninterrupted one (metrics lines, teacher log and student heads included), the
- * vertical filter, the teacher's log, the student's join (present / missing), and
+ * vertical filter, the vertical as a feature (it reaches the model's last table and
+ * resumes exactly), the teacher's log, the student's join (present / missing), and
  * the configuration errors. The SIGKILL test is in test_cli_stream.c.
  */
 #include <errno.h>
@@ -334,6 +335,65 @@ static void test_vertical(void) {
     CHECK(em_stream_run(&c2, pool, &r, NULL) != EM_OK);
 }
 
+/* The vertical as a feature: a model with one more table of 4 rows; each example's
+ * bag there is {its sidecar vertical}, so the rows of verticals 0-2 (the data has 3)
+ * train and row 3 keeps its initial values; the data's 26 tables are read as usual.
+ * Stopped and resumed it is bitwise the uninterrupted run; resuming without the
+ * feature, or reading data without a sidecar, is an error. */
+static void test_vertical_feature(void) {
+    sh("rm -rf %s %s %s " DIR_ "/vf_init.safetensors", DIR_ "/vf", DIR_ "/vf2", DIR_ "/vf3");
+    em_stream_cfg c = base_cfg(DIR_ "/d/stream.tsv", DIR_ "/vf");
+    c.model.rows[c.model.num_tables++] = 4;
+    c.model.top[0] = em_dot_interact_out_dim(c.model.num_tables, c.model.dim);
+    c.vertical_feature = 1;
+    em_dlrm *m0 = NULL;
+    CHECK_OK(em_dlrm_create(&m0, &c.model, pool));
+    CHECK_OK(em_dlrm_save(m0, DIR_ "/vf_init.safetensors", NULL, 0));
+    em_dlrm_free(m0);
+    em_stream_result r;
+    CHECK_OK(em_stream_run(&c, pool, &r, NULL));
+    CHECK(r.windows == 12 && r.examples == ROWS);
+    em_st *fi = NULL, *ft = NULL;
+    CHECK_OK(em_st_open(&fi, DIR_ "/vf_init.safetensors"));
+    CHECK_OK(em_st_open(&ft, r.checkpoint));
+    if (fi && ft) {
+        const em_st_tensor *a = em_st_find(fi, "emb.26.weight"), *b = em_st_find(ft, "emb.26.weight");
+        CHECK(a && b && a->ndim == 2 && a->shape[0] == 4 && a->shape[1] == 8 && b->shape[0] == 4);
+        if (a && b && a->shape[0] == 4) {
+            const float *x = a->data, *y = b->data;
+            for (int v = 0; v < 4; v++) {
+                int changed = memcmp(x + 8 * v, y + 8 * v, 8 * sizeof(float)) != 0;
+                CHECK(changed == (v < 3));
+            }
+        }
+        /* the data's tables train as without the feature */
+        const em_st_tensor *e0 = em_st_find(fi, "emb.0.weight"), *e1 = em_st_find(ft, "emb.0.weight");
+        CHECK(e0 && e1 && memcmp(e0->data, e1->data, nbytes(e0)) != 0);
+    }
+    em_st_close(fi), em_st_close(ft);
+    /* stopped twice and resumed: bitwise the uninterrupted run */
+    em_stream_cfg c2 = c;
+    c2.out_dir = DIR_ "/vf2";
+    c2.resume = 1, c2.ckpt_every = 2;
+    const int64_t stops[] = {3, 8, 0};
+    for (int i = 0; i < 3; i++) {
+        c2.max_windows = stops[i];
+        CHECK_OK(em_stream_run(&c2, pool, &r, NULL));
+    }
+    CHECK(r.windows == 12);
+    CHECK(same_ckpt(DIR_ "/vf/checkpoint.safetensors", r.checkpoint));
+    CHECK(same_metrics(DIR_ "/vf", DIR_ "/vf2"));
+    /* resuming it without the feature */
+    c2.vertical_feature = 0;
+    CHECK(em_stream_run(&c2, pool, &r, NULL) == EM_ERR_INVALID);
+    CHECK(strstr(em_last_error(), "vertical as a feature") != NULL);
+    /* data without a sidecar */
+    em_stream_cfg c3 = c;
+    c3.source = DIR_ "/d/raw.side", c3.out_dir = DIR_ "/vf3";
+    CHECK(em_stream_run(&c3, pool, &r, NULL) == EM_ERR_IO);
+    CHECK(strstr(em_last_error(), "sidecar") != NULL);
+}
+
 /* The teacher's log: one record per example, ids = positions, version = window; a
  * resumed teacher writes the same bytes. */
 static void test_teacher_log(void) {
@@ -522,6 +582,7 @@ static void test_cleanup(void) {
 
 TEST_MAIN({"setup", test_setup}, {"file", test_file}, {"dir_same_as_file", test_dir_same_as_file},
           {"growing_dir", test_growing_dir}, {"resume_exact", test_resume_exact},
-          {"resume_after_lost_windows", test_resume_after_lost_windows}, {"vertical", test_vertical}, {"start_pos", test_start_pos},
+          {"resume_after_lost_windows", test_resume_after_lost_windows}, {"vertical", test_vertical},
+          {"vertical_feature", test_vertical_feature}, {"start_pos", test_start_pos},
           {"teacher_log", test_teacher_log}, {"student", test_student}, {"reader_positions", test_reader_positions}, {"errors", test_errors},
           {"cleanup", test_cleanup})

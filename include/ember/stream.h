@@ -55,6 +55,13 @@
  * column is the example's vertical (what `ember gen --drift` writes); examples of other
  * verticals are skipped (they still advance positions).
  *
+ * The vertical as a feature. With `vertical_feature`, the model's last table is the
+ * example's vertical (a product feature, as a production foundation model sees it):
+ * the data files hold num_tables - 1 sparse fields, and each example gets one more
+ * bag holding the single id (vertical mod that table's rows), taken from the sidecar
+ * (so sidecars are required). A teacher fed every vertical then learns each vertical's
+ * own bias and id effects (through the dot interaction) instead of averaging them.
+ *
  * Checkpoints (out_dir/checkpoint.safetensors, written atomically every ckpt_every
  * windows and at the end) are DLRM checkpoints (servable as they are) with metadata
  * "stream.*": the current file and its index, the position and byte offset after the
@@ -123,6 +130,7 @@ typedef struct {
     uint64_t start_pos;       /* begin at this global position: the examples before it are passed
                                  over (a single file's reader skips them without parsing) */
     int vertical;             /* >= 0: only this vertical's examples (needs sidecars); -1: all */
+    int vertical_feature;     /* 1: the model's last table is the sidecar's vertical (see above) */
     uint32_t stream_id;       /* 16-bit stream number of example ids (default 0) */
     const char *log_predictions; /* teacher: append each example's progressive prediction (its
                                     logit, vertical, and the window as version) to this DAS log */
@@ -155,7 +163,7 @@ em_stream_cfg em_stream_default(void);
 
 /* Run the stream to its end (or max_windows). The model is kept in *model_out if
  * non-NULL (caller frees), else freed. EM_ERR_INVALID for a bad config or a resume
- * with other batch/window/vertical/source settings; I/O, parse (strict) and
+ * with other batch/window/vertical/vertical_feature/source settings; I/O, parse (strict) and
  * corruption errors name the file and position. */
 em_status em_stream_run(const em_stream_cfg *cfg, em_pool *pool, em_stream_result *res, em_dlrm **model_out);
 

@@ -27,6 +27,7 @@ typedef struct {
     double lr, dense_lr, sparse_lr; /* NAN = not given */
     em_optim_kind dense_kind, sparse_kind;
     int64_t rows_cap;
+    int64_t vertical_rows; /* > 0: the vertical as a feature, a last table of these rows */
     int rows_given, bot_given, top_given;
     double alpha, beta, w, w_adapter, head_lr, adapter_lr, poll_ms;
 } stream_ctx;
@@ -78,6 +79,8 @@ static const cli_opt opts[] = {
              1LL << 48),
     OPT_INT("vertical", "V", "train on vertical V only (column 1 of each data file's .side sidecar; default: all)",
             stream_ctx, sc.vertical, -1, 0xffff),
+    OPT_INT("vertical-feature", "N", "give the model the example's vertical (the sidecar's) as a feature: one more "
+            "table of N rows, after the data's (default: none)", stream_ctx, vertical_rows, 0, 1 << 20),
     OPT_UINT("stream-id", "N", "16-bit stream number of example ids in prediction logs (default 0)", stream_ctx,
              sc.stream_id, 0, 0xffff),
     OPT_STR("log-predictions", "DAS", "teacher: append every example's progressive prediction to this log", stream_ctx,
@@ -169,6 +172,14 @@ int cmd_stream(int argc, char **argv) {
     }
     for (int t = 0; t < m->num_tables; t++)
         if (c.rows_cap > 0 && m->rows[t] > c.rows_cap) m->rows[t] = c.rows_cap;
+    if (c.vertical_rows > 0) {
+        if (m->num_tables >= EM_DLRM_MAX_TABLES) {
+            fprintf(stderr, "ember stream: --vertical-feature: no room for one more table\n");
+            return 2;
+        }
+        m->rows[m->num_tables++] = c.vertical_rows;
+        s->vertical_feature = 1;
+    }
     if (!c.bot_given) m->bot[0] = m->num_dense, m->bot[m->n_bot - 1] = m->dim;
     if (!c.top_given) m->top[0] = em_dot_interact_out_dim(m->num_tables, m->dim);
     double dlr = !isnan(c.dense_lr) ? c.dense_lr : !isnan(c.lr) ? c.lr : 0.1;
@@ -224,7 +235,7 @@ typedef struct {
     int students;
     const char *modes, *bot, *top, *tbot, *ttop;
     int tdim;
-    int64_t trows_cap;
+    int64_t trows_cap, tvrows;
     int skip_teacher;
     uint64_t student_from;
     double tlr, tdlr, tslr;          /* NAN = not given */
@@ -323,6 +334,8 @@ static const cli_opt xopts[] = {
     OPT_STR("top", "SIZES", "students' top MLP after the interaction (default 32-1)", exfm_ctx, top),
     OPT_INT("teacher-dim", "D", "teacher's embedding dimension (default 16)", exfm_ctx, tdim, 1, 4096),
     OPT_INT("teacher-rows-cap", "N", "teacher's rows per table (default 200000)", exfm_ctx, trows_cap, 1, 1LL << 40),
+    OPT_INT("teacher-vertical-feature", "N", "give the teacher the vertical as a feature: one more table of N rows "
+            "(default 0: the teacher does not see it)", exfm_ctx, tvrows, 0, 1 << 20),
     OPT_STR("teacher-bot", "SIZES", "teacher's bottom MLP hidden sizes (default 128-64)", exfm_ctx, tbot),
     OPT_STR("teacher-top", "SIZES", "teacher's top MLP after the interaction (default 128-64-1)", exfm_ctx, ttop),
     OPT_UINT("seed", "N", "initialisation seed (default 1)", exfm_ctx, s.sc.model.seed, 0, 1LL << 62),
@@ -330,10 +343,12 @@ static const cli_opt xopts[] = {
     OPT_FLAG("quiet", "no per-window lines on stderr", exfm_ctx, s.quiet),
 };
 
-/* A model: Kaggle tables capped at rows_cap, 13-<bot>-D, <inter>-<top>. */
-static int exfm_model(em_dlrm_cfg *m, int dim, int64_t rows_cap, const char *bot, const char *top, em_optim_cfg dopt,
-                      em_optim_cfg sopt, uint64_t seed) {
+/* A model: Kaggle tables capped at rows_cap (and, vrows > 0, a last table of vrows rows
+ * for the vertical), 13-<bot>-D, <inter>-<top>. */
+static int exfm_model(em_dlrm_cfg *m, int dim, int64_t rows_cap, int64_t vrows, const char *bot, const char *top,
+                      em_optim_cfg dopt, em_optim_cfg sopt, uint64_t seed) {
     *m = em_dlrm_kaggle(rows_cap);
+    if (vrows > 0) m->rows[m->num_tables++] = vrows;
     m->dim = dim;
     int h[EM_DLRM_MAX_LAYERS + 1], nh = em_parse_layers(bot, h, EM_DLRM_MAX_LAYERS - 1);
     int t[EM_DLRM_MAX_LAYERS + 1], nt = em_parse_layers(top, t, EM_DLRM_MAX_LAYERS);
@@ -423,8 +438,8 @@ int cmd_exfm(int argc, char **argv) {
     double tdlr = !isnan(x.tdlr) ? x.tdlr : tlr, tslr = !isnan(x.tslr) ? x.tslr : tlr;
     em_optim_cfg tdopt = em_optim_default((int)x.tdense >= 0 ? x.tdense : c->dense_kind, (float)tdlr),
                  tsopt = em_optim_default((int)x.tsparse >= 0 ? x.tsparse : c->sparse_kind, (float)tslr);
-    if (exfm_model(&tm, x.tdim, x.trows_cap, x.tbot, x.ttop, tdopt, tsopt, seed) ||
-        exfm_model(&sm, c->sc.model.dim, c->rows_cap, x.bot, x.top, dopt, sopt, seed))
+    if (exfm_model(&tm, x.tdim, x.trows_cap, x.tvrows, x.tbot, x.ttop, tdopt, tsopt, seed) ||
+        exfm_model(&sm, c->sc.model.dim, c->rows_cap, 0, x.bot, x.top, dopt, sopt, seed))
         return 2;
     em_student_cfg stc = em_student_default();
     if (!isnan(c->alpha)) stc.alpha = (float)c->alpha;
@@ -447,6 +462,7 @@ int cmd_exfm(int argc, char **argv) {
     /* the teacher */
     em_stream_cfg tc = c->sc;
     tc.model = tm;
+    tc.vertical_feature = x.tvrows > 0;
     snprintf(dir, sizeof dir, "%s/teacher", c->out);
     tc.out_dir = dir;
     tc.log_predictions = das;

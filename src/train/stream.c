@@ -116,8 +116,9 @@ static void src_close_file(source *s) {
 /* Open the data file `path` at (pos, byte) and its sidecar at (pos, side_byte). */
 static em_status src_open_file(source *s, const char *path, uint64_t pos, uint64_t byte, uint64_t side_byte) {
     snprintf(s->path, sizeof s->path, "%s", path);
+    const int nsd = s->mc->num_tables - (s->cfg->vertical_feature ? 1 : 0); /* the data's fields */
     em_reader_cfg rc = {.path = path, .batch_size = s->cfg->batch, .num_dense = s->mc->num_dense,
-                        .num_sparse = s->mc->num_tables, .table_rows = s->mc->rows, .strict = s->cfg->strict,
+                        .num_sparse = nsd, .table_rows = s->mc->rows, .strict = s->cfg->strict,
                         .prefetch = s->cfg->prefetch, .skip = pos, .skip_bytes = pos ? byte : 0};
     em_status st = em_reader_open(&s->r, &rc);
     if (st) return st;
@@ -125,15 +126,16 @@ static em_status src_open_file(source *s, const char *path, uint64_t pos, uint64
     s->files++;
     s->side_line = 0, s->side_byte = 0;
     if (s->kind == SRC_STDIN) {
-        if (s->cfg->vertical >= 0)
-            return em_errorf(EM_ERR_INVALID, "stream: a vertical filter needs sidecar files; stdin has none");
+        if (s->cfg->vertical >= 0 || s->cfg->vertical_feature)
+            return em_errorf(EM_ERR_INVALID, "stream: a vertical filter or feature needs sidecar files; stdin has none");
         return EM_OK;
     }
     side_path_of(path, s->side_path, sizeof s->side_path);
     s->side = fopen(s->side_path, "r");
     if (!s->side) {
-        if (errno == ENOENT && s->cfg->vertical < 0) return EM_OK; /* verticals are optional then */
-        return em_errorf(EM_ERR_IO, "stream: sidecar '%s' of '%s': %s (a vertical filter needs one per data file)",
+        if (errno == ENOENT && s->cfg->vertical < 0 && !s->cfg->vertical_feature)
+            return EM_OK; /* verticals are optional then */
+        return em_errorf(EM_ERR_IO, "stream: sidecar '%s' of '%s': %s (a vertical filter or feature needs one per data file)",
                          s->side_path, path, strerror(errno));
     }
     if (pos == 0) return EM_OK;
@@ -267,7 +269,9 @@ static em_status src_next(source *s, const em_batch **b, int *i, uint64_t *gpos,
 
 typedef struct {
     int64_t cap, n;
-    int nd, ns;
+    int nd, ns;              /* ns: the model's tables */
+    int nsd;                 /* of which the data's fields (ns - 1 with the vertical as a feature) */
+    int64_t vrows;           /* the vertical feature's table rows (0: none) */
     float *label, *dense;    /* (cap), (cap, nd) */
     int64_t *eoff, *ids;     /* example-major bags: (cap * ns + 1), (cap * ns) */
     uint64_t *gpos, *xid;    /* (cap) global positions, DAS example ids */
@@ -286,9 +290,9 @@ static void window_free(window *w) {
     memset(w, 0, sizeof *w);
 }
 
-static em_status window_alloc(window *w, int64_t cap, int nd, int ns, int bcap) {
+static em_status window_alloc(window *w, int64_t cap, int nd, int ns, int64_t vrows, int bcap) {
     memset(w, 0, sizeof *w);
-    w->cap = cap, w->nd = nd, w->ns = ns, w->bcap = bcap;
+    w->cap = cap, w->nd = nd, w->ns = ns, w->nsd = vrows ? ns - 1 : ns, w->vrows = vrows, w->bcap = bcap;
     const size_t n = (size_t)cap, e = n * (size_t)ns;
     w->label = em_malloc(n * sizeof(float));
     w->dense = em_malloc((n * (size_t)nd + 1) * sizeof(float));
@@ -312,19 +316,24 @@ static em_status window_alloc(window *w, int64_t cap, int nd, int ns, int bcap) 
     return EM_OK;
 }
 
-/* Append example i of reader batch b (bags are table-major there). */
+/* Append example i of reader batch b (bags are table-major there) and, with the
+ * vertical as a feature, the bag {v mod vrows} as its last field. */
 static em_status window_push(window *w, const em_batch *b, int i, uint64_t gpos, uint32_t v) {
     const int64_t e = w->n;
     w->label[e] = b->label[i];
     memcpy(w->dense + (size_t)e * (size_t)w->nd, b->dense + (size_t)i * (size_t)w->nd, (size_t)w->nd * sizeof(float));
     int64_t k = w->eoff[(size_t)e * (size_t)w->ns];
-    for (int f = 0; f < w->ns; f++) {
+    for (int f = 0; f < w->nsd; f++) {
         const int64_t lo = b->offsets[(size_t)f * (size_t)b->B + (size_t)i], hi = b->offsets[(size_t)f * (size_t)b->B + (size_t)i + 1];
         if (hi - lo > 1 || k + (hi - lo) > w->cap * w->ns)
             return em_errorf(EM_ERR_INVALID, "stream: example at position %" PRIu64 " has a bag of %lld ids (at most 1)",
                              gpos, (long long)(hi - lo));
         for (int64_t j = lo; j < hi; j++) w->ids[k++] = b->indices[j];
         w->eoff[(size_t)e * (size_t)w->ns + (size_t)f + 1] = k;
+    }
+    if (w->vrows) {
+        w->ids[k++] = (int64_t)((uint64_t)v % (uint64_t)w->vrows);
+        w->eoff[(size_t)e * (size_t)w->ns + (size_t)w->ns] = k;
     }
     w->gpos[e] = gpos, w->vert[e] = v;
     w->n++;
@@ -421,15 +430,16 @@ static em_status checkpoint(run *R) {
     snprintf(v[11], 64, "%u", c->stream_id);
     snprintf(v[12], 64, "%" PRIu64, das_records);
     snprintf(v[13], 64, "%d", s->ended);
-    em_st_meta meta[20] = {
+    snprintf(v[14], 64, "%d", c->vertical_feature ? 1 : 0);
+    em_st_meta meta[21] = {
         {"stream.version", "1"},         {"stream.source", c->source},     {"stream.file", s->path},
         {"stream.files", v[0]},     {"stream.pos", v[1]},            {"stream.byte", v[2]},
         {"stream.base", v[3]},           {"stream.side_byte", v[4]},      {"stream.windows", v[5]},
         {"stream.examples", v[6]},       {"stream.metrics_bytes", v[7]},  {"stream.batch", v[8]},
         {"stream.window", v[9]},         {"stream.vertical", v[10]},      {"stream.stream_id", v[11]},
-        {"stream.das_records", v[12]},   {"stream.ended", v[13]},
+        {"stream.das_records", v[12]},   {"stream.ended", v[13]},         {"stream.vertical_feature", v[14]},
     };
-    int nm = 17;
+    int nm = 18;
     char *hex = NULL, steps[64];
     if (R->stu) {
         size_t n = em_student_state_size(R->stu);
@@ -488,6 +498,12 @@ static em_status resume_from(run *R, em_st *f) {
                          R->ckpt_path, batch, win, vs, sid, c->batch, c->window, c->vertical, c->stream_id);
     if (strcmp(src, c->source) != 0)
         return em_errorf(EM_ERR_INVALID, "stream: %s continues source '%s', not '%s'", R->ckpt_path, src, c->source);
+    uint64_t vf = 0; /* absent in checkpoints from before the vertical feature: off */
+    if (em_st_meta_get(f, "stream.vertical_feature") && meta_u64(f, "stream.vertical_feature", &vf))
+        return em_errorf(EM_ERR_CORRUPT, "%s: stream.vertical_feature is bad", R->ckpt_path);
+    if ((vf != 0) != (c->vertical_feature != 0))
+        return em_errorf(EM_ERR_INVALID, "stream: %s was trained %s the vertical as a feature, this run %s", R->ckpt_path,
+                         vf ? "with" : "without", c->vertical_feature ? "with it" : "without it");
     const char *mode = em_st_meta_get(f, "student.mode");
     if (R->stu || mode) {
         const char *want = R->stu ? em_distill_name(c->student.mode) : "(none)";
@@ -736,6 +752,10 @@ em_status em_stream_run(const em_stream_cfg *cfg, em_pool *pool, em_stream_resul
         st = em_errorf(EM_ERR_UNSUPPORTED, "stream: sequence models are not streamed yet (the window store holds no history)");
         goto done;
     }
+    if (cfg->vertical_feature && mc->num_tables < 2) {
+        st = em_errorf(EM_ERR_INVALID, "stream: the vertical as a feature needs a model with a table for it and one for the data");
+        goto done;
+    }
     if (cfg->teacher_log && (st = em_student_create(&R.stu, &cfg->student, R.m))) goto done;
     if (resuming) {
         res->resumed = 1;
@@ -771,7 +791,9 @@ em_status em_stream_run(const em_stream_cfg *cfg, em_pool *pool, em_stream_resul
         if ((st = src_open_file(&R.src, cfg->source, at, 0, 0))) goto done;
     }
     const int bcap = cfg->batch > cfg->eval_batch ? cfg->batch : cfg->eval_batch;
-    if ((st = window_alloc(&R.w, cfg->window, mc->num_dense, mc->num_tables, bcap))) goto done;
+    if ((st = window_alloc(&R.w, cfg->window, mc->num_dense, mc->num_tables,
+                           cfg->vertical_feature ? mc->rows[mc->num_tables - 1] : 0, bcap)))
+        goto done;
     for (;;) {
         if (cfg->max_windows && R.windows >= cfg->max_windows) break;
         em_stream_window rep;
