@@ -150,17 +150,55 @@ static void check_linear_shape(int B, int I, int O, int with_bias, int with_din,
 static void test_linear(void) {
     make_pools();
     size_t base = em_mem_in_use();
-    check_linear_shape(1, 1, 1, 1, 1, 1);
-    check_linear_shape(3, 5, 7, 1, 1, 1);
-    check_linear_shape(1, 13, 512, 1, 1, 1);
-    check_linear_shape(17, 33, 9, 0, 1, 1);
-    check_linear_shape(5, 1, 3, 1, 1, 1);        /* I = 1 */
-    check_linear_shape(9, 64, 1, 1, 1, 1);       /* O = 1, the logit layer */
-    check_linear_shape(37, 21, 11, 1, 0, 0);     /* din, db skipped */
-    check_linear_shape(600, 100, 300, 1, 1, 1);  /* several row tiles */
-    check_linear_shape(45, 30, 700, 1, 1, 1);    /* column tiles, several db blocks */
-    check_linear_shape(130, 367, 257, 1, 1, 1);  /* Kaggle-like width, odd O */
+    /* both implementations: the AVX-512 kernels (where built) and the OpenBLAS tiles */
+    for (int impl = 0; impl < 2; impl++) {
+        em_linear_set_impl(impl);
+        check_linear_shape(1, 1, 1, 1, 1, 1);
+        check_linear_shape(3, 5, 7, 1, 1, 1);
+        check_linear_shape(1, 13, 512, 1, 1, 1);
+        check_linear_shape(17, 33, 9, 0, 1, 1);
+        check_linear_shape(5, 1, 3, 1, 1, 1);        /* I = 1 */
+        check_linear_shape(9, 64, 1, 1, 1, 1);       /* O = 1, the logit layer */
+        check_linear_shape(301, 600, 1, 1, 1, 1);    /* O = 1, several column blocks */
+        check_linear_shape(37, 21, 11, 1, 0, 0);     /* din, db skipped */
+        check_linear_shape(600, 100, 300, 1, 1, 1);  /* several row tiles, batch chunks */
+        check_linear_shape(45, 30, 700, 1, 1, 1);    /* column tiles, several db blocks */
+        check_linear_shape(130, 367, 257, 1, 1, 1);  /* Kaggle-like width, odd O */
+        check_linear_shape(2053, 13, 515, 1, 1, 1);  /* first layer at training batch, ragged */
+        check_linear_shape(259, 70, 17, 1, 1, 1);    /* 16-wide panels plus one column */
+    }
+    em_linear_set_impl(0);
     CHECK(em_mem_in_use() == base);              /* the layer itself allocates nothing */
+}
+
+/* em_linear_backward_set_relu_in is backward_set followed by the ReLU mask of its
+ * input, bitwise, in both implementations and for any thread count. */
+static void test_linear_relu_in(void) {
+    make_pools();
+    const int shapes[][3] = {{300, 37, 70}, {2049, 64, 16}, {97, 256, 1}, {50, 13, 33}};
+    for (int impl = 0; impl < 2; impl++) {
+        em_linear_set_impl(impl);
+        for (int s = 0; s < 4; s++) {
+            const int B = shapes[s][0], I = shapes[s][1], O = shapes[s][2];
+            em_rng r;
+            em_rng_seed(&r, (uint64_t)(31 * s + impl));
+            float *x = randv(&r, (size_t)B * I, 1.f), *W = randv(&r, (size_t)O * I, 0.5f), *dy = randv(&r, (size_t)B * O, 1.f);
+            for (int i = 0; i < B * I; i += 3) x[i] = 0.f; /* exact zeros are masked too */
+            float *dx1 = randv(&r, (size_t)B * I, 9.f), *dW1 = randv(&r, (size_t)O * I, 9.f), *db1 = randv(&r, (size_t)O, 9.f);
+            em_linear_backward_set(dx1, dW1, db1, dy, x, W, B, I, O, pools[1]);
+            for (int i = 0; i < B * I; i++) dx1[i] = x[i] > 0.f ? dx1[i] : 0.f;
+            for (int p = 0; p < 3; p++) {
+                float *dx2 = randv(&r, (size_t)B * I, 9.f), *dW2 = randv(&r, (size_t)O * I, 9.f), *db2 = randv(&r, (size_t)O, 9.f);
+                em_linear_backward_set_relu_in(dx2, dW2, db2, dy, x, W, B, I, O, pools[p]);
+                CHECK(same_bits(dx1, dx2, (size_t)B * I));
+                CHECK(same_bits(dW1, dW2, (size_t)O * I));
+                CHECK(same_bits(db1, db2, (size_t)O));
+                em_free(dx2), em_free(dW2), em_free(db2);
+            }
+            em_free(x), em_free(W), em_free(dy), em_free(dx1), em_free(dW1), em_free(db1);
+        }
+    }
+    em_linear_set_impl(0);
 }
 
 static void test_linear_degenerate(void) {
@@ -451,6 +489,6 @@ static void test_linear_fused_variants(void) {
     free(x), free(W), free(b), free(y1), free(y2), free(dy), free(dx1), free(dx2), free(dW1), free(dW2), free(db1), free(db2);
 }
 
-TEST_MAIN({"linear", test_linear}, {"linear_fused_variants", test_linear_fused_variants}, {"linear_degenerate", test_linear_degenerate}, {"relu", test_relu},
+TEST_MAIN({"linear", test_linear}, {"linear_relu_in", test_linear_relu_in}, {"linear_fused_variants", test_linear_fused_variants}, {"linear_degenerate", test_linear_degenerate}, {"relu", test_relu},
           {"sigmoid", test_sigmoid}, {"interact_order", test_interact_order}, {"interact", test_interact},
           {"bce", test_bce}, {"cleanup", test_cleanup})

@@ -20,7 +20,13 @@ extern "C" {
 #endif
 
 /* Linear: out(B,O) = in(B,I) @ W(O,I)^T + b(O). W has PyTorch's (out, in) layout.
- * b nullable. Uses cblas_sgemm (single-threaded BLAS, split over the pool). */
+ * b nullable. AVX-512 builds run ember's register-blocked kernels (one FMA per k in
+ * order for every output element); other builds cblas_sgemm tiles (single-threaded
+ * BLAS, split over the pool). Either way bitwise independent of the thread count. */
+/* Which implementation em_linear_* use: 0 = the default, 1 = the OpenBLAS tiles (for
+ * benchmarks and tests). em_linear_impl() says which one runs (0 kernels, 1 BLAS). */
+void em_linear_set_impl(int blas);
+int em_linear_impl(void);
 void em_linear_forward(float *out, const float *in, const float *W, const float *b,
                        int B, int I, int O, em_pool *pool);
 /* out = relu(in @ W^T + b), the ReLU fused into each output tile (bitwise equal to
@@ -34,6 +40,10 @@ void em_linear_backward(float *din, float *dW, float *db, const float *dout, con
  * callers that own those buffers exclusively, it saves a zeroing pass over each. */
 void em_linear_backward_set(float *din, float *dW, float *db, const float *dout, const float *in,
                             const float *W, int B, int I, int O, em_pool *pool);
+/* em_linear_backward_set with the ReLU backward of the layer below fused into din:
+ * din = (dout @ W) * (in > 0), for an `in` that is that layer's ReLU output. */
+void em_linear_backward_set_relu_in(float *din, float *dW, float *db, const float *dout, const float *in,
+                                    const float *W, int B, int I, int O, em_pool *pool);
 
 /* ReLU: out = max(in, 0). In place (out == in) allowed. */
 void em_relu_forward(float *out, const float *in, size_t n);

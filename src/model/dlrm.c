@@ -387,11 +387,18 @@ static em_status backward(em_dlrm *m, const em_batch *b, const em_dlrm_head_hook
         em_status hs = hook->fn(hook->ud, b, layer_in(m, n - 1), m->L[n - 1].in, m->x[n - 1], m->dx[n - 1], &dh, pool);
         if (hs) return hs;
     }
+    int premasked = 0; /* dx[l] came masked from the layer above's backward */
     for (int l = n - 1; l >= 0; l--) {
         const layer *L = &m->L[l];
-        if (l != n - 1) relu_mask(m->dx[l], m->x[l], (size_t)B * (size_t)L->out, pool);
-        em_linear_backward_set(layer_din(m, l), m->grads + L->w, m->grads + L->b, m->dx[l], layer_in(m, l),
-                               m->params + L->w, B, L->in, L->out, pool);
+        if (l != n - 1 && !premasked) relu_mask(m->dx[l], m->x[l], (size_t)B * (size_t)L->out, pool);
+        /* Where this layer's input is the ReLU output of the layer below in the same
+         * MLP, that layer's ReLU backward is fused into din (not under a head hook,
+         * whose gradient is added to din afterwards). */
+        const int fuse = l > 0 && l != m->n_botl && !(l == n - 1 && dh);
+        (fuse ? em_linear_backward_set_relu_in : em_linear_backward_set)(layer_din(m, l), m->grads + L->w,
+                                                                           m->grads + L->b, m->dx[l], layer_in(m, l),
+                                                                           m->params + L->w, B, L->in, L->out, pool);
+        premasked = fuse;
         if (ready) ready(ud, L->w, L->b + (size_t)L->out);
         if (l == n - 1 && dh) {
             float *din = layer_din(m, l);

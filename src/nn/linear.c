@@ -29,6 +29,7 @@
 #include "ember/nn.h"
 #include "core/blas.h"
 #include "core/simd.h"
+#include "nn/linear_impl.h"
 /* OpenBLAS's cblas.h pulls in <complex.h>, whose macro I would clobber our shape names. */
 #undef I
 
@@ -47,6 +48,14 @@
 #ifndef TILE_MIN_FMAS
 #define TILE_MIN_FMAS (1 << 18)
 #endif
+/* em_linear_set_impl: 1 = OpenBLAS tiles even where the AVX-512 kernels are built. */
+static atomic_int force_blas;
+
+void em_linear_set_impl(int blas) { atomic_store(&force_blas, blas); }
+int em_linear_impl(void) {
+    return atomic_load(&force_blas) || em__linear_fwd_avx512(NULL, NULL, NULL, NULL, 0, 0, 0, 0, NULL) < 0;
+}
+
 /* Output columns per db task. */
 #define DB_COLS 256
 
@@ -135,6 +144,7 @@ static void fwd_task(void *p, int ith, int nth) {
 static void linear_forward(float *out, const float *in, const float *W, const float *b, int B, int I, int O, int relu,
                            em_pool *pool) {
     if (B <= 0 || O <= 0) return;
+    if (!atomic_load(&force_blas) && em__linear_fwd_avx512(out, in, W, b, B, I, O, relu, pool) == 0) return;
     em_blas_init();
     fwd_arg a = {.out = out, .in = in, .W = W, .b = b, .B = B, .I = I, .O = O, .relu = relu, .t = make_tiling(B, O, I)};
     atomic_init(&a.next, 0);
@@ -159,6 +169,7 @@ typedef struct {
     const float *dout, *in, *W;
     int B, I, O;
     float beta;    /* 1: accumulate into din/dW/db, 0: overwrite them */
+    int mask_in;   /* din *= (in > 0) */
     tiling tw, ti; /* dW(O,I) tiles, din(B,I) tiles */
     int nw, ni, nb; /* task counts: dW tiles, din tiles, db column blocks */
     atomic_int next;
@@ -191,6 +202,9 @@ static void bwd_task(void *p, int ith, int nth) {
             cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, r1 - r0, c1 - c0, a->O, 1.f,
                         a->dout + (size_t)r0 * a->O, a->O, a->W + c0, a->I, a->beta,
                         a->din + (size_t)r0 * a->I + c0, a->I);
+            if (a->mask_in)
+                for (int r = r0; r < r1; r++)
+                    em_vrelu_mask(a->din + (size_t)r * a->I + c0, a->in + (size_t)r * a->I + c0, (size_t)(c1 - c0));
         } else {
             c0 = (k - a->nw - a->ni) * DB_COLS;
             c1 = c0 + DB_COLS < a->O ? c0 + DB_COLS : a->O;
@@ -200,10 +214,13 @@ static void bwd_task(void *p, int ith, int nth) {
 }
 
 static void linear_backward(float *din, float *dW, float *db, const float *dout, const float *in, const float *W,
-                            int B, int I, int O, float beta, em_pool *pool) {
+                            int B, int I, int O, float beta, int mask_in, em_pool *pool) {
     if (B <= 0 || O <= 0) return;
+    if (!atomic_load(&force_blas) && em__linear_bwd_avx512(din, dW, db, dout, in, W, B, I, O, beta != 0.f, mask_in, pool) == 0)
+        return;
     em_blas_init();
-    bwd_arg a = {.din = din, .dW = dW, .db = db, .dout = dout, .in = in, .W = W, .B = B, .I = I, .O = O, .beta = beta};
+    bwd_arg a = {.din = din, .dW = dW, .db = db, .dout = dout, .in = in, .W = W, .B = B, .I = I, .O = O, .beta = beta,
+                 .mask_in = mask_in};
     a.tw = make_tiling(O, I, B);
     a.ti = make_tiling(B, I, O);
     a.nw = dW && I > 0 ? tiling_count(&a.tw) : 0; /* NULL dW (a frozen layer) is tolerated */
@@ -216,10 +233,15 @@ static void linear_backward(float *din, float *dW, float *db, const float *dout,
 
 void em_linear_backward(float *din, float *dW, float *db, const float *dout, const float *in,
                         const float *W, int B, int I, int O, em_pool *pool) {
-    linear_backward(din, dW, db, dout, in, W, B, I, O, 1.f, pool);
+    linear_backward(din, dW, db, dout, in, W, B, I, O, 1.f, 0, pool);
 }
 
 void em_linear_backward_set(float *din, float *dW, float *db, const float *dout, const float *in,
                             const float *W, int B, int I, int O, em_pool *pool) {
-    linear_backward(din, dW, db, dout, in, W, B, I, O, 0.f, pool);
+    linear_backward(din, dW, db, dout, in, W, B, I, O, 0.f, 0, pool);
+}
+
+void em_linear_backward_set_relu_in(float *din, float *dW, float *db, const float *dout, const float *in,
+                                    const float *W, int B, int I, int O, em_pool *pool) {
+    linear_backward(din, dW, db, dout, in, W, B, I, O, 0.f, 1, pool);
 }
