@@ -9,7 +9,8 @@
 #      posting binary requests of 256, 1024 and 2048 examples (and JSON of 256) on 4
 #      connections; examples/s = requests/s x examples per request;
 #   4. REPS alternating rounds of: in-process inference (`ember bench --workload kaggle
-#      --infer`: batch 2048 on 2 threads, batch 1 on 2 and on 1 thread), PyTorch eager
+#      --infer`: batch 2048 on 2 threads, with VS_SGEMM pairs of sgemm and em_infer runs
+#      in the same process, `--vs-sgemm`; batch 1 on 2 and on 1 thread), PyTorch eager
 #      inference (`dlrm_torch.py infer`, batch 1, 256, 2048), the best peak setting of
 #      the sweep again, and the 1,000 requests/s latency test of single binary examples
 #      for each of SERVE_LAT settings (wrk paced by bench/wrk/predict.lua, WRK_RATE);
@@ -32,6 +33,7 @@
 # Env: REPS (default 3), OUT (default bench/out/serving), BUILD (build dir, default
 # build-serving), DUR (seconds per timed wrk run, default 20), SWEEP_DUR (default 10),
 # RATE (latency test requests/s, default 1000), RELOADS (default 4), SKIP_TORCH=1,
+# VS_SGEMM (pairs per round of the paired sgemm / em_infer measurement, default 9; 0: none),
 # SERVE_PEAK / SERVE_LAT (';'-separated lists of `ember serve` option sets), QUIET_WAIT
 # (seconds to wait before each measurement for a second with the CPUs < 10% busy,
 # default 0), RETRY (repeat a measurement up to N more times while others and steal
@@ -50,6 +52,7 @@ DUR=${DUR:-20}
 SWEEP_DUR=${SWEEP_DUR:-10}
 RATE=${RATE:-1000}
 RELOADS=${RELOADS:-4}
+VS_SGEMM=${VS_SGEMM:-9}
 QUIET_WAIT=${QUIET_WAIT:-0}
 RESUME=${RESUME:-}
 RETRY=${RETRY:-0}
@@ -306,7 +309,7 @@ for r in $(seq "$REPS"); do
   for bt in 2048:2 1:2 1:1; do
     b=${bt%%:*} th=${bt#*:}
     stages=()
-    [[ $b == 2048 ]] && stages=(--stages)
+    [[ $b == 2048 ]] && stages=(--stages --vs-sgemm "$VS_SGEMM")
     inproc ember "$r" "$b" "$th" "$EMBER" bench --workload kaggle --infer --batch "$b" --threads "$th" "${stages[@]}"
     log "round $r ember in-process b$b ${th}t: $(echo "$LAST" | grep -o '"examples_per_s":[0-9.]*\|"us_p99":[0-9.]*' | tr '\n' ' ')others $OTHERS%, steal $STEAL%"
   done
@@ -473,6 +476,19 @@ if rf:
     eb["fraction_of_gemm_roofline_runs"] = [round(x["r"]["gflops"] / x["r"]["gemm_roofline_gflops"], 4)
                                             for x in side("ember", 2048) if "gemm_roofline_gflops" in x["r"]]
     eb["fraction_of_gemm_roofline"] = round(med(eb["fraction_of_gemm_roofline_runs"]), 4)
+# the paired measurement (ember bench --vs-sgemm): sgemm 2048x512x512 and em_infer in turn
+# in one process, the ratio per pair; all rounds' pairs pooled
+vs = [x["r"]["vs_sgemm"] for x in side("ember", 2048) if "vs_sgemm" in x["r"]]
+if vs:
+    rs = sorted(r for v in vs for r in v["ratios"])
+    q = statistics.quantiles(rs, n=4) if len(rs) > 1 else [rs[0]] * 3
+    eb["vs_sgemm"] = {"rounds": len(vs), "pairs": len(rs), "ratio_median": round(med(rs), 4),
+                      "ratio_min": rs[0], "ratio_max": rs[-1], "ratio_q1": round(q[0], 4), "ratio_q3": round(q[2], 4),
+                      "ratio_median_runs": [v["ratio_median"] for v in vs],
+                      "sgemm_gflops_median": g(med(s for v in vs for s in v["sgemm_gflops_runs"])),
+                      "sgemm_gflops_best": max(v["sgemm_gflops_best"] for v in vs),
+                      "infer_gflops_median": g(med(s for v in vs for s in v["infer_gflops_runs"])),
+                      "infer_gflops_best": max(v["infer_gflops_best"] for v in vs)}
 torch_best, torch_best_b = 0, None
 for b in (1, 256, 2048):
     if side("torch", b):
@@ -537,6 +553,7 @@ res["targets"] = {
     "p99_le_1ms_at_1000rps": bool(L and L["p99_ms"] <= 1.0 and L["requests_per_s"] >= 0.95 * rate),
     "http_peak_ge_2x_torch_best": bool(ratio and ratio >= 2.0),
     "inprocess_ge_80pct_sgemm": eb["fraction_of_sgemm"] >= 0.8,
+    "inprocess_ge_80pct_sgemm_paired": bool("vs_sgemm" in eb and eb["vs_sgemm"]["ratio_median"] >= 0.8),
     "reload_zero_failures": reload_ok,
     "reload_zero_failures_by_how": {h: v["failed_requests"] == 0 and all(r["ok"] for r in v["reloads"]) for h, v in ru.items()},
 }
@@ -547,6 +564,12 @@ print("sgemm %.1f GFLOP/s best (%.1f median; %s kernels); in-process b2048 %.0f 
 if "fraction_of_gemm_roofline" in eb:
     print("in-process b2048 against the model's own GEMMs (OpenBLAS, one call per layer): %.1f%%; same-round sgemm: %s"
           % (100 * eb["fraction_of_gemm_roofline"], eb.get("fraction_of_same_round_sgemm")), file=e)
+if "vs_sgemm" in eb:
+    v = eb["vs_sgemm"]
+    print("in-process b2048 / sgemm, paired in one process: median %.3f over %d pairs (quartiles %.3f-%.3f, range %.3f-%.3f); "
+          "sgemm median %.1f best %.1f, em_infer median %.1f best %.1f GFLOP/s"
+          % (v["ratio_median"], v["pairs"], v["ratio_q1"], v["ratio_q3"], v["ratio_min"], v["ratio_max"],
+             v["sgemm_gflops_median"], v["sgemm_gflops_best"], v["infer_gflops_median"], v["infer_gflops_best"]), file=e)
 if torch_best:
     print("PyTorch best %.0f ex/s (batch %d); HTTP peak %.0f ex/s (%.2fx)"
           % (torch_best, torch_best_b, res["http_peak"]["examples_per_s"], ratio or 0), file=e)

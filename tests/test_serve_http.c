@@ -768,16 +768,18 @@ static void test_inline_when_idle(void) {
 
 /* em_infer (the server's forward) against em_dlrm_forward: equal within float rounding
  * for batches of 1 to 300 on 1, 2 and 3 threads, with D = 16 (the AVX-512 Gram-matrix
- * interaction) and D = 4 (em_vdot), layer widths that are not multiples of 32; with
- * AVX-512 an example's logit is the same bits in every batch and thread count; the
- * caller's pooled embeddings give the same bits as pooling inside; a bad index is
- * refused. */
-static void check_infer(int D) {
+ * interaction: 26 tables, rows past 16 with 32 columns; 9 tables, 16 columns) and D = 4
+ * (em_vdot), layer widths that are not multiples of 32, the logit's dot product over
+ * K = 17 (a masked tail), 32 and 7 (a tail only); with AVX-512 an example's logit is
+ * the same bits in every batch and thread count; the caller's pooled embeddings give
+ * the same bits as pooling inside; a bad index is refused. nt <= NT tables, last_k:
+ * the last layer's width of input. */
+static void check_infer(int D, int nt, int last_k) {
     em_dlrm_cfg c = tiny_cfg();
-    c.dim = D;
-    for (int t = 0; t < NT; t++) c.rows[t] = 50 + t;
+    c.dim = D, c.num_tables = nt;
+    for (int t = 0; t < nt; t++) c.rows[t] = 50 + t;
     c.n_bot = 4, c.bot[0] = ND, c.bot[1] = 40, c.bot[2] = 24, c.bot[3] = D;
-    c.n_top = 4, c.top[0] = em_dot_interact_out_dim(NT, D), c.top[1] = 50, c.top[2] = 17, c.top[3] = 1;
+    c.n_top = 4, c.top[0] = em_dot_interact_out_dim(nt, D), c.top[1] = 50, c.top[2] = last_k, c.top[3] = 1;
     em_dlrm *m;
     CHECK_OK(em_dlrm_create(&m, &c, NULL));
     enum { BMAX = 300 };
@@ -798,13 +800,13 @@ static void check_infer(int D) {
             const int B = sizes[si], lo = B == BMAX ? 0 : 3;
             int64_t k = 0;
             off[0] = 0;
-            for (int t = 0; t < NT; t++)
+            for (int t = 0; t < nt; t++)
                 for (int i = 0; i < B; i++) {
                     const uint64_t e = (uint64_t)(lo + i);
                     if ((e + (uint64_t)t) % 7) idx[k++] = (int64_t)(em_mix64(e * 131 + (uint64_t)t) % (uint64_t)c.rows[t]);
                     off[(size_t)t * B + i + 1] = k;
                 }
-            em_batch b = {.B = B, .num_dense = ND, .num_sparse = NT, .dense = dense + (size_t)lo * ND, .indices = idx,
+            em_batch b = {.B = B, .num_dense = ND, .num_sparse = nt, .dense = dense + (size_t)lo * ND, .indices = idx,
                           .offsets = off};
             CHECK_OK(em_dlrm_forward(m, &b, want, NULL));
             CHECK_OK(em_infer_forward(inf, &b, NULL, got, pool));
@@ -829,13 +831,13 @@ static void check_infer(int D) {
     for (int B = 1; B <= 97; B += 96) {
         int64_t k = 0;
         off[0] = 0;
-        for (int t = 0; t < NT; t++)
+        for (int t = 0; t < nt; t++)
             for (int i = 0; i < B; i++) {
                 const uint64_t e = (uint64_t)(3 + i);
                 if ((e + (uint64_t)t) % 7) idx[k++] = (int64_t)(em_mix64(e * 131 + (uint64_t)t) % (uint64_t)c.rows[t]);
                 off[(size_t)t * B + i + 1] = k;
             }
-        em_batch b = {.B = B, .num_dense = ND, .num_sparse = NT, .dense = dense + 3 * ND, .indices = idx, .offsets = off};
+        em_batch b = {.B = B, .num_dense = ND, .num_sparse = nt, .dense = dense + 3 * ND, .indices = idx, .offsets = off};
         CHECK_OK(em_infer_forward(inf, &b, NULL, got, NULL));
         CHECK(memcmp(got, alone + 3, (size_t)B * sizeof(float)) == 0);
     }
@@ -847,8 +849,8 @@ static void check_infer(int D) {
         CHECK_OK(em_infer_create(&inf2, m, 4, 1));
         int64_t k = 0;
         off[0] = 0;
-        for (int t = 0; t < NT; t++) idx[k] = t == 5 ? c.rows[t] : 0, k++, off[t + 1] = k;
-        em_batch b = {.B = 1, .num_dense = ND, .num_sparse = NT, .dense = dense, .indices = idx, .offsets = off};
+        for (int t = 0; t < nt; t++) idx[k] = t == 5 ? c.rows[t] : 0, k++, off[t + 1] = k;
+        em_batch b = {.B = 1, .num_dense = ND, .num_sparse = nt, .dense = dense, .indices = idx, .offsets = off};
         CHECK(em_infer_forward(inf2, &b, NULL, got, NULL) == EM_ERR_INVALID && strstr(em_last_error(), "table 5"));
         em_infer_free(inf2);
     }
@@ -856,8 +858,9 @@ static void check_infer(int D) {
 }
 
 static void test_infer(void) {
-    check_infer(16);
-    check_infer(4);
+    check_infer(16, NT, 17);
+    check_infer(16, 9, 32);
+    check_infer(4, NT, 7);
 }
 
 static void check_quant_server(em_qtype qt, size_t want_bytes) {

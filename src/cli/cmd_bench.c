@@ -30,6 +30,16 @@
  * model's own weights, in the model's order (pooling, bottom layers, interaction, top
  * layers, the same ember/nn.h calls em_dlrm_forward makes), timing each: the median ms
  * and GFLOP/s of every stage, to see where a forward pass spends its time.
+ * --vs-sgemm N (em_infer only) adds the roofline measured against itself: N pairs, each
+ * a short run of the peak sgemm (2048x512x512 on --threads OpenBLAS threads, as
+ * bench/sgemm_peak.c) and a short run of em_infer at --batch on the pool, the two in
+ * turn (sgemm first in even pairs, em_infer first in odd ones), each side ~0.15 s of
+ * calls timed one by one, its rate the FLOP of one call over the median call time, a
+ * 0.2 s pause before each side so that the other side's idle threads (OpenBLAS's spin
+ * ~0.1 s after a call) have gone to sleep. The ratio em_infer / sgemm of each pair
+ * compares the two under the machine's conditions of the same second, which on a shared
+ * VM drift far more between runs than within one; "vs_sgemm" gives its median and
+ * spread (min, max, interquartile range) and each side's median and best rate.
  *
  * Sequence attention (issue 4), self attention forward + backward on one batch:
  *   jattn        Jagged Flash Attention (ember/jattn.h) on jagged Q/K/V
@@ -58,7 +68,7 @@
 
 typedef struct {
     const char *config, *opt, *dump;
-    int batch, threads, heads, head_dim, max_len, causal, infer, stages, model_path;
+    int batch, threads, heads, head_dim, max_len, causal, infer, stages, model_path, vs_sgemm;
     long long steps, warmup, seed;
     double lr, mean_len;
 } bench_ctx;
@@ -72,6 +82,10 @@ static const cli_opt bench_opts[] = {
     OPT_FLAG("model-path", "--infer: time em_dlrm_forward (the training forward's tiled layers) instead of em_infer", bench_ctx,
              model_path),
     OPT_FLAG("stages", "--infer: also time each stage of the forward (pooling, every layer, interaction)", bench_ctx, stages),
+    OPT_INT("vs-sgemm", "N",
+            "--infer: also N paired runs, alternating, of sgemm 2048x512x512 (OpenBLAS, --threads threads) and em_infer at "
+            "--batch: the ratio of their rates per pair (median, spread)",
+            bench_ctx, vs_sgemm, 0, 1000),
     OPT_INT("steps", "N", "timed steps (default 50; jattn 20, attn_padded 3; --infer 100k examples, 50..20000 steps)",
             bench_ctx, steps, 1, 1LL << 40),
     OPT_INT("warmup", "N", "untimed steps first (default 5; jattn 3, attn_padded 1; --infer steps/20)", bench_ctx, warmup, 0, 1LL << 40),
@@ -382,6 +396,116 @@ static double sgemm_cpu_gflops(void) {
     return g[3];
 }
 
+/* One side of a --vs-sgemm pair: calls fn(arg) (one warm-up call, then timed calls
+ * until ~0.15 s have passed, at least 5), after a 0.2 s pause; returns the median call
+ * time in seconds, or -1 after an error. */
+typedef int (*pair_fn)(void *arg);
+static double pair_side(pair_fn fn, void *arg) {
+    const struct timespec pause = {0, 200000000};
+    nanosleep(&pause, NULL);
+    if (fn(arg)) return -1;
+    double t[512];
+    int n = 0;
+    const double start = em_now();
+    while (n < 512 && (n < 5 || em_now() - start < 0.15)) {
+        const double t0 = em_now();
+        if (fn(arg)) return -1;
+        t[n++] = em_now() - t0;
+    }
+    qsort(t, (size_t)n, sizeof t[0], cmp_double);
+    return t[n / 2];
+}
+
+typedef struct {
+    const float *A, *Bm;
+    float *C;
+} sgemm_arg;
+static int sgemm_call(void *p) {
+    sgemm_arg *a = p;
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, 2048, 512, 512, 1.f, a->A, 512, a->Bm, 512, 0.f, a->C, 512);
+    return 0;
+}
+
+typedef struct {
+    em_infer *inf;
+    const em_batch *batches;
+    int NB, next;
+    float *logits;
+    em_pool *pool;
+} infer_arg;
+static int infer_call(void *p) {
+    infer_arg *a = p;
+    const em_batch *b = &a->batches[a->next++ % a->NB];
+    return em_infer_forward(a->inf, b, NULL, a->logits, a->pool) != EM_OK;
+}
+
+/* --vs-sgemm (see the file comment): `pairs` pairs of sgemm and em_infer runs; returns
+ * the JSON field "vs_sgemm":{...} (malloc'd), or NULL after an error. */
+static char *bench_vs_sgemm(const bench_ctx *c, em_infer *inf, const em_batch *batches, int NB, float *logits,
+                            em_pool *pool, double flop_per_example) {
+    const int M = 2048, N = 512, K = 512, P = c->vs_sgemm;
+    float *A = em_calloc((size_t)M * K, sizeof(float)), *Bm = em_calloc((size_t)N * K, sizeof(float)),
+          *C = em_calloc((size_t)M * N, sizeof(float));
+    double *sg = malloc(sizeof(double) * (size_t)P * 4), *ig = sg + P, *ra = sg + 2 * P, *tmp = sg + 3 * P;
+    size_t cap = 512 + (size_t)P * 48, len = 0;
+    char *js = malloc(cap);
+    if (!A || !Bm || !C || !sg || !js) {
+        em_free(A), em_free(Bm), em_free(C), free(sg), free(js);
+        fprintf(stderr, "ember bench: out of memory\n");
+        return NULL;
+    }
+    for (size_t i = 0; i < (size_t)M * K; i++) A[i] = 0.1f * (float)(i % 7);
+    for (size_t i = 0; i < (size_t)N * K; i++) Bm[i] = 0.1f * (float)(i % 5);
+    em_blas_init();
+    sgemm_arg sa = {A, Bm, C};
+    infer_arg ia = {inf, batches, NB, 0, logits, pool};
+    const double sflop = 2.0 * M * N * K, iflop = flop_per_example * c->batch;
+    int err = 0;
+    for (int p = 0; p < P && !err; p++) {
+        double ts = 0, ti = 0;
+        for (int side = 0; side < 2 && !err; side++) {
+            if ((side == 0) == (p % 2 == 0)) { /* sgemm first in even pairs */
+                openblas_set_num_threads(c->threads);
+                ts = pair_side(sgemm_call, &sa);
+                openblas_set_num_threads(1);
+            } else {
+                ti = pair_side(infer_call, &ia);
+            }
+            err = ts < 0 || ti < 0;
+        }
+        sg[p] = sflop / ts / 1e9, ig[p] = iflop / ti / 1e9, ra[p] = ig[p] / sg[p];
+    }
+    em_free(A), em_free(Bm), em_free(C);
+    if (err) {
+        free(sg), free(js);
+        fprintf(stderr, "ember bench: --vs-sgemm: em_infer_forward failed: %s\n", em_last_error());
+        return NULL;
+    }
+    double q[3][4]; /* ratios, sgemm, em_infer: min, median, max, interquartile range */
+    const double *ser[3] = {ra, sg, ig};
+    for (int k = 0; k < 3; k++) {
+        memcpy(tmp, ser[k], sizeof(double) * (size_t)P);
+        qsort(tmp, (size_t)P, sizeof(double), cmp_double);
+        q[k][0] = tmp[0], q[k][1] = P % 2 ? tmp[P / 2] : 0.5 * (tmp[P / 2 - 1] + tmp[P / 2]), q[k][2] = tmp[P - 1];
+        q[k][3] = pct(tmp, P, 0.75) - pct(tmp, P, 0.25);
+    }
+    len += (size_t)snprintf(js + len, cap - len,
+                            "\"vs_sgemm\":{\"pairs\":%d,\"sgemm_shape\":\"2048x512x512\",\"sgemm_threads\":%d,"
+                            "\"ratio_median\":%.4f,\"ratio_min\":%.4f,\"ratio_max\":%.4f,\"ratio_iqr\":%.4f,"
+                            "\"sgemm_gflops_median\":%.2f,\"sgemm_gflops_best\":%.2f,"
+                            "\"infer_gflops_median\":%.2f,\"infer_gflops_best\":%.2f,\"ratio_of_bests\":%.4f,\"ratios\":[",
+                            P, c->threads, q[0][1], q[0][0], q[0][2], q[0][3], q[1][1], q[1][2], q[2][1], q[2][2],
+                            q[2][2] / q[1][2]);
+    for (int p = 0; p < P; p++) len += (size_t)snprintf(js + len, cap - len, "%s%.4f", p ? "," : "", ra[p]);
+    len += (size_t)snprintf(js + len, cap - len, "],\"sgemm_gflops_runs\":[");
+    for (int p = 0; p < P; p++) len += (size_t)snprintf(js + len, cap - len, "%s%.1f", p ? "," : "", sg[p]);
+    len += (size_t)snprintf(js + len, cap - len, "],\"infer_gflops_runs\":[");
+    for (int p = 0; p < P; p++) len += (size_t)snprintf(js + len, cap - len, "%s%.1f", p ? "," : "", ig[p]);
+    snprintf(js + len, cap - len, "]}");
+    free(sg);
+    return js;
+}
+
 static int bench_infer(const bench_ctx *c, const em_dlrm_cfg *m, em_dlrm *model, em_batch *batches, int NB,
                        em_pool *pool) {
     const int B = c->batch, T = m->num_tables, D = m->dim;
@@ -436,6 +560,8 @@ static int bench_infer(const bench_ctx *c, const em_dlrm_cfg *m, em_dlrm *model,
         cli_fail("bench", st);
         return 1;
     }
+    char *vs = NULL;
+    if (c->vs_sgemm && inf && !(vs = bench_vs_sgemm(c, inf, batches, NB, logits, pool, flop))) return 1;
     em_infer_free(inf);
     const double roof_ms = gemm_roofline_ms(c, m, model), sg_cpu = sgemm_cpu_gflops();
     char *stages = c->stages ? bench_stages(c, m, model, batches, NB, pooled, pool) : NULL;
@@ -451,14 +577,14 @@ static int bench_infer(const bench_ctx *c, const em_dlrm_cfg *m, em_dlrm *model,
            "\"us_p50\":%.2f,\"us_p90\":%.2f,\"us_p99\":%.2f,\"us_min\":%.2f,\"us_max\":%.2f,"
            "\"ms_embed\":%.4f,\"ms_dense\":%.4f,\"dense_gflops\":%.2f,\"cpu_ms_embed\":%.4f,\"cpu_ms_dense\":%.4f,"
            "\"fwd_flop_per_example\":%.0f,\"mlp_flop\":%.0f,\"interaction_flop\":%.0f,"
-           "\"peak_rss_mb\":%.1f,\"checksum\":%.6g%s%s}\n",
+           "\"peak_rss_mb\":%.1f,\"checksum\":%.6g%s%s%s%s}\n",
            c->config, c->model_path ? "model" : "infer", maxdiff, roof_ms, mlp * B / (roof_ms * 1e-3) / 1e9, 1e3 * cpu_s / (double)c->steps,
            flop * B * (double)c->steps / cpu_s / 1e9, sg_cpu, B, c->threads,
            c->steps, NB, (double)B / per, 1e3 * per, flop * B / per / 1e9,
            1e3 * pct(ms, c->steps, 0.5), 1e3 * pct(ms, c->steps, 0.9), 1e3 * pct(ms, c->steps, 0.99), 1e3 * ms[0],
            1e3 * ms[c->steps - 1], 1e3 * emb_s / n, 1e3 * dense_s / n, flop * B / (dense_s / n) / 1e9, 1e3 * emb_cpu / n, 1e3 * dense_cpu / n, flop, mlp, inter,
-           (double)ru.ru_maxrss / 1024.0, check, stages ? "," : "", stages ? stages : "");
-    free(stages);
+           (double)ru.ru_maxrss / 1024.0, check, stages ? "," : "", stages ? stages : "", vs ? "," : "", vs ? vs : "");
+    free(stages), free(vs);
     em_free(logits), em_free(pooled);
     free(ms);
     return 0;
@@ -477,6 +603,10 @@ int cmd_bench(int argc, char **argv) {
         return bench_attn(&c);
     }
     if (c.batch < 0) c.batch = 2048;
+    if (c.vs_sgemm && (!c.infer || c.model_path)) {
+        fprintf(stderr, "ember bench: --vs-sgemm needs --infer (em_infer; not --model-path)\n");
+        return 2;
+    }
     if (c.steps < 0) c.steps = c.infer ? (c.batch >= 2000 ? 50 : c.batch <= 5 ? 20000 : 100000 / c.batch) : 50;
     if (c.warmup < 0) c.warmup = c.infer ? (c.steps < 100 ? 5 : c.steps / 20) : 5;
     em_dlrm_cfg m = em_dlrm_kaggle(0);

@@ -20,17 +20,22 @@
  *    padded to the panel width; a register-blocked kernel computes 12 rows x 32
  *    columns at a time (24 zmm accumulators) starting from the bias, one FMA per k in
  *    order k = 0..K-1, and applies the ReLU as it stores. The activations are read in
- *    place (broadcast loads), never packed or copied. The last layer (N = 1) is a
- *    16-wide panel with 15 zero columns, stored masked.
+ *    place (broadcast loads), never packed or copied. A layer with one output (the
+ *    logit) is a dot product per row instead: 16 lanes of partial sums over k = l,
+ *    l + 16, ... in order, then a fixed reduction tree and the bias (a 16-wide panel
+ *    spent 16 FMA lanes per useful one: ~8x slower).
  *  - Interaction: per example, the Gram rows of the T pooled vectors against [bottom,
- *    pooled] as one small product through the same kernel (D = 16: the vectors
- *    transposed into a 16 x 32 panel with two 16x16 register transposes), the strict
- *    lower triangle copied out in torch.tril_indices order; other D: em_vdot per pair.
+ *    pooled] as one small product with the kernel's register blocking (D = 16: the
+ *    vectors transposed into a 16 x 32 panel with two 16x16 register transposes), each
+ *    row's part of the strict lower triangle stored straight into its place in
+ *    torch.tril_indices order, rows up to 16 computing 16 columns, not 32 (1.4x
+ *    faster than the kernel into a scratch matrix and a copy); other D: em_vdot per
+ *    pair.
  *
  * Determinism. Every output element of every layer is bias + sum_k x_k w_k with the
- * FMAs in k order, whatever the chunk, the row block or the worker: an example's
- * logit depends on the example alone, bitwise, not on the batch it shares, the batch
- * size or the thread count. It differs from the training forward's (OpenBLAS's
+ * FMAs in k order (the logit: in the dot product's fixed order), whatever the chunk,
+ * the row block or the worker: an example's logit depends on the example alone,
+ * bitwise, not on the batch it shares, the batch size or the thread count. It differs from the training forward's (OpenBLAS's
  * K-blocking, bias added first) only by float rounding (tests: 1e-5 relative).
  * Without AVX-512 the same chunks run OpenBLAS (bias, sgemm with beta = 1, ReLU);
  * their answers then depend on the chunk shapes, i.e. on the batch size and the
@@ -64,6 +69,7 @@
 #define MR 12      /* rows per register block */
 #define SINGLE 24  /* batches up to this run as one chunk on the caller (no pool launch) */
 #define PF_AHEAD 16 /* embedding rows prefetched ahead of the pooling */
+#define PF_K 16     /* packed weight rows (k) prefetched into L1 ahead of the kernel's loads */
 #define MAXL (2 * EM_DLRM_MAX_LAYERS + 2)
 
 typedef struct {
@@ -101,6 +107,9 @@ static inline __attribute__((always_inline)) void kern(const int mr, const int N
 #pragma GCC unroll 12
     for (int r = 0; r < mr; r++) acc[r][0] = b0, acc[r][1] = b1;
     for (int k = 0; k < K; k++) {
+        /* the panel PF_K rows ahead (past its end: the next panel's start) */
+        _mm_prefetch((const char *)(P + (size_t)(k + PF_K) * 16 * NV), _MM_HINT_T0);
+        if (NV > 1) _mm_prefetch((const char *)(P + (size_t)(k + PF_K) * 16 * NV + 16), _MM_HINT_T0);
         const __m512 w0 = _mm512_loadu_ps(P + (size_t)k * 16 * NV);
         const __m512 w1 = NV > 1 ? _mm512_loadu_ps(P + (size_t)k * 16 * NV + 16) : w0;
 #pragma GCC unroll 12
@@ -141,6 +150,42 @@ static void kern_1_1(const float *A, int lda, const float *P, const float *b, in
     kern(1, 1, A, lda, P, b, K, C, ldc, n, relu);
 }
 
+/* A layer with one output (the logit): C[r * ldc] = relu?(b + A[r, :] . w) for r < mr,
+ * w the model's weight row; 16 lanes of partial sums (lane l: k = l, l + 16, ... in
+ * order, the K % 16 tail through masked loads) added up by the fixed shuffle tree of
+ * _mm512_reduce_add_ps, then the bias. A 16-wide panel would spend 16 FMA lanes per
+ * useful one. */
+static inline __attribute__((always_inline)) void kern_dot(const int mr, const float *A, int lda, const float *w,
+                                                           float b, int K, float *C, int ldc, int relu) {
+    __m512 acc[MR];
+#pragma GCC unroll 12
+    for (int r = 0; r < mr; r++) acc[r] = _mm512_setzero_ps();
+    int k = 0;
+    for (; k + 16 <= K; k += 16) {
+        const __m512 wv = _mm512_loadu_ps(w + k);
+#pragma GCC unroll 12
+        for (int r = 0; r < mr; r++) acc[r] = _mm512_fmadd_ps(_mm512_loadu_ps(A + (size_t)r * lda + k), wv, acc[r]);
+    }
+    if (k < K) {
+        const __mmask16 m = (__mmask16)((1u << (K - k)) - 1);
+        const __m512 wv = _mm512_maskz_loadu_ps(m, w + k);
+#pragma GCC unroll 12
+        for (int r = 0; r < mr; r++) acc[r] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, A + (size_t)r * lda + k), wv, acc[r]);
+    }
+#pragma GCC unroll 12
+    for (int r = 0; r < mr; r++) {
+        const float v = _mm512_reduce_add_ps(acc[r]) + b;
+        C[(size_t)r * ldc] = relu && !(v > 0.f) ? 0.f : v;
+    }
+}
+
+static void dot_12(const float *A, int lda, const float *w, float b, int K, float *C, int ldc, int relu) {
+    kern_dot(12, A, lda, w, b, K, C, ldc, relu);
+}
+static void dot_1(const float *A, int lda, const float *w, float b, int K, float *C, int ldc, int relu) {
+    kern_dot(1, A, lda, w, b, K, C, ldc, relu);
+}
+
 /* Panel p of a layer covers columns [32 p, 32 p + 32); the last one is 16 wide when
  * at most 16 columns are left. */
 static int panel_width(const ilayer *L, int p) { return L->out - 32 * p > 16 ? 32 : 16; }
@@ -148,6 +193,12 @@ static int panel_width(const ilayer *L, int p) { return L->out - 32 * p > 16 ? 3
 /* out(M, O) = relu?(in(M, I) W^T + b), rows of `in` ldi apart, of out ldo apart. */
 static void layer_fwd(const ilayer *L, const float *in, int ldi, float *out, int ldo, int M) {
     const int K = L->in;
+    if (L->out == 1) {
+        int r0 = 0;
+        for (; r0 + MR <= M; r0 += MR) dot_12(in + (size_t)r0 * ldi, ldi, L->w, L->b[0], K, out + (size_t)r0 * ldo, ldo, L->relu);
+        for (; r0 < M; r0++) dot_1(in + (size_t)r0 * ldi, ldi, L->w, L->b[0], K, out + (size_t)r0 * ldo, ldo, L->relu);
+        return;
+    }
     for (int r0 = 0; r0 < M;) {
         const int mr = M - r0 >= MR ? MR : M - r0 >= 4 ? 4 : 1;
         for (int p = 0; p < L->np; p++) {
@@ -173,7 +224,7 @@ static int pack_layer(ilayer *L) {
     const int K = L->in, O = L->out;
     L->np = (O + 31) / 32;
     const size_t cols = (size_t)32 * L->np;
-    L->pk = em_calloc(cols * (size_t)(K > 0 ? K : 1), sizeof(float));
+    L->pk = em_calloc(cols * (size_t)(K > 0 ? K : 1) + 32 * PF_K, sizeof(float)); /* + the prefetches past the end */
     L->pb = em_calloc(cols, sizeof(float));
     if (!L->pk || !L->pb) return -1;
     for (int p = 0; p < L->np; p++) {
@@ -229,6 +280,47 @@ static inline void tr16(__m512 r[16]) {
 }
 #endif
 
+#ifdef EM_INFER_AVX512
+/* Rows i = i0 .. i0 + mr - 1 of the strict lower triangle for D = 16: Z_ij = e[i-1] .
+ * T_j for j < i (e: the pooled vectors, 16 floats apart; P: the transposed T_0..T_31,
+ * 16 x 32, zero beyond T), each an FMA chain over d = 0..15 from zero, as kern's with a
+ * zero bias; row i stored at z + i (i - 1) / 2, its i entries only (masked). NV = 1
+ * (rows up to i = 16) computes the first 16 columns only. */
+static inline __attribute__((always_inline)) void gram_rows(const int mr, const int NV, const float *e, const float *P,
+                                                            float *z, int i0) {
+    __m512 acc[MR][2];
+#pragma GCC unroll 12
+    for (int r = 0; r < mr; r++) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+    for (int k = 0; k < 16; k++) {
+        const __m512 w0 = _mm512_load_ps(P + 32 * k), w1 = NV > 1 ? _mm512_load_ps(P + 32 * k + 16) : w0;
+#pragma GCC unroll 12
+        for (int r = 0; r < mr; r++) {
+            const __m512 a = _mm512_set1_ps(e[16 * r + k]);
+            acc[r][0] = _mm512_fmadd_ps(a, w0, acc[r][0]);
+            if (NV > 1) acc[r][1] = _mm512_fmadd_ps(a, w1, acc[r][1]);
+        }
+    }
+#pragma GCC unroll 12
+    for (int r = 0; r < mr; r++) {
+        const int i = i0 + r;
+        float *zi = z + (size_t)i * (i - 1) / 2;
+        _mm512_mask_storeu_ps(zi, i >= 16 ? 0xffff : (__mmask16)((1u << i) - 1), acc[r][0]);
+        if (NV > 1 && i > 16) _mm512_mask_storeu_ps(zi + 16, (__mmask16)((1u << (i - 16)) - 1), acc[r][1]);
+    }
+}
+#define EM_GRAM(mr, nv) \
+    static void gram_##mr##_##nv(const float *e, const float *P, float *z, int i0) { gram_rows(mr, nv, e, P, z, i0); }
+EM_GRAM(12, 1)
+EM_GRAM(4, 1)
+EM_GRAM(1, 1)
+EM_GRAM(12, 2)
+EM_GRAM(8, 2)
+EM_GRAM(4, 2)
+EM_GRAM(2, 2)
+EM_GRAM(1, 2)
+#undef EM_GRAM
+#endif
+
 /* out row = [bot (D), Z_ij = T_i . T_j for i = 1..T, j < i], T_0 = bot, T_i = emb[i-1].
  * D = 16 (AVX-512, T <= 31): per example the Gram rows of emb against [bot, emb] as one
  * small GEMM through the layer kernel (the 16 x 32 right operand is the transposed
@@ -238,8 +330,6 @@ static void interact_rows(float *out, int ldo, const float *bot, int ldb, const 
 #ifdef EM_INFER_AVX512
     if (D == 16 && T <= 31) {
         float P[16 * 32] __attribute__((aligned(64)));
-        float G[31 * 32] __attribute__((aligned(64)));
-        static const float zero[32];
         for (int r = 0; r < M; r++) {
             const float *e = emb + (size_t)r * T * 16, *v0 = bot + (size_t)r * ldb;
             float *o = out + (size_t)r * ldo, *z = o + 16;
@@ -249,19 +339,19 @@ static void interact_rows(float *out, int ldo, const float *bot, int ldb, const 
             for (int i = 0; i < 16; i++) b[i] = 16 + i <= T ? _mm512_loadu_ps(e + (size_t)(15 + i) * 16) : _mm512_setzero_ps();
             tr16(a), tr16(b);
             for (int k = 0; k < 16; k++) _mm512_store_ps(P + 32 * k, a[k]), _mm512_store_ps(P + 32 * k + 16, b[k]);
-            /* G[i-1][j] = emb[i-1] . T_j, i = 1..T */
+            _mm512_storeu_ps(o, _mm512_loadu_ps(v0));
+            /* Z row i (1..T): emb[i-1] . T_j for j < i, stored at z + i (i - 1) / 2; rows
+             * i <= 16 (e rows r0 < 16) need the first 16 columns only */
             int r0 = 0;
-            for (; r0 + MR <= T; r0 += MR) kern_12_2(e + (size_t)r0 * 16, 16, P, zero, 16, G + 32 * r0, 32, 32, 0);
-            for (; r0 + 4 <= T; r0 += 4) kern_4_2(e + (size_t)r0 * 16, 16, P, zero, 16, G + 32 * r0, 32, 32, 0);
-            for (; r0 < T; r0++) kern_1_2(e + (size_t)r0 * 16, 16, P, zero, 16, G + 32 * r0, 32, 32, 0);
-            _mm512_storeu_ps(o, a[0] = _mm512_loadu_ps(v0));
-            for (int i = 1; i <= T; i++) {
-                const float *g = G + 32 * (i - 1);
-                const __mmask16 m0 = i >= 16 ? 0xffff : (__mmask16)((1u << i) - 1);
-                _mm512_mask_storeu_ps(z, m0, _mm512_load_ps(g));
-                if (i > 16) _mm512_mask_storeu_ps(z + 16, (__mmask16)((1u << (i - 16)) - 1), _mm512_load_ps(g + 16));
-                z += i;
-            }
+            const int h = T < 16 ? T : 16;
+            for (; r0 + MR <= h; r0 += MR) gram_12_1(e + (size_t)r0 * 16, P, z, r0 + 1);
+            for (; r0 + 4 <= h; r0 += 4) gram_4_1(e + (size_t)r0 * 16, P, z, r0 + 1);
+            for (; r0 < h; r0++) gram_1_1(e + (size_t)r0 * 16, P, z, r0 + 1);
+            for (; r0 + MR <= T; r0 += MR) gram_12_2(e + (size_t)r0 * 16, P, z, r0 + 1);
+            for (; r0 + 8 <= T; r0 += 8) gram_8_2(e + (size_t)r0 * 16, P, z, r0 + 1);
+            for (; r0 + 4 <= T; r0 += 4) gram_4_2(e + (size_t)r0 * 16, P, z, r0 + 1);
+            for (; r0 + 2 <= T; r0 += 2) gram_2_2(e + (size_t)r0 * 16, P, z, r0 + 1);
+            for (; r0 < T; r0++) gram_1_2(e + (size_t)r0 * 16, P, z, r0 + 1);
         }
         return;
     }
