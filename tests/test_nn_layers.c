@@ -201,6 +201,61 @@ static void test_linear_relu_in(void) {
     em_linear_set_impl(0);
 }
 
+/* em_mlp_forward / em_mlp_backward are bitwise the layer-by-layer calls, in both
+ * implementations and for any thread count (the DLRM's bottom and top shapes, odd
+ * batch). */
+static void test_mlp_chain(void) {
+    make_pools();
+    const int nl = 4, dims[2][5] = {{13, 512, 256, 64, 16}, {367, 512, 256, 1, 0}};
+    const int B = 301;
+    for (int impl = 0; impl < 2; impl++) {
+        em_linear_set_impl(impl);
+        for (int which = 0; which < 2; which++) {
+            const int n = which ? 3 : nl;
+            const int *d = dims[which];
+            em_rng r;
+            em_rng_seed(&r, (uint64_t)(7 + which));
+            float *in = randv(&r, (size_t)B * d[0], 1.f), *dout = randv(&r, (size_t)B * d[n], 1.f);
+            float *W[4], *b[4], *y[2][4], *dW[2][4], *db[2][4], *dx[2][4];
+            for (int l = 0; l < n; l++) {
+                W[l] = randv(&r, (size_t)d[l] * d[l + 1], 0.3f), b[l] = randv(&r, (size_t)d[l + 1], 0.3f);
+                for (int v = 0; v < 2; v++) {
+                    y[v][l] = randv(&r, (size_t)B * d[l + 1], 5.f), dW[v][l] = randv(&r, (size_t)d[l] * d[l + 1], 5.f);
+                    db[v][l] = randv(&r, (size_t)d[l + 1], 5.f), dx[v][l] = randv(&r, (size_t)B * d[l], 5.f);
+                }
+            }
+            /* layer by layer, one thread; last layer without ReLU; layer 0's din only on the top MLP */
+            for (int l = 0; l < n; l++)
+                (l < n - 1 ? em_linear_relu_forward : em_linear_forward)(y[0][l], l ? y[0][l - 1] : in, W[l], b[l], B, d[l],
+                                                                       d[l + 1], NULL);
+            for (int l = n - 1; l >= 0; l--)
+                (l ? em_linear_backward_set_relu_in : em_linear_backward_set)(
+                    l || which ? dx[0][l] : NULL, dW[0][l], db[0][l], l == n - 1 ? dout : dx[0][l + 1], l ? y[0][l - 1] : in,
+                    W[l], B, d[l], d[l + 1], NULL);
+            for (int p = 0; p < 3; p++) {
+                em_mlp_layer ml[4];
+                for (int l = 0; l < n; l++)
+                    ml[l] = (em_mlp_layer){.I = d[l], .O = d[l + 1], .relu = l < n - 1, .W = W[l], .b = b[l], .out = y[1][l],
+                                           .dW = dW[1][l], .db = db[1][l], .din = l || which ? dx[1][l] : NULL};
+                em_mlp_forward(ml, n, in, B, pools[p]);
+                em_mlp_backward(ml, n, in, dout, B, pools[p]);
+                for (int l = 0; l < n; l++) {
+                    CHECK(same_bits(y[0][l], y[1][l], (size_t)B * d[l + 1]));
+                    CHECK(same_bits(dW[0][l], dW[1][l], (size_t)d[l] * d[l + 1]));
+                    CHECK(same_bits(db[0][l], db[1][l], (size_t)d[l + 1]));
+                    if (l || which) CHECK(same_bits(dx[0][l], dx[1][l], (size_t)B * d[l]));
+                }
+            }
+            for (int l = 0; l < n; l++) {
+                em_free(W[l]), em_free(b[l]);
+                for (int v = 0; v < 2; v++) em_free(y[v][l]), em_free(dW[v][l]), em_free(db[v][l]), em_free(dx[v][l]);
+            }
+            em_free(in), em_free(dout);
+        }
+    }
+    em_linear_set_impl(0);
+}
+
 static void test_linear_degenerate(void) {
     /* B = 0 touches nothing; I = 0 gives out = b and leaves dW (empty) alone */
     float out[4] = {9, 9, 9, 9}, b[2] = {1.5f, -2.f}, db[2] = {0, 0}, dout[4] = {1, 2, 3, 4};
@@ -489,6 +544,6 @@ static void test_linear_fused_variants(void) {
     free(x), free(W), free(b), free(y1), free(y2), free(dy), free(dx1), free(dx2), free(dW1), free(dW2), free(db1), free(db2);
 }
 
-TEST_MAIN({"linear", test_linear}, {"linear_relu_in", test_linear_relu_in}, {"linear_fused_variants", test_linear_fused_variants}, {"linear_degenerate", test_linear_degenerate}, {"relu", test_relu},
+TEST_MAIN({"linear", test_linear}, {"linear_relu_in", test_linear_relu_in}, {"mlp_chain", test_mlp_chain}, {"linear_fused_variants", test_linear_fused_variants}, {"linear_degenerate", test_linear_degenerate}, {"relu", test_relu},
           {"sigmoid", test_sigmoid}, {"interact_order", test_interact_order}, {"interact", test_interact},
           {"bce", test_bce}, {"cleanup", test_cleanup})

@@ -45,6 +45,25 @@ void em_linear_backward_set(float *din, float *dW, float *db, const float *dout,
 void em_linear_backward_set_relu_in(float *din, float *dW, float *db, const float *dout, const float *in,
                                     const float *W, int B, int I, int O, em_pool *pool);
 
+/* An MLP: a chain of linear layers, layer l > 0 reading layer l-1's output. Run as a
+ * chain, a worker takes a block of rows through every layer while they are in its
+ * cache (AVX-512 builds; elsewhere layer by layer); bitwise the same as the layer-by-
+ * layer calls named below. */
+typedef struct {
+    int I, O;
+    int relu;            /* ReLU on this layer's output */
+    const float *W, *b;  /* (O, I) and (O); b nullable */
+    float *out;          /* (B, O) */
+    float *dW, *db;      /* backward: overwritten; db nullable */
+    float *din;          /* backward: (B, I), overwritten; may be NULL for layer 0 only */
+} em_mlp_layer;
+/* Layer 0 reads in (B, L[0].I): em_linear_(relu_)forward for l = 0..n-1. */
+void em_mlp_forward(const em_mlp_layer *L, int n, const float *in, int B, em_pool *pool);
+/* dout (B, L[n-1].O): the gradient of the last layer's output, any ReLU of it already
+ * applied by the caller. For l = n-1..0 em_linear_backward_set(_relu_in) with dout_l =
+ * L[l+1].din, the ReLU backward of layer l-1 fused into din when L[l-1].relu. */
+void em_mlp_backward(const em_mlp_layer *L, int n, const float *in, const float *dout, int B, em_pool *pool);
+
 /* ReLU: out = max(in, 0). In place (out == in) allowed. */
 void em_relu_forward(float *out, const float *in, size_t n);
 /* din += dout * (out > 0). `out` is the forward output. */

@@ -286,6 +286,16 @@ static const float *layer_in(const em_dlrm *m, int l) {
 }
 static float *layer_din(em_dlrm *m, int l) { return l == 0 ? NULL : l == m->n_botl ? m->dinter : m->dx[l - 1]; }
 
+/* Layers [lo, hi) as an em_mlp_layer chain (the bottom or the top MLP). */
+static void mlp_layers(em_dlrm *m, int lo, int hi, em_mlp_layer *out) {
+    for (int l = lo; l < hi; l++) {
+        const layer *L = &m->L[l];
+        out[l - lo] = (em_mlp_layer){.I = L->in, .O = L->out, .relu = l != m->n_layers - 1, .W = m->params + L->w,
+                                     .b = m->params + L->b, .out = m->x[l], .dW = m->grads + L->w, .db = m->grads + L->b,
+                                     .din = layer_din(m, l)};
+    }
+}
+
 /* The sequence tower's forward: the history of b, queried by the candidate's pooled
  * embedding (a column of emb), gives extra (B, E, D); embx = [emb, extra] per example,
  * the F = T + E vectors of the interaction. */
@@ -326,14 +336,13 @@ static em_status forward(em_dlrm *m, const em_batch *b, const float *pooled, int
         if ((st = seq_forward(m, b, emb, pool))) return st;
         emb = m->embx, F = m->F;
     }
-    for (int l = 0; l < m->n_layers; l++) {
-        const layer *L = &m->L[l];
-        if (l == m->n_botl) em_dot_interact_forward(m->inter, m->x[l - 1], emb, B, F, m->cfg.dim, pool);
-        if (l != m->n_layers - 1) /* ReLU after every layer but the last */
-            em_linear_relu_forward(m->x[l], layer_in(m, l), m->params + L->w, m->params + L->b, B, L->in, L->out, pool);
-        else
-            em_linear_forward(m->x[l], layer_in(m, l), m->params + L->w, m->params + L->b, B, L->in, L->out, pool);
-    }
+    /* the bottom MLP, the interaction, the top MLP; ReLU after every layer but the last */
+    em_mlp_layer ml[2 * EM_DLRM_MAX_LAYERS];
+    mlp_layers(m, 0, m->n_botl, ml);
+    em_mlp_forward(ml, m->n_botl, m->dense_in, B, pool);
+    em_dot_interact_forward(m->inter, m->x[m->n_botl - 1], emb, B, F, m->cfg.dim, pool);
+    mlp_layers(m, m->n_botl, m->n_layers, ml);
+    em_mlp_forward(ml, m->n_layers - m->n_botl, m->inter, B, pool);
     return EM_OK;
 }
 
@@ -386,6 +395,19 @@ static em_status backward(em_dlrm *m, const em_batch *b, const em_dlrm_head_hook
     if (hook) {
         em_status hs = hook->fn(hook->ud, b, layer_in(m, n - 1), m->L[n - 1].in, m->x[n - 1], m->dx[n - 1], &dh, pool);
         if (hs) return hs;
+    }
+    if (!dh && !ready && !m->seq) {
+        /* the top MLP as one chain, the interaction, the bottom MLP as one chain
+         * (bitwise the layer-by-layer loop below, which the hooks and the tower need) */
+        em_mlp_layer ml[2 * EM_DLRM_MAX_LAYERS];
+        mlp_layers(m, m->n_botl, n, ml);
+        em_mlp_backward(ml, n - m->n_botl, m->inter, m->dx[n - 1], B, pool);
+        em_dot_interact_backward(m->dx[m->n_botl - 1], m->demb, m->dinter, m->x[m->n_botl - 1], m->emb_out, B,
+                                 m->cfg.num_tables, m->cfg.dim, pool);
+        relu_mask(m->dx[m->n_botl - 1], m->x[m->n_botl - 1], (size_t)B * (size_t)m->L[m->n_botl - 1].out, pool);
+        mlp_layers(m, 0, m->n_botl, ml);
+        em_mlp_backward(ml, m->n_botl, m->dense_in, m->dx[m->n_botl - 1], B, pool);
+        return EM_OK;
     }
     int premasked = 0; /* dx[l] came masked from the layer above's backward */
     for (int l = n - 1; l >= 0; l--) {

@@ -245,3 +245,20 @@ void em_linear_backward_set_relu_in(float *din, float *dW, float *db, const floa
                                     const float *W, int B, int I, int O, em_pool *pool) {
     linear_backward(din, dW, db, dout, in, W, B, I, O, 0.f, 1, pool);
 }
+
+/* ------------------------------------------------------------------- MLP */
+
+void em_mlp_forward(const em_mlp_layer *L, int n, const float *in, int B, em_pool *pool) {
+    if (n <= 0 || B <= 0) return;
+    if (!atomic_load(&force_blas) && em__mlp_fwd_avx512(L, n, in, B, pool) == 0) return;
+    for (int l = 0; l < n; l++)
+        linear_forward(L[l].out, l ? L[l - 1].out : in, L[l].W, L[l].b, B, L[l].I, L[l].O, L[l].relu, pool);
+}
+
+void em_mlp_backward(const em_mlp_layer *L, int n, const float *in, const float *dout, int B, em_pool *pool) {
+    if (n <= 0 || B <= 0) return;
+    if (!atomic_load(&force_blas) && em__mlp_bwd_avx512(L, n, in, dout, B, pool) == 0) return;
+    for (int l = n - 1; l >= 0; l--)
+        linear_backward(L[l].din, L[l].dW, L[l].db, l == n - 1 ? dout : L[l + 1].din, l ? L[l - 1].out : in, L[l].W, B,
+                        L[l].I, L[l].O, 0.f, l > 0 && L[l - 1].relu, pool);
+}

@@ -104,11 +104,9 @@ static inline __mmask16 cmask(int n) { return n >= 16 ? (__mmask16)0xffff : n <=
  * P's loads masked by lm0 / lm1. mr and NV are constants after inlining. */
 static inline __attribute__((always_inline)) void kloop(const int mr, const int NV, const float *A, size_t ak,
                                                         size_t ar, const float *P, size_t pk, __mmask16 lm0,
-                                                        __mmask16 lm1, int K, __m512 acc[MR][2], const char *pf,
-                                                        int npf) {
+                                                        __mmask16 lm1, int K, __m512 acc[MR][2]) {
     for (int k = 0; k < K; k++) {
         const float *pp = P + (size_t)k * pk, *aa = A + (size_t)k * ak;
-        if (k < npf) _mm_prefetch(pf + 128 * (size_t)k, _MM_HINT_T1), _mm_prefetch(pf + 128 * (size_t)k + 64, _MM_HINT_T1);
         const __m512 w0 = _mm512_maskz_loadu_ps(lm0, pp);
         const __m512 w1 = NV > 1 ? _mm512_maskz_loadu_ps(lm1, pp + 16) : w0;
 #pragma GCC unroll 12
@@ -133,7 +131,7 @@ static inline __attribute__((always_inline)) void row_blk(const int MRC, const i
     const __m512 b0 = bias ? _mm512_loadu_ps(bias) : z, b1 = bias && NV > 1 ? _mm512_loadu_ps(bias + 16) : b0;
 #pragma GCC unroll 12
     for (int r = 0; r < MRC; r++) acc[r][0] = b0, acc[r][1] = b1;
-    kloop(MRC, NV, A, 1, lda, P, (size_t)16 * NV, 0xffff, 0xffff, K, acc, NULL, 0);
+    kloop(MRC, NV, A, 1, lda, P, (size_t)16 * NV, 0xffff, 0xffff, K, acc);
     const __mmask16 m0 = cmask(ncol), m1 = cmask(ncol - 16);
 #pragma GCC unroll 12
     for (int r = 0; r < MRC; r++) {
@@ -184,8 +182,7 @@ static void row_panel(int mr, int nv, const float *A, size_t lda, const float *P
  * for r < mr; Ap (12 rows, zero beyond mr) and Xp (16 NV columns, zero beyond ncol)
  * packed. */
 static inline __attribute__((always_inline)) void dw_blk(const int NV, const float *Ap, const float *Xp, int K,
-                                                         float *C, size_t ldc, int mr, int ncol, int load,
-                                                         const char *pf, int npf) {
+                                                         float *C, size_t ldc, int mr, int ncol, int load) {
     __m512 acc[MR][2];
     const __mmask16 m0 = cmask(ncol), m1 = cmask(ncol - 16);
 #pragma GCC unroll 12
@@ -194,7 +191,7 @@ static inline __attribute__((always_inline)) void dw_blk(const int NV, const flo
         acc[r][0] = in ? _mm512_maskz_loadu_ps(m0, C + (size_t)r * ldc) : _mm512_setzero_ps();
         acc[r][1] = in && NV > 1 ? _mm512_maskz_loadu_ps(m1, C + (size_t)r * ldc + 16) : _mm512_setzero_ps();
     }
-    kloop(MR, NV, Ap, MR, 1, Xp, (size_t)16 * NV, 0xffff, 0xffff, K, acc, pf, npf);
+    kloop(MR, NV, Ap, MR, 1, Xp, (size_t)16 * NV, 0xffff, 0xffff, K, acc);
 #pragma GCC unroll 12
     for (int r = 0; r < MR; r++) {
         if (r >= mr) break;
@@ -202,13 +199,11 @@ static inline __attribute__((always_inline)) void dw_blk(const int NV, const flo
         if (NV > 1) _mm512_mask_storeu_ps(C + (size_t)r * ldc + 16, m1, acc[r][1]);
     }
 }
-static void dw_blk2(const float *Ap, const float *Xp, int K, float *C, size_t ldc, int mr, int ncol, int load,
-                    const char *pf, int npf) {
-    dw_blk(2, Ap, Xp, K, C, ldc, mr, ncol, load, pf, npf);
+static void dw_blk2(const float *Ap, const float *Xp, int K, float *C, size_t ldc, int mr, int ncol, int load) {
+    dw_blk(2, Ap, Xp, K, C, ldc, mr, ncol, load);
 }
-static void dw_blk1(const float *Ap, const float *Xp, int K, float *C, size_t ldc, int mr, int ncol, int load,
-                    const char *pf, int npf) {
-    dw_blk(1, Ap, Xp, K, C, ldc, mr, ncol, load, pf, npf);
+static void dw_blk1(const float *Ap, const float *Xp, int K, float *C, size_t ldc, int mr, int ncol, int load) {
+    dw_blk(1, Ap, Xp, K, C, ldc, mr, ncol, load);
 }
 
 /* ------------------------------------------------------------ packing */
@@ -286,69 +281,84 @@ typedef struct {
     atomic_int next;
 } o1_arg;
 
-static void o1_fwd_task(void *p, int ith, int nth) {
-    (void)ith, (void)nth;
-    o1_arg *a = p;
-    const int K = a->I;
-    const float bias = a->b ? a->b[0] : 0.f;
-    for (int t; (t = atomic_fetch_add_explicit(&a->next, 1, memory_order_relaxed)) < a->nrow;) {
-        const int r1 = (t + 1) * O1_ROWS < a->B ? (t + 1) * O1_ROWS : a->B;
-        for (int r = t * O1_ROWS; r < r1; r++) {
-            const float *x = a->in + (size_t)r * K;
-            __m512 acc = _mm512_setzero_ps();
-            for (int k = 0; k < K; k += 16) {
-                const __mmask16 m = cmask(K - k);
-                acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, x + k), _mm512_maskz_loadu_ps(m, a->W + k), acc);
-            }
-            float v = _mm512_reduce_add_ps(acc) + bias;
-            a->out[r] = a->relu && !(v > 0.f) ? 0.f : v;
+/* out[r] = relu?(bias + x[r, :] . w) for rows [r0, r1). */
+static void o1_fwd_rows(float *out, const float *in, const float *w, const float *b, int K, int relu, int r0, int r1) {
+    const float bias = b ? b[0] : 0.f;
+    for (int r = r0; r < r1; r++) {
+        const float *x = in + (size_t)r * K;
+        __m512 acc = _mm512_setzero_ps();
+        for (int k = 0; k < K; k += 16) {
+            const __mmask16 m = cmask(K - k);
+            acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, x + k), _mm512_maskz_loadu_ps(m, w + k), acc);
+        }
+        float v = _mm512_reduce_add_ps(acc) + bias;
+        out[r] = relu && !(v > 0.f) ? 0.f : v;
+    }
+}
+
+/* din[r, :] (+)= dout[r] w (* (in[r, :] > 0) when mask_in) for rows [r0, r1). */
+static void o1_din_rows(float *din, const float *dout, const float *w, const float *in, int I, int mask_in,
+                        int accumulate, int r0, int r1) {
+    const __m512 z = _mm512_setzero_ps();
+    for (int r = r0; r < r1; r++) {
+        const __m512 g = _mm512_set1_ps(dout[r]);
+        float *d = din + (size_t)r * I;
+        const float *x = in + (size_t)r * I;
+        for (int i = 0; i < I; i += 16) {
+            const __mmask16 m = cmask(I - i);
+            __m512 v = _mm512_mul_ps(g, _mm512_maskz_loadu_ps(m, w + i));
+            if (mask_in) v = _mm512_maskz_mov_ps(_mm512_mask_cmp_ps_mask(m, _mm512_maskz_loadu_ps(m, x + i), z, _CMP_GT_OQ), v);
+            if (accumulate) v = _mm512_add_ps(_mm512_maskz_loadu_ps(m, d + i), v);
+            _mm512_mask_storeu_ps(d + i, m, v);
         }
     }
 }
 
+static void o1_fwd_task(void *p, int ith, int nth) {
+    (void)ith, (void)nth;
+    o1_arg *a = p;
+    for (int t; (t = atomic_fetch_add_explicit(&a->next, 1, memory_order_relaxed)) < a->nrow;)
+        o1_fwd_rows(a->out, a->in, a->W, a->b, a->I, a->relu, t * O1_ROWS,
+                    (t + 1) * O1_ROWS < a->B ? (t + 1) * O1_ROWS : a->B);
+}
+
+/* One task of an O = 1 backward: a row block of din, a column block of dW, or db. */
+static void o1_bwd_one(o1_arg *a, int t) {
+    const __m512 z = _mm512_setzero_ps();
+    if (t < a->nrow) {
+        o1_din_rows(a->din, a->dout, a->W, a->in, a->I, a->mask_in, a->accumulate, t * O1_ROWS,
+                    (t + 1) * O1_ROWS < a->B ? (t + 1) * O1_ROWS : a->B);
+    } else if (t < a->nrow + a->ncol) { /* dW[c0:c1) (+)= sum_b dout[b] in[b, c0:c1) */
+        const int c0 = (t - a->nrow) * O1_COLS, c1 = c0 + O1_COLS < a->I ? c0 + O1_COLS : a->I;
+        const int nv = (c1 - c0 + 15) / 16;
+        __m512 acc[O1_COLS / 16];
+        for (int j = 0; j < nv; j++) acc[j] = a->accumulate ? _mm512_maskz_loadu_ps(cmask(c1 - c0 - 16 * j), a->dW + c0 + 16 * j) : z;
+        for (int b = 0; b < a->B; b++) {
+            const __m512 g = _mm512_set1_ps(a->dout[b]);
+            const float *x = a->in + (size_t)b * a->I + c0;
+            if (nv == O1_COLS / 16) {
+#pragma GCC unroll 16
+                for (int j = 0; j < O1_COLS / 16; j++) acc[j] = _mm512_fmadd_ps(g, _mm512_loadu_ps(x + 16 * j), acc[j]);
+            } else {
+                for (int j = 0; j < nv; j++)
+                    acc[j] = _mm512_fmadd_ps(g, _mm512_maskz_loadu_ps(cmask(c1 - c0 - 16 * j), x + 16 * j), acc[j]);
+            }
+        }
+        for (int j = 0; j < nv; j++) _mm512_mask_storeu_ps(a->dW + c0 + 16 * j, cmask(c1 - c0 - 16 * j), acc[j]);
+    } else { /* db (+)= sum_b dout[b] */
+        float sum = 0.f;
+        for (int b = 0; b < a->B; b++) sum += a->dout[b];
+        a->db[0] = a->accumulate ? a->db[0] + sum : sum;
+    }
+}
+
+static int o1_bwd_count(const o1_arg *a) { return a->nrow + a->ncol + (a->db ? 1 : 0); }
+
 static void o1_bwd_task(void *p, int ith, int nth) {
     (void)ith, (void)nth;
     o1_arg *a = p;
-    const int n = a->nrow + a->ncol + (a->db ? 1 : 0);
-    const __m512 z = _mm512_setzero_ps();
-    for (int t; (t = atomic_fetch_add_explicit(&a->next, 1, memory_order_relaxed)) < n;) {
-        if (t < a->nrow) { /* din[r, :] (+)= dout[r] W (* (in > 0)) */
-            const int r1 = (t + 1) * O1_ROWS < a->B ? (t + 1) * O1_ROWS : a->B;
-            for (int r = t * O1_ROWS; r < r1; r++) {
-                const __m512 g = _mm512_set1_ps(a->dout[r]);
-                float *d = a->din + (size_t)r * a->I;
-                const float *x = a->in + (size_t)r * a->I;
-                for (int i = 0; i < a->I; i += 16) {
-                    const __mmask16 m = cmask(a->I - i);
-                    __m512 v = _mm512_mul_ps(g, _mm512_maskz_loadu_ps(m, a->W + i));
-                    if (a->mask_in) v = _mm512_maskz_mov_ps(_mm512_mask_cmp_ps_mask(m, _mm512_maskz_loadu_ps(m, x + i), z, _CMP_GT_OQ), v);
-                    if (a->accumulate) v = _mm512_add_ps(_mm512_maskz_loadu_ps(m, d + i), v);
-                    _mm512_mask_storeu_ps(d + i, m, v);
-                }
-            }
-        } else if (t < a->nrow + a->ncol) { /* dW[c0:c1) (+)= sum_b dout[b] in[b, c0:c1) */
-            const int c0 = (t - a->nrow) * O1_COLS, c1 = c0 + O1_COLS < a->I ? c0 + O1_COLS : a->I;
-            const int nv = (c1 - c0 + 15) / 16;
-            __m512 acc[O1_COLS / 16];
-            for (int j = 0; j < nv; j++) acc[j] = a->accumulate ? _mm512_maskz_loadu_ps(cmask(c1 - c0 - 16 * j), a->dW + c0 + 16 * j) : z;
-            for (int b = 0; b < a->B; b++) {
-                const __m512 g = _mm512_set1_ps(a->dout[b]);
-                const float *x = a->in + (size_t)b * a->I + c0;
-                if (nv == O1_COLS / 16) {
-#pragma GCC unroll 16
-                    for (int j = 0; j < O1_COLS / 16; j++) acc[j] = _mm512_fmadd_ps(g, _mm512_loadu_ps(x + 16 * j), acc[j]);
-                } else {
-                    for (int j = 0; j < nv; j++)
-                        acc[j] = _mm512_fmadd_ps(g, _mm512_maskz_loadu_ps(cmask(c1 - c0 - 16 * j), x + 16 * j), acc[j]);
-                }
-            }
-            for (int j = 0; j < nv; j++) _mm512_mask_storeu_ps(a->dW + c0 + 16 * j, cmask(c1 - c0 - 16 * j), acc[j]);
-        } else { /* db (+)= sum_b dout[b] */
-            float sum = 0.f;
-            for (int b = 0; b < a->B; b++) sum += a->dout[b];
-            a->db[0] = a->accumulate ? a->db[0] + sum : sum;
-        }
-    }
+    const int n = o1_bwd_count(a);
+    for (int t; (t = atomic_fetch_add_explicit(&a->next, 1, memory_order_relaxed)) < n;) o1_bwd_one(a, t);
 }
 
 /* ------------------------------------------------------------ forward */
@@ -417,7 +427,8 @@ typedef struct {
     float *din, *dW, *db;
     const float *dout, *in;
     const float *pk; /* W packed by input columns (din), NULL without din */
-    float *wk;       /* dW: per-worker packed chunks, WK floats each */
+    float *wk;       /* dW: per-worker packed chunks, wk_per floats each */
+    size_t wk_per;
     int B, I, O, accumulate, mask_in;
     int ob, nw_i, nw_pg, nw_g, nw;   /* dW tasks: ob-row blocks of O x groups of nw_pg 32-column panels of I */
     int np, pg, ngr, ni;             /* din tasks: row blocks x panel groups */
@@ -425,7 +436,7 @@ typedef struct {
     atomic_int next;
 } bwd_arg;
 
-#define WK (OB_MAX * KC + KC * 32)
+#define PF_ROWS 6  /* dW packing: rows prefetched ahead */
 
 /* dW[o0:o1, panels p0..p1) (+)= dout[:, o0:o1]^T in[:, panels], the batch in chunks of
  * KC rows: dout's chunk packed as ob/12 blocks of [k][12] (reused by every panel),
@@ -434,51 +445,44 @@ static void dw_task(bwd_arg *a, int t, int ith) {
     const int ob = t / a->nw_g, g = t % a->nw_g;
     const int o0 = ob * a->ob, o1 = o0 + a->ob < a->O ? o0 + a->ob : a->O;
     const int p0 = g * a->nw_pg, p1 = p0 + a->nw_pg < a->nw_i ? p0 + a->nw_pg : a->nw_i;
-    float *Ap = a->wk + (size_t)ith * WK, *Xp = Ap + OB_MAX * KC;
+    const int c0 = 32 * p0, c1 = 32 * p1 < a->I ? 32 * p1 : a->I; /* the task's columns of in */
+    float *Ap = a->wk + (size_t)ith * a->wk_per, *Xp = Ap + OB_MAX * KC;
     const int nob = cdiv(o1 - o0, MR);
     for (int k0 = 0; k0 < a->B; k0 += KC) {
         const int kc = a->B - k0 < KC ? a->B - k0 : KC;
         const int load = k0 > 0 || a->accumulate;
-        for (int s = 0; s < nob; s++) {
-            const int r0 = o0 + s * MR, mr = o1 - r0 < MR ? o1 - r0 : MR;
-            const __mmask16 mk = cmask(mr);
-            float *dst = Ap + (size_t)s * KC * MR;
-            const float *src = a->dout + (size_t)k0 * a->O + r0;
-            for (int k = 0; k < kc; k++)
-                _mm512_mask_storeu_ps(dst + (size_t)k * MR, 0x0fff, _mm512_maskz_loadu_ps(mk, src + (size_t)k * a->O));
+        /* Pack the chunk row by row (sequential reads; rows PF_ROWS ahead prefetched):
+         * dout's row segment [o0, o1) as ob/12 blocks of 12, in's [c0, c1) as the
+         * panels' 32 (or 16) columns. */
+        for (int k = 0; k < kc; k++) {
+            if (k0 + k + PF_ROWS < a->B) {
+                const float *d = a->dout + (size_t)(k0 + k + PF_ROWS) * a->O;
+                for (int o = o0; o < o1; o += 16) _mm_prefetch((const char *)(d + o), _MM_HINT_T0);
+                _mm_prefetch((const char *)(d + o1 - 1), _MM_HINT_T0);
+                const float *x = a->in + (size_t)(k0 + k + PF_ROWS) * a->I;
+                for (int c = c0; c < c1; c += 16) _mm_prefetch((const char *)(x + c), _MM_HINT_T0);
+                _mm_prefetch((const char *)(x + c1 - 1), _MM_HINT_T0);
+            }
+            const float *d = a->dout + (size_t)(k0 + k) * a->O;
+            for (int sb = 0; sb < nob; sb++) {
+                const int r0 = o0 + sb * MR, mr = o1 - r0 < MR ? o1 - r0 : MR;
+                _mm512_mask_storeu_ps(Ap + ((size_t)sb * KC + k) * MR, 0x0fff, _mm512_maskz_loadu_ps(cmask(mr), d + r0));
+            }
+            const float *x = a->in + (size_t)(k0 + k) * a->I;
+            for (int q = p0; q < p1; q++) {
+                const int i0 = 32 * q, ncol = a->I - i0, nv = ncol > 16 ? 2 : 1;
+                float *X = Xp + (size_t)(q - p0) * KC * 32 + (size_t)k * 16 * nv;
+                _mm512_storeu_ps(X, _mm512_maskz_loadu_ps(cmask(ncol), x + i0));
+                if (nv > 1) _mm512_storeu_ps(X + 16, _mm512_maskz_loadu_ps(cmask(ncol - 16), x + i0 + 16));
+            }
         }
-        /* The next chunk's rows are read from memory while this one computes,
-         * prefetched into L2: in's rows (one contiguous block when the task has all
-         * panels) two lines per k inside the kernels, dout's rows spread over the
-         * panels. Without it the packing loads stall on every chunk. */
-        const int kn = a->B - k0 - kc < KC ? a->B - k0 - kc : KC, np = p1 - p0;
-        const int rows_per_q = cdiv(kn, np > 0 ? np : 1);
-        const char *pf = (const char *)(a->in + (size_t)(k0 + kc) * a->I + 32 * p0);
-        const char *pf_end = pf + (p1 == a->nw_i && p0 == 0 ? (size_t)kn * a->I * sizeof(float) : 0);
-        const size_t pf_call = (size_t)cdiv(cdiv((int)((pf_end - pf + 127) / 128), np * nob), 1);
         for (int q = p0; q < p1; q++) {
-            const int i0 = 32 * q, ncol = a->I - i0, nv = ncol > 16 ? 2 : 1;
-            const __mmask16 m0 = cmask(ncol), m1 = cmask(ncol - 16);
-            const float *src = a->in + (size_t)k0 * a->I + i0;
-            if (kn > 0) {
-                const int k1 = (q - p0) * rows_per_q, k2 = k1 + rows_per_q < kn ? k1 + rows_per_q : kn;
-                for (int k = k1; k < k2; k++) {
-                    const float *d = a->dout + (size_t)(k0 + kc + k) * a->O + o0;
-                    for (int o = 0; o < o1 - o0; o += 16) _mm_prefetch((const char *)(d + o), _MM_HINT_T1);
-                }
-            }
-            for (int k = 0; k < kc; k++) {
-                _mm512_storeu_ps(Xp + (size_t)k * 16 * nv, _mm512_maskz_loadu_ps(m0, src + (size_t)k * a->I));
-                if (nv > 1) _mm512_storeu_ps(Xp + (size_t)k * 32 + 16, _mm512_maskz_loadu_ps(m1, src + (size_t)k * a->I + 16));
-            }
-            for (int s = 0; s < nob; s++) {
-                const int r0 = o0 + s * MR, mr = o1 - r0 < MR ? o1 - r0 : MR;
-                int npf = pf < pf_end ? (int)((size_t)(pf_end - pf + 127) / 128) : 0;
-                if ((size_t)npf > pf_call) npf = (int)pf_call;
-                if (npf > kc) npf = kc;
-                (nv > 1 ? dw_blk2 : dw_blk1)(Ap + (size_t)s * KC * MR, Xp, kc, a->dW + (size_t)r0 * a->I + i0, (size_t)a->I,
-                                             mr, ncol, load, pf, npf);
-                pf += (size_t)npf * 128;
+            const int i0 = 32 * q, ncol = a->I - i0;
+            const float *X = Xp + (size_t)(q - p0) * KC * 32;
+            for (int sb = 0; sb < nob; sb++) {
+                const int r0 = o0 + sb * MR, mr = o1 - r0 < MR ? o1 - r0 : MR;
+                (ncol > 16 ? dw_blk2 : dw_blk1)(Ap + (size_t)sb * KC * MR, X, kc, a->dW + (size_t)r0 * a->I + i0,
+                                                (size_t)a->I, mr, ncol, load);
             }
         }
     }
@@ -510,15 +514,31 @@ static void db_task(bwd_arg *a, int t) {
     else memcpy(a->db + c0, s, n * sizeof(float));
 }
 
+static void bwd_one(bwd_arg *a, int t, int ith) {
+    if (t < a->nw) dw_task(a, t, ith);
+    else if (t < a->nw + a->ni) din_task(a, t - a->nw);
+    else db_task(a, t - a->nw - a->ni);
+}
+
 static void bwd_task(void *p, int ith, int nth) {
     (void)nth;
     bwd_arg *a = p;
     const int n = a->nw + a->ni + a->nb;
-    for (int t; (t = atomic_fetch_add_explicit(&a->next, 1, memory_order_relaxed)) < n;) {
-        if (t < a->nw) dw_task(a, t, ith);
-        else if (t < a->nw + a->ni) din_task(a, t - a->nw);
-        else db_task(a, t - a->nw - a->ni);
-    }
+    for (int t; (t = atomic_fetch_add_explicit(&a->next, 1, memory_order_relaxed)) < n;) bwd_one(a, t, ith);
+}
+
+/* The dW tiling of one layer (sets ob, nw_i, nw_pg, nw_g, nw, wk_per). */
+static void dw_plan(bwd_arg *a, int nth) {
+    a->nw_i = cdiv(a->I, 32);
+    /* Few, tall row blocks: every block reads all of its columns of `in`, so about
+     * two per worker; din and db tasks fill in behind them. */
+    a->ob = MR * cdiv(cdiv(a->O, MR), 2 * nth);
+    if (a->ob > OB_MAX) a->ob = OB_MAX;
+    const int nob = cdiv(a->O, a->ob);
+    a->nw_pg = panel_group(nob, a->nw_i, nth);
+    a->nw_g = cdiv(a->nw_i, a->nw_pg);
+    a->nw = nob * a->nw_g;
+    a->wk_per = (size_t)OB_MAX * KC + (size_t)KC * 32 * a->nw_pg;
 }
 
 int em__linear_bwd_avx512(float *din, float *dW, float *db, const float *dout, const float *in, const float *W, int B,
@@ -534,12 +554,13 @@ int em__linear_bwd_avx512(float *din, float *dW, float *db, const float *dout, c
                     .accumulate = accumulate, .mask_in = mask_in, .nrow = din ? cdiv(B, O1_ROWS) : 0,
                     .ncol = dW ? cdiv(I, O1_COLS) : 0};
         atomic_init(&o.next, 0);
-        em_pool_run(o.nrow + o.ncol + (db ? 1 : 0) > 1 ? pool : NULL, o1_bwd_task, &o);
+        em_pool_run(o1_bwd_count(&o) > 1 ? pool : NULL, o1_bwd_task, &o);
         return 0;
     }
     const int np = din ? cdiv(I, 32) : 0;
+    if (dW) dw_plan(&a, nth);
     const size_t npk = (size_t)32 * np * (size_t)O;
-    float *ws = ws_get(npk + (dW ? (size_t)WK * nth : 0) + 1);
+    float *ws = ws_get(npk + (dW ? a.wk_per * nth : 0) + 1);
     if (!ws) return -1;
     if (din) {
         pack_weights(ws, W, I, O, 1, pool);
@@ -549,22 +570,223 @@ int em__linear_bwd_avx512(float *din, float *dW, float *db, const float *dout, c
         a.ngr = cdiv(np, a.pg);
         a.ni = nrb * a.ngr;
     }
-    if (dW) {
-        a.wk = ws + npk;
-        a.nw_i = cdiv(I, 32);
-        /* Few, tall row blocks: every block reads all of `in` (from L3 at these
-         * sizes), so about two per worker; din and db tasks fill in behind them. */
-        a.ob = MR * cdiv(cdiv(O, MR), 2 * nth);
-        if (a.ob > OB_MAX) a.ob = OB_MAX;
-        const int nob = cdiv(O, a.ob);
-        a.nw_pg = panel_group(nob, a.nw_i, nth);
-        a.nw_g = cdiv(a.nw_i, a.nw_pg);
-        a.nw = nob * a.nw_g;
-    }
+    if (dW) a.wk = ws + npk;
     a.nb = db ? cdiv(O, DB_COLS) : 0;
     atomic_init(&a.next, 0);
     if (a.nw + a.ni + a.nb == 1) bwd_task(&a, 0, 1);
     else if (a.nw + a.ni + a.nb > 1) em_pool_run(pool, bwd_task, &a);
+    return 0;
+}
+
+/* ------------------------------------------------------------ MLP chains */
+
+#define CHAIN_MAX 16
+
+/* Pack jobs of several layers behind one counter (one pool launch). */
+typedef struct {
+    pack_arg a[CHAIN_MAX];
+    int n, start[CHAIN_MAX + 1];
+    atomic_int next;
+} pack_multi;
+
+static void pack_multi_task(void *p, int ith, int nth) {
+    (void)ith, (void)nth;
+    pack_multi *m = p;
+    for (int t; (t = atomic_fetch_add_explicit(&m->next, 1, memory_order_relaxed)) < m->start[m->n];) {
+        int l = 0;
+        while (t >= m->start[l + 1]) l++;
+        pack_panel(&m->a[l], t - m->start[l]);
+    }
+}
+
+typedef struct {
+    const em_mlp_layer *L;
+    int n, B, rb, nrb, lo;
+    const float *in, *dout;
+    const float *pk[CHAIN_MAX];   /* packed W (forward: by output columns; backward: by input columns) */
+    const float *bias[CHAIN_MAX]; /* forward: padded biases */
+    atomic_int next;
+} chain_arg;
+
+/* Rows per chain task: up to RB, fewer when the batch would give under 4 per worker. */
+static int chain_rows(int B, int nth) {
+    int rb = RB;
+    while (rb > MR && cdiv(B, rb) < 4 * nth) rb -= MR;
+    return rb;
+}
+
+static void chain_fwd_task(void *p, int ith, int nth) {
+    (void)ith, (void)nth;
+    chain_arg *c = p;
+    for (int t; (t = atomic_fetch_add_explicit(&c->next, 1, memory_order_relaxed)) < c->nrb;) {
+        const int r0 = t * c->rb, r1 = r0 + c->rb < c->B ? r0 + c->rb : c->B;
+        for (int l = 0; l < c->n; l++) {
+            const em_mlp_layer *y = &c->L[l];
+            const float *A = l ? c->L[l - 1].out : c->in;
+            const int K = y->I, O = y->O;
+            if (O == 1) {
+                o1_fwd_rows(y->out, A, y->W, y->b, K, y->relu, r0, r1);
+                continue;
+            }
+            const int np = cdiv(O, 32);
+            for (int r = r0; r < r1; r += MR) {
+                const int mr = r1 - r < MR ? r1 - r : MR;
+                for (int q = 0; q < np; q++)
+                    row_panel(mr, panel_w(O, q) / 16, A + (size_t)r * K, (size_t)K, c->pk[l] + (size_t)32 * K * q, K,
+                              c->bias[l] + 32 * q, y->out + (size_t)r * O + 32 * q, (size_t)O, NULL, 0, O - 32 * q,
+                              y->relu, 0);
+            }
+        }
+    }
+}
+
+static int chain_ok(const em_mlp_layer *L, int n) {
+    if (n > CHAIN_MAX) return 0;
+    for (int l = 0; l < n; l++)
+        if (L[l].I <= 0 || L[l].O <= 0 || (l && L[l].I != L[l - 1].O)) return 0;
+    return 1;
+}
+
+int em__mlp_fwd_avx512(const em_mlp_layer *L, int n, const float *in, int B, em_pool *pool) {
+    if (!chain_ok(L, n)) return -1;
+    double fmas = 0;
+    size_t need = 0;
+    for (int l = 0; l < n; l++) {
+        fmas += (double)B * L[l].I * L[l].O;
+        if (L[l].O > 1) need += (size_t)32 * cdiv(L[l].O, 32) * ((size_t)L[l].I + 1);
+    }
+    if (fmas < SMALL_FMAS) pool = NULL;
+    const int nth = em_pool_nth(pool);
+    float *ws = ws_get(need + 1);
+    if (!ws) return -1;
+    chain_arg c = {.L = L, .n = n, .B = B, .in = in};
+    pack_multi pm = {.n = n};
+    size_t off = 0;
+    for (int l = 0; l < n; l++) {
+        const int np = L[l].O > 1 ? cdiv(L[l].O, 32) : 0;
+        pm.a[l] = (pack_arg){.pk = ws + off, .W = L[l].W, .I = L[l].I, .O = L[l].O, .by_in = 0, .np = np};
+        pm.start[l + 1] = pm.start[l] + np;
+        c.pk[l] = ws + off;
+        off += (size_t)32 * np * (size_t)L[l].I;
+        float *pb = ws + off;
+        c.bias[l] = pb;
+        off += (size_t)32 * np;
+        if (np) {
+            memset(pb, 0, (size_t)32 * np * sizeof(float));
+            if (L[l].b) memcpy(pb, L[l].b, (size_t)L[l].O * sizeof(float));
+        }
+    }
+    atomic_init(&pm.next, 0);
+    em_pool_run(pm.start[n] > 1 ? pool : NULL, pack_multi_task, &pm);
+    c.rb = chain_rows(B, nth);
+    c.nrb = cdiv(B, c.rb);
+    atomic_init(&c.next, 0);
+    em_pool_run(c.nrb > 1 ? pool : NULL, chain_fwd_task, &c);
+    return 0;
+}
+
+/* The din chain: a block of rows through layers n-1..lo, each layer's input gradient
+ * (masked by the ReLU of the layer below) being the next one's output gradient. */
+static void chain_din_task(void *p, int ith, int nth) {
+    (void)ith, (void)nth;
+    chain_arg *c = p;
+    for (int t; (t = atomic_fetch_add_explicit(&c->next, 1, memory_order_relaxed)) < c->nrb;) {
+        const int r0 = t * c->rb, r1 = r0 + c->rb < c->B ? r0 + c->rb : c->B;
+        for (int l = c->n - 1; l >= c->lo; l--) {
+            const em_mlp_layer *y = &c->L[l];
+            const float *g = l == c->n - 1 ? c->dout : c->L[l + 1].din, *x = l ? c->L[l - 1].out : c->in;
+            const int I = y->I, O = y->O, mask = l > 0 && c->L[l - 1].relu;
+            if (O == 1) {
+                o1_din_rows(y->din, g, y->W, x, I, mask, 0, r0, r1);
+                continue;
+            }
+            const int np = cdiv(I, 32);
+            for (int r = r0; r < r1; r += MR) {
+                const int mr = r1 - r < MR ? r1 - r : MR;
+                for (int q = 0; q < np; q++)
+                    row_panel(mr, panel_w(I, q) / 16, g + (size_t)r * O, (size_t)O, c->pk[l] + (size_t)32 * O * q, O, NULL,
+                              y->din + (size_t)r * I + 32 * q, (size_t)I, mask ? x + (size_t)r * I + 32 * q : NULL,
+                              (size_t)I, I - 32 * q, 0, 0);
+            }
+        }
+    }
+}
+
+/* dW and db of every layer behind one counter. */
+typedef struct {
+    bwd_arg b[CHAIN_MAX];
+    o1_arg o[CHAIN_MAX];
+    int n, start[CHAIN_MAX + 1];
+    atomic_int next;
+} dw_multi;
+
+static void dw_multi_task(void *p, int ith, int nth) {
+    (void)nth;
+    dw_multi *m = p;
+    for (int t; (t = atomic_fetch_add_explicit(&m->next, 1, memory_order_relaxed)) < m->start[m->n];) {
+        int l = 0;
+        while (t >= m->start[l + 1]) l++;
+        if (m->b[l].O == 1) o1_bwd_one(&m->o[l], t - m->start[l]);
+        else bwd_one(&m->b[l], t - m->start[l], ith);
+    }
+}
+
+int em__mlp_bwd_avx512(const em_mlp_layer *L, int n, const float *in, const float *dout, int B, em_pool *pool) {
+    if (!chain_ok(L, n)) return -1;
+    for (int l = 1; l < n; l++)
+        if (!L[l].din) return -1;
+    double fmas = 0;
+    for (int l = 0; l < n; l++) fmas += 2.0 * B * L[l].I * L[l].O;
+    if (fmas < SMALL_FMAS) pool = NULL;
+    const int nth = em_pool_nth(pool);
+    const int lo = L[0].din ? 0 : 1;
+    /* plan dW/db first: the workspace holds the din packs and the dW chunk buffers */
+    dw_multi dmv, *dm = &dmv;
+    memset(dm, 0, sizeof *dm);
+    dm->n = n;
+    size_t need = 0, wk_per = 0;
+    for (int l = 0; l < n; l++) {
+        const int I = L[l].I, O = L[l].O;
+        const float *x = l ? L[l - 1].out : in, *g = l == n - 1 ? dout : L[l + 1].din;
+        bwd_arg *a = &dm->b[l];
+        a->dW = L[l].dW, a->db = L[l].db, a->dout = g, a->in = x, a->B = B, a->I = I, a->O = O;
+        int cnt;
+        if (O == 1) {
+            dm->o[l] = (o1_arg){.dW = L[l].dW, .db = L[l].db, .in = x, .W = L[l].W, .dout = g, .B = B, .I = I,
+                                .ncol = L[l].dW ? cdiv(I, O1_COLS) : 0};
+            cnt = o1_bwd_count(&dm->o[l]);
+        } else {
+            if (a->dW) {
+                dw_plan(a, nth);
+                if (a->wk_per > wk_per) wk_per = a->wk_per;
+            }
+            a->nb = a->db ? cdiv(O, DB_COLS) : 0;
+            cnt = a->nw + a->nb;
+            if (l >= lo) need += (size_t)32 * cdiv(I, 32) * (size_t)O;
+        }
+        dm->start[l + 1] = dm->start[l] + cnt;
+    }
+    float *ws = ws_get(need + wk_per * nth + 1);
+    if (!ws) return -1;
+    chain_arg c = {.L = L, .n = n, .B = B, .lo = lo, .in = in, .dout = dout};
+    pack_multi pm = {.n = n};
+    size_t off = 0;
+    for (int l = 0; l < n; l++) {
+        const int np = l >= lo && L[l].O > 1 ? cdiv(L[l].I, 32) : 0;
+        pm.a[l] = (pack_arg){.pk = ws + off, .W = L[l].W, .I = L[l].I, .O = L[l].O, .by_in = 1, .np = np};
+        pm.start[l + 1] = pm.start[l] + np;
+        c.pk[l] = ws + off;
+        off += (size_t)32 * np * (size_t)L[l].O;
+    }
+    for (int l = 0; l < n; l++) dm->b[l].wk = ws + off, dm->b[l].wk_per = wk_per;
+    atomic_init(&pm.next, 0);
+    em_pool_run(pm.start[n] > 1 ? pool : NULL, pack_multi_task, &pm);
+    c.rb = chain_rows(B, nth);
+    c.nrb = cdiv(B, c.rb);
+    atomic_init(&c.next, 0);
+    em_pool_run(c.nrb > 1 ? pool : NULL, chain_din_task, &c);
+    atomic_init(&dm->next, 0);
+    em_pool_run(dm->start[n] > 1 ? pool : NULL, dw_multi_task, dm);
     return 0;
 }
 
@@ -579,6 +801,14 @@ int em__linear_bwd_avx512(float *din, float *dW, float *db, const float *dout, c
                           int I, int O, int accumulate, int mask_in, em_pool *pool) {
     (void)din, (void)dW, (void)db, (void)dout, (void)in, (void)W, (void)B, (void)I, (void)O, (void)accumulate;
     (void)mask_in, (void)pool;
+    return -1;
+}
+int em__mlp_fwd_avx512(const em_mlp_layer *L, int n, const float *in, int B, em_pool *pool) {
+    (void)L, (void)n, (void)in, (void)B, (void)pool;
+    return -1;
+}
+int em__mlp_bwd_avx512(const em_mlp_layer *L, int n, const float *in, const float *dout, int B, em_pool *pool) {
+    (void)L, (void)n, (void)in, (void)dout, (void)B, (void)pool;
     return -1;
 }
 #endif
