@@ -30,9 +30,10 @@
  * model's own weights, in the model's order (pooling, bottom layers, interaction, top
  * layers, the same ember/nn.h calls em_dlrm_forward makes), timing each: the median ms
  * and GFLOP/s of every stage, to see where a forward pass spends its time.
- * --vs-sgemm N (em_infer only) adds the roofline measured against itself: N pairs, each
- * a short run of the peak sgemm (2048x512x512 on --threads OpenBLAS threads, as
- * bench/sgemm_peak.c) and a short run of em_infer at --batch on the pool, the two in
+ * --vs-sgemm N adds the roofline measured against itself: N pairs, each a short run of
+ * the peak sgemm (2048x512x512 on --threads OpenBLAS threads, as bench/sgemm_peak.c)
+ * and a short run of the workload at --batch on the pool (training steps, whose FLOPs
+ * are three times the MLP GEMMs' forward; or em_infer with --infer), the two in
  * turn (sgemm first in even pairs, em_infer first in odd ones), each side ~0.15 s of
  * calls timed one by one, its rate the FLOP of one call over the median call time, a
  * 0.2 s pause before each side so that the other side's idle threads (OpenBLAS's spin
@@ -83,8 +84,8 @@ static const cli_opt bench_opts[] = {
              model_path),
     OPT_FLAG("stages", "--infer: also time each stage of the forward (pooling, every layer, interaction)", bench_ctx, stages),
     OPT_INT("vs-sgemm", "N",
-            "--infer: also N paired runs, alternating, of sgemm 2048x512x512 (OpenBLAS, --threads threads) and em_infer at "
-            "--batch: the ratio of their rates per pair (median, spread)",
+            "also N paired runs, alternating, of sgemm 2048x512x512 (OpenBLAS, --threads threads) and the workload "
+            "(training steps, or em_infer with --infer) at --batch: the ratio of their rates per pair (median, spread)",
             bench_ctx, vs_sgemm, 0, 1000),
     OPT_INT("steps", "N", "timed steps (default 50; jattn 20, attn_padded 3; --infer 100k examples, 50..20000 steps)",
             bench_ctx, steps, 1, 1LL << 40),
@@ -439,10 +440,22 @@ static int infer_call(void *p) {
     return em_infer_forward(a->inf, b, NULL, a->logits, a->pool) != EM_OK;
 }
 
+typedef struct {
+    em_dlrm *model;
+    const em_batch *batches;
+    int NB, next;
+    em_pool *pool;
+} train_arg;
+static int train_call(void *p) {
+    train_arg *a = p;
+    double loss;
+    return em_dlrm_train_step(a->model, &a->batches[a->next++ % a->NB], &loss, a->pool) != EM_OK;
+}
+
 /* --vs-sgemm (see the file comment): `pairs` pairs of sgemm and em_infer runs; returns
  * the JSON field "vs_sgemm":{...} (malloc'd), or NULL after an error. */
-static char *bench_vs_sgemm(const bench_ctx *c, em_infer *inf, const em_batch *batches, int NB, float *logits,
-                            em_pool *pool, double flop_per_example) {
+static char *bench_vs_sgemm(const bench_ctx *c, pair_fn model_fn, void *model_arg, const char *side_name,
+                            double flop_per_example) {
     const int M = 2048, N = 512, K = 512, P = c->vs_sgemm;
     float *A = em_calloc((size_t)M * K, sizeof(float)), *Bm = em_calloc((size_t)N * K, sizeof(float)),
           *C = em_calloc((size_t)M * N, sizeof(float));
@@ -458,7 +471,6 @@ static char *bench_vs_sgemm(const bench_ctx *c, em_infer *inf, const em_batch *b
     for (size_t i = 0; i < (size_t)N * K; i++) Bm[i] = 0.1f * (float)(i % 5);
     em_blas_init();
     sgemm_arg sa = {A, Bm, C};
-    infer_arg ia = {inf, batches, NB, 0, logits, pool};
     const double sflop = 2.0 * M * N * K, iflop = flop_per_example * c->batch;
     int err = 0;
     for (int p = 0; p < P && !err; p++) {
@@ -469,7 +481,7 @@ static char *bench_vs_sgemm(const bench_ctx *c, em_infer *inf, const em_batch *b
                 ts = pair_side(sgemm_call, &sa);
                 openblas_set_num_threads(1);
             } else {
-                ti = pair_side(infer_call, &ia);
+                ti = pair_side(model_fn, model_arg);
             }
             err = ts < 0 || ti < 0;
         }
@@ -478,7 +490,7 @@ static char *bench_vs_sgemm(const bench_ctx *c, em_infer *inf, const em_batch *b
     em_free(A), em_free(Bm), em_free(C);
     if (err) {
         free(sg), free(js);
-        fprintf(stderr, "ember bench: --vs-sgemm: em_infer_forward failed: %s\n", em_last_error());
+        fprintf(stderr, "ember bench: --vs-sgemm: the %s side failed: %s\n", side_name, em_last_error());
         return NULL;
     }
     double q[3][4]; /* ratios, sgemm, em_infer: min, median, max, interquartile range */
@@ -493,13 +505,13 @@ static char *bench_vs_sgemm(const bench_ctx *c, em_infer *inf, const em_batch *b
                             "\"vs_sgemm\":{\"pairs\":%d,\"sgemm_shape\":\"2048x512x512\",\"sgemm_threads\":%d,"
                             "\"ratio_median\":%.4f,\"ratio_min\":%.4f,\"ratio_max\":%.4f,\"ratio_iqr\":%.4f,"
                             "\"sgemm_gflops_median\":%.2f,\"sgemm_gflops_best\":%.2f,"
-                            "\"infer_gflops_median\":%.2f,\"infer_gflops_best\":%.2f,\"ratio_of_bests\":%.4f,\"ratios\":[",
-                            P, c->threads, q[0][1], q[0][0], q[0][2], q[0][3], q[1][1], q[1][2], q[2][1], q[2][2],
-                            q[2][2] / q[1][2]);
+                            "\"%s_gflops_median\":%.2f,\"%s_gflops_best\":%.2f,\"ratio_of_bests\":%.4f,\"ratios\":[",
+                            P, c->threads, q[0][1], q[0][0], q[0][2], q[0][3], q[1][1], q[1][2], side_name, q[2][1],
+                            side_name, q[2][2], q[2][2] / q[1][2]);
     for (int p = 0; p < P; p++) len += (size_t)snprintf(js + len, cap - len, "%s%.4f", p ? "," : "", ra[p]);
     len += (size_t)snprintf(js + len, cap - len, "],\"sgemm_gflops_runs\":[");
     for (int p = 0; p < P; p++) len += (size_t)snprintf(js + len, cap - len, "%s%.1f", p ? "," : "", sg[p]);
-    len += (size_t)snprintf(js + len, cap - len, "],\"infer_gflops_runs\":[");
+    len += (size_t)snprintf(js + len, cap - len, "],\"%s_gflops_runs\":[", side_name);
     for (int p = 0; p < P; p++) len += (size_t)snprintf(js + len, cap - len, "%s%.1f", p ? "," : "", ig[p]);
     snprintf(js + len, cap - len, "]}");
     free(sg);
@@ -561,7 +573,8 @@ static int bench_infer(const bench_ctx *c, const em_dlrm_cfg *m, em_dlrm *model,
         return 1;
     }
     char *vs = NULL;
-    if (c->vs_sgemm && inf && !(vs = bench_vs_sgemm(c, inf, batches, NB, logits, pool, flop))) return 1;
+    infer_arg ia = {inf, batches, NB, 0, logits, pool};
+    if (c->vs_sgemm && inf && !(vs = bench_vs_sgemm(c, infer_call, &ia, "infer", flop))) return 1;
     em_infer_free(inf);
     const double roof_ms = gemm_roofline_ms(c, m, model), sg_cpu = sgemm_cpu_gflops();
     char *stages = c->stages ? bench_stages(c, m, model, batches, NB, pooled, pool) : NULL;
@@ -603,8 +616,8 @@ int cmd_bench(int argc, char **argv) {
         return bench_attn(&c);
     }
     if (c.batch < 0) c.batch = 2048;
-    if (c.vs_sgemm && (!c.infer || c.model_path)) {
-        fprintf(stderr, "ember bench: --vs-sgemm needs --infer (em_infer; not --model-path)\n");
+    if (c.vs_sgemm && c.infer && c.model_path) {
+        fprintf(stderr, "ember bench: --vs-sgemm times em_infer, not --model-path\n");
         return 2;
     }
     if (c.steps < 0) c.steps = c.infer ? (c.batch >= 2000 ? 50 : c.batch <= 5 ? 20000 : 100000 / c.batch) : 50;
@@ -684,12 +697,23 @@ int cmd_bench(int argc, char **argv) {
             }
         }
         double secs = em_now() - t0;
+        /* training FLOPs per example: three times the MLP GEMMs' forward (forward, din,
+         * dW), 2 per multiply-add; the Kaggle DLRM: 2,846,208 */
+        double flop = 0;
+        for (int l = 0; l + 1 < m.n_bot; l++) flop += 6.0 * m.bot[l] * m.bot[l + 1];
+        for (int l = 0; l + 1 < m.n_top; l++) flop += 6.0 * m.top[l] * m.top[l + 1];
+        char *vs = NULL;
+        train_arg ta = {model, batches, NB, 0, pool};
+        if (c.vs_sgemm && !(vs = bench_vs_sgemm(&c, train_call, &ta, "train", flop))) return 1;
         struct rusage ru;
         getrusage(RUSAGE_SELF, &ru);
         printf("{\"config\":\"%s\",\"batch\":%d,\"opt\":\"%s\",\"threads\":%d,\"examples_per_s\":%.1f,\"ms_per_step\":%.3f,"
-               "\"steps\":%lld,\"final_loss\":%.5f,\"state_mb\":%.1f,\"peak_rss_mb\":%.1f}\n",
+               "\"steps\":%lld,\"final_loss\":%.5f,\"state_mb\":%.1f,\"peak_rss_mb\":%.1f,\"gemm_flop_per_example\":%.0f,"
+               "\"gflops\":%.2f%s%s}\n",
                c.config, B, c.opt, c.threads, (double)B * (double)c.steps / secs, 1e3 * secs / (double)c.steps, c.steps,
-               loss, (double)em_dlrm_state_bytes(model) / 1048576.0, (double)ru.ru_maxrss / 1024.0);
+               loss, (double)em_dlrm_state_bytes(model) / 1048576.0, (double)ru.ru_maxrss / 1024.0, flop,
+               flop * B * (double)c.steps / secs / 1e9, vs ? "," : "", vs ? vs : "");
+        free(vs);
     }
     for (int k = 0; k < NB; k++)
         em_free(batches[k].dense), em_free(batches[k].label), em_free(batches[k].indices), em_free(batches[k].offsets);
