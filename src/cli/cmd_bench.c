@@ -69,7 +69,7 @@
 
 typedef struct {
     const char *config, *opt, *dump;
-    int batch, threads, heads, head_dim, max_len, causal, infer, stages, model_path, vs_sgemm;
+    int batch, threads, heads, head_dim, max_len, causal, infer, stages, model_path, vs_sgemm, blas_linear;
     long long steps, warmup, seed;
     double lr, mean_len;
 } bench_ctx;
@@ -87,6 +87,8 @@ static const cli_opt bench_opts[] = {
             "also N paired runs, alternating, of sgemm 2048x512x512 (OpenBLAS, --threads threads) and the workload "
             "(training steps, or em_infer with --infer) at --batch: the ratio of their rates per pair (median, spread)",
             bench_ctx, vs_sgemm, 0, 1000),
+    OPT_FLAG("blas-linear", "run the linear layers on OpenBLAS tiles instead of ember's AVX-512 kernels (for comparison)",
+             bench_ctx, blas_linear),
     OPT_INT("steps", "N", "timed steps (default 50; jattn 20, attn_padded 3; --infer 100k examples, 50..20000 steps)",
             bench_ctx, steps, 1, 1LL << 40),
     OPT_INT("warmup", "N", "untimed steps first (default 5; jattn 3, attn_padded 1; --infer steps/20)", bench_ctx, warmup, 0, 1LL << 40),
@@ -616,6 +618,7 @@ int cmd_bench(int argc, char **argv) {
         return bench_attn(&c);
     }
     if (c.batch < 0) c.batch = 2048;
+    em_linear_set_impl(c.blas_linear);
     if (c.vs_sgemm && c.infer && c.model_path) {
         fprintf(stderr, "ember bench: --vs-sgemm times em_infer, not --model-path\n");
         return 2;
@@ -709,10 +712,11 @@ int cmd_bench(int argc, char **argv) {
         getrusage(RUSAGE_SELF, &ru);
         printf("{\"config\":\"%s\",\"batch\":%d,\"opt\":\"%s\",\"threads\":%d,\"examples_per_s\":%.1f,\"ms_per_step\":%.3f,"
                "\"steps\":%lld,\"final_loss\":%.5f,\"state_mb\":%.1f,\"peak_rss_mb\":%.1f,\"gemm_flop_per_example\":%.0f,"
-               "\"gflops\":%.2f%s%s}\n",
+               "\"gflops\":%.2f,\"linear\":\"%s\"%s%s}\n",
                c.config, B, c.opt, c.threads, (double)B * (double)c.steps / secs, 1e3 * secs / (double)c.steps, c.steps,
                loss, (double)em_dlrm_state_bytes(model) / 1048576.0, (double)ru.ru_maxrss / 1024.0, flop,
-               flop * B * (double)c.steps / secs / 1e9, vs ? "," : "", vs ? vs : "");
+               flop * B * (double)c.steps / secs / 1e9, em_linear_impl() ? "openblas" : "kernels", vs ? "," : "",
+               vs ? vs : "");
         free(vs);
     }
     for (int k = 0; k < NB; k++)
