@@ -43,13 +43,22 @@
  *
  * Pooling. With the model's own fp32 tables a worker pools its chunk's bags itself,
  * just before computing the chunk (as em_embbag_forward does: index order, the same
- * adds, rows a few indices ahead prefetched), so a pass is one pool launch and the
- * pooled rows are still in cache for the interaction. Tried and dropped: prefetching
+ * adds, rows a few indices ahead prefetched), into a per-worker buffer of one chunk's
+ * rows, so a pass is one pool launch and the pooled rows are written to the same L2
+ * lines chunk after chunk and still there for the interaction (pooling into a (B, T,
+ * D) buffer wrote cold lines every chunk: 3% slower). Tried and dropped: prefetching
  * the next chunk's rows a few at a time between kernel calls, to overlap the random
  * row reads with the GEMMs (more CPU time per batch, not less: the rows were evicted
  * again before use and the prefetches slowed the kernel), and a prefetch pass over
- * the whole chunk before pooling it (no better). Quantized tables are pooled by the
- * caller (em_qbag_forward) and passed in.
+ * the whole chunk before pooling it (no better), a longer or shorter prefetch
+ * distance (8, 32: no different). Quantized tables are pooled by the caller
+ * (em_qbag_forward) and passed in.
+ *
+ * Also tried and dropped (no gain measurable, same-process A/B): the layers panel by
+ * panel with K blocks of 128 through all of a chunk's row blocks (each panel read
+ * from L2 once per chunk instead of once per 12 rows), chunks of 24 or 96, prefetching
+ * the activations' lines or the weights into L2 further ahead, Gram calls of up to 16
+ * rows.
  */
 #include <stdatomic.h>
 #include <string.h>
@@ -87,9 +96,8 @@ struct em_infer {
     const float *tw[EM_DLRM_MAX_TABLES]; /* the model's fp32 tables (fused pooling) */
     int64_t rows[EM_DLRM_MAX_TABLES];
     em_pooling pooling;
-    float *pooled;      /* (cap_b, T, D): the model's own tables pooled, when fused */
-    int cap_b;
-    float *scratch;     /* nth x 2 x CHUNK x width */
+    float *scratch;     /* per worker: 2 x CHUNK x width activations, then CHUNK x T x D pooled */
+    size_t per_worker;  /* floats of scratch per worker */
     int cap_nth;
 };
 
@@ -367,9 +375,9 @@ static void interact_rows(float *out, int ldo, const float *bot, int ldb, const 
     }
 }
 
-/* Pool rows [r0, r1) of the batch from the model's fp32 tables into pooled (B, T, D),
- * as em_embbag_forward does (in index order, em_vadd / em_vaxpy, mean scaled after);
- * -1 on an index out of range. */
+/* Pool rows [r0, r1) of the batch from the model's fp32 tables into pooled (r1 - r0,
+ * T, D), as em_embbag_forward does (in index order, em_vadd / em_vaxpy, mean scaled
+ * after); -1 on an index out of range. */
 static int pool_rows(const em_infer *inf, float *pooled, const int64_t *idx, const int64_t *off, const float *pw, int B,
                      int r0, int r1) {
     const int T = inf->T;
@@ -391,7 +399,7 @@ static int pool_rows(const em_infer *inf, float *pooled, const int64_t *idx, con
         const uint64_t rows = (uint64_t)inf->rows[t];
         const int64_t *o = off + (size_t)t * B;
         for (int b = r0; b < r1; b++) {
-            float *dst = pooled + ((size_t)b * T + t) * D;
+            float *dst = pooled + ((size_t)(b - r0) * T + t) * D;
             const int64_t k0 = o[b], k1 = o[b + 1];
             memset(dst, 0, D * sizeof(float));
             for (int64_t k = k0; k < k1; k++) {
@@ -418,8 +426,7 @@ static int pool_rows(const em_infer *inf, float *pooled, const int64_t *idx, con
 typedef struct {
     em_infer *inf;
     const em_batch *b;
-    const float *dense, *pooled;
-    float *pool_out;    /* non-NULL: pool each chunk here first (the model's own tables) */
+    const float *dense, *pooled; /* pooled: the caller's (B, T, D), or NULL: pool the model's own tables */
     float *logits;
     int B, cs, nchunks; /* cs: rows per chunk (<= CHUNK) */
     int big, nbig;      /* rows [0, big) in nbig chunks of cs, the rest in chunks of MR */
@@ -427,6 +434,7 @@ typedef struct {
     atomic_int bad;     /* an index out of range: the chunk's first row */
 } pass_arg;
 
+/* Rows [r0, r0 + M) of the batch; pooled: their (M, T, D) pooled embeddings. */
 static void run_chunk(em_infer *inf, const float *dense, const float *pooled, float *logits, int r0, int M,
                       float *buf0, float *buf1) {
     const int W = inf->width, nb = inf->n_bot - 1, nt = inf->n_top - 1;
@@ -440,7 +448,7 @@ static void run_chunk(em_infer *inf, const float *dense, const float *pooled, fl
         cur = nxt, nxt = t;
     }
     /* in: the bottom output (M, D) with stride W; the interaction into cur */
-    interact_rows(cur, W, in, W, pooled + (size_t)r0 * inf->T * inf->D, inf->T, inf->D, M);
+    interact_rows(cur, W, in, W, pooled, inf->T, inf->D, M);
     in = cur, ldi = W;
     {
         float *t = cur;
@@ -460,12 +468,14 @@ static void run_chunk(em_infer *inf, const float *dense, const float *pooled, fl
 }
 
 /* Workers take chunks from a shared counter; each pools its chunk's bags first when
- * the pass pools the model's own tables. */
+ * the pass pools the model's own tables, into its own scratch (the same lines chunk
+ * after chunk, still in its L2: not a fresh part of a (B, T, D) buffer each time). */
 static void pass_task(void *p, int ith, int nth) {
     (void)nth;
     pass_arg *a = p;
     em_infer *inf = a->inf;
-    float *buf0 = inf->scratch + (size_t)ith * 2 * CHUNK * (size_t)inf->width, *buf1 = buf0 + (size_t)CHUNK * inf->width;
+    float *buf0 = inf->scratch + (size_t)ith * inf->per_worker, *buf1 = buf0 + (size_t)CHUNK * inf->width,
+          *pbuf = buf1 + (size_t)CHUNK * inf->width;
     const em_batch *b = a->b;
     for (;;) {
         const int c = atomic_fetch_add_explicit(&a->next, 1, memory_order_relaxed);
@@ -473,11 +483,11 @@ static void pass_task(void *p, int ith, int nth) {
         const int cs = c < a->nbig || !a->big ? a->cs : MR;
         const int r0 = c < a->nbig || !a->big ? c * cs : a->big + (c - a->nbig) * MR;
         const int M = a->B - r0 < cs ? a->B - r0 : cs;
-        if (a->pool_out && pool_rows(inf, a->pool_out, b->indices, b->offsets, b->per_id_w, a->B, r0, r0 + M)) {
+        if (!a->pooled && pool_rows(inf, pbuf, b->indices, b->offsets, b->per_id_w, a->B, r0, r0 + M)) {
             atomic_store(&a->bad, 1);
             return;
         }
-        run_chunk(inf, a->dense, a->pool_out ? a->pool_out : a->pooled, a->logits, r0, M, buf0, buf1);
+        run_chunk(inf, a->dense, a->pooled ? a->pooled + (size_t)r0 * inf->T * inf->D : pbuf, a->logits, r0, M, buf0, buf1);
     }
 }
 
@@ -486,23 +496,16 @@ static void pass_task(void *p, int ith, int nth) {
 void em_infer_free(em_infer *inf) {
     if (!inf) return;
     for (int l = 0; l < MAXL; l++) em_free(inf->L[l].pk), em_free(inf->L[l].pb);
-    em_free(inf->pooled);
     em_free(inf->scratch);
     em_free(inf);
 }
 
-static int reserve(em_infer *inf, int B, int nth) {
+static int reserve(em_infer *inf, int nth) {
     if (nth > inf->cap_nth) {
-        float *s = em_malloc((size_t)nth * 2 * CHUNK * (size_t)inf->width * sizeof(float));
+        float *s = em_malloc((size_t)nth * inf->per_worker * sizeof(float));
         if (!s) return -1;
         em_free(inf->scratch);
         inf->scratch = s, inf->cap_nth = nth;
-    }
-    if (B > inf->cap_b && em_dlrm_embbag(inf->m)) {
-        float *p = em_malloc((size_t)B * inf->T * inf->D * sizeof(float));
-        if (!p) return -1;
-        em_free(inf->pooled);
-        inf->pooled = p, inf->cap_b = B;
     }
     return 0;
 }
@@ -543,7 +546,11 @@ em_status em_infer_create(em_infer **out, em_dlrm *m, int max_batch, int nth) {
         }
     }
     inf->width = (inf->width + 15) / 16 * 16; /* rows of the scratch start on 64 bytes */
-    if (reserve(inf, max_batch, nth < 1 ? 1 : nth)) {
+    /* per worker: two activation buffers and the chunk's pooled rows; nothing depends
+     * on the batch size (max_batch), only on the thread count */
+    (void)max_batch;
+    inf->per_worker = (size_t)2 * CHUNK * inf->width + ((size_t)CHUNK * inf->T * inf->D + 15) / 16 * 16;
+    if (reserve(inf, nth < 1 ? 1 : nth)) {
         em_infer_free(inf);
         return em_errorf(EM_ERR_NOMEM, "infer: out of memory");
     }
@@ -559,10 +566,9 @@ em_status em_infer_forward(em_infer *inf, const em_batch *b, const float *pooled
     const int B = b->B;
     if (B == 0) return EM_OK;
     const int nth = em_pool_nth(pool);
-    float *pool_out = NULL;
     if (!pooled && !em_dlrm_embbag(inf->m))
         return em_errorf(EM_ERR_INVALID, "infer: the model's tables were released; pass the pooled embeddings");
-    if (reserve(inf, pooled ? 0 : B, nth)) return em_errorf(EM_ERR_NOMEM, "infer: out of memory");
+    if (reserve(inf, nth)) return em_errorf(EM_ERR_NOMEM, "infer: out of memory");
     if (!pooled) { /* pool the model's own tables chunk by chunk, in the same pass */
         em_embbag *e = em_dlrm_embbag(inf->m);
         const int64_t *off = b->offsets;
@@ -571,7 +577,6 @@ em_status em_infer_forward(em_infer *inf, const em_batch *b, const float *pooled
             if (off[u + 1] < off[u]) return em_errorf(EM_ERR_INVALID, "infer: offsets decrease at bag %zu", u);
         if (off[(size_t)B * inf->T] && !b->indices) return em_errorf(EM_ERR_INVALID, "infer: indices is NULL");
         for (int t = 0; t < inf->T; t++) inf->tw[t] = em_embbag_weights(e, t);
-        pool_out = inf->pooled;
     }
     em_blas_init();
     /* chunks: at most CHUNK rows, at least 2 per worker when the batch allows, and
@@ -586,14 +591,19 @@ em_status em_infer_forward(em_infer *inf, const em_batch *b, const float *pooled
         if (nth > 1 && cs > MR && B > 2 * nth * CHUNK) big = (B - 2 * nth * CHUNK) / cs * cs;
     }
     const int nbig = big / cs;
-    pass_arg a = {.inf = inf, .b = b, .dense = b->dense, .pooled = pooled, .pool_out = pool_out, .logits = logits, .B = B,
+    pass_arg a = {.inf = inf, .b = b, .dense = b->dense, .pooled = pooled, .logits = logits, .B = B,
                   .cs = cs, .big = big, .nbig = nbig,
                   .nchunks = big ? nbig + (B - big + MR - 1) / MR : (B + cs - 1) / cs};
     atomic_init(&a.next, 0);
     atomic_init(&a.bad, 0);
     if (a.nchunks == 1) pass_task(&a, 0, 1);
     else em_pool_run(pool, pass_task, &a);
-    if (atomic_load(&a.bad)) /* em_embbag_forward names the bad index */
-        return em_embbag_forward(em_dlrm_embbag(inf->m), inf->pooled, b->indices, b->offsets, b->per_id_w, B, NULL);
+    if (atomic_load(&a.bad)) { /* em_embbag_forward names the bad index */
+        float *tmp = em_malloc((size_t)B * inf->T * inf->D * sizeof(float));
+        em_status st = tmp ? em_embbag_forward(em_dlrm_embbag(inf->m), tmp, b->indices, b->offsets, b->per_id_w, B, NULL)
+                           : em_errorf(EM_ERR_INVALID, "infer: an embedding index is out of range");
+        em_free(tmp);
+        return st;
+    }
     return EM_OK;
 }
