@@ -412,6 +412,15 @@ static void check_interact_shape(int B, int F, int D) {
         CHECK(same_bits(dbot[0], dbot[p], nb));
         CHECK(same_bits(demb[0], demb[p], ne));
     }
+    { /* the overwriting variant: the accumulating one's result on zeroed gradients */
+        float *zb = calloc(nb ? nb : 1, sizeof(float)), *ze = calloc(ne ? ne : 1, sizeof(float));
+        float *sb = randv(&r, nb, 50.f), *se = randv(&r, ne, 50.f);
+        em_dot_interact_backward(zb, ze, dout, bot, emb, B, F, D, pools[1]);
+        em_dot_interact_backward_set(sb, se, dout, bot, emb, B, F, D, pools[2]);
+        CHECK(same_bits(zb, sb, nb));
+        CHECK(same_bits(ze, se, ne));
+        free(zb), free(ze), em_free(sb), em_free(se);
+    }
     /* finite differences of the float64 forward (a quadratic: central differences are
      * exact up to rounding) against the fp32 backward */
     const double h = 1e-3;

@@ -84,6 +84,9 @@ void em_dot_interact_forward(float *out, const float *bot, const float *emb, int
 /* dbot(B,D) += ..., demb(B,F,D) += ... */
 void em_dot_interact_backward(float *dbot, float *demb, const float *dout, const float *bot,
                               const float *emb, int B, int F, int D, em_pool *pool);
+/* The same, overwriting dbot and demb (no zeroing pass needed). */
+void em_dot_interact_backward_set(float *dbot, float *demb, const float *dout, const float *bot, const float *emb, int B,
+                                  int F, int D, em_pool *pool);
 
 /* Binary cross-entropy with logits, mean over n: returns the loss (computed in double,
  * stable: max(z,0) - z*y + log1p(exp(-|z|))). */

@@ -387,9 +387,6 @@ static em_status backward(em_dlrm *m, const em_batch *b, const em_dlrm_head_hook
      * accumulated into need zeroing: the logit gradient (BCE), the bottom output's and
      * the embeddings' (dot interaction). */
     zero_par(m->dx[n - 1], (size_t)B, pool);
-    zero_par(m->dx[m->n_botl - 1], (size_t)B * (size_t)m->cfg.dim, pool);
-    if (m->seq) zero_par(m->dembx, (size_t)B * (size_t)m->F * (size_t)m->cfg.dim, pool);
-    else zero_par(m->demb, (size_t)B * TD, pool);
     em_bce_logits_backward(m->dx[n - 1], m->x[n - 1], b->label, (size_t)B, 1.0f / (float)B);
     const float *dh = NULL; /* a head hook's gradient into the last layer's input (ember/dlrm.h) */
     if (hook) {
@@ -397,18 +394,22 @@ static em_status backward(em_dlrm *m, const em_batch *b, const em_dlrm_head_hook
         if (hs) return hs;
     }
     if (!dh && !ready && !m->seq) {
-        /* the top MLP as one chain, the interaction, the bottom MLP as one chain
-         * (bitwise the layer-by-layer loop below, which the hooks and the tower need) */
+        /* the top MLP as one chain, the interaction (writing the bottom output's and
+         * the embeddings' gradients, no zeroing pass), the bottom MLP as one chain;
+         * the layer-by-layer loop below is for the hooks and the tower */
         em_mlp_layer ml[2 * EM_DLRM_MAX_LAYERS];
         mlp_layers(m, m->n_botl, n, ml);
         em_mlp_backward(ml, n - m->n_botl, m->inter, m->dx[n - 1], B, pool);
-        em_dot_interact_backward(m->dx[m->n_botl - 1], m->demb, m->dinter, m->x[m->n_botl - 1], m->emb_out, B,
-                                 m->cfg.num_tables, m->cfg.dim, pool);
+        em_dot_interact_backward_set(m->dx[m->n_botl - 1], m->demb, m->dinter, m->x[m->n_botl - 1], m->emb_out, B,
+                                     m->cfg.num_tables, m->cfg.dim, pool);
         relu_mask(m->dx[m->n_botl - 1], m->x[m->n_botl - 1], (size_t)B * (size_t)m->L[m->n_botl - 1].out, pool);
         mlp_layers(m, 0, m->n_botl, ml);
         em_mlp_backward(ml, m->n_botl, m->dense_in, m->dx[m->n_botl - 1], B, pool);
         return EM_OK;
     }
+    zero_par(m->dx[m->n_botl - 1], (size_t)B * (size_t)m->cfg.dim, pool);
+    if (m->seq) zero_par(m->dembx, (size_t)B * (size_t)m->F * (size_t)m->cfg.dim, pool);
+    else zero_par(m->demb, (size_t)B * TD, pool);
     int premasked = 0; /* dx[l] came masked from the layer above's backward */
     for (int l = n - 1; l >= 0; l--) {
         const layer *L = &m->L[l];

@@ -29,6 +29,10 @@
 #include "core/simd.h"
 #include "ember/nn.h"
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 /* Largest backward S matrix kept on the stack (floats): 64 KiB. */
 #define S_MAX 16384
 
@@ -37,6 +41,7 @@ typedef struct {
     float *dbot, *demb;
     const float *dout, *bot, *emb;
     int B, F, D;
+    int set; /* backward: overwrite dbot / demb instead of adding */
 } inter_arg;
 
 static inline const float *row_of(const float *bot, const float *emb, int b, int F, int D, int i) {
@@ -125,12 +130,49 @@ static void grad_tile16(float g[4][16], const float *restrict S, const float *co
 
 /* dst[0..m) += g[0..m) (+ dob[0..m) for the bottom vector, whose output copy also
  * feeds back). */
-static void add_grad(float *restrict dst, const float *restrict g, const float *restrict dob, int m) {
-    if (dob)
+static void add_grad(float *restrict dst, const float *restrict g, const float *restrict dob, int m, int set) {
+    if (set && dob)
+        for (int k = 0; k < m; k++) dst[k] = dob[k] + g[k];
+    else if (set)
+        for (int k = 0; k < m; k++) dst[k] = g[k];
+    else if (dob)
         for (int k = 0; k < m; k++) dst[k] += dob[k] + g[k];
     else
         for (int k = 0; k < m; k++) dst[k] += g[k];
 }
+
+#if defined(__AVX512F__)
+/* D = 16: rows i0 .. i0 + R - 1 of dT = S T, each one zmm accumulated over j = 0..n-1
+ * ascending (one FMA per j, the diagonal's exact 0 * T_i kept), then written or added
+ * into dst (the bottom vector's also receiving dob). R is a constant after inlining. */
+static inline __attribute__((always_inline)) void grad_rows16(const int R, const float *restrict S, const float *const *T,
+                                                              int n, int i0, float *const *dst, const float *dob,
+                                                              int set) {
+    __m512 acc[9];
+#pragma GCC unroll 9
+    for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
+    for (int j = 0; j < n; j++) {
+        const __m512 t = _mm512_loadu_ps(T[j]);
+#pragma GCC unroll 9
+        for (int r = 0; r < R; r++) acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(S[(size_t)(i0 + r) * n + j]), t, acc[r]);
+    }
+#pragma GCC unroll 9
+    for (int r = 0; r < R; r++) {
+        float *d = dst[i0 + r];
+        if (!d) continue;
+        __m512 v = acc[r];
+        if (i0 + r == 0) v = _mm512_add_ps(_mm512_loadu_ps(dob), v);
+        if (!set) v = _mm512_add_ps(_mm512_loadu_ps(d), v);
+        _mm512_storeu_ps(d, v);
+    }
+}
+static void grad_rows16_9(const float *S, const float *const *T, int n, int i0, float *const *dst, const float *dob, int set) {
+    grad_rows16(9, S, T, n, i0, dst, dob, set);
+}
+static void grad_rows16_1(const float *S, const float *const *T, int n, int i0, float *const *dst, const float *dob, int set) {
+    grad_rows16(1, S, T, n, i0, dst, dob, set);
+}
+#endif
 
 static void bwd_task(void *p, int ith, int nth) {
     const inter_arg *a = p;
@@ -150,14 +192,23 @@ static void bwd_task(void *p, int ith, int nth) {
                      : i == 0 ? (a->dbot ? a->dbot + b * D : NULL)
                               : (a->demb ? a->demb + (b * F + (size_t)(i - 1)) * D : NULL);
         int d0 = 0;
-        if (use_s && D >= 16) {
+#if defined(__AVX512F__)
+        if (use_s && D == 16) {
+            build_s(S, dz, n, n4);
+            int i0 = 0;
+            for (; i0 + 9 <= n; i0 += 9) grad_rows16_9(S, T, n, i0, dst, dob, a->set);
+            for (; i0 < n; i0++) grad_rows16_1(S, T, n, i0, dst, dob, a->set);
+            d0 = 16;
+        }
+#endif
+        if (use_s && D >= 16 && d0 == 0) {
             build_s(S, dz, n, n4);
             for (; d0 + 16 <= D; d0 += 16)
                 for (int i0 = 0; i0 < n; i0 += 4) {
                     float g[4][16];
                     grad_tile16(g, S, T, n, i0, d0);
                     for (int r = 0; r < 4; r++)
-                        if (dst[i0 + r]) add_grad(dst[i0 + r] + d0, g[r], i0 + r == 0 ? dob + d0 : NULL, 16);
+                        if (dst[i0 + r]) add_grad(dst[i0 + r] + d0, g[r], i0 + r == 0 ? dob + d0 : NULL, 16, a->set);
                 }
         }
         for (; d0 < D; d0 += 16) { /* D not a multiple of 16, or S too large for the stack */
@@ -166,15 +217,25 @@ static void bwd_task(void *p, int ith, int nth) {
                 if (!dst[i]) continue;
                 float g[16];
                 grad_row_plain(g, dz, T, n, i, d0, m);
-                add_grad(dst[i] + d0, g, i == 0 ? dob + d0 : NULL, m);
+                add_grad(dst[i] + d0, g, i == 0 ? dob + d0 : NULL, m, a->set);
             }
         }
     }
 }
 
+static void interact_backward(float *dbot, float *demb, const float *dout, const float *bot, const float *emb, int B,
+                              int F, int D, int set, em_pool *pool) {
+    if (B <= 0 || F < 0 || D <= 0 || (!dbot && !demb)) return;
+    inter_arg a = {.dbot = dbot, .demb = demb, .dout = dout, .bot = bot, .emb = emb, .B = B, .F = F, .D = D, .set = set};
+    em_pool_run(pool, bwd_task, &a);
+}
+
 void em_dot_interact_backward(float *dbot, float *demb, const float *dout, const float *bot,
                               const float *emb, int B, int F, int D, em_pool *pool) {
-    if (B <= 0 || F < 0 || D <= 0 || (!dbot && !demb)) return;
-    inter_arg a = {.dbot = dbot, .demb = demb, .dout = dout, .bot = bot, .emb = emb, .B = B, .F = F, .D = D};
-    em_pool_run(pool, bwd_task, &a);
+    interact_backward(dbot, demb, dout, bot, emb, B, F, D, 0, pool);
+}
+
+void em_dot_interact_backward_set(float *dbot, float *demb, const float *dout, const float *bot, const float *emb, int B,
+                                  int F, int D, em_pool *pool) {
+    interact_backward(dbot, demb, dout, bot, emb, B, F, D, 1, pool);
 }
