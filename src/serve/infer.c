@@ -331,9 +331,9 @@ EM_GRAM(1, 2)
 
 /* out row = [bot (D), Z_ij = T_i . T_j for i = 1..T, j < i], T_0 = bot, T_i = emb[i-1].
  * D = 16 (AVX-512, T <= 31): per example the Gram rows of emb against [bot, emb] as one
- * small GEMM through the layer kernel (the 16 x 32 right operand is the transposed
- * vectors), then the strict lower triangle copied out; each Z_ij is then an FMA chain
- * over d = 0..15. Otherwise one em_vdot per pair. */
+ * small register-blocked product (gram_rows; the 16 x 32 right operand is the
+ * transposed vectors), each row stored straight into its part of the strict lower
+ * triangle; each Z_ij is an FMA chain over d = 0..15. Otherwise one em_vdot per pair. */
 static void interact_rows(float *out, int ldo, const float *bot, int ldb, const float *emb, int T, int D, int M) {
 #ifdef EM_INFER_AVX512
     if (D == 16 && T <= 31) {
