@@ -7,8 +7,14 @@
 #   3. quality on `ember gen` data: 1M rows, one epoch, batch 128 SGD lr 0.1 and batch
 #      2048 row-wise AdaGrad, ember vs PyTorch, beside the planted optimum; ember's AUC
 #      at 0.25M / 1M / 4M training rows.
+#   4. the roofline measured against itself: PAIRS alternating pairs, in one process, of
+#      the peak sgemm (2048x512x512, 2 OpenBLAS threads) and Kaggle batch-2048 SGD training
+#      steps (`ember bench --vs-sgemm`), the ratio of their GFLOP/s per pair; once with
+#      ember's AVX-512 linear kernels and once with the OpenBLAS tiles (--blas-linear), the
+#      two runs alternating REPS times.
 # Takes long (tens of minutes); not part of the test suite. Last line: one JSON object.
-# Env: REPS (default 3), OUT (default bench/out), SKIP_QUALITY=1, SKIP_SPEED=1.
+# Env: REPS (default 3), PAIRS (default 7), OUT (default bench/out), SKIP_QUALITY=1,
+# SKIP_SPEED=1, SKIP_PAIRED=1.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPS=${REPS:-3}
@@ -52,6 +58,18 @@ if [[ -z "${SKIP_SPEED:-}" ]]; then
       t=$($PY bench/dlrm_torch.py speed --config "$cfg" --batch "$batch" --opt "$topt" --steps "$steps" --warmup 5 --threads 2 | tail -n1)
       echo "{\"side\":\"torch\",\"run\":$r,\"r\":$t}" >> "$OUT/speed.jsonl"
       log "$cfg b$batch: ember $(echo "$e" | grep -o '"examples_per_s":[0-9.]*') torch $(echo "$t" | grep -o '"examples_per_s":[0-9.]*')"
+    done
+  done
+fi
+
+# 4. paired against sgemm, in one process (written here, before the long quality part)
+if [[ -z "${SKIP_PAIRED:-}" ]]; then
+  : > "$OUT/paired.jsonl"
+  for r in $(seq "$REPS"); do
+    for lin in "" --blas-linear; do
+      e=$($EMBER bench --workload kaggle --batch 2048 --opt sgd --steps 10 --warmup 3 --threads 2 --vs-sgemm "${PAIRS:-7}" $lin)
+      echo "{\"run\":$r,\"r\":$e}" >> "$OUT/paired.jsonl"
+      log "paired ${lin:-kernels}: $(echo "$e" | grep -o '"ratio_median":[0-9.]*')"
     done
   done
 fi

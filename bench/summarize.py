@@ -46,6 +46,20 @@ for key, v in speed.items():
         d["rss_over_state"] = d["peak_rss_mb"] / d["state_mb"] if d["state_mb"] else None
     res["speed_" + key] = d
 
+# the roofline measured against itself: per run, the median over its pairs of
+# (training GFLOP/s / sgemm GFLOP/s); then the median and range over runs
+pr = {}
+for r in lines("paired.jsonl"):
+    x = r["r"]
+    pr.setdefault(x.get("linear", "kernels"), []).append(x["vs_sgemm"])
+for lin, runs in pr.items():
+    med = [v["ratio_median"] for v in runs]
+    res["paired_" + lin] = {"runs": len(runs), "ratio_median": statistics.median(med), "ratio_min_run": min(med),
+                            "ratio_max_run": max(med), "pairs_per_run": runs[0]["pairs"],
+                            "train_gflops_median": statistics.median(v["train_gflops_median"] for v in runs),
+                            "sgemm_gflops_median": statistics.median(v["sgemm_gflops_median"] for v in runs),
+                            "all_ratios": [x for v in runs for x in v["ratios"]]}
+
 q = {}
 for r in lines("quality.jsonl"):
     if r["side"] == "ember":
