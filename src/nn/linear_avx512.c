@@ -432,7 +432,7 @@ typedef struct {
     int B, I, O, accumulate, mask_in;
     int ob, nw_i, nw_pg, nw_g, nw;   /* dW tasks: ob-row blocks of O x groups of nw_pg 32-column panels of I */
     int np, pg, ngr, ni;             /* din tasks: row blocks x panel groups */
-    int nb;                          /* db tasks */
+    int nb;                          /* db tasks (without dW; with it the dW tasks sum db) */
     atomic_int next;
 } bwd_arg;
 
@@ -448,6 +448,11 @@ static void dw_task(bwd_arg *a, int t, int ith) {
     const int c0 = 32 * p0, c1 = 32 * p1 < a->I ? 32 * p1 : a->I; /* the task's columns of in */
     float *Ap = a->wk + (size_t)ith * a->wk_per, *Xp = Ap + OB_MAX * KC;
     const int nob = cdiv(o1 - o0, MR);
+    /* db[o0:o1) is summed here by the first panel group's task, from the dout rows it
+     * packs anyway, in batch order b = 0..B-1 as db_task would */
+    float sdb[OB_MAX] __attribute__((aligned(64)));
+    const int with_db = a->db && g == 0;
+    if (with_db) memset(sdb, 0, sizeof sdb);
     for (int k0 = 0; k0 < a->B; k0 += KC) {
         const int kc = a->B - k0 < KC ? a->B - k0 : KC;
         const int load = k0 > 0 || a->accumulate;
@@ -468,6 +473,12 @@ static void dw_task(bwd_arg *a, int t, int ith) {
                 const int r0 = o0 + sb * MR, mr = o1 - r0 < MR ? o1 - r0 : MR;
                 _mm512_mask_storeu_ps(Ap + ((size_t)sb * KC + k) * MR, 0x0fff, _mm512_maskz_loadu_ps(cmask(mr), d + r0));
             }
+            if (with_db)
+                for (int o = o0; o < o1; o += 16) {
+                    const __mmask16 m = cmask(o1 - o);
+                    _mm512_mask_storeu_ps(sdb + (o - o0), m,
+                                          _mm512_add_ps(_mm512_maskz_loadu_ps(m, sdb + (o - o0)), _mm512_maskz_loadu_ps(m, d + o)));
+                }
             const float *x = a->in + (size_t)(k0 + k) * a->I;
             for (int q = p0; q < p1; q++) {
                 const int i0 = 32 * q, ncol = a->I - i0, nv = ncol > 16 ? 2 : 1;
@@ -486,6 +497,8 @@ static void dw_task(bwd_arg *a, int t, int ith) {
             }
         }
     }
+    if (with_db)
+        for (int o = o0; o < o1; o++) a->db[o] = a->accumulate ? a->db[o] + sdb[o - o0] : sdb[o - o0];
 }
 
 static void din_task(bwd_arg *a, int t) {
@@ -571,7 +584,7 @@ int em__linear_bwd_avx512(float *din, float *dW, float *db, const float *dout, c
         a.ni = nrb * a.ngr;
     }
     if (dW) a.wk = ws + npk;
-    a.nb = db ? cdiv(O, DB_COLS) : 0;
+    a.nb = db && !dW ? cdiv(O, DB_COLS) : 0;
     atomic_init(&a.next, 0);
     if (a.nw + a.ni + a.nb == 1) bwd_task(&a, 0, 1);
     else if (a.nw + a.ni + a.nb > 1) em_pool_run(pool, bwd_task, &a);
@@ -760,7 +773,7 @@ int em__mlp_bwd_avx512(const em_mlp_layer *L, int n, const float *in, const floa
                 dw_plan(a, nth);
                 if (a->wk_per > wk_per) wk_per = a->wk_per;
             }
-            a->nb = a->db ? cdiv(O, DB_COLS) : 0;
+            a->nb = a->db && !a->dW ? cdiv(O, DB_COLS) : 0;
             cnt = a->nw + a->nb;
             if (l >= lo) need += (size_t)32 * cdiv(I, 32) * (size_t)O;
         }
