@@ -81,6 +81,9 @@ void em_sigmoid_backward(float *din, const float *dout, const float *out, size_t
 static inline int em_dot_interact_out_dim(int F, int D) { return D + F * (F + 1) / 2; }
 void em_dot_interact_forward(float *out, const float *bot, const float *emb, int B, int F, int D,
                              em_pool *pool);
+/* The forward on M rows, single-threaded: out rows ldo apart, bottom rows ldb apart,
+ * emb (M, F, D) contiguous. Each output is a function of its own row only. */
+void em_dot_interact_rows(float *out, int ldo, const float *bot, int ldb, const float *emb, int F, int D, int M);
 /* dbot(B,D) += ..., demb(B,F,D) += ... */
 void em_dot_interact_backward(float *dbot, float *demb, const float *dout, const float *bot,
                               const float *emb, int B, int F, int D, em_pool *pool);
