@@ -53,6 +53,8 @@
 #define KC 128     /* dW: batch rows per chunk */
 #define DB_COLS 256
 #define SMALL_FMAS (1 << 17) /* below this many FMAs a call runs on the caller alone */
+#define PF_K 16    /* packed weight rows (k) prefetched into L1 ahead of the loads */
+#define PF_PAD (32 * PF_K) /* floats past the packed weights that those prefetches may touch */
 
 static int cdiv(int a, int b) { return (a + b - 1) / b; }
 
@@ -90,7 +92,7 @@ static float *ws_get(size_t n) {
         free(w->p);
         w->p = NULL, w->cap = 0;
         void *q;
-        if (posix_memalign(&q, 64, (n + 16) * sizeof(float))) return NULL;
+        if (posix_memalign(&q, 64, (n + 16 + PF_PAD) * sizeof(float))) return NULL; /* + the prefetches past the end */
         w->p = q, w->cap = n;
     }
     return w->p;
@@ -104,9 +106,13 @@ static inline __mmask16 cmask(int n) { return n >= 16 ? (__mmask16)0xffff : n <=
  * P's loads masked by lm0 / lm1. mr and NV are constants after inlining. */
 static inline __attribute__((always_inline)) void kloop(const int mr, const int NV, const float *A, size_t ak,
                                                         size_t ar, const float *P, size_t pk, __mmask16 lm0,
-                                                        __mmask16 lm1, int K, __m512 acc[MR][2]) {
+                                                        __mmask16 lm1, int K, __m512 acc[MR][2], const int pf) {
     for (int k = 0; k < K; k++) {
         const float *pp = P + (size_t)k * pk, *aa = A + (size_t)k * ak;
+        if (pf) { /* the packed panel (in L2) PF_K rows ahead into L1, as em_infer's kernel */
+            _mm_prefetch((const char *)(pp + PF_K * pk), _MM_HINT_T0);
+            if (NV > 1) _mm_prefetch((const char *)(pp + PF_K * pk + 16), _MM_HINT_T0);
+        }
         const __m512 w0 = _mm512_maskz_loadu_ps(lm0, pp);
         const __m512 w1 = NV > 1 ? _mm512_maskz_loadu_ps(lm1, pp + 16) : w0;
 #pragma GCC unroll 12
@@ -131,7 +137,7 @@ static inline __attribute__((always_inline)) void row_blk(const int MRC, const i
     const __m512 b0 = bias ? _mm512_loadu_ps(bias) : z, b1 = bias && NV > 1 ? _mm512_loadu_ps(bias + 16) : b0;
 #pragma GCC unroll 12
     for (int r = 0; r < MRC; r++) acc[r][0] = b0, acc[r][1] = b1;
-    kloop(MRC, NV, A, 1, lda, P, (size_t)16 * NV, 0xffff, 0xffff, K, acc);
+    kloop(MRC, NV, A, 1, lda, P, (size_t)16 * NV, 0xffff, 0xffff, K, acc, 1);
     const __mmask16 m0 = cmask(ncol), m1 = cmask(ncol - 16);
 #pragma GCC unroll 12
     for (int r = 0; r < MRC; r++) {
@@ -191,7 +197,7 @@ static inline __attribute__((always_inline)) void dw_blk(const int NV, const flo
         acc[r][0] = in ? _mm512_maskz_loadu_ps(m0, C + (size_t)r * ldc) : _mm512_setzero_ps();
         acc[r][1] = in && NV > 1 ? _mm512_maskz_loadu_ps(m1, C + (size_t)r * ldc + 16) : _mm512_setzero_ps();
     }
-    kloop(MR, NV, Ap, MR, 1, Xp, (size_t)16 * NV, 0xffff, 0xffff, K, acc);
+    kloop(MR, NV, Ap, MR, 1, Xp, (size_t)16 * NV, 0xffff, 0xffff, K, acc, 0);
 #pragma GCC unroll 12
     for (int r = 0; r < MR; r++) {
         if (r >= mr) break;
