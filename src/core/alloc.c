@@ -6,7 +6,9 @@
  * injection counter lets tests make the N+1-th allocation fail.
  */
 #include <stdatomic.h>
+#include <stdint.h>
 #include <stdlib.h>
+#include <sys/mman.h>
 #include <string.h>
 
 #include "ember/core.h"
@@ -80,3 +82,13 @@ size_t em_mem_peak(void) { return atomic_load(&g_peak); }
 size_t em_mem_allocs(void) { return atomic_load(&g_allocs); }
 void em_mem_reset_peak(void) { atomic_store(&g_peak, atomic_load(&g_in_use)); }
 void em_mem_fail_after(long n) { atomic_store(&g_fail_after, n < 0 ? -1 : n); }
+
+void em_advise_huge(void *p, size_t bytes) {
+#ifdef MADV_HUGEPAGE
+    const uintptr_t H = (uintptr_t)2 << 20;
+    uintptr_t lo = ((uintptr_t)p + H - 1) & ~(H - 1), hi = ((uintptr_t)p + bytes) & ~(H - 1);
+    if (hi > lo) (void)madvise((void *)lo, hi - lo, MADV_HUGEPAGE);
+#else
+    (void)p, (void)bytes;
+#endif
+}

@@ -22,6 +22,7 @@
  * the buffers, parameter layout and arithmetic are the plain DLRM's.
  */
 #include <math.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -106,14 +107,10 @@ em_status em_dlrm_cfg_validate(const em_dlrm_cfg *c) {
 }
 
 static void free_acts(em_dlrm *m) {
-    for (int l = 0; l < 2 * EM_DLRM_MAX_LAYERS; l++) {
-        em_free(m->x[l]);
-        em_free(m->dx[l]);
-        m->x[l] = m->dx[l] = NULL;
-    }
-    em_free(m->inter), em_free(m->dinter), em_free(m->emb_out), em_free(m->demb);
+    em_free(m->acts);
+    m->acts = NULL;
+    for (int l = 0; l < 2 * EM_DLRM_MAX_LAYERS; l++) m->x[l] = m->dx[l] = NULL;
     m->inter = m->dinter = m->emb_out = m->demb = NULL;
-    em_free(m->embx), em_free(m->dembx), em_free(m->extra), em_free(m->dextra), em_free(m->coff);
     m->embx = m->dembx = m->extra = m->dextra = NULL;
     m->coff = NULL;
     m->cap = 0;
@@ -135,25 +132,27 @@ void em_dlrm_free(em_dlrm *m) {
 static em_status ensure_cap(em_dlrm *m, int B) {
     if (B <= m->cap) return EM_OK;
     free_acts(m);
-    size_t TD = (size_t)m->cfg.num_tables * (size_t)m->cfg.dim, W = (size_t)m->cfg.top[0];
-    for (int l = 0; l < m->n_layers; l++) {
-        size_t n = (size_t)B * (size_t)m->L[l].out * sizeof(float);
-        if (!(m->x[l] = em_malloc(n)) || !(m->dx[l] = em_malloc(n))) goto nomem;
-    }
-    if (!(m->inter = em_malloc((size_t)B * W * sizeof(float))) ||
-        !(m->dinter = em_malloc((size_t)B * W * sizeof(float))) ||
-        !(m->emb_out = em_malloc((size_t)B * TD * sizeof(float))) ||
-        !(m->demb = em_malloc((size_t)B * TD * sizeof(float))))
-        goto nomem;
-    if (m->seq) {
-        size_t FD = (size_t)m->F * (size_t)m->cfg.dim, ED = FD - TD;
-        if (!(m->embx = em_malloc((size_t)B * FD * sizeof(float))) ||
-            !(m->dembx = em_malloc((size_t)B * FD * sizeof(float))) ||
-            !(m->extra = em_malloc((size_t)B * ED * sizeof(float))) ||
-            !(m->dextra = em_malloc((size_t)B * ED * sizeof(float))) ||
-            !(m->coff = em_malloc(((size_t)B * (size_t)m->cfg.num_tables + 1) * sizeof(int64_t))))
-            goto nomem;
-    }
+    /* every buffer in one block, each 64-byte aligned: huge pages can then cover
+     * nearly all of it (the kernels stream through these every step) */
+    const size_t TD = (size_t)m->cfg.num_tables * (size_t)m->cfg.dim, W = (size_t)m->cfg.top[0], b = (size_t)B;
+    const size_t FD = m->seq ? (size_t)m->F * (size_t)m->cfg.dim : 0, ED = m->seq ? FD - TD : 0;
+    size_t n[2 * EM_DLRM_MAX_LAYERS * 2 + 9], k = 0, total = 0;
+    for (int l = 0; l < m->n_layers; l++) n[k++] = b * (size_t)m->L[l].out * 4, n[k++] = b * (size_t)m->L[l].out * 4;
+    n[k++] = b * W * 4, n[k++] = b * W * 4, n[k++] = b * TD * 4, n[k++] = b * TD * 4;
+    if (m->seq) n[k++] = b * FD * 4, n[k++] = b * FD * 4, n[k++] = b * ED * 4, n[k++] = b * ED * 4,
+                n[k++] = (b * (size_t)m->cfg.num_tables + 1) * 8;
+    for (size_t i = 0; i < k; i++) total += (n[i] + 63) / 64 * 64;
+    char *p = em_malloc(total + 64);
+    if (!p) goto nomem;
+    m->acts = (float *)p;
+    em_advise_huge(p, total + 64);
+    p = (char *)(((uintptr_t)p + 63) & ~(uintptr_t)63);
+    k = 0;
+#define TAKE(dst, type) (dst = (type *)p, p += (n[k++] + 63) / 64 * 64)
+    for (int l = 0; l < m->n_layers; l++) TAKE(m->x[l], float), TAKE(m->dx[l], float);
+    TAKE(m->inter, float), TAKE(m->dinter, float), TAKE(m->emb_out, float), TAKE(m->demb, float);
+    if (m->seq) TAKE(m->embx, float), TAKE(m->dembx, float), TAKE(m->extra, float), TAKE(m->dextra, float), TAKE(m->coff, int64_t);
+#undef TAKE
     m->cap = B;
     return EM_OK;
 nomem:

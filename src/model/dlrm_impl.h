@@ -56,6 +56,7 @@ struct em_dlrm {
 
     /* activations for up to `cap` examples */
     int cap;
+    float *acts; /* one block (huge pages advised) that every activation buffer below lies in */
     float *x[2 * EM_DLRM_MAX_LAYERS];  /* output of layer l (B, L[l].out), post-ReLU */
     float *dx[2 * EM_DLRM_MAX_LAYERS];
     float *inter, *dinter;             /* (B, top[0]) */

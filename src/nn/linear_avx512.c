@@ -93,6 +93,7 @@ static float *ws_get(size_t n) {
         w->p = NULL, w->cap = 0;
         void *q;
         if (posix_memalign(&q, 64, (n + 16 + PF_PAD) * sizeof(float))) return NULL; /* + the prefetches past the end */
+        em_advise_huge(q, (n + 16 + PF_PAD) * sizeof(float));
         w->p = q, w->cap = n;
     }
     return w->p;

@@ -109,19 +109,10 @@ struct em_embbag {
 
 /* -------------------------------------------------------------- lifecycle */
 
-/* Ask for transparent huge pages over the (2 MiB-aligned interior of the) tables,
- * before first touch: every random row lookup otherwise costs a TLB miss and a page
- * walk (two-dimensional under virtualisation), which dominated the lookups of large
- * tables. Advice only: failure (no THP, other OS) changes nothing but speed. */
-static void advise_huge_pages(void *p, size_t bytes) {
-#ifdef MADV_HUGEPAGE
-    const uintptr_t H = (uintptr_t)2 << 20;
-    uintptr_t lo = ((uintptr_t)p + H - 1) & ~(H - 1), hi = ((uintptr_t)p + bytes) & ~(H - 1);
-    if (hi > lo) (void)madvise((void *)lo, hi - lo, MADV_HUGEPAGE);
-#else
-    (void)p, (void)bytes;
-#endif
-}
+/* Transparent huge pages over the tables, before first touch: every random row lookup
+ * otherwise costs a TLB miss and a page walk (two-dimensional under virtualisation),
+ * which dominated the lookups of large tables. */
+static void advise_huge_pages(void *p, size_t bytes) { em_advise_huge(p, bytes); }
 
 void em_embbag_free(em_embbag *e) {
     if (!e) return;
