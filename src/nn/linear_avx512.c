@@ -555,7 +555,7 @@ static void dw_plan(bwd_arg *a, int nth) {
     a->ob = MR * cdiv(cdiv(a->O, MR), 2 * nth);
     if (a->ob > OB_MAX) a->ob = OB_MAX;
     const int nob = cdiv(a->O, a->ob);
-    a->nw_pg = panel_group(nob, a->nw_i, nth);
+    a->nw_pg = nob >= nth ? a->nw_i : panel_group(nob, a->nw_i, nth); /* whole rows of `in` when there are enough row blocks */
     a->nw_g = cdiv(a->nw_i, a->nw_pg);
     a->nw = nob * a->nw_g;
     a->wk_per = (size_t)OB_MAX * KC + (size_t)KC * 32 * a->nw_pg;
