@@ -49,7 +49,7 @@
 
 #define MR 12      /* rows per register block */
 #define RB 48      /* forward / din: rows per task */
-#define OB_MAX 144 /* dW: most output rows per task */
+#define OB_MAX 264 /* dW: most output rows per task */
 #define KC 128     /* dW: batch rows per chunk */
 #define DB_COLS 256
 #define SMALL_FMAS (1 << 17) /* below this many FMAs a call runs on the caller alone */
@@ -550,9 +550,10 @@ static void bwd_task(void *p, int ith, int nth) {
 /* The dW tiling of one layer (sets ob, nw_i, nw_pg, nw_g, nw, wk_per). */
 static void dw_plan(bwd_arg *a, int nth) {
     a->nw_i = cdiv(a->I, 32);
-    /* Few, tall row blocks: every block reads all of its columns of `in`, so about
-     * two per worker; din and db tasks fill in behind them. */
-    a->ob = MR * cdiv(cdiv(a->O, MR), 2 * nth);
+    /* Few, tall row blocks: every block reads all of its columns of `in` again (from
+     * L3), so one per worker (the other layers' tasks fill in behind them; two per
+     * worker cost 20-25% more time in the packing loads, measured). */
+    a->ob = MR * cdiv(cdiv(a->O, MR), nth);
     if (a->ob > OB_MAX) a->ob = OB_MAX;
     const int nob = cdiv(a->O, a->ob);
     a->nw_pg = nob >= nth ? a->nw_i : panel_group(nob, a->nw_i, nth); /* whole rows of `in` when there are enough row blocks */
