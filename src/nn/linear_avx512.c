@@ -229,17 +229,14 @@ typedef struct {
 } pack_arg;
 
 static void pack_panel(const pack_arg *a, int p) {
-    if (!a->by_in) { /* P[k pw + c] = W[(32 p + c) I + k] */
-        const int K = a->I, pw = panel_w(a->O, p);
+    if (!a->by_in) { /* P[k pw + c] = W[(32 p + c) I + k]: written in order, read as pw streams */
+        const int K = a->I, pw = panel_w(a->O, p), n = a->O - 32 * p < pw ? a->O - 32 * p : pw;
         float *P = a->pk + (size_t)32 * K * p;
-        for (int c = 0; c < pw; c++) {
-            const int o = 32 * p + c;
-            if (o < a->O) {
-                const float *w = a->W + (size_t)o * K;
-                for (int k = 0; k < K; k++) P[(size_t)k * pw + c] = w[k];
-            } else {
-                for (int k = 0; k < K; k++) P[(size_t)k * pw + c] = 0.f;
-            }
+        const float *w = a->W + (size_t)32 * p * K;
+        for (int k = 0; k < K; k++) {
+            float *d = P + (size_t)k * pw;
+            for (int c = 0; c < n; c++) d[c] = w[(size_t)c * K + k];
+            for (int c = n; c < pw; c++) d[c] = 0.f;
         }
     } else { /* P[k pw + c] = W[k I + 32 p + c] */
         const int K = a->O, pw = panel_w(a->I, p), n = a->I - 32 * p < pw ? a->I - 32 * p : pw;
