@@ -173,6 +173,10 @@ ROW_FN(12, 1) ROW_FN(8, 1) ROW_FN(4, 1) ROW_FN(2, 1) ROW_FN(1, 1)
 static const row_fn row_fns[2][5] = {{row_blk_12_1, row_blk_8_1, row_blk_4_1, row_blk_2_1, row_blk_1_1},
                                      {row_blk_12_2, row_blk_8_2, row_blk_4_2, row_blk_2_2, row_blk_1_2}};
 
+/* Panel p covers columns [32 p, 32 p + 32); the last one is 16 wide when at most 16
+ * columns are left. Panel p starts at 32 K p. */
+static int panel_w(int ncols, int p) { return ncols - 32 * p > 16 ? 32 : 16; }
+
 /* Rows [0, mr) of a panel as 12 / 8 / 4 / 2 / 1-row blocks. */
 static void row_panel(int mr, int nv, const float *A, size_t lda, const float *P, int K, const float *bias, float *C,
                       size_t ldc, const float *M, size_t ldm, int ncol, int relu, int accumulate) {
@@ -183,6 +187,27 @@ static void row_panel(int mr, int nv, const float *A, size_t lda, const float *P
         A += (size_t)n * lda, C += (size_t)n * ldc, mr -= n;
         if (M) M += (size_t)n * ldm;
     }
+}
+
+/* Rows [r0, r1) x panels [p0, p1) of one product through row_panel: A rows lda apart,
+ * panel q at pk + 32 K q, its outputs at C + 32 q (ncols columns in all); bias and M
+ * (the ReLU mask rows) optional, offset like C. */
+static void panel_rows(const float *A, size_t lda, const float *pk, int K, const float *bias, float *C, size_t ldc,
+                       const float *M, size_t ldm, int ncols, int relu, int accumulate, int r0, int r1, int p0, int p1) {
+    for (int r = r0; r < r1; r += MR) {
+        const int mr = r1 - r < MR ? r1 - r : MR;
+        for (int q = p0; q < p1; q++)
+            row_panel(mr, panel_w(ncols, q) / 16, A + (size_t)r * lda, lda, pk + (size_t)32 * K * q, K,
+                      bias ? bias + 32 * q : NULL, C + (size_t)r * ldc + 32 * q, ldc, M ? M + (size_t)r * ldm + 32 * q : NULL,
+                      ldm, ncols - 32 * q, relu, accumulate);
+    }
+}
+
+/* Task t of a rows x panel-groups split: rows [*r0, *r1), panels [*p0, *p1). */
+static void task_span(int t, int ngr, int pg, int np, int B, int *r0, int *r1, int *p0, int *p1) {
+    const int rb = t / ngr, g = t % ngr;
+    *r0 = rb * RB, *r1 = *r0 + RB < B ? *r0 + RB : B;
+    *p0 = g * pg, *p1 = *p0 + pg < np ? *p0 + pg : np;
 }
 
 /* dW block: C[r, 0..ncol) = (load ? C[r, :] : 0) + sum_{k<K} Ap[k 12 + r] Xp[k 16 NV + c]
@@ -215,9 +240,6 @@ static void dw_blk1(const float *Ap, const float *Xp, int K, float *C, size_t ld
 
 /* ------------------------------------------------------------ packing */
 
-/* Panel p covers columns [32 p, 32 p + 32); the last one is 16 wide when at most 16
- * columns are left. Panel p starts at 32 K p. */
-static int panel_w(int ncols, int p) { return ncols - 32 * p > 16 ? 32 : 16; }
 
 typedef struct {
     float *pk;
@@ -380,18 +402,10 @@ typedef struct {
 static void fwd_task(void *p, int ith, int nth) {
     (void)ith, (void)nth;
     fwd_arg *a = p;
-    const int K = a->I;
     for (int t; (t = atomic_fetch_add_explicit(&a->next, 1, memory_order_relaxed)) < a->ntask;) {
-        const int rb = t / a->ngr, g = t % a->ngr;
-        const int r0 = rb * RB, r1 = r0 + RB < a->B ? r0 + RB : a->B;
-        const int p0 = g * a->pg, p1 = p0 + a->pg < a->np ? p0 + a->pg : a->np;
-        for (int r = r0; r < r1; r += MR) {
-            const int mr = r1 - r < MR ? r1 - r : MR;
-            for (int q = p0; q < p1; q++)
-                row_panel(mr, panel_w(a->O, q) / 16, a->in + (size_t)r * K, (size_t)K, a->pk + (size_t)32 * K * q, K,
-                          a->bias + 32 * q, a->out + (size_t)r * a->O + 32 * q, (size_t)a->O, NULL, 0, a->O - 32 * q,
-                          a->relu, 0);
-        }
+        int r0, r1, p0, p1;
+        task_span(t, a->ngr, a->pg, a->np, a->B, &r0, &r1, &p0, &p1);
+        panel_rows(a->in, (size_t)a->I, a->pk, a->I, a->bias, a->out, (size_t)a->O, NULL, 0, a->O, a->relu, 0, r0, r1, p0, p1);
     }
 }
 
@@ -506,18 +520,10 @@ static void dw_task(bwd_arg *a, int t, int ith) {
 }
 
 static void din_task(bwd_arg *a, int t) {
-    const int K = a->O;
-    const int rb = t / a->ngr, g = t % a->ngr;
-    const int r0 = rb * RB, r1 = r0 + RB < a->B ? r0 + RB : a->B;
-    const int p0 = g * a->pg, p1 = p0 + a->pg < a->np ? p0 + a->pg : a->np;
-    for (int r = r0; r < r1; r += MR) {
-        const int mr = r1 - r < MR ? r1 - r : MR;
-        for (int q = p0; q < p1; q++)
-            row_panel(mr, panel_w(a->I, q) / 16, a->dout + (size_t)r * K, (size_t)K, a->pk + (size_t)32 * K * q, K, NULL,
-                      a->din + (size_t)r * a->I + 32 * q, (size_t)a->I,
-                      a->mask_in ? a->in + (size_t)r * a->I + 32 * q : NULL, (size_t)a->I, a->I - 32 * q, 0,
-                      a->accumulate);
-    }
+    int r0, r1, p0, p1;
+    task_span(t, a->ngr, a->pg, a->np, a->B, &r0, &r1, &p0, &p1);
+    panel_rows(a->dout, (size_t)a->O, a->pk, a->O, NULL, a->din, (size_t)a->I, a->mask_in ? a->in : NULL, (size_t)a->I, a->I, 0,
+               a->accumulate, r0, r1, p0, p1);
 }
 
 /* db[c0:c1) (+)= sum_b dout[b, c0:c1), each column summed in order b = 0..B-1. */
@@ -646,16 +652,19 @@ static void chain_fwd_task(void *p, int ith, int nth) {
                 o1_fwd_rows(y->out, A, y->W, y->b, K, y->relu, r0, r1);
                 continue;
             }
-            const int np = cdiv(O, 32);
-            for (int r = r0; r < r1; r += MR) {
-                const int mr = r1 - r < MR ? r1 - r : MR;
-                for (int q = 0; q < np; q++)
-                    row_panel(mr, panel_w(O, q) / 16, A + (size_t)r * K, (size_t)K, c->pk[l] + (size_t)32 * K * q, K,
-                              c->bias[l] + 32 * q, y->out + (size_t)r * O + 32 * q, (size_t)O, NULL, 0, O - 32 * q,
-                              y->relu, 0);
-            }
+            panel_rows(A, (size_t)K, c->pk[l], K, c->bias[l], y->out, (size_t)O, NULL, 0, O, y->relu, 0, r0, r1, 0, cdiv(O, 32));
         }
     }
+}
+
+/* Two pool launches: the packing jobs of every layer, then the chain over row blocks. */
+static void pack_then_chain(pack_multi *pm, chain_arg *c, em_task_fn fn, int nth, em_pool *pool) {
+    atomic_init(&pm->next, 0);
+    em_pool_run(pm->start[pm->n] > 1 ? pool : NULL, pack_multi_task, pm);
+    c->rb = chain_rows(c->B, nth);
+    c->nrb = cdiv(c->B, c->rb);
+    atomic_init(&c->next, 0);
+    em_pool_run(c->nrb > 1 ? pool : NULL, fn, c);
 }
 
 static int chain_ok(const em_mlp_layer *L, int n) {
@@ -694,12 +703,7 @@ int em__mlp_fwd_avx512(const em_mlp_layer *L, int n, const float *in, int B, em_
             if (L[l].b) memcpy(pb, L[l].b, (size_t)L[l].O * sizeof(float));
         }
     }
-    atomic_init(&pm.next, 0);
-    em_pool_run(pm.start[n] > 1 ? pool : NULL, pack_multi_task, &pm);
-    c.rb = chain_rows(B, nth);
-    c.nrb = cdiv(B, c.rb);
-    atomic_init(&c.next, 0);
-    em_pool_run(c.nrb > 1 ? pool : NULL, chain_fwd_task, &c);
+    pack_then_chain(&pm, &c, chain_fwd_task, nth, pool);
     return 0;
 }
 
@@ -718,14 +722,8 @@ static void chain_din_task(void *p, int ith, int nth) {
                 o1_din_rows(y->din, g, y->W, x, I, mask, 0, r0, r1);
                 continue;
             }
-            const int np = cdiv(I, 32);
-            for (int r = r0; r < r1; r += MR) {
-                const int mr = r1 - r < MR ? r1 - r : MR;
-                for (int q = 0; q < np; q++)
-                    row_panel(mr, panel_w(I, q) / 16, g + (size_t)r * O, (size_t)O, c->pk[l] + (size_t)32 * O * q, O, NULL,
-                              y->din + (size_t)r * I + 32 * q, (size_t)I, mask ? x + (size_t)r * I + 32 * q : NULL,
-                              (size_t)I, I - 32 * q, 0, 0);
-            }
+            panel_rows(g, (size_t)O, c->pk[l], O, NULL, y->din, (size_t)I, mask ? x : NULL, (size_t)I, I, 0, 0, r0, r1, 0,
+                       cdiv(I, 32));
         }
     }
 }
@@ -797,12 +795,7 @@ int em__mlp_bwd_avx512(const em_mlp_layer *L, int n, const float *in, const floa
         off += (size_t)32 * np * (size_t)L[l].O;
     }
     for (int l = 0; l < n; l++) dm->b[l].wk = ws + off, dm->b[l].wk_per = wk_per;
-    atomic_init(&pm.next, 0);
-    em_pool_run(pm.start[n] > 1 ? pool : NULL, pack_multi_task, &pm);
-    c.rb = chain_rows(B, nth);
-    c.nrb = cdiv(B, c.rb);
-    atomic_init(&c.next, 0);
-    em_pool_run(c.nrb > 1 ? pool : NULL, chain_din_task, &c);
+    pack_then_chain(&pm, &c, chain_din_task, nth, pool);
     atomic_init(&dm->next, 0);
     em_pool_run(dm->start[n] > 1 ? pool : NULL, dw_multi_task, dm);
     return 0;
