@@ -8,8 +8,9 @@
  *
  *   bench/linear_layers [batch=2048] [threads=2] [rounds=7] [reps=5]
  * With one thread the times are the process's CPU time, so other load on the machine
- * does not count (cache sharing still does).
- * Built by bench/dlrm.sh against the Release build's libraries.
+ * does not count (cache sharing still does). Build against a Release build (dir b):
+ *   cc -O2 -march=native -Iinclude bench/linear_layers.c b/libem_nn.a b/libem_core.a \
+ *      -lopenblas -ljansson -lxxhash -lpthread -lm -o linear_layers
  */
 #include <stdio.h>
 #include <time.h>

@@ -7,22 +7,24 @@
  * OpenBLAS spends ~15% of a training step packing its operands, again for every tile
  * (each W is re-packed once per row tile), and the bias copy, the ReLU and the ReLU
  * mask of the backward are extra passes over every activation. Here every product is
- * one 12 x 32 block of outputs in 24 zmm accumulators:
+ * made of 12 x 32 blocks of outputs in 24 zmm accumulators:
  *
  *  - forward  out = relu?(in W^T + b): W packed once per call into panels of 32 (or
- *    16) output columns, k-major, zero-padded; 12 input rows packed k-major (12 K
- *    floats, in L1) and run against every panel; the accumulators start from the
- *    bias and the ReLU is applied as they are stored.
+ *    16) output columns, k-major, zero-padded; 12 rows of `in` read in place
+ *    (broadcasts) against every panel, the panel prefetched PF_K rows ahead into L1;
+ *    the accumulators start from the bias and the ReLU is applied as they are stored.
  *  - backward din = dout W (* (in > 0)): the same with W packed by input columns; the
  *    ReLU mask of the layer below (its output is this layer's input) applied at the
  *    store, so dlrm.c needs no separate masking pass.
- *  - backward dW = dout^T in: no packing at all. For a block of 12 output rows (o) x
- *    32 input columns (i), each k (a batch row b) broadcasts dout[b, o..o+12) - 12
- *    consecutive floats - and loads in[b, i..i+32); the batch is walked in chunks of
- *    KC rows so the chunk of `in` stays in L1 for the 4 row blocks of a task.
- *  - db: column sums in batch order, as before.
- * The backward's three kinds of task share one atomic counter (one pool launch after
- * the packing launch), so the uneven mix stays balanced.
+ *  - backward dW = dout^T in: the batch is walked in chunks of KC rows; a task (one
+ *    tall block of output rows per worker, all input columns when there are enough
+ *    blocks) packs each chunk row by row - dout's segment as blocks of 12 columns
+ *    (12 consecutive floats per k: the broadcasts), in's as 32-column panels - then
+ *    runs every (12-row block, panel) pair on the chunk; the same pass sums db.
+ *  - O = 1 (the logit layer): a dot product per row, an outer product, a column sum.
+ * The backward's kinds of task share one atomic counter (one pool launch after the
+ * packing launch), so the uneven mix stays balanced. The MLP chains (em_mlp_*) run the
+ * same kernels, a block of rows through every layer per task (see em__mlp_fwd_avx512).
  *
  * Determinism. Every output element is init + sum_k a_k b_k with one FMA per k in
  * order k = 0..K-1 (init: the bias, zero, or the element's old value when
@@ -31,10 +33,10 @@
  * independent of the thread count and of the tiling. They differ from the OpenBLAS
  * path's only by float rounding.
  *
- * Workspace: the packed weights and one 12 x K A-panel per worker live in a buffer
- * owned by the calling thread (grown on demand, freed when the thread exits), so a
- * steady-state step allocates nothing; if it cannot be grown the caller falls back to
- * OpenBLAS.
+ * Workspace: the packed weights and the dW chunk buffers live in a buffer owned by the
+ * calling thread (grown on demand, huge pages advised, freed when the thread exits),
+ * so a steady-state step allocates nothing; if it cannot be grown the caller falls
+ * back to OpenBLAS.
  */
 #include <pthread.h>
 #include <stdatomic.h>
