@@ -1,6 +1,9 @@
 /*
  * linear.c - the fully connected layer, out(B,O) = in(B,I) @ W(O,I)^T + b(O), and its
- * backward, on top of single-threaded cblas_sgemm.
+ * backward, and the MLP chains (em_mlp_*). AVX-512 builds hand every call to ember's
+ * own kernels (linear_avx512.c); what follows here is the OpenBLAS path they fall back
+ * to (other builds, em_linear_set_impl(1), or no memory for their workspace), on top
+ * of single-threaded cblas_sgemm.
  *
  * Parallelism and determinism. Every output (out, dW, din, db) is cut into tiles
  * whose boundaries depend only on the shape (B, I, O), never on the thread count;

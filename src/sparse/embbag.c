@@ -109,11 +109,6 @@ struct em_embbag {
 
 /* -------------------------------------------------------------- lifecycle */
 
-/* Transparent huge pages over the tables, before first touch: every random row lookup
- * otherwise costs a TLB miss and a page walk (two-dimensional under virtualisation),
- * which dominated the lookups of large tables. */
-static void advise_huge_pages(void *p, size_t bytes) { em_advise_huge(p, bytes); }
-
 void em_embbag_free(em_embbag *e) {
     if (!e) return;
     em_free(e->tabs);
@@ -187,8 +182,11 @@ em_status em_embbag_create(em_embbag **out, const em_embbag_cfg *cfg) {
         so += (size_t)tb->rows * spr;
         co += ((size_t)tb->rows + INIT_CHUNK_ROWS - 1) / INIT_CHUNK_ROWS;
     }
-    advise_huge_pages(e->w, wtot * sizeof(float));
-    if (stot) advise_huge_pages(e->state, stot * sizeof(float));
+    /* transparent huge pages over the tables, before first touch: every random row
+     * lookup otherwise costs a TLB miss and a page walk (two-dimensional under
+     * virtualisation), which dominated the lookups of large tables */
+    em_advise_huge(e->w, wtot * sizeof(float));
+    if (stot) em_advise_huge(e->state, stot * sizeof(float));
     memset(e->w, 0, wtot * sizeof(float));
     if (cfg->opt.init_accum == 0.f) {
         if (stot) memset(e->state, 0, stot * sizeof(float));
