@@ -453,6 +453,55 @@ static void test_concurrent_batching(void) {
     em_serve_free(s);
 }
 
+/* One HTTP worker still batches concurrent requests: a request that goes to the
+ * batcher suspends its connection (the worker goes back to its other connections)
+ * instead of blocking the worker, so requests in flight are not bounded by threads.
+ * inline_max 0 sends every request to the batcher, whose long max_wait gathers. */
+static void test_one_worker_batches(void) {
+    if (setup()) {
+        CHECK(0);
+        return;
+    }
+    em_pool *pool;
+    em_dlrm *m;
+    CHECK_OK(em_pool_create(&pool, 1));
+    CHECK_OK(em_dlrm_load(&m, g_ckpt, NULL, pool));
+    em_serve_cfg cfg = em_serve_default();
+    cfg.port = 0, cfg.threads = 1, cfg.max_conns = 8, cfg.max_batch = 64, cfg.max_wait_us = 20000, cfg.inline_max = 0;
+    em_server *s;
+    CHECK_OK(em_serve_create(&s, m, pool, &cfg));
+    CHECK_OK(em_serve_start(s));
+    enum { NC = 6, PER = 8 };
+    pthread_t th[NC];
+    client_arg a[NC];
+    for (int i = 0; i < NC; i++) {
+        a[i] = (client_arg){em_serve_port(s), i, 0, PER};
+        pthread_create(&th[i], NULL, client, &a[i]);
+    }
+    int fails = 0;
+    for (int i = 0; i < NC; i++) {
+        pthread_join(th[i], NULL);
+        fails += a[i].failures;
+    }
+    CHECK(fails == 0);
+    em_serve_stats st;
+    em_serve_stats_get(s, &st);
+    CHECK(st.requests[EM_SERVE_EP_PREDICT] == NC * PER);
+    CHECK(st.errors == 0);
+    /* blocking workers would run one request per pass: NC * PER passes */
+    CHECK(st.batches < NC * PER);
+    fprintf(stderr, "  one worker: %d requests in %llu forward passes (largest %llu examples)\n", NC * PER,
+            (unsigned long long)st.batches, (unsigned long long)st.max_batch_seen);
+    /* stopping with requests in flight: every client gets its answer or a clean error */
+    for (int i = 0; i < NC; i++) {
+        a[i] = (client_arg){em_serve_port(s), i, 0, PER};
+        pthread_create(&th[i], NULL, client, &a[i]);
+    }
+    usleep(30000);
+    em_serve_free(s);
+    for (int i = 0; i < NC; i++) pthread_join(th[i], NULL);
+}
+
 static void put_u16(char *p, uint16_t v) { memcpy(p, &v, 2); }
 static void put_u32(char *p, uint32_t v) { memcpy(p, &v, 4); }
 
@@ -1400,6 +1449,7 @@ static void test_teacher_mode(void) {
 }
 
 TEST_MAIN({"predict_json", test_predict_json}, {"concurrent_batching", test_concurrent_batching},
+          {"one_worker_batches", test_one_worker_batches},
           {"predict_bin", test_predict_bin}, {"errors_and_metrics", test_errors_and_metrics},
           {"no_alloc_no_leak", test_no_alloc_no_leak}, {"bad_config", test_bad_config},
           {"forward_with", test_forward_with}, {"quant_tables", test_quant_tables},

@@ -26,13 +26,16 @@
  * model_version is the step count for the model given at create, and
  * "<step>-r<n>" after the n-th successful reload, so it changes on every reload.
  *
- * Threads: libmicrohttpd runs `threads` HTTP workers; each parses its request into a
- * preallocated request slot and queues it. One batcher thread owns the model and the
- * pool: it takes queued requests, waiting at most max_wait_us after the first one for
- * more, until max_batch examples are gathered, runs one forward pass over all of them
- * into buffers allocated at create time, and hands each request its slice. A request
- * larger than max_batch runs alone, in max_batch chunks. The worker that queued a
- * request waits for its answer, so `threads` bounds the requests in flight.
+ * Threads: libmicrohttpd runs `threads` HTTP workers (event loops, each polling its
+ * share of the connections); a worker parses a request into a preallocated request
+ * slot and either answers it at once on its own thread (at most inline_max examples,
+ * server idle) or suspends the connection and queues the slot. One batcher thread
+ * owns the model and the pool: it takes queued requests, waiting at most max_wait_us
+ * after the first one for more, until max_batch examples are gathered, runs one
+ * forward pass over all of them into buffers allocated at create time, hands each
+ * request its slice and resumes its connection. A request larger than max_batch runs
+ * alone, in max_batch chunks. A worker never waits on the batcher, so one worker
+ * keeps any number of requests in flight (up to max_conns).
  *
  * Teacher mode (ExFM, TECHNIQUES.md section 4): with cfg.log_path the server is a
  * foundation model whose every prediction is logged, once, in a DAS log (ember/das.h)
@@ -60,7 +63,7 @@ extern "C" {
 typedef struct {
     const char *bind;   /* IPv4 address to listen on; NULL = "127.0.0.1" */
     int port;           /* 0 = an ephemeral port (see em_serve_port) */
-    int threads;        /* HTTP worker threads (libmicrohttpd thread pool), >= 1 */
+    int threads;        /* HTTP worker threads (libmicrohttpd thread pool; event loops), >= 1 */
     int max_batch;      /* examples per forward pass, >= 1 */
     int max_wait_us;    /* longest wait for more requests once one is queued, >= 0 */
     int inline_max;     /* a request of at most this many examples that finds the server idle
@@ -76,7 +79,7 @@ typedef struct {
     int log_flush_ms;       /* teacher mode: write the log out and fsync it this often, > 0 */
 } em_serve_cfg;
 
-/* 127.0.0.1:8080, 4 threads, max batch 256, max wait 200 us, inline_max 16, 1 MiB bodies, 64 connections,
+/* 127.0.0.1:8080, 1 HTTP thread, max batch 256, max wait 200 us, inline_max 16, 1 MiB bodies, 64 connections,
  * fp32 tables, no model path, no prediction log (flush every 1000 ms when set). */
 em_serve_cfg em_serve_default(void);
 

@@ -33,7 +33,7 @@ static const cli_opt serve_opts[] = {
             serve_ctx, tables),
     OPT_STR("bind", "ADDR", "IPv4 address to listen on (default 127.0.0.1)", serve_ctx, bind),
     OPT_INT("port", "N", "TCP port (default 8080; 0 = pick a free one and print it)", serve_ctx, port, 0, 65535),
-    OPT_INT("threads", "N", "HTTP worker threads, i.e. requests in flight (default 4)", serve_ctx, threads, 1, 1024),
+    OPT_INT("threads", "N", "HTTP worker threads, each an event loop over its share of the connections (default 1)", serve_ctx, threads, 1, 1024),
     OPT_INT("infer-threads", "N", "threads of each forward pass (default 2)", serve_ctx, infer_threads, 1, 256),
     OPT_INT("max-batch", "N", "examples per forward pass (default 256)", serve_ctx, max_batch, 1, 1 << 20),
     OPT_INT("max-wait-us", "N", "longest wait for more requests to batch (default 200)", serve_ctx, max_wait_us, 0,

@@ -2,10 +2,12 @@
  * batcher.c - dynamic batching: one thread that owns the model and the pool and runs
  * every forward pass of the server.
  *
- * HTTP workers queue parsed requests (em__submit) and sleep on their slot's condition
- * variable. The batcher takes the oldest request, then keeps taking queued requests
- * while they fit in max_batch, sleeping at most max_wait_us after the first one for
- * more to arrive. It never reorders: a request that does not fit waits for the next
+ * HTTP workers queue parsed requests (em__submit) with their connection suspended and
+ * go back to their other connections; the batcher resumes each connection when its
+ * answer is in (while the server stops, a worker instead waits for the answer on
+ * its slot's condition variable, so no connection is left suspended). The batcher
+ * takes the oldest request, then keeps taking queued requests while they fit in
+ * max_batch, sleeping at most max_wait_us after the first one for more to arrive. It never reorders: a request that does not fit waits for the next
  * batch (FIFO keeps tail latency bounded). A request larger than max_batch runs
  * alone, in max_batch chunks. The batch is laid out exactly as the data reader does
  * (table-major offsets, ids reduced modulo the table's rows, missing = empty bag)
@@ -42,6 +44,8 @@
 #include <math.h>
 #include <string.h>
 #include <time.h>
+
+#include <microhttpd.h>
 
 #include "serve/serve_internal.h"
 
@@ -271,11 +275,23 @@ void *em__batcher_main(void *arg) {
         pthread_mutex_lock(&s->mu);
         s->busy = 0;
         pthread_cond_broadcast(&s->idle_cv);
+        int nsusp = 0;
         for (int j = 0; j < k; j++) {
-            memcpy(s->taken[j]->version, s->cur->version, sizeof s->cur->version);
-            s->taken[j]->st = st;
-            s->taken[j]->done = 1;
-            pthread_cond_signal(&s->taken[j]->cv);
+            em__req *r = s->taken[j];
+            memcpy(r->version, s->cur->version, sizeof s->cur->version);
+            r->st = st;
+            r->done = 1;
+            if (r->queued) s->taken[nsusp++] = r; /* its worker is not waiting: resume it below */
+            else pthread_cond_signal(&r->cv);
+        }
+        if (nsusp) {
+            /* outside the lock: a resumed request's handler takes it. A suspended slot
+             * stays ours until it is resumed, so taken[j] is still valid here */
+            pthread_mutex_unlock(&s->mu);
+            for (int j = 0; j < nsusp; j++) MHD_resume_connection(s->taken[j]->conn);
+            pthread_mutex_lock(&s->mu);
+            s->suspended -= nsusp;
+            if (!s->suspended) pthread_cond_broadcast(&s->idle_cv);
         }
     }
     s->batcher_live = 0; /* pending was swapped above, under the same lock hold */
@@ -283,9 +299,10 @@ void *em__batcher_main(void *arg) {
     return NULL;
 }
 
-em_status em__submit(em_server *s, em__req *r) {
+em_status em__submit(em_server *s, em__req *r, struct MHD_Connection *c, int *queued) {
+    *queued = 0;
     pthread_mutex_lock(&s->mu);
-    r->done = 0, r->next = NULL;
+    r->done = 0, r->queued = 0, r->next = NULL;
     if (s->stop) {
         pthread_mutex_unlock(&s->mu);
         return em_errorf(EM_ERR_INVALID, "server is stopping");
@@ -303,10 +320,22 @@ em_status em__submit(em_server *s, em__req *r) {
         pthread_mutex_unlock(&s->mu);
         return st;
     }
+    if (c && !s->draining) {
+        /* suspend before queueing, so the batcher's resume always follows it; the
+         * worker goes back to its other connections meanwhile */
+        MHD_suspend_connection(c);
+        r->conn = c, r->queued = 1;
+        s->suspended++;
+    }
     if (s->q_tail) s->q_tail->next = r;
     else s->q_head = r;
     s->q_tail = r;
     pthread_cond_signal(&s->queue_cv);
+    if (r->queued) {
+        *queued = 1;
+        pthread_mutex_unlock(&s->mu);
+        return EM_OK;
+    }
     while (!r->done) pthread_cond_wait(&r->cv, &s->mu);
     pthread_mutex_unlock(&s->mu);
     return r->st;

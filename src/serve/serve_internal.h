@@ -44,6 +44,8 @@ typedef struct em__req {
     int reload_code;      /* reload: HTTP status of the answer */
     const char *reload_path; /* reload: the checkpoint named in the body (in line), or NULL */
 
+    int queued;           /* predict: the connection is suspended and the request queued to the
+                           * batcher, which resumes it with the answer in (em__submit) */
     int done;             /* set by the batcher under s->mu */
     em_status st;         /* the forward pass's status */
     char version[32];     /* model_version of the model that answered (set with done) */
@@ -104,7 +106,9 @@ struct em_server {
     pthread_cond_t queue_cv;    /* batcher: work queued or stop */
     int busy;                   /* under mu: a forward pass runs on cur (the batcher's or an inline one) */
     int gathering;              /* under mu: the batcher holds requests while it waits for more */
-    pthread_cond_t idle_cv;     /* busy went to 0 */
+    pthread_cond_t idle_cv;     /* busy went to 0, or suspended did */
+    int suspended;              /* under mu: predict connections suspended on the batcher */
+    int draining;               /* under mu: em__submit blocks instead of suspending (stopping) */
     em__req *slots, *free_list, *q_head, *q_tail;
     int stop, batcher_running;
     pthread_t batcher;
@@ -156,8 +160,12 @@ int em__req_reserve(em_server *s, em__req *r, int cap);
 em_status em__model_make(em_server *s, em_dlrm *m, em_pool *pool, em__model **out);
 void em__model_free(em__model *mm);
 void *em__batcher_main(void *arg);
-/* Queue a parsed request and wait for the batcher's answer. */
-em_status em__submit(em_server *s, em__req *r);
+/* Answer a parsed request: run it at once on this thread (inline: small, server idle),
+ * or queue it to the batcher. Queued with c non-NULL (and the server not draining),
+ * c is suspended, *queued = 1 and em__submit returns at once: the batcher resumes c
+ * when the answer is in (r->st, r->prob, r->version) and libmicrohttpd calls the
+ * handler again. Otherwise (*queued = 0) the answer is in when it returns. */
+em_status em__submit(em_server *s, em__req *r, struct MHD_Connection *c, int *queued);
 em_status em__batch_alloc(em_server *s);
 void em__batch_free(em_server *s);
 /* Sigmoid as ember predict computes it (double, overflow-safe), rounded to float. */

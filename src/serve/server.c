@@ -38,7 +38,7 @@
 #include "serve/serve_internal.h"
 
 em_serve_cfg em_serve_default(void) {
-    em_serve_cfg c = {.bind = NULL, .port = 8080, .threads = 4, .max_batch = 256, .max_wait_us = 200, .inline_max = 16,
+    em_serve_cfg c = {.bind = NULL, .port = 8080, .threads = 1, .max_batch = 256, .max_wait_us = 200, .inline_max = 16,
                       .max_body = (size_t)1 << 20, .max_conns = 64, .tables = EM_QT_FP32, .model_path = NULL,
                       .log_path = NULL, .log_flush_ms = 1000};
     return c;
@@ -96,7 +96,7 @@ static em__req *slot_get(em_server *s) {
     em__req *r = s->free_list;
     if (r) s->free_list = r->next;
     pthread_mutex_unlock(&s->mu);
-    if (r) r->next = NULL, r->body_len = 0, r->too_big = 0, r->n = 0, r->reload_done = 0, r->conn = NULL;
+    if (r) r->next = NULL, r->body_len = 0, r->too_big = 0, r->n = 0, r->reload_done = 0, r->queued = 0, r->conn = NULL;
     return r;
 }
 
@@ -122,9 +122,17 @@ static enum MHD_Result finish_predict(em_server *s, struct MHD_Connection *c, em
         snprintf(msg, sizeof msg, "request body over the limit of %zu bytes", s->cfg.max_body);
         return send_error(s, c, ep, r->t0, 413, msg, NULL);
     }
-    int status = ep == EM_SERVE_EP_PREDICT ? em__parse_json(s, r, msg, sizeof msg) : em__parse_bin(s, r, msg, sizeof msg);
-    if (status) return send_error(s, c, ep, r->t0, status, msg, NULL);
-    em_status st = em__submit(s, r);
+    em_status st;
+    if (r->queued) { /* resumed by the batcher: the answer is in */
+        r->queued = 0;
+        st = r->st;
+    } else {
+        int status = ep == EM_SERVE_EP_PREDICT ? em__parse_json(s, r, msg, sizeof msg) : em__parse_bin(s, r, msg, sizeof msg);
+        if (status) return send_error(s, c, ep, r->t0, status, msg, NULL);
+        int queued;
+        st = em__submit(s, r, c, &queued);
+        if (queued) return MHD_YES; /* suspended; called again when the batcher resumes it */
+    }
     if (st) {
         snprintf(msg, sizeof msg, "inference failed: %s", em_status_str(st));
         return send_error(s, c, ep, r->t0, 500, msg, NULL);
@@ -469,7 +477,7 @@ em_status em_serve_start(em_server *s) {
         s->flusher_running = 1;
     }
     pthread_mutex_lock(&s->mu);
-    s->stop = 0;
+    s->stop = 0, s->draining = 0;
     s->batcher_live = 1;
     if (pthread_create(&s->batcher, NULL, em__batcher_main, s) != 0) {
         s->batcher_live = 0;
@@ -523,8 +531,14 @@ void em_serve_stop(em_server *s) {
         pthread_join(s->reloader, NULL);
         s->reloader_running = 0;
     }
-    /* then the HTTP side: its workers finish the requests in flight, which needs the
-     * batcher still running */
+    /* then the HTTP side: from now on predict requests wait for the batcher on their
+     * worker instead of suspending, and every suspended one is resumed (libmicrohttpd
+     * must not stop with suspended connections); its workers finish the requests in
+     * flight, which needs the batcher still running */
+    pthread_mutex_lock(&s->mu);
+    s->draining = 1;
+    while (s->suspended) pthread_cond_wait(&s->idle_cv, &s->mu);
+    pthread_mutex_unlock(&s->mu);
     if (s->daemon) MHD_stop_daemon(s->daemon);
     s->daemon = NULL;
     s->port = 0;
