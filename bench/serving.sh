@@ -57,8 +57,10 @@ QUIET_WAIT=${QUIET_WAIT:-0}
 RESUME=${RESUME:-}
 RETRY=${RETRY:-0}
 OTHERS_MAX=${OTHERS_MAX:-10}
-SERVE_PEAK=${SERVE_PEAK:-"--max-batch 2048 --threads 4;--max-batch 4096 --threads 8 --max-body 4194304;--max-batch 1024 --threads 4"}
-SERVE_LAT=${SERVE_LAT:-"--infer-threads 2 --max-wait-us 200;--infer-threads 2 --max-wait-us 0;--infer-threads 2 --max-wait-us 200 --inline-max 0"}
+# the first setting of both lists is the same server (the defaults, max batch 2048): one
+# configuration for both figures; the others show what one option changes
+SERVE_PEAK=${SERVE_PEAK:-"--max-batch 2048;--max-batch 2048 --threads 4;--max-batch 4096 --max-body 4194304"}
+SERVE_LAT=${SERVE_LAT:-"--max-batch 2048;--max-batch 2048 --max-wait-us 0;--max-batch 2048 --threads 4"}
 PY=/usr/bin/python3
 mkdir -p "$OUT"
 scripts/deps.sh
@@ -530,6 +532,10 @@ for i, c in enumerate(lat_cfgs):
 res["latency"] = lat
 best_lat = min(lat, key=lambda c: lat[c]["p99_ms"]) if lat else None
 res["latency_best_setting"] = best_lat
+# one server for both figures: the HTTP peak's setting, measured at 1,000 req/s too
+pk_cfg = peak_cfgs[pk[0]["cfg"]] if pk else None
+if pk_cfg in lat:
+    res["latency_of_peak_setting"] = {"serve": pk_cfg, **{k: lat[pk_cfg][k] for k in ("p50_ms", "p99_ms", "p99_ms_runs", "requests_per_s")}}
 lj = [w(x) for x in wrk if x.get("phase") == "latency_json"]
 if lj:
     res["latency_json"] = lj[0]
@@ -551,6 +557,8 @@ reload_ok = all(v["failed_requests"] == 0 for v in ru.values()) and all(r["ok"] 
 L = lat.get(best_lat, {})
 res["targets"] = {
     "p99_le_1ms_at_1000rps": bool(L and L["p99_ms"] <= 1.0 and L["requests_per_s"] >= 0.95 * rate),
+    "p99_le_1ms_with_the_peak_setting": bool(pk_cfg in lat and lat[pk_cfg]["p99_ms"] <= 1.0
+                                             and lat[pk_cfg]["requests_per_s"] >= 0.95 * rate),
     "http_peak_ge_2x_torch_best": bool(ratio and ratio >= 2.0),
     "inprocess_ge_80pct_sgemm": eb["fraction_of_sgemm"] >= 0.8,
     "inprocess_ge_80pct_sgemm_paired": bool("vs_sgemm" in eb and eb["vs_sgemm"]["ratio_median"] >= 0.8),
