@@ -36,7 +36,10 @@ scripts/build.sh build >&2
 EMBER=build/ember
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_rmaps_base_oversubscribe=1
 # ember re-executes itself with the right OpenBLAS kernels; give mpirun's ranks the same
-OPENBLAS_CORETYPE=${OPENBLAS_CORETYPE:-$($EMBER version | sed -n 's/^blas_core=//p')}
+# ember's pick for this CPU (src/core/blas.c) even when the environment carries an
+# OPENBLAS_CORETYPE (a machine may set a common one, e.g. Haswell on an AVX-512 CPU,
+# which cuts sgemm and the PyTorch peer by a third); BLAS_CORE=NAME chooses
+OPENBLAS_CORETYPE=${BLAS_CORE:-$(env -u OPENBLAS_CORETYPE $EMBER version | sed -n 's/^blas_core=//p')}
 export OPENBLAS_CORETYPE
 log() { echo "[$(date +%H:%M:%S)] $*" >&2; }
 mp() { local np=$1; shift; mpirun --oversubscribe -np "$np" "$EMBER" "$@"; }

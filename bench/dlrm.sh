@@ -34,7 +34,10 @@ scripts/build.sh build
 # OpenBLAS picks its kernels from a table of CPU models and falls back to its SSE3
 # ("Prescott") ones on a newer CPU; ember re-runs itself with the right OPENBLAS_CORETYPE
 # (src/core/blas.c). Give the same kernels to the PyTorch peer and to sgemm_peak.
-OPENBLAS_CORETYPE=${OPENBLAS_CORETYPE:-$(build/ember version | sed -n 's/^blas_core=//p')}
+# ember's pick for this CPU (src/core/blas.c) even when the environment carries an
+# OPENBLAS_CORETYPE (a machine may set a common one, e.g. Haswell on an AVX-512 CPU,
+# which cuts sgemm and the PyTorch peer by a third); BLAS_CORE=NAME chooses
+OPENBLAS_CORETYPE=${BLAS_CORE:-$(env -u OPENBLAS_CORETYPE build/ember version | sed -n 's/^blas_core=//p')}
 export OPENBLAS_CORETYPE
 echo "OpenBLAS kernels: $OPENBLAS_CORETYPE" >&2
 EMBER=build/ember

@@ -127,7 +127,10 @@ calm() { awk -v o="$OTHERS" -v s="$STEAL" -v m="$OTHERS_MAX" 'BEGIN { exit !(o +
 cc -O2 bench/sgemm_peak.c -I/usr/include/x86_64-linux-gnu/openblas-pthread -lopenblas -o "$OUT/sgemm_peak"
 core=$(env -u OPENBLAS_CORETYPE OPENBLAS_VERBOSE=2 OPENBLAS_NUM_THREADS=1 "$OUT/sgemm_peak" 2>&1 >/dev/null |
   sed -n 's/^Core: *//p' | head -n1)
-OPENBLAS_CORETYPE=${OPENBLAS_CORETYPE:-$("$EMBER" version | sed -n 's/^blas_core=//p')}
+# ember's pick for this CPU (src/core/blas.c) even when the environment carries an
+# OPENBLAS_CORETYPE (a machine may set a common one, e.g. Haswell on an AVX-512 CPU,
+# which cuts sgemm and the PyTorch peer by a third); BLAS_CORE=NAME chooses
+OPENBLAS_CORETYPE=${BLAS_CORE:-$(env -u OPENBLAS_CORETYPE "$EMBER" version | sed -n 's/^blas_core=//p')}
 export OPENBLAS_CORETYPE
 core_used=$(OPENBLAS_VERBOSE=2 OPENBLAS_NUM_THREADS=1 "$OUT/sgemm_peak" 2>&1 >/dev/null | sed -n 's/^Core: *//p' | head -n1)
 log "OpenBLAS kernels: $core_used (OpenBLAS alone picks $core)"
