@@ -358,6 +358,10 @@ static em_status load_file(em_st *st, const char *path, unsigned char **file, si
             /* Shift the file so that buf + pad + 8 + n is 8-aligned (buf is 64-aligned). */
             size_t pad = (size_t)((8 - n % 8) % 8);
             st->buf = em_malloc(fsize + pad);
+            /* 2 MB pages for a large file: reading into 4 KB pages costs one page fault
+             * each, which made loading a 2.2 GB checkpoint take 16 s on a VM (12 s of it
+             * in the kernel) */
+            if (st->buf) em_advise_huge(st->buf, fsize + pad);
             if (!st->buf) {
                 s = em_errorf(EM_ERR_NOMEM, "%s: out of memory reading %zu bytes", path, fsize);
             } else if (pread_full(fd, st->buf + pad, fsize, 0) != 0) {
