@@ -7,11 +7,12 @@
  * answer is in (while the server stops, a worker instead waits for the answer on
  * its slot's condition variable, so no connection is left suspended). The batcher
  * takes the oldest request, then keeps taking queued requests while they fit in
- * max_batch, sleeping at most max_wait_us after the first one for more to arrive. It never reorders: a request that does not fit waits for the next
- * batch (FIFO keeps tail latency bounded). A request larger than max_batch runs
- * alone, in max_batch chunks. The batch is laid out exactly as the data reader does
- * (table-major offsets, ids reduced modulo the table's rows, missing = empty bag)
- * into buffers allocated once at create time, so the hot path allocates nothing.
+ * max_batch, sleeping at most max_wait_us after the first one for more to arrive. It
+ * never reorders: a request that does not fit waits for the next batch (FIFO keeps
+ * tail latency bounded). A request larger than max_batch runs alone, in max_batch
+ * chunks. The batch is laid out exactly as the data reader does (table-major offsets,
+ * ids reduced modulo the table's rows, missing = empty bag) into buffers allocated
+ * once at create time, so the hot path allocates nothing.
  *
  * An example's answer does not depend on which other examples share its batch (em_infer
  * computes every row alone, in the same order; AVX-512 builds).
